@@ -1,0 +1,41 @@
+//! switchboard: live service discovery and client-side load balancing for gRPC.
+//!
+//! - [`registry`]: the control plane backends register with and clients watch.
+//! - [`echo`]: the `grpc.examples.echo.Echo` backend that registers itself.
+//! - [`client`]: the resolver and balancers behind a tower/tonic channel.
+
+pub mod client;
+pub mod echo;
+#[path = "proto/mod.rs"]
+pub mod proto;
+pub mod registry;
+
+/// What every switchboard binary does at its edges: logging, signals and
+/// one-line fatal errors.
+pub mod process {
+    /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+    pub fn init_tracing() {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    pub async fn shutdown_signal() {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+
+    /// Prints `error: <message>` on one line and exits with status 1.
+    pub fn exit_with(message: &str) -> ! {
+        eprintln!("error: {message}");
+        std::process::exit(1)
+    }
+}

@@ -1,0 +1,48 @@
+//! Why a registry request was refused, mapped once onto gRPC status codes.
+
+use tonic::{Code, Status};
+
+/// A refused registry request. Every variant changes no state.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    /// A request field is malformed; `field` names it.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The offending request field.
+        field: &'static str,
+        /// What is wrong with it and what is accepted.
+        reason: String,
+    },
+    /// The lease does not exist: it expired, was revoked, or was never granted.
+    #[error("lease {0} not found: it expired, was deregistered or belongs to another registry instance; register again")]
+    LeaseNotFound(String),
+    /// A configured cap was reached.
+    #[error("{what} limit of {limit} reached")]
+    ResourceExhausted {
+        /// Which cap, in words.
+        what: String,
+        /// The configured value of the cap.
+        limit: usize,
+    },
+}
+
+impl RegistryError {
+    /// Shorthand for an [`RegistryError::InvalidArgument`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<RegistryError> for Status {
+    fn from(err: RegistryError) -> Self {
+        let code = match err {
+            RegistryError::InvalidArgument { .. } => Code::InvalidArgument,
+            RegistryError::LeaseNotFound(_) => Code::NotFound,
+            RegistryError::ResourceExhausted { .. } => Code::ResourceExhausted,
+        };
+        Status::new(code, err.to_string())
+    }
+}

@@ -1,0 +1,236 @@
+//! Leases: who may keep an endpoint registered, and until when.
+//!
+//! The table is one `std::sync::Mutex` around a map of leases and a set of
+//! `(deadline, lease)` pairs ordered by deadline, the shape mini-redis uses
+//! for key expiry: one timer task asks for everything past its deadline and
+//! sleeps until the next one. A std mutex suffices because nothing awaits
+//! while holding it and every critical section is a few map operations.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::RegistryError;
+
+/// An unguessable 128-bit lease id, shown as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(u128);
+
+impl LeaseId {
+    /// Draws a fresh id from a cryptographically secure generator.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseId({self})")
+    }
+}
+
+impl FromStr for LeaseId {
+    type Err = RegistryError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RegistryError::invalid(
+                "lease_id",
+                "must be the 32 hex digits returned by Register",
+            ));
+        }
+        u128::from_str_radix(s, 16)
+            .map(Self)
+            .map_err(|_| RegistryError::invalid("lease_id", "is not hexadecimal"))
+    }
+}
+
+/// Identifies one KeepAlive stream, so that a stream which ends only revokes
+/// the leases it still carries (a lease may move to a newer stream).
+pub type StreamId = u64;
+
+/// What a lease keeps registered.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    /// The service the endpoint belongs to.
+    pub service: Arc<str>,
+    /// The endpoint address.
+    pub address: Arc<str>,
+    /// Time to live after each heartbeat.
+    pub ttl: Duration,
+    /// When the lease ends unless refreshed.
+    deadline: Instant,
+    /// The KeepAlive stream the lease is bound to, once it has heartbeated.
+    stream: Option<StreamId>,
+}
+
+/// Every live lease, ordered by deadline for the expiry task.
+#[derive(Default)]
+pub struct LeaseTable {
+    /// The leases and their deadline index.
+    state: Mutex<State>,
+    /// Wakes the expiry task when a deadline earlier than the one it sleeps
+    /// towards appears.
+    earlier_deadline: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    leases: HashMap<LeaseId, Lease>,
+    deadlines: BTreeSet<(Instant, LeaseId)>,
+}
+
+impl LeaseTable {
+    /// Grants a lease for `service`/`address` that ends after `ttl`.
+    pub fn grant(&self, id: LeaseId, service: Arc<str>, address: Arc<str>, ttl: Duration) {
+        let deadline = Instant::now() + ttl;
+        let mut state = self.lock();
+        let earliest = state.deadlines.first().map(|(at, _)| *at);
+        state.deadlines.insert((deadline, id));
+        state.leases.insert(
+            id,
+            Lease {
+                service,
+                address,
+                ttl,
+                deadline,
+                stream: None,
+            },
+        );
+        drop(state);
+        if earliest.is_none_or(|at| deadline < at) {
+            self.earlier_deadline.notify_one();
+        }
+    }
+
+    /// Pushes a lease's deadline one TTL ahead and binds it to `stream`.
+    pub fn refresh(&self, id: LeaseId, stream: StreamId) -> Result<Duration, RegistryError> {
+        let mut state = self.lock();
+        let State { leases, deadlines } = &mut *state;
+        let lease = leases
+            .get_mut(&id)
+            .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))?;
+        deadlines.remove(&(lease.deadline, id));
+        lease.deadline = Instant::now() + lease.ttl;
+        lease.stream = Some(stream);
+        deadlines.insert((lease.deadline, id));
+        Ok(lease.ttl)
+    }
+
+    /// Looks a lease up without changing it.
+    pub fn get(&self, id: LeaseId) -> Result<Lease, RegistryError> {
+        self.lock()
+            .leases
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))
+    }
+
+    /// Ends a lease, returning what it held.
+    pub fn revoke(&self, id: LeaseId) -> Option<Lease> {
+        let mut state = self.lock();
+        let lease = state.leases.remove(&id)?;
+        state.deadlines.remove(&(lease.deadline, id));
+        Some(lease)
+    }
+
+    /// Ends the lease only if it is still bound to `stream`.
+    pub fn revoke_if_bound(&self, id: LeaseId, stream: StreamId) -> Option<Lease> {
+        let mut state = self.lock();
+        if state.leases.get(&id)?.stream != Some(stream) {
+            return None;
+        }
+        let lease = state.leases.remove(&id)?;
+        state.deadlines.remove(&(lease.deadline, id));
+        Some(lease)
+    }
+
+    /// Removes every lease whose deadline has passed and returns them, with
+    /// the next deadline still pending.
+    pub fn take_expired(&self, now: Instant) -> (Vec<(LeaseId, Lease)>, Option<Instant>) {
+        let mut state = self.lock();
+        let mut expired = Vec::new();
+        while let Some(&(deadline, id)) = state.deadlines.first() {
+            if deadline > now {
+                return (expired, Some(deadline));
+            }
+            state.deadlines.pop_first();
+            if let Some(lease) = state.leases.remove(&id) {
+                expired.push((id, lease));
+            }
+        }
+        (expired, None)
+    }
+
+    /// Resolves when a lease with an earlier deadline than any before it was
+    /// granted.
+    pub async fn earlier_deadline(&self) {
+        self.earlier_deadline.notified().await
+    }
+
+    /// How many leases are live.
+    pub fn len(&self) -> usize {
+        self.lock().leases.len()
+    }
+
+    /// Whether no lease is live.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated
+        // in a way that matters more than losing the registry, so keep going.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ids_round_trip_and_reject_garbage() {
+        let id = LeaseId::random();
+        assert_eq!(id.to_string().parse::<LeaseId>().unwrap(), id);
+        for bad in ["", "xyz", &"g".repeat(32), &"a".repeat(33)] {
+            assert!(bad.parse::<LeaseId>().is_err());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expiry_orders_by_deadline_and_refresh_postpones() {
+        let table = LeaseTable::default();
+        let (a, b) = (LeaseId::random(), LeaseId::random());
+        table.grant(a, "s".into(), "h:1".into(), Duration::from_secs(1));
+        table.grant(b, "s".into(), "h:2".into(), Duration::from_secs(2));
+        tokio::time::advance(Duration::from_millis(900)).await;
+        table.refresh(a, 7).unwrap();
+        tokio::time::advance(Duration::from_millis(1200)).await;
+        let (expired, next) = table.take_expired(Instant::now());
+        assert_eq!(
+            expired.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            vec![b]
+        );
+        assert!(next.is_some());
+        assert!(
+            table.revoke_if_bound(a, 8).is_none(),
+            "foreign stream revoked"
+        );
+        assert!(table.revoke_if_bound(a, 7).is_some());
+        assert!(table.is_empty());
+    }
+}

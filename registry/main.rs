@@ -1,0 +1,43 @@
+//! The `registry` binary: runs the switchboard control plane.
+
+use clap::Parser;
+use switchboard::process;
+use switchboard::registry::{self, RegistryConfig};
+
+/// switchboard registry: leased endpoint registrations and live watches.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = registry::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    /// Most endpoints a single service may hold.
+    #[arg(long, default_value_t = RegistryConfig::default().max_endpoints_per_service)]
+    max_endpoints_per_service: usize,
+    /// How many changes a watcher may lag before it gets a fresh snapshot.
+    #[arg(long, default_value_t = RegistryConfig::default().watch_buffer)]
+    watch_buffer: usize,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    process::init_tracing();
+    let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(err) => process::exit_with(&format!(
+            "cannot listen on {}: {err}; pick another --listen address",
+            args.listen
+        )),
+    };
+    let local = listener.local_addr().map_or(args.listen, |a| a);
+    println!("registry listening on {local}");
+    let config = RegistryConfig {
+        max_endpoints_per_service: args.max_endpoints_per_service,
+        watch_buffer: args.watch_buffer,
+    };
+    if let Err(err) = registry::serve(listener, config, process::shutdown_signal()).await {
+        process::exit_with(&format!("registry failed: {err}"));
+    }
+    tracing::info!("registry stopped");
+}

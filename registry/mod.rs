@@ -1,0 +1,31 @@
+//! The registry: a small gRPC control plane holding the live endpoint set of
+//! every service.
+//!
+//! Backends [`Register`](crate::proto::registry::registry_server::Registry)
+//! an address under a lease and keep it alive over a heartbeat stream;
+//! clients watch a service and receive the full set first, then every change.
+//!
+//! - [`validate`]: what a well-formed request looks like (shared with the CLIs);
+//! - [`lease`]: lease ids and the deadline-ordered lease table;
+//! - [`store`]: the per-service endpoint sets and their change fan-out;
+//! - [`watch`]: one watcher's stream, resetting itself when it falls behind;
+//! - [`service`]: the gRPC service gluing those together;
+//! - [`server`]: the process around it (health, reflection, shutdown).
+
+pub mod error;
+pub mod lease;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod validate;
+pub mod watch;
+
+pub use error::RegistryError;
+pub use server::{serve, RegistryConfig};
+pub use service::Registry;
+
+/// The service name used when none is given.
+pub const DEFAULT_SERVICE: &str = "lb.example.grpc.io";
+
+/// The registry's default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50050";

@@ -1,0 +1,61 @@
+//! The registry process around the gRPC service: health, reflection,
+//! HTTP/2 keepalive and graceful shutdown.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+use super::Registry;
+use crate::proto::registry::registry_server::RegistryServer;
+
+/// Tunables of a registry instance.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Most endpoints one service may hold; past it Register gets
+    /// RESOURCE_EXHAUSTED.
+    pub max_endpoints_per_service: usize,
+    /// How many changes a watcher may fall behind before it is sent a fresh
+    /// snapshot instead.
+    pub watch_buffer: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            max_endpoints_per_service: 10_000,
+            watch_buffer: 1024,
+        }
+    }
+}
+
+/// Serves a new [`Registry`] on `listener` until `shutdown` resolves, then
+/// closes connections gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    config: RegistryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    let registry = Registry::new(&config);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RegistryServer<Registry>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the compiled-in descriptor sets are valid");
+    tracing::info!(epoch = registry.epoch(), "registry started");
+    Server::builder()
+        .tcp_nodelay(true)
+        // Finds connections whose peer vanished without a FIN (power loss,
+        // network partition) so their watch streams are freed.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(RegistryServer::new(registry))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await
+}

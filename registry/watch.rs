@@ -1,0 +1,73 @@
+//! One watcher's stream: a reset snapshot, then deltas, and a fresh reset
+//! whenever the watcher has fallen so far behind that deltas were lost.
+
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tonic::Status;
+
+use super::store::{SharedUpdate, Store};
+use crate::proto::registry::WatchResponse;
+
+/// The messages of one Watch call, in order.
+pub fn watch_stream(
+    store: Arc<Store>,
+    service: String,
+) -> impl Stream<Item = Result<WatchResponse, Status>> + Send + 'static {
+    let (reset, updates) = store.subscribe(&service);
+    let state = Watcher {
+        updates,
+        pending: Some(reset),
+        release: Release { store, service },
+    };
+    futures_util::stream::unfold(state, |mut watcher| async move {
+        let message = watcher.next().await?;
+        Some((Ok(message), watcher))
+    })
+}
+
+/// The state of one watch stream.
+struct Watcher {
+    /// Deltas from the service. Declared before `release` so it is dropped
+    /// first: the entry is only released once nobody listens.
+    updates: broadcast::Receiver<SharedUpdate>,
+    /// A message to send before reading further deltas.
+    pending: Option<WatchResponse>,
+    /// Releases the service entry when the stream goes away.
+    release: Release,
+}
+
+impl Watcher {
+    async fn next(&mut self) -> Option<WatchResponse> {
+        if let Some(message) = self.pending.take() {
+            return Some(message);
+        }
+        match self.updates.recv().await {
+            Ok(update) => Some(WatchResponse::clone(&update)),
+            Err(RecvError::Lagged(missed)) => {
+                tracing::debug!(
+                    service = %self.release.service,
+                    missed,
+                    "watcher fell behind; sending a fresh snapshot"
+                );
+                let (reset, updates) = self.release.store.subscribe(&self.release.service);
+                self.updates = updates;
+                Some(reset)
+            }
+            Err(RecvError::Closed) => None,
+        }
+    }
+}
+
+/// Drops the service's entry, if unused, when its watch stream ends.
+struct Release {
+    store: Arc<Store>,
+    service: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.store.release(&self.service);
+    }
+}
