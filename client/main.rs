@@ -1,1 +1,297 @@
-fn main() {}
+//! The `client` binary: the classic load-balancing example, and a live mode
+//! that shows traffic moving between backends as they come and go.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Parser;
+use switchboard::client::{BackoffConfig, BalancedChannel, ConnectivityState, PolicyKind};
+use switchboard::process;
+use switchboard::proto::echo::echo_client::EchoClient;
+use switchboard::proto::echo::EchoRequest;
+use switchboard::registry::DEFAULT_SERVICE;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// switchboard client: calls the echo service through a balanced channel.
+///
+/// Without --rate it runs the classic example: 10 UnaryEcho calls with
+/// pick_first, then 10 with round_robin. With --rate it runs live, printing
+/// the traffic per backend every second until --duration or Ctrl-C.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Where endpoints come from: registry://<host:port>/<service> or
+    /// static:///<host:port>,<host:port>. Defaults to --registry/--service.
+    #[arg(long)]
+    target: Option<String>,
+    /// The registry to watch when --target is not given.
+    #[arg(long, default_value = "127.0.0.1:50050")]
+    registry: String,
+    /// The service to watch when --target is not given.
+    #[arg(long, default_value = DEFAULT_SERVICE)]
+    service: String,
+    /// Balancing policy: pick_first or round_robin. The classic run uses
+    /// both in turn unless this is given.
+    #[arg(long)]
+    policy: Option<PolicyKind>,
+    /// Live mode: RPCs per second.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Live mode: stop after this long (e.g. 30s, 500ms); default: Ctrl-C.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Classic mode: calls per policy.
+    #[arg(long, default_value_t = 10)]
+    count: u32,
+    /// The message to echo.
+    #[arg(long, default_value = "this is examples/load_balancing")]
+    message: String,
+    /// Deadline of each RPC.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Exit with an error if no backend is reachable at startup, instead of
+    /// waiting and retrying.
+    #[arg(long)]
+    fail_fast: bool,
+    /// First reconnect delay to a failed backend (gRPC's default is 1s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    backoff_initial: Duration,
+    /// Longest reconnect delay to a failed backend.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    backoff_max: Duration,
+    /// HTTP/2 keepalive: ping a backend after this much silence.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    keepalive_interval: Duration,
+    /// HTTP/2 keepalive: drop a backend whose ping goes unanswered this long.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    keepalive_timeout: Duration,
+}
+
+/// Parses `1500ms`, `2s`, `1m` or a bare number of seconds.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: use e.g. 500ms, 2s or 1m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("invalid duration unit in {text:?}: use ms, s or m")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    process::init_tracing();
+    let target = args
+        .target
+        .clone()
+        .unwrap_or_else(|| format!("registry://{}/{}", args.registry, args.service));
+    // Fail on a bad target before anything runs.
+    if let Err(err) = BalancedChannel::builder(&target) {
+        process::exit_with(&err.to_string());
+    }
+    match args.rate {
+        Some(0) => process::exit_with("--rate must be at least 1"),
+        Some(rate) => {
+            let policy = args.policy.unwrap_or(PolicyKind::RoundRobin);
+            let channel = connect(&args, &target, policy).await;
+            live(&args, channel, rate).await;
+        }
+        None => {
+            let policies = match args.policy {
+                Some(policy) => vec![policy],
+                None => vec![PolicyKind::PickFirst, PolicyKind::RoundRobin],
+            };
+            for policy in policies {
+                println!("==== Calling grpc.examples.echo.Echo/UnaryEcho with {policy} ====");
+                let channel = connect(&args, &target, policy).await;
+                classic(&args, channel).await;
+                println!();
+            }
+        }
+    }
+}
+
+/// Builds the channel and waits until a backend is Ready, reporting why not
+/// meanwhile (or exiting, with --fail-fast).
+async fn connect(args: &Args, target: &str, policy: PolicyKind) -> BalancedChannel {
+    let backoff = BackoffConfig {
+        initial: args.backoff_initial,
+        max: args.backoff_max,
+        ..BackoffConfig::default()
+    };
+    let channel = BalancedChannel::builder(target)
+        .unwrap_or_else(|err| process::exit_with(&err.to_string()))
+        .policy(policy)
+        .backoff(backoff)
+        .keepalive(args.keepalive_interval, args.keepalive_timeout)
+        .build();
+    let mut state = channel.watch_state();
+    let mut reported = None;
+    loop {
+        let current = state.borrow_and_update().clone();
+        match current.connectivity {
+            ConnectivityState::Ready => return channel,
+            ConnectivityState::TransientFailure => {
+                let why = current
+                    .last_error
+                    .unwrap_or_else(|| "no backend is reachable".into());
+                if args.fail_fast {
+                    process::exit_with(&format!("{why} (target {target})"));
+                }
+                if reported.as_ref() != Some(&why) {
+                    eprintln!(
+                        "waiting for a backend: {why}; retrying (use --fail-fast to exit instead)"
+                    );
+                    reported = Some(why);
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { process::exit_with("the balancer stopped") },
+            _ = process::shutdown_signal() => std::process::exit(130),
+        }
+    }
+}
+
+/// The backend address at the end of an echo reply, `"... (from <addr>)"`.
+fn backend_of(reply: &str) -> &str {
+    reply
+        .rsplit_once("(from ")
+        .map_or("?", |(_, rest)| rest.trim_end_matches(')'))
+}
+
+async fn classic(args: &Args, channel: BalancedChannel) {
+    let mut client = EchoClient::new(channel);
+    for _ in 0..args.count {
+        let mut request = tonic::Request::new(EchoRequest {
+            message: args.message.clone(),
+        });
+        request.set_timeout(args.timeout);
+        match client.unary_echo(request).await {
+            Ok(reply) => println!("{}", reply.into_inner().message),
+            Err(status) => println!("error: {:?}: {}", status.code(), status.message()),
+        }
+    }
+}
+
+/// One RPC's outcome in live mode.
+enum Outcome {
+    Served(String),
+    Failed(String),
+}
+
+async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
+    println!(
+        "live: {rate} RPC/s with {} to {}; Ctrl-C to stop",
+        channel.policy(),
+        args.target
+            .clone()
+            .unwrap_or_else(|| format!("registry://{}/{}", args.registry, args.service))
+    );
+    let client = EchoClient::new(channel);
+    let (outcomes, mut results) = mpsc::unbounded_channel();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut report = tokio::time::interval(Duration::from_secs(1));
+    report.tick().await;
+    let started = Instant::now();
+    let stop = async {
+        match args.duration {
+            Some(duration) => tokio::time::sleep(duration).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
+    let shutdown = process::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut second: BTreeMap<String, u64> = BTreeMap::new();
+    let mut total: BTreeMap<String, u64> = BTreeMap::new();
+    let mut failed_second = 0u64;
+    let mut failed_total = 0u64;
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    let mut in_flight = 0u64;
+    let mut record = |outcome: Outcome,
+                      second: &mut BTreeMap<String, u64>,
+                      failed_second: &mut u64| match outcome {
+        Outcome::Served(backend) => {
+            *second.entry(backend.clone()).or_default() += 1;
+            *total.entry(backend).or_default() += 1;
+        }
+        Outcome::Failed(error) => {
+            *failed_second += 1;
+            failed_total += 1;
+            *errors.entry(error).or_default() += 1;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let mut client = client.clone();
+                let outcomes = outcomes.clone();
+                let mut request = tonic::Request::new(EchoRequest { message: args.message.clone() });
+                request.set_timeout(args.timeout);
+                in_flight += 1;
+                tokio::spawn(async move {
+                    let outcome = match client.unary_echo(request).await {
+                        Ok(reply) => Outcome::Served(backend_of(&reply.into_inner().message).to_owned()),
+                        Err(status) => Outcome::Failed(format!("{:?}: {}", status.code(), status.message())),
+                    };
+                    let _ = outcomes.send(outcome);
+                });
+            }
+            Some(outcome) = results.recv() => {
+                in_flight -= 1;
+                record(outcome, &mut second, &mut failed_second);
+            }
+            _ = report.tick() => {
+                let per_backend: Vec<String> = second.iter().map(|(b, n)| format!("{b}={n}")).collect();
+                println!(
+                    "t={:>3}s ok={} failed={} {}",
+                    started.elapsed().as_secs(),
+                    second.values().sum::<u64>(),
+                    failed_second,
+                    per_backend.join(" ")
+                );
+                second.clear();
+                failed_second = 0;
+            }
+            _ = &mut stop => break,
+            _ = &mut shutdown => break,
+        }
+    }
+    // Let the RPCs already sent finish so the summary counts them.
+    let drain_deadline = Instant::now() + args.timeout + Duration::from_millis(500);
+    while in_flight > 0 {
+        match tokio::time::timeout_at(drain_deadline, results.recv()).await {
+            Ok(Some(outcome)) => {
+                in_flight -= 1;
+                record(outcome, &mut second, &mut failed_second);
+            }
+            _ => break,
+        }
+    }
+    drop(record);
+    let served: u64 = total.values().sum();
+    println!(
+        "==== summary after {:.1}s ====",
+        started.elapsed().as_secs_f64()
+    );
+    for (backend, count) in &total {
+        println!("  {backend}: {count}");
+    }
+    println!("  total ok={served} failed={failed_total}");
+    for (error, count) in &errors {
+        println!("  failure x{count}: {error}");
+    }
+}

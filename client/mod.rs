@@ -1,4 +1,32 @@
-//! The client library: resolvers, subchannels and balancers behind a
-//! tower service that any tonic-generated client accepts.
+//! The client library: a streaming resolver feeding live `pick_first` and
+//! `round_robin` balancers, behind a tower service that any tonic-generated
+//! client accepts.
+//!
+//! - [`target`]: `registry://` and `static:///` target strings;
+//! - [`resolver`]: the [`Resolver`] trait and the static resolver;
+//! - [`registry_resolver`]: endpoints from a registry watch stream;
+//! - [`subchannel`]: one backend connection and its state machine;
+//! - [`policy`], [`round_robin`], [`pick_first`]: who gets RPCs;
+//! - [`balancer`]: the task that turns all of the above into a picker;
+//! - [`channel`]: [`BalancedChannel`], the tower service;
+//! - [`backoff`]: gRPC's connection backoff.
 
 pub mod backoff;
+pub mod balancer;
+pub mod channel;
+pub mod error;
+pub mod pick_first;
+pub mod policy;
+pub mod registry_resolver;
+pub mod resolver;
+pub mod round_robin;
+pub mod subchannel;
+pub mod target;
+
+pub use backoff::BackoffConfig;
+pub use balancer::BalancerState;
+pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
+pub use registry_resolver::RegistryResolver;
+pub use resolver::{Endpoint, Resolver, ResolverSink, StaticResolver};
+pub use subchannel::ConnectivityState;
+pub use target::Target;

@@ -1,0 +1,462 @@
+//! [`BalancedChannel`]: the tower service that tonic-generated clients take,
+//! balancing each RPC over the backends a resolver names.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::uri::{PathAndQuery, Uri};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::Status;
+
+use super::backoff::BackoffConfig;
+use super::balancer::{self, BalancerState, Outputs, Picker};
+use super::error::source_chain;
+use super::pick_first::PickFirst;
+use super::policy::Policy;
+use super::registry_resolver::RegistryResolver;
+use super::resolver::{Resolver, ResolverSink, StaticResolver};
+use super::round_robin::RoundRobin;
+use super::subchannel::{ConnectConfig, ConnectivityState, InFlightGuard};
+use super::target::{Target, TargetError};
+
+/// The balancing policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PolicyKind {
+    /// Stick to the first address that connects.
+    #[default]
+    PickFirst,
+    /// Rotate over every Ready address.
+    RoundRobin,
+}
+
+impl PolicyKind {
+    fn build(self) -> Box<dyn Policy> {
+        match self {
+            PolicyKind::PickFirst => Box::new(PickFirst::default()),
+            PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
+        }
+    }
+
+    /// The name as grpc-go spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::PickFirst => "pick_first",
+            PolicyKind::RoundRobin => "round_robin",
+        }
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pick_first" => Ok(PolicyKind::PickFirst),
+            "round_robin" => Ok(PolicyKind::RoundRobin),
+            other => Err(format!(
+                "unknown policy {other:?}: use pick_first or round_robin"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Marks a request as wait-for-ready: instead of failing fast when no
+/// backend is Ready, it waits for one until its deadline. Insert it into a
+/// `tonic::Request`'s extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitForReady;
+
+/// Configures and builds a [`BalancedChannel`].
+pub struct Builder {
+    service: String,
+    resolver: Box<dyn Resolver>,
+    policy: PolicyKind,
+    connect: ConnectConfig,
+    wait_for_ready: bool,
+}
+
+impl Builder {
+    /// Starts from a target string (`registry://host:port/service` or
+    /// `static:///host:port,...`).
+    pub fn new(target: &str) -> Result<Self, TargetError> {
+        let target: Target = target.parse()?;
+        let service = target.service();
+        let resolver: Box<dyn Resolver> = match target {
+            Target::Registry { registry, service } => {
+                Box::new(RegistryResolver::new(registry, service))
+            }
+            Target::Static(addresses) => Box::new(StaticResolver::new(addresses)),
+        };
+        Ok(Self::with_resolver(service, resolver))
+    }
+
+    /// Starts from a custom resolver; `service` names it in errors.
+    pub fn with_resolver(service: impl Into<String>, resolver: Box<dyn Resolver>) -> Self {
+        Self {
+            service: service.into(),
+            resolver,
+            policy: PolicyKind::default(),
+            connect: ConnectConfig::default(),
+            wait_for_ready: false,
+        }
+    }
+
+    /// Sets the balancing policy (default pick_first, as in gRPC).
+    pub fn policy(mut self, policy: PolicyKind) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the reconnect backoff and connect timeout of every subchannel.
+    pub fn backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.connect.backoff = backoff;
+        self
+    }
+
+    /// Sets the HTTP/2 keepalive: a ping after `interval` of silence, and
+    /// the connection dropped when one goes unanswered for `timeout`.
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.connect.keepalive_interval = interval;
+        self.connect.keepalive_timeout = timeout;
+        self
+    }
+
+    /// Makes every RPC wait-for-ready (see [`WaitForReady`]).
+    pub fn wait_for_ready(mut self, enabled: bool) -> Self {
+        self.wait_for_ready = enabled;
+        self
+    }
+
+    /// Starts the resolver and balancer tasks. Needs a tokio runtime.
+    pub fn build(self) -> BalancedChannel {
+        let (sink, resolution) = ResolverSink::new();
+        let (picker_changed, picker_waiter) = watch::channel(());
+        let (state_tx, state) = watch::channel(BalancerState::default());
+        let picker = Arc::new(ArcSwap::from_pointee(Picker::empty()));
+        let resolver = Tasks::spawn(self.resolver.resolve(sink));
+        let balancer = Tasks::spawn(balancer::run(
+            self.service.clone(),
+            self.policy.build(),
+            Arc::new(self.connect),
+            resolution,
+            Outputs {
+                picker: picker.clone(),
+                picker_changed,
+                state: state_tx,
+            },
+        ));
+        BalancedChannel {
+            shared: Arc::new(Shared {
+                service: self.service,
+                policy: self.policy,
+                picker,
+                picker_waiter,
+                state,
+                cursor: AtomicUsize::new(rand::random::<u32>() as usize),
+                wait_for_ready: self.wait_for_ready,
+                _tasks: [resolver, balancer],
+            }),
+        }
+    }
+}
+
+/// A gRPC channel that balances RPCs over a live endpoint set. Clone it
+/// freely; the background tasks stop when the last clone is dropped.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use switchboard::client::{BalancedChannel, PolicyKind};
+/// use switchboard::proto::echo::{echo_client::EchoClient, EchoRequest};
+///
+/// let channel = BalancedChannel::builder("registry://127.0.0.1:50050/lb.example.grpc.io")?
+///     .policy(PolicyKind::RoundRobin)
+///     .build();
+/// let mut client = EchoClient::new(channel);
+/// let reply = client.unary_echo(EchoRequest { message: "hi".into() }).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct BalancedChannel {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    service: String,
+    policy: PolicyKind,
+    picker: Arc<ArcSwap<Picker>>,
+    picker_waiter: watch::Receiver<()>,
+    state: watch::Receiver<BalancerState>,
+    /// Round-robin position, kept across pickers so a rebuilt picker does
+    /// not skew the rotation.
+    cursor: AtomicUsize,
+    wait_for_ready: bool,
+    _tasks: [Tasks; 2],
+}
+
+/// Aborts a background task when dropped.
+struct Tasks(JoinHandle<()>);
+
+impl Tasks {
+    fn spawn(future: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(tokio::spawn(future))
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl BalancedChannel {
+    /// A builder for `target` (see [`Builder::new`]).
+    pub fn builder(target: &str) -> Result<Builder, TargetError> {
+        Builder::new(target)
+    }
+
+    /// The policy in use.
+    pub fn policy(&self) -> PolicyKind {
+        self.shared.policy
+    }
+
+    /// A receiver of the channel's state: connectivity, endpoints, the
+    /// addresses in use and the last error.
+    pub fn watch_state(&self) -> watch::Receiver<BalancerState> {
+        self.shared.state.clone()
+    }
+
+    /// The channel's state now.
+    pub fn state(&self) -> BalancerState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// Waits until the channel is Ready or `timeout` passes; returns the
+    /// state it ended in.
+    pub async fn wait_ready(&self, timeout: Duration) -> ConnectivityState {
+        let mut state = self.watch_state();
+        let ready = state.wait_for(|s| s.connectivity == ConnectivityState::Ready);
+        let reached = matches!(tokio::time::timeout(timeout, ready).await, Ok(Ok(_)));
+        if reached {
+            ConnectivityState::Ready
+        } else {
+            self.state().connectivity
+        }
+    }
+}
+
+/// The error type of [`BalancedChannel`]; always holds a [`tonic::Status`],
+/// which tonic clients hand back unchanged.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for BalancedChannel {
+    type Response = http::Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    /// Always ready: an RPC that finds no Ready backend fails fast (or
+    /// waits, if wait-for-ready) in `call`, with a status that says why.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            shared
+                .send(request)
+                .await
+                .map_err(|status| Box::new(status) as BoxError)
+        })
+    }
+}
+
+impl Shared {
+    async fn send(
+        &self,
+        request: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<ResponseBody>, Status> {
+        let deadline = grpc_timeout(request.headers()).map(|t| Instant::now() + t);
+        let wait_for_ready =
+            self.wait_for_ready || request.extensions().get::<WaitForReady>().is_some();
+        let attempt = self.send_to_ready(request, wait_for_ready);
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::deadline_exceeded(format!(
+                        "deadline exceeded ({}; service {})",
+                        self.describe_wait(),
+                        self.service
+                    )))
+                }),
+            None => attempt.await,
+        }
+    }
+
+    /// Picks a connection and sends; waits while connecting, fails fast in
+    /// TransientFailure unless `wait_for_ready`.
+    async fn send_to_ready(
+        &self,
+        mut request: http::Request<tonic::body::Body>,
+        wait_for_ready: bool,
+    ) -> Result<http::Response<ResponseBody>, Status> {
+        let mut waiter = None;
+        loop {
+            let picker = self.picker.load();
+            let Some(connection) = picker.pick(&self.cursor).cloned() else {
+                if picker.connectivity == ConnectivityState::TransientFailure && !wait_for_ready {
+                    return Err(Status::unavailable(picker.error.clone().unwrap_or_else(
+                        || format!("no ready endpoint for service {}", self.service),
+                    )));
+                }
+                // Subscribe, then look again, so a picker published in
+                // between is not missed.
+                let waiter = match &mut waiter {
+                    Some(waiter) => waiter,
+                    None => {
+                        let mut fresh = self.picker_waiter.clone();
+                        fresh.mark_unchanged();
+                        waiter.insert(fresh)
+                    }
+                };
+                if !Arc::ptr_eq(&picker, &self.picker.load()) {
+                    continue;
+                }
+                drop(picker);
+                if waiter.changed().await.is_err() {
+                    return Err(Status::unavailable("the balancer stopped"));
+                }
+                continue;
+            };
+            drop(picker);
+            set_origin(&mut request, &connection.address)?;
+            let guard = connection.in_flight.start();
+            let mut sender = connection.sender.clone();
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    return Ok(response.map(|body| ResponseBody {
+                        inner: body,
+                        _in_flight: guard,
+                    }))
+                }
+                Err(mut error) => match error.take_message() {
+                    // Never left this process (the connection closed just
+                    // before): safe to send elsewhere.
+                    Some(unsent) => request = unsent,
+                    None => {
+                        return Err(Status::unavailable(format!(
+                            "RPC to {} failed: {}",
+                            connection.address,
+                            source_chain(error.error())
+                        )))
+                    }
+                },
+            }
+        }
+    }
+
+    fn describe_wait(&self) -> String {
+        let state = self.state.borrow();
+        match &state.last_error {
+            Some(error) => format!("{:?}: {error}", state.connectivity),
+            None => format!("{:?}", state.connectivity),
+        }
+    }
+}
+
+/// Points the request at the chosen backend: HTTP/2 needs a scheme and an
+/// authority, which tonic leaves to the channel.
+fn set_origin(request: &mut http::Request<tonic::body::Body>, address: &str) -> Result<(), Status> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(address)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| Status::internal(format!("cannot address {address}: {e}")))?;
+    *request.uri_mut() = uri;
+    Ok(())
+}
+
+/// The `grpc-timeout` header, which tonic sets from `Request::set_timeout`.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// A response body that keeps its RPC counted as in flight on its
+/// subchannel until it is read to the end or dropped.
+pub struct ResponseBody {
+    inner: hyper::body::Incoming,
+    _in_flight: InFlightGuard,
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_grpc_timeout() {
+        let mut headers = http::HeaderMap::new();
+        for (value, expected) in [
+            ("100m", Duration::from_millis(100)),
+            ("2S", Duration::from_secs(2)),
+            ("5u", Duration::from_micros(5)),
+        ] {
+            headers.insert("grpc-timeout", value.parse().unwrap());
+            assert_eq!(grpc_timeout(&headers), Some(expected));
+        }
+        headers.insert("grpc-timeout", "x".parse().unwrap());
+        assert_eq!(grpc_timeout(&headers), None);
+    }
+}

@@ -1,0 +1,277 @@
+//! Helpers shared by the integration tests: real child processes that are
+//! killed when the test ends (even when it fails), free loopback ports, and
+//! waiting on conditions with deadlines instead of sleeps.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchboard::proto::registry::registry_client::RegistryClient;
+use switchboard::proto::registry::{ResolveRequest, WatchRequest, WatchResponse};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// A free port on 127.0.0.1, found by binding port 0. The listener is closed
+/// before returning, so there is a small window where another test could
+/// take it; ports are drawn at random by the kernel so this is rare.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `127.0.0.1:<port>`.
+pub fn local(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped. Its output
+/// lines are kept for assertions and for diagnosing a failed test.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub output: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`, capturing stdout and stderr.
+    pub fn spawn(bin: &str, args: &[&str]) -> Self {
+        Self::spawn_env(bin, args, &[])
+    }
+
+    /// Starts `bin` with `args` and extra environment variables.
+    pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(bin);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let name = std::path::Path::new(bin)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    output.lock().unwrap().push(line);
+                }
+            });
+        }
+        Self {
+            name,
+            child: Some(child),
+            output,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// SIGKILLs the process and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits (up to `timeout`) for the process to exit and returns its code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("running");
+        let status = wait_for("process exit", timeout, || {
+            let status = child.try_wait().expect("try_wait");
+            async move { status }
+        })
+        .await;
+        self.child = None;
+        status.code()
+    }
+
+    /// Whether some output line contains `needle`.
+    pub fn has_line(&self, needle: &str) -> bool {
+        self.output
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    /// Waits for an output line containing `needle` and returns it.
+    pub async fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        let output = self.output.clone();
+        wait_for(
+            &format!("{} to print {needle:?}", self.name),
+            timeout,
+            || {
+                let found = output
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l.contains(needle))
+                    .cloned();
+                async move { found }
+            },
+        )
+        .await
+    }
+
+    /// All output so far, for failure messages.
+    pub fn dump(&self) -> String {
+        self.output.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- output of {} ----\n{}", self.name, self.dump());
+        }
+        self.kill();
+    }
+}
+
+/// Path of a binary of this package.
+pub fn bin(name: &str) -> String {
+    match name {
+        "registry" => env!("CARGO_BIN_EXE_registry").to_owned(),
+        "echo" => env!("CARGO_BIN_EXE_echo").to_owned(),
+        "client" => env!("CARGO_BIN_EXE_client").to_owned(),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// Starts the registry binary on `port` and waits until it serves.
+pub async fn start_registry(port: u16) -> Proc {
+    let listen = local(port);
+    let proc = Proc::spawn(&bin("registry"), &["--listen", &listen]);
+    proc.wait_line("registry listening on", Duration::from_secs(20))
+        .await;
+    proc
+}
+
+/// Connects a registry client to `addr`, retrying until `timeout`.
+pub async fn registry_client(addr: &str, timeout: Duration) -> RegistryClient<Channel> {
+    let uri = format!("http://{addr}");
+    wait_for(&format!("registry at {addr}"), timeout, || {
+        let uri = uri.clone();
+        async move { RegistryClient::connect(uri).await.ok() }
+    })
+    .await
+}
+
+/// The sorted addresses registered for `service` (draining ones included).
+pub async fn resolve(client: &mut RegistryClient<Channel>, service: &str) -> Option<Vec<String>> {
+    let reply = client
+        .resolve(ResolveRequest {
+            service: service.into(),
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let mut addresses: Vec<String> = reply.endpoints.into_iter().map(|e| e.address).collect();
+    addresses.sort();
+    Some(addresses)
+}
+
+/// Waits until `service` resolves to exactly `expected` (any order).
+pub async fn wait_registered(
+    registry: &str,
+    service: &str,
+    expected: &[String],
+    timeout: Duration,
+) {
+    let mut expected = expected.to_vec();
+    expected.sort();
+    let registry = registry.to_owned();
+    wait_for(
+        &format!("{service} to resolve to {expected:?}"),
+        timeout,
+        || {
+            let registry = registry.clone();
+            let expected = expected.clone();
+            async move {
+                let mut client = RegistryClient::connect(format!("http://{registry}"))
+                    .await
+                    .ok()?;
+                (resolve(&mut client, service).await? == expected).then_some(())
+            }
+        },
+    )
+    .await
+}
+
+/// Opens a watch on `service`.
+pub async fn watch(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+) -> tonic::Streaming<WatchResponse> {
+    client
+        .watch(WatchRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// An address the test can use for a server it starts itself.
+pub fn socket(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
