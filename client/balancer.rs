@@ -26,6 +26,9 @@ pub struct BalancerState {
     pub ready: Vec<String>,
     /// Why RPCs would fail now, if they would.
     pub last_error: Option<String>,
+    /// Why the resolver cannot reach its source (e.g. the registry is
+    /// down), while the last known endpoints stay in use.
+    pub resolver_error: Option<String>,
 }
 
 impl Default for BalancerState {
@@ -35,6 +38,7 @@ impl Default for BalancerState {
             endpoints: Vec::new(),
             ready: Vec::new(),
             last_error: None,
+            resolver_error: None,
         }
     }
 }
@@ -58,6 +62,11 @@ impl Picker {
             connectivity: ConnectivityState::Idle,
             error: None,
         }
+    }
+
+    /// The connections in rotation order.
+    pub fn connections(&self) -> &[Arc<ReadyConnection>] {
+        &self.ready
     }
 
     /// The next open connection in rotation, advancing `cursor`.
@@ -186,6 +195,7 @@ fn publish(
         endpoints: resolved.endpoints.as_deref().cloned().unwrap_or_default(),
         ready: ready.iter().map(|c| c.address.to_string()).collect(),
         last_error: error.clone(),
+        resolver_error: resolved.error.clone(),
     };
     outputs.picker.store(Arc::new(Picker {
         ready,

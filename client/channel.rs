@@ -246,6 +246,17 @@ impl BalancedChannel {
         self.shared.state.borrow().clone()
     }
 
+    /// RPCs in flight now on each connection in use, by address.
+    pub fn in_flight(&self) -> Vec<(String, usize)> {
+        self.shared
+            .picker
+            .load()
+            .connections()
+            .iter()
+            .map(|c| (c.address.to_string(), c.in_flight.count()))
+            .collect()
+    }
+
     /// Waits until the channel is Ready or `timeout` passes; returns the
     /// state it ended in.
     pub async fn wait_ready(&self, timeout: Duration) -> ConnectivityState {

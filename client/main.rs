@@ -192,6 +192,7 @@ enum Outcome {
 }
 
 async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
+    let started = Instant::now();
     println!(
         "live: {rate} RPC/s with {} to {}; Ctrl-C to stop",
         channel.policy(),
@@ -199,13 +200,15 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
             .clone()
             .unwrap_or_else(|| format!("registry://{}/{}", args.registry, args.service))
     );
+    let mut state = channel.watch_state();
+    let mut ready_now = state.borrow_and_update().ready.clone();
     let client = EchoClient::new(channel);
     let (outcomes, mut results) = mpsc::unbounded_channel();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut report = tokio::time::interval(Duration::from_secs(1));
     report.tick().await;
-    let started = Instant::now();
+    println!("t={:.3}s ready: {}", started.elapsed().as_secs_f64(), ready_now.join(", "));
     let stop = async {
         match args.duration {
             Some(duration) => tokio::time::sleep(duration).await,
@@ -265,6 +268,16 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
                 );
                 second.clear();
                 failed_second = 0;
+            }
+            changed = state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let ready = state.borrow_and_update().ready.clone();
+                if ready != ready_now {
+                    println!("t={:.3}s ready: {}", started.elapsed().as_secs_f64(), ready.join(", "));
+                    ready_now = ready;
+                }
             }
             _ = &mut stop => break,
             _ = &mut shutdown => break,

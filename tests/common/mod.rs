@@ -275,3 +275,140 @@ pub async fn watch(
 pub fn socket(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// Starts one echo process serving `ports` on 127.0.0.1, registered as
+/// `service` at `registry`, and waits until every server says it serves.
+pub async fn start_echo(registry: &str, service: &str, ports: &[u16], extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![
+        "--registry".into(),
+        registry.into(),
+        "--service".into(),
+        service.into(),
+    ];
+    for port in ports {
+        args.push("--listen".into());
+        args.push(local(*port));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proc = Proc::spawn(&bin("echo"), &args);
+    for port in ports {
+        proc.wait_line(
+            &format!("echo serving on {}", local(*port)),
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+    proc
+}
+
+/// The backend address at the end of an echo reply, `"... (from <addr>)"`.
+pub fn backend_of(reply: &str) -> String {
+    reply
+        .rsplit_once("(from ")
+        .map(|(_, rest)| rest.trim_end_matches(')').to_owned())
+        .unwrap_or_default()
+}
+
+/// What one RPC of a [`Load`] did.
+#[derive(Debug, Clone)]
+pub struct Shot {
+    /// When the RPC was sent.
+    pub sent: Instant,
+    /// When it finished.
+    pub done: Instant,
+    /// The backend that answered, or the failure.
+    pub result: Result<String, tonic::Status>,
+}
+
+/// Continuous client load: `concurrency` workers, each sending one unary
+/// echo after another (paced to `per_worker_interval`), recording every
+/// outcome.
+pub struct Load {
+    shots: Arc<Mutex<Vec<Shot>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts the workers on `channel`.
+    pub fn start(
+        channel: switchboard::client::BalancedChannel,
+        concurrency: usize,
+        per_worker_interval: Duration,
+        rpc_timeout: Duration,
+    ) -> Self {
+        use switchboard::proto::echo::{echo_client::EchoClient, EchoRequest};
+        let shots = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let workers = (0..concurrency)
+            .map(|_| {
+                let mut client = EchoClient::new(channel.clone());
+                let shots = shots.clone();
+                let stopped = stopped.clone();
+                tokio::spawn(async move {
+                    let mut pace = tokio::time::interval(per_worker_interval);
+                    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    while !*stopped.borrow() {
+                        pace.tick().await;
+                        let mut request = tonic::Request::new(EchoRequest {
+                            message: "load".into(),
+                        });
+                        request.set_timeout(rpc_timeout);
+                        let sent = Instant::now();
+                        let result = client
+                            .unary_echo(request)
+                            .await
+                            .map(|r| backend_of(&r.into_inner().message));
+                        shots.lock().unwrap().push(Shot {
+                            sent,
+                            done: Instant::now(),
+                            result,
+                        });
+                    }
+                })
+            })
+            .collect();
+        Self {
+            shots,
+            stop,
+            workers,
+        }
+    }
+
+    /// Outcomes so far.
+    pub fn shots(&self) -> Vec<Shot> {
+        self.shots.lock().unwrap().clone()
+    }
+
+    /// How many RPCs have finished.
+    pub fn count(&self) -> usize {
+        self.shots.lock().unwrap().len()
+    }
+
+    /// Waits until `n` more RPCs have finished after this call.
+    pub async fn wait_more(&self, n: usize, timeout: Duration) {
+        let target = self.count() + n;
+        let shots = self.shots.clone();
+        wait_for(&format!("{n} more RPCs"), timeout, || {
+            let done = shots.lock().unwrap().len() >= target;
+            async move { done.then_some(()) }
+        })
+        .await
+    }
+
+    /// Stops the workers, lets in-flight RPCs finish, returns every outcome.
+    pub async fn stop(self) -> Vec<Shot> {
+        let _ = self.stop.send(true);
+        for worker in self.workers {
+            let _ = worker.await;
+        }
+        let shots = self.shots.lock().unwrap().clone();
+        shots
+    }
+}
+
+/// Failed outcomes, for assertions and messages.
+pub fn failures(shots: &[Shot]) -> Vec<&Shot> {
+    shots.iter().filter(|s| s.result.is_err()).collect()
+}

@@ -1,0 +1,459 @@
+//! The client library against real echo processes and a real registry on
+//! 127.0.0.1: balancing, failover on real kills, discovery without traffic,
+//! registry outages, fail-fast and wait-for-ready.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use switchboard::client::{
+    BackoffConfig, BalancedChannel, ConnectivityState, PolicyKind, WaitForReady,
+};
+use switchboard::proto::echo::{echo_client::EchoClient, EchoRequest};
+use tokio::time::Instant;
+use tonic::Code;
+
+const SERVICE: &str = "lb.example.grpc.io";
+const STARTUP: Duration = Duration::from_secs(30);
+
+/// A channel with test-friendly reconnect backoff and keepalive.
+fn channel(target: &str, policy: PolicyKind) -> BalancedChannel {
+    BalancedChannel::builder(target)
+        .expect("valid target")
+        .policy(policy)
+        .backoff(BackoffConfig::fast())
+        .keepalive(Duration::from_millis(500), Duration::from_millis(1000))
+        .build()
+}
+
+fn registry_target(registry: &str) -> String {
+    format!("registry://{registry}/{SERVICE}")
+}
+
+async fn echo_once(
+    client: &mut EchoClient<BalancedChannel>,
+    timeout: Duration,
+) -> Result<String, tonic::Status> {
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "hi".into(),
+    });
+    request.set_timeout(timeout);
+    client
+        .unary_echo(request)
+        .await
+        .map(|reply| backend_of(&reply.into_inner().message))
+}
+
+/// Waits until the channel sends RPCs to exactly `expected`.
+async fn wait_ready_set(channel: &BalancedChannel, expected: &[String], timeout: Duration) {
+    let mut expected = expected.to_vec();
+    expected.sort();
+    wait_for(&format!("ready set {expected:?}"), timeout, || {
+        let mut ready = channel.state().ready;
+        ready.sort();
+        let matched = ready == expected;
+        async move { matched.then_some(()) }
+    })
+    .await;
+}
+
+/// A registry and one echo process per backend.
+struct Cluster {
+    registry: String,
+    _registry_proc: Proc,
+    backends: Vec<(String, Proc)>,
+}
+
+impl Cluster {
+    async fn start(backends: usize) -> Self {
+        let port = free_port();
+        let registry_proc = start_registry(port).await;
+        let registry = local(port);
+        let mut cluster = Self {
+            registry,
+            _registry_proc: registry_proc,
+            backends: Vec::new(),
+        };
+        for _ in 0..backends {
+            cluster.add_backend().await;
+        }
+        let addresses = cluster.addresses();
+        wait_registered(&cluster.registry, SERVICE, &addresses, STARTUP).await;
+        cluster
+    }
+
+    async fn add_backend(&mut self) -> String {
+        let port = free_port();
+        let proc = start_echo(&self.registry, SERVICE, &[port], &[]).await;
+        self.backends.push((local(port), proc));
+        local(port)
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        let mut addresses: Vec<String> = self.backends.iter().map(|(a, _)| a.clone()).collect();
+        addresses.sort();
+        addresses
+    }
+
+    fn kill(&mut self, address: &str) -> Proc {
+        let index = self
+            .backends
+            .iter()
+            .position(|(a, _)| a == address)
+            .expect("known backend");
+        let (_, mut proc) = self.backends.remove(index);
+        proc.kill();
+        proc
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_evenly_over_three_backends() {
+    let cluster = Cluster::start(3).await;
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &cluster.addresses(), STARTUP).await;
+    let mut client = EchoClient::new(channel);
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    for _ in 0..300 {
+        let backend = echo_once(&mut client, Duration::from_secs(5))
+            .await
+            .expect("rpc");
+        *counts.entry(backend).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (backend, count) in &counts {
+        assert!(
+            (count - 100).abs() <= 1,
+            "{backend} got {count}: {counts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pick_first_sticks_to_the_first_and_fails_over_to_the_next() {
+    let mut cluster = Cluster::start(3).await;
+    let addresses = cluster.addresses();
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::PickFirst);
+    wait_ready_set(&channel, &addresses[..1], STARTUP).await;
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..20 {
+        assert_eq!(
+            echo_once(&mut client, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            addresses[0]
+        );
+    }
+
+    let concurrency = 4;
+    let load = Load::start(
+        channel.clone(),
+        concurrency,
+        Duration::from_millis(5),
+        Duration::from_secs(2),
+    );
+    load.wait_more(50, STARTUP).await;
+    let killed_at = Instant::now();
+    cluster.kill(&addresses[0]);
+    wait_ready_set(&channel, &addresses[1..2], Duration::from_secs(10)).await;
+    load.wait_more(100, STARTUP).await;
+    let shots = load.stop().await;
+
+    let failed = failures(&shots);
+    assert!(
+        failed.len() <= concurrency,
+        "{} failed, more than the {concurrency} in flight: {failed:?}",
+        failed.len()
+    );
+    for shot in shots
+        .iter()
+        .filter(|s| s.sent > killed_at + Duration::from_secs(2))
+    {
+        assert_eq!(
+            shot.result.as_ref().ok(),
+            Some(&addresses[1]),
+            "after failover: {shot:?}"
+        );
+    }
+    for shot in shots.iter().filter(|s| s.done < killed_at) {
+        assert_eq!(
+            shot.result.as_ref().ok(),
+            Some(&addresses[0]),
+            "before the kill: {shot:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_fails_at_most_the_rpcs_in_flight() {
+    let mut cluster = Cluster::start(3).await;
+    let addresses = cluster.addresses();
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &addresses, STARTUP).await;
+    let concurrency = 6;
+    let load = Load::start(
+        channel.clone(),
+        concurrency,
+        Duration::from_millis(5),
+        Duration::from_secs(2),
+    );
+    load.wait_more(150, STARTUP).await;
+
+    let victim = addresses[1].clone();
+    let in_flight_on_victim_before = channel
+        .in_flight()
+        .into_iter()
+        .find(|(a, _)| *a == victim)
+        .map_or(0, |(_, n)| n);
+    let killed_at = Instant::now();
+    cluster.kill(&victim);
+    let survivors: Vec<String> = addresses
+        .iter()
+        .filter(|a| **a != victim)
+        .cloned()
+        .collect();
+    wait_ready_set(&channel, &survivors, Duration::from_secs(10)).await;
+    let settled = Instant::now();
+    load.wait_more(200, STARTUP).await;
+    let shots = load.stop().await;
+
+    let failed = failures(&shots);
+    eprintln!(
+        "in flight on victim just before the kill: {in_flight_on_victim_before}; failed: {}; ready set settled {:?} after the kill",
+        failed.len(),
+        settled - killed_at
+    );
+    assert!(
+        failed.len() <= concurrency,
+        "{} failed with only {concurrency} RPCs in flight: {failed:?}",
+        failed.len()
+    );
+    let after: Vec<_> = shots.iter().filter(|s| s.sent >= settled).collect();
+    assert!(
+        after.len() >= 150,
+        "too few RPCs after failover: {}",
+        after.len()
+    );
+    for shot in after {
+        let backend = shot
+            .result
+            .as_ref()
+            .unwrap_or_else(|e| panic!("RPC after failover failed: {e:?}"));
+        assert!(
+            survivors.contains(backend),
+            "RPC went to {backend} after failover"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_backend_gets_traffic_within_a_second_without_rpcs() {
+    let mut cluster = Cluster::start(2).await;
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &cluster.addresses(), STARTUP).await;
+
+    let newcomer = cluster.add_backend().await;
+    // Measured from the moment the registry lists it; no RPC is in flight.
+    wait_registered(&cluster.registry, SERVICE, &cluster.addresses(), STARTUP).await;
+    let listed = Instant::now();
+    wait_ready_set(&channel, &cluster.addresses(), Duration::from_secs(10)).await;
+    let noticed = listed.elapsed();
+    assert!(
+        noticed < Duration::from_secs(1),
+        "took {noticed:?} to take the new backend into rotation"
+    );
+
+    let mut client = EchoClient::new(channel);
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        served.push(
+            echo_once(&mut client, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(
+        served.contains(&newcomer),
+        "{newcomer} got none of {served:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_outage_keeps_the_last_set_and_recovery_adds_new_backends() {
+    let port = free_port();
+    let mut registry_proc = start_registry(port).await;
+    let registry = local(port);
+    let first = free_port();
+    let _first = start_echo(&registry, SERVICE, &[first], &[]).await;
+    wait_registered(&registry, SERVICE, &[local(first)], STARTUP).await;
+    let channel = channel(&registry_target(&registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &[local(first)], STARTUP).await;
+
+    registry_proc.kill();
+    let mut client = EchoClient::new(channel.clone());
+    // The resolver notices the outage; RPCs keep flowing to the known set.
+    wait_for("the resolver to report the outage", STARTUP, || {
+        let state = channel.state();
+        async move { state.resolver_error.is_some().then_some(()) }
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(
+            echo_once(&mut client, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            local(first)
+        );
+    }
+
+    let _registry_proc = start_registry(port).await;
+    let second = free_port();
+    let _second = start_echo(&registry, SERVICE, &[second], &[]).await;
+    wait_ready_set(&channel, &[local(first), local(second)], STARTUP).await;
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        served.insert(
+            echo_once(&mut client, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(served.len(), 2, "{served:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_backends_gone_fails_fast_with_unavailable() {
+    let mut cluster = Cluster::start(2).await;
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &cluster.addresses(), STARTUP).await;
+    for address in cluster.addresses() {
+        cluster.kill(&address);
+    }
+    wait_registered(&cluster.registry, SERVICE, &[], Duration::from_secs(10)).await;
+    wait_for(
+        "the channel to leave Ready",
+        Duration::from_secs(10),
+        || {
+            let state = channel.state();
+            async move { (state.connectivity == ConnectivityState::TransientFailure).then_some(()) }
+        },
+    )
+    .await;
+    let mut client = EchoClient::new(channel);
+    let started = Instant::now();
+    let status = echo_once(&mut client, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains(SERVICE),
+        "message does not name the service: {status:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "did not fail fast: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_target_needs_no_registry() {
+    // A registry address nobody listens on: the echo servers keep retrying
+    // it, which must not stop them serving.
+    let nowhere = local(free_port());
+    let ports = [free_port(), free_port()];
+    let _echo = start_echo(&nowhere, SERVICE, &ports, &[]).await;
+    let target = format!("static:///{},{}", local(ports[0]), local(ports[1]));
+    let channel = channel(&target, PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &[local(ports[0]), local(ports[1])], STARTUP).await;
+    let mut client = EchoClient::new(channel);
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        served.insert(
+            echo_once(&mut client, Duration::from_secs(5))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(served.len(), 2, "{served:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_static_backends_fail_fast_with_the_connection_error() {
+    let dead = local(free_port());
+    let channel = channel(&format!("static:///{dead}"), PolicyKind::PickFirst);
+    wait_for("TransientFailure", STARTUP, || {
+        let state = channel.state();
+        async move { (state.connectivity == ConnectivityState::TransientFailure).then_some(()) }
+    })
+    .await;
+    let mut client = EchoClient::new(channel);
+    let status = echo_once(&mut client, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains(&dead), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_ready_waits_for_a_backend_until_the_deadline() {
+    let port = free_port();
+    let channel = channel(&format!("static:///{}", local(port)), PolicyKind::PickFirst);
+    let mut client = EchoClient::new(channel.clone());
+
+    // Nothing listens: a wait-for-ready RPC waits out its deadline.
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "w".into(),
+    });
+    request.set_timeout(Duration::from_millis(300));
+    request.extensions_mut().insert(WaitForReady);
+    let status = client.unary_echo(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    // A backend that starts while it waits serves it.
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "w".into(),
+    });
+    request.set_timeout(Duration::from_secs(20));
+    request.extensions_mut().insert(WaitForReady);
+    let pending = tokio::spawn(async move { client.unary_echo(request).await });
+    let _echo = start_echo(&local(free_port()), SERVICE, &[port], &[]).await;
+    let reply = pending
+        .await
+        .unwrap()
+        .expect("served once the backend is up");
+    assert_eq!(backend_of(&reply.into_inner().message), local(port));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_backend_leaves_the_ready_set_by_keepalive_before_its_ttl() {
+    let cluster = Cluster::start(2).await;
+    let addresses = cluster.addresses();
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &addresses, STARTUP).await;
+    let (victim, proc) = &cluster.backends[0];
+    proc.signal(libc::SIGSTOP);
+    let stopped = Instant::now();
+    let survivors: Vec<String> = addresses.iter().filter(|a| *a != victim).cloned().collect();
+    wait_ready_set(&channel, &survivors, Duration::from_secs(10)).await;
+    let dropped_after = stopped.elapsed();
+    proc.signal(libc::SIGCONT);
+    // keepalive 500 ms + 1 s timeout: well before the registry's 5 s TTL.
+    assert!(
+        dropped_after < Duration::from_secs(4),
+        "hung backend stayed Ready for {dropped_after:?}"
+    );
+    wait_ready_set(&channel, &addresses, STARTUP).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_targets_are_refused_with_a_clear_error() {
+    for bad in ["", "dns:///x:1", "registry://127.0.0.1:50050", "static:///"] {
+        let err = BalancedChannel::builder(bad)
+            .err()
+            .unwrap_or_else(|| panic!("{bad:?} accepted"));
+        assert!(err.to_string().contains("expected registry://"), "{err}");
+    }
+}
