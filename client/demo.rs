@@ -1,0 +1,652 @@
+//! The `demo` binary: the failover scenario end to end, with real
+//! processes. It starts a registry, one echo process per backend and the
+//! client in live mode; kills a backend with SIGKILL, starts it again, then
+//! stops one with SIGTERM, for round_robin and for pick_first; and prints a
+//! timeline and a summary table. Every process it started is killed when it
+//! ends, Ctrl-C included.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::Parser;
+use futures_util::StreamExt;
+use switchboard::client::PolicyKind;
+use switchboard::process;
+use switchboard::proto::registry::registry_client::RegistryClient;
+use switchboard::proto::registry::watch_response::Event;
+use switchboard::proto::registry::{EndpointState, WatchRequest};
+use switchboard::registry::DEFAULT_SERVICE;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Runs the failover scenario with real processes and prints what happens.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Only this policy (default: round_robin, then pick_first).
+    #[arg(long)]
+    policy: Option<PolicyKind>,
+    /// Client RPCs per second.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Number of echo backends (at least 2).
+    #[arg(long, default_value_t = 3)]
+    backends: usize,
+    /// How long each phase of steady traffic lasts, in seconds.
+    #[arg(long, default_value_t = 3.0)]
+    phase_secs: f64,
+}
+
+/// How long any one expected event may take before the demo gives up on it.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if args.backends < 2 {
+        process::exit_with("--backends must be at least 2 to show a failover");
+    }
+    if args.rate == 0 {
+        process::exit_with("--rate must be at least 1");
+    }
+    let bins = match Binaries::find_or_build() {
+        Ok(bins) => bins,
+        Err(err) => process::exit_with(&err),
+    };
+    let policies = match args.policy {
+        Some(policy) => vec![policy],
+        None => vec![PolicyKind::RoundRobin, PolicyKind::PickFirst],
+    };
+    let mut rows = Vec::new();
+    for policy in policies {
+        let mut scenario = Scenario::new(&bins, &args, policy);
+        let outcome = tokio::select! {
+            outcome = scenario.run() => outcome,
+            _ = process::shutdown_signal() => {
+                println!("\ninterrupted: stopping every process the demo started");
+                drop(scenario);
+                std::process::exit(130);
+            }
+        };
+        rows.extend(scenario.rows.drain(..));
+        drop(scenario);
+        if let Err(err) = outcome {
+            print_summary(&rows);
+            process::exit_with(&err);
+        }
+    }
+    print_summary(&rows);
+}
+
+/// The registry, echo and client executables.
+struct Binaries {
+    registry: PathBuf,
+    echo: PathBuf,
+    client: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries beside this one, building them first when run
+    /// through cargo on a fresh checkout.
+    fn find_or_build() -> Result<Self, String> {
+        let exe =
+            std::env::current_exe().map_err(|e| format!("cannot locate the demo binary: {e}"))?;
+        let dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let bins = Self {
+            registry: dir.join("registry"),
+            echo: dir.join("echo"),
+            client: dir.join("client"),
+        };
+        if let Some(cargo) = std::env::var_os("CARGO") {
+            // Always rebuild through cargo so stale binaries never run; it is
+            // a no-op when they are fresh.
+            let release = dir.file_name().is_some_and(|n| n == "release");
+            println!("building registry, echo and client...");
+            let mut build = std::process::Command::new(cargo);
+            build.args([
+                "build", "--bin", "registry", "--bin", "echo", "--bin", "client",
+            ]);
+            if release {
+                build.arg("--release");
+            }
+            let status = build
+                .status()
+                .map_err(|e| format!("cannot run cargo build: {e}"))?;
+            if !status.success() {
+                return Err("cargo build of registry, echo and client failed".into());
+            }
+        }
+        for bin in [&bins.registry, &bins.echo, &bins.client] {
+            if !bin.exists() {
+                return Err(format!(
+                    "{} not found: run `cargo build --release --bins` first",
+                    bin.display()
+                ));
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// Something the demo observed, in arrival order.
+enum Observation {
+    /// A line printed by the client.
+    Client(String),
+    /// The client exited.
+    ClientExited,
+    /// A registry watch message, rendered.
+    Registry(RegistryChange),
+    /// An echo process printed a line.
+    Echo(String),
+}
+
+/// One endpoint change seen on the registry watch.
+enum RegistryChange {
+    Added(String),
+    Draining(String),
+    Removed(String),
+    Snapshot(Vec<String>),
+}
+
+/// One line of the summary table.
+struct Row {
+    policy: PolicyKind,
+    event: String,
+    failed: u64,
+    registry: String,
+    client: String,
+}
+
+/// One run of the scenario for one policy.
+struct Scenario<'a> {
+    bins: &'a Binaries,
+    args: &'a Args,
+    policy: PolicyKind,
+    started: Instant,
+    /// Every child process; killed when the scenario is dropped.
+    children: Vec<(String, Child)>,
+    observations: mpsc::UnboundedSender<Observation>,
+    observed: mpsc::UnboundedReceiver<Observation>,
+    /// Addresses the registry lists, with whether they are draining.
+    registry_set: BTreeMap<String, bool>,
+    /// The client's ready set.
+    client_ready: Vec<String>,
+    /// Failed RPCs the client reported since the last event.
+    failed_since_event: u64,
+    client_done: bool,
+    /// The client's final `total ok=.. failed=..` line.
+    client_total: Option<(u64, u64)>,
+    rows: Vec<Row>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Scenario<'_> {
+    fn drop(&mut self) {
+        if let Some(watcher) = self.watcher.take() {
+            watcher.abort();
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.start_kill();
+        }
+    }
+}
+
+impl<'a> Scenario<'a> {
+    fn new(bins: &'a Binaries, args: &'a Args, policy: PolicyKind) -> Self {
+        let (observations, observed) = mpsc::unbounded_channel();
+        Self {
+            bins,
+            args,
+            policy,
+            started: Instant::now(),
+            children: Vec::new(),
+            observations,
+            observed,
+            registry_set: BTreeMap::new(),
+            client_ready: Vec::new(),
+            failed_since_event: 0,
+            client_done: false,
+            client_total: None,
+            rows: Vec::new(),
+            watcher: None,
+        }
+    }
+
+    fn log(&self, source: &str, text: &str) {
+        println!(
+            "[{:>7.3}s] {source:<8} {text}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    async fn run(&mut self) -> Result<(), String> {
+        println!("\n######## {} ########", self.policy);
+        let registry = format!("127.0.0.1:{}", free_port()?);
+        let ports: Vec<u16> = (0..self.args.backends)
+            .map(|_| free_port())
+            .collect::<Result<_, _>>()?;
+        let backends: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+
+        self.log("demo", &format!("starting the registry on {registry}"));
+        let registry_bin = self.bins.registry.clone();
+        self.spawn("registry", &registry_bin, &["--listen", &registry], |_| {
+            None
+        })?;
+        self.watch_registry(&registry).await?;
+
+        for backend in &backends {
+            self.start_backend(&registry, backend)?;
+        }
+        let all = backends.clone();
+        self.wait("every backend registered", |s| {
+            all.iter().all(|b| s.registry_set.get(b) == Some(&false))
+        })
+        .await?;
+
+        let target = format!("registry://{registry}/{DEFAULT_SERVICE}");
+        self.log(
+            "demo",
+            &format!(
+                "starting the client: {} at {} RPC/s",
+                self.policy, self.args.rate
+            ),
+        );
+        let client_bin = self.bins.client.clone();
+        let rate = self.args.rate.to_string();
+        let policy = self.policy.to_string();
+        self.spawn(
+            "client",
+            &client_bin,
+            &[
+                "--target",
+                &target,
+                "--policy",
+                &policy,
+                "--rate",
+                &rate,
+                "--timeout",
+                "1s",
+                "--backoff-initial",
+                "200ms",
+                "--backoff-max",
+                "2s",
+                "--keepalive-interval",
+                "1s",
+                "--keepalive-timeout",
+                "1s",
+            ],
+            |line| Some(Observation::Client(line)),
+        )?;
+        self.wait("the client to send traffic", |s| !s.client_ready.is_empty())
+            .await?;
+        self.steady().await;
+
+        // 1. SIGKILL the backend the client uses (the middle one for round_robin).
+        let victim = match self.policy {
+            PolicyKind::RoundRobin => backends[1].clone(),
+            PolicyKind::PickFirst => self.client_ready[0].clone(),
+        };
+        self.kill_backend(&victim, libc::SIGKILL, "SIGKILL").await?;
+        self.steady().await;
+
+        // 2. Start it again.
+        let event = format!("restart {victim}");
+        self.event(&event);
+        let since = Instant::now();
+        self.start_backend(&registry, &victim)?;
+        let v = victim.clone();
+        self.wait("the backend to re-register", |s| {
+            s.registry_set.get(&v) == Some(&false)
+        })
+        .await?;
+        let registered = since.elapsed();
+        let client = if self.policy == PolicyKind::RoundRobin {
+            let v = victim.clone();
+            self.wait("the client to use it again", |s| {
+                s.client_ready.contains(&v)
+            })
+            .await?;
+            format!("back in rotation after {} ms", since.elapsed().as_millis())
+        } else {
+            "stays on its current backend (pick_first)".into()
+        };
+        self.steady().await;
+        self.row(
+            event,
+            format!("registered after {} ms", registered.as_millis()),
+            client,
+        );
+
+        // 3. SIGTERM the backend the client uses now: a graceful drain.
+        let drained = self.client_ready[0].clone();
+        self.kill_backend(&drained, libc::SIGTERM, "SIGTERM")
+            .await?;
+        self.steady().await;
+
+        // Stop the client: it prints its summary.
+        self.event("stop the client");
+        if let Some((_, child)) = self.children.iter().find(|(n, _)| n == "client") {
+            if let Some(pid) = child.id() {
+                signal(pid, libc::SIGINT);
+            }
+        }
+        self.wait("the client's summary", |s| s.client_done).await?;
+        let (ok, failed) = self.client_total.unwrap_or_default();
+        self.rows.push(Row {
+            policy: self.policy,
+            event: "whole run (client summary)".into(),
+            failed,
+            registry: "-".into(),
+            client: format!("{ok} RPCs served"),
+        });
+        Ok(())
+    }
+
+    /// Kills `backend` with `signal`, measuring how long until the registry
+    /// drops it and the client stops using it.
+    async fn kill_backend(
+        &mut self,
+        backend: &str,
+        signal_number: i32,
+        name: &str,
+    ) -> Result<(), String> {
+        let label = format!("backend-{}", backend.rsplit(':').next().unwrap_or(backend));
+        let pid = self
+            .children
+            .iter()
+            .find(|(n, _)| *n == label)
+            .and_then(|(_, c)| c.id())
+            .ok_or_else(|| format!("{backend} is not running"))?;
+        let event = format!("{name} {backend}");
+        self.event(&format!("{event} (pid {pid})"));
+        let since = Instant::now();
+        signal(pid, signal_number);
+        let b = backend.to_owned();
+        let mut client_left = None;
+        let mut registry_left = None;
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while client_left.is_none() || registry_left.is_none() {
+            if client_left.is_none() && !self.client_ready.contains(&b) {
+                client_left = Some(since.elapsed());
+                self.log(
+                    "demo",
+                    &format!(
+                        "client stopped sending to {b} after {} ms",
+                        since.elapsed().as_millis()
+                    ),
+                );
+            }
+            if registry_left.is_none() && !self.registry_set.contains_key(&b) {
+                registry_left = Some(since.elapsed());
+                self.log(
+                    "demo",
+                    &format!(
+                        "registry removed {b} after {} ms",
+                        since.elapsed().as_millis()
+                    ),
+                );
+            }
+            if client_left.is_some() && registry_left.is_some() {
+                break;
+            }
+            if !self.pump_until(deadline).await {
+                return Err(format!(
+                    "{b} was still in use {EVENT_TIMEOUT:?} after {name}"
+                ));
+            }
+        }
+        self.children.retain(|(n, _)| *n != label);
+        self.row(
+            event,
+            format!(
+                "removed after {} ms",
+                registry_left.unwrap_or_default().as_millis()
+            ),
+            format!(
+                "stopped using it after {} ms",
+                client_left.unwrap_or_default().as_millis()
+            ),
+        );
+        Ok(())
+    }
+
+    fn row(&mut self, event: String, registry: String, client: String) {
+        // Failures counted since this event started are filled in by the
+        // next event; remember this row and settle its count then.
+        self.rows.push(Row {
+            policy: self.policy,
+            event,
+            failed: 0,
+            registry,
+            client,
+        });
+    }
+
+    /// Marks a new event: failures since the previous one belong to it.
+    fn event(&mut self, text: &str) {
+        if let Some(last) = self.rows.iter_mut().rev().find(|r| r.policy == self.policy) {
+            last.failed = self.failed_since_event;
+        }
+        self.failed_since_event = 0;
+        self.log("EVENT", &format!(">>> {text}"));
+    }
+
+    fn start_backend(&mut self, registry: &str, backend: &str) -> Result<(), String> {
+        let label = format!("backend-{}", backend.rsplit(':').next().unwrap_or(backend));
+        self.log("demo", &format!("starting echo backend {backend}"));
+        let echo_bin = self.bins.echo.clone();
+        self.spawn(
+            &label,
+            &echo_bin,
+            &[
+                "--registry",
+                registry,
+                "--listen",
+                backend,
+                "--drain-grace-ms",
+                "500",
+            ],
+            |line| line.contains("serving").then_some(Observation::Echo(line)),
+        )
+    }
+
+    /// Pumps observations for one phase of steady traffic.
+    async fn steady(&mut self) {
+        let until = Instant::now() + Duration::from_secs_f64(self.args.phase_secs);
+        while self.pump_until(until).await {}
+    }
+
+    /// Pumps observations until `done` holds, or fails after the timeout.
+    async fn wait(&mut self, what: &str, done: impl Fn(&Self) -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while !done(self) {
+            if !self.pump_until(deadline).await {
+                return Err(format!(
+                    "gave up waiting for {what} after {EVENT_TIMEOUT:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one observation; false once `deadline` passed first.
+    async fn pump_until(&mut self, deadline: Instant) -> bool {
+        let observation = match tokio::time::timeout_at(deadline, self.observed.recv()).await {
+            Ok(Some(observation)) => observation,
+            _ => return false,
+        };
+        match observation {
+            Observation::Client(line) => {
+                if let Some(ready) = line.split_once("ready:").map(|(_, r)| r.trim()) {
+                    self.client_ready = ready
+                        .split(", ")
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect();
+                }
+                if let Some(failed) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("failed="))
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    if line.starts_with("t=") {
+                        self.failed_since_event += failed;
+                    }
+                }
+                if let Some(total) = line.trim().strip_prefix("total ") {
+                    let number = |key: &str| {
+                        total
+                            .split_whitespace()
+                            .find_map(|w| w.strip_prefix(key))
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .unwrap_or(0)
+                    };
+                    self.client_total = Some((number("ok="), number("failed=")));
+                }
+                self.log("client", &line);
+            }
+            Observation::ClientExited => self.client_done = true,
+            Observation::Echo(line) => self.log("echo", &line),
+            Observation::Registry(change) => match change {
+                RegistryChange::Snapshot(all) => {
+                    self.registry_set = all.into_iter().map(|a| (a, false)).collect();
+                }
+                RegistryChange::Added(address) => {
+                    self.log("registry", &format!("+ {address} registered"));
+                    self.registry_set.insert(address, false);
+                }
+                RegistryChange::Draining(address) => {
+                    self.log("registry", &format!("~ {address} DRAINING"));
+                    self.registry_set.insert(address, true);
+                }
+                RegistryChange::Removed(address) => {
+                    self.log("registry", &format!("- {address} removed"));
+                    self.registry_set.remove(&address);
+                }
+            },
+        }
+        true
+    }
+
+    /// Starts a child whose stdout lines `observe` may turn into
+    /// observations; stderr (logs) is discarded.
+    fn spawn(
+        &mut self,
+        name: &str,
+        bin: &Path,
+        args: &[&str],
+        observe: impl Fn(String) -> Option<Observation> + Send + 'static,
+    ) -> Result<(), String> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().expect("piped");
+        let observations = self.observations.clone();
+        let is_client = name == "client";
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(observation) = observe(line) {
+                    let _ = observations.send(observation);
+                }
+            }
+            if is_client {
+                let _ = observations.send(Observation::ClientExited);
+            }
+        });
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Watches the service in the registry, as a client would.
+    async fn watch_registry(&mut self, registry: &str) -> Result<(), String> {
+        let uri = format!("http://{registry}");
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let mut client = loop {
+            match RegistryClient::connect(uri.clone()).await {
+                Ok(client) => break client,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(err) => return Err(format!("registry at {registry} did not come up: {err}")),
+            }
+        };
+        let mut stream = client
+            .watch(WatchRequest {
+                service: DEFAULT_SERVICE.into(),
+            })
+            .await
+            .map_err(|s| format!("watch failed: {}", s.message()))?
+            .into_inner();
+        let observations = self.observations.clone();
+        self.watcher = Some(tokio::spawn(async move {
+            while let Some(Ok(message)) = stream.next().await {
+                let changes = match message.event {
+                    Some(Event::Reset(snapshot)) => vec![RegistryChange::Snapshot(
+                        snapshot.endpoints.into_iter().map(|e| e.address).collect(),
+                    )],
+                    Some(Event::Delta(delta)) => delta
+                        .added
+                        .into_iter()
+                        .map(|e| RegistryChange::Added(e.address))
+                        .chain(delta.updated.into_iter().map(|e| {
+                            if e.state == EndpointState::Draining as i32 {
+                                RegistryChange::Draining(e.address)
+                            } else {
+                                RegistryChange::Added(e.address)
+                            }
+                        }))
+                        .chain(delta.removed.into_iter().map(RegistryChange::Removed))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                for change in changes {
+                    let _ = observations.send(Observation::Registry(change));
+                }
+            }
+        }));
+        Ok(())
+    }
+}
+
+fn print_summary(rows: &[Row]) {
+    println!("\n==== summary ====");
+    println!(
+        "{:<12} {:<28} {:>11}  {:<26} {}",
+        "policy", "event", "failed RPCs", "registry", "client"
+    );
+    for row in rows {
+        println!(
+            "{:<12} {:<28} {:>11}  {:<26} {}",
+            row.policy.to_string(),
+            row.event,
+            row.failed,
+            row.registry,
+            row.client
+        );
+    }
+    println!("(failed RPCs are counted from an event until the next one)");
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on a child we started; no memory is touched.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
