@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use switchboard::client::{BackoffConfig, BalancedChannel, PolicyKind};
+use switchboard::proto::echo::{echo_client::EchoClient, EchoRequest};
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{ResolveRequest, WatchRequest, WatchResponse};
 use tokio::time::Instant;
@@ -338,7 +340,6 @@ impl Load {
         per_worker_interval: Duration,
         rpc_timeout: Duration,
     ) -> Self {
-        use switchboard::proto::echo::{echo_client::EchoClient, EchoRequest};
         let shots = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let workers = (0..concurrency)
@@ -411,4 +412,100 @@ impl Load {
 /// Failed outcomes, for assertions and messages.
 pub fn failures(shots: &[Shot]) -> Vec<&Shot> {
     shots.iter().filter(|s| s.result.is_err()).collect()
+}
+
+/// The service every test registers.
+pub const SERVICE: &str = "lb.example.grpc.io";
+/// Deadline for processes to start on a loaded machine.
+pub const STARTUP: Duration = Duration::from_secs(30);
+
+/// A channel with test-friendly reconnect backoff and keepalive.
+pub fn channel(target: &str, policy: PolicyKind) -> BalancedChannel {
+    BalancedChannel::builder(target)
+        .expect("valid target")
+        .policy(policy)
+        .backoff(BackoffConfig::fast())
+        .keepalive(Duration::from_millis(500), Duration::from_millis(1000))
+        .build()
+}
+
+pub fn registry_target(registry: &str) -> String {
+    format!("registry://{registry}/{SERVICE}")
+}
+
+pub async fn echo_once(
+    client: &mut EchoClient<BalancedChannel>,
+    timeout: Duration,
+) -> Result<String, tonic::Status> {
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "hi".into(),
+    });
+    request.set_timeout(timeout);
+    client
+        .unary_echo(request)
+        .await
+        .map(|reply| backend_of(&reply.into_inner().message))
+}
+
+/// Waits until the channel sends RPCs to exactly `expected`.
+pub async fn wait_ready_set(channel: &BalancedChannel, expected: &[String], timeout: Duration) {
+    let mut expected = expected.to_vec();
+    expected.sort();
+    wait_for(&format!("ready set {expected:?}"), timeout, || {
+        let mut ready = channel.state().ready;
+        ready.sort();
+        let matched = ready == expected;
+        async move { matched.then_some(()) }
+    })
+    .await;
+}
+
+/// A registry process and one echo process per backend.
+pub struct Cluster {
+    pub registry: String,
+    pub registry_proc: Proc,
+    pub backends: Vec<(String, Proc)>,
+}
+
+impl Cluster {
+    pub async fn start(backends: usize) -> Self {
+        let port = free_port();
+        let registry_proc = start_registry(port).await;
+        let registry = local(port);
+        let mut cluster = Self {
+            registry,
+            registry_proc,
+            backends: Vec::new(),
+        };
+        for _ in 0..backends {
+            cluster.add_backend().await;
+        }
+        let addresses = cluster.addresses();
+        wait_registered(&cluster.registry, SERVICE, &addresses, STARTUP).await;
+        cluster
+    }
+
+    pub async fn add_backend(&mut self) -> String {
+        let port = free_port();
+        let proc = start_echo(&self.registry, SERVICE, &[port], &[]).await;
+        self.backends.push((local(port), proc));
+        local(port)
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        let mut addresses: Vec<String> = self.backends.iter().map(|(a, _)| a.clone()).collect();
+        addresses.sort();
+        addresses
+    }
+
+    pub fn kill(&mut self, address: &str) -> Proc {
+        let index = self
+            .backends
+            .iter()
+            .position(|(a, _)| a == address)
+            .expect("known backend");
+        let (_, mut proc) = self.backends.remove(index);
+        proc.kill();
+        proc
+    }
 }
