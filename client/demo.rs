@@ -72,7 +72,7 @@ async fn main() {
                 std::process::exit(130);
             }
         };
-        rows.extend(scenario.rows.drain(..));
+        rows.append(&mut scenario.rows);
         drop(scenario);
         if let Err(err) = outcome {
             print_summary(&rows);
@@ -620,9 +620,10 @@ impl<'a> Scenario<'a> {
 
 fn print_summary(rows: &[Row]) {
     println!("\n==== summary ====");
+    let header = ["policy", "event", "failed RPCs", "registry", "client"];
     println!(
         "{:<12} {:<28} {:>11}  {:<26} {}",
-        "policy", "event", "failed RPCs", "registry", "client"
+        header[0], header[1], header[2], header[3], header[4]
     );
     for row in rows {
         println!(

@@ -208,7 +208,11 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
     let mut report = tokio::time::interval(Duration::from_secs(1));
     report.tick().await;
-    println!("t={:.3}s ready: {}", started.elapsed().as_secs_f64(), ready_now.join(", "));
+    println!(
+        "t={:.3}s ready: {}",
+        started.elapsed().as_secs_f64(),
+        ready_now.join(", ")
+    );
     let stop = async {
         match args.duration {
             Some(duration) => tokio::time::sleep(duration).await,
@@ -294,7 +298,6 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
             _ => break,
         }
     }
-    drop(record);
     let served: u64 = total.values().sum();
     println!(
         "==== summary after {:.1}s ====",

@@ -94,12 +94,12 @@ impl Policy for PickFirst {
             return;
         };
         match (&self.phase, state) {
-            (Phase::Connected { address: chosen }, state) if chosen == address => {
-                if !matches!(state, SubchannelState::Ready(_)) {
-                    // The chosen backend went away: try the next one now.
-                    let next = self.position(address).map_or(0, |i| i + 1);
-                    self.start_pass(next, subchannels);
-                }
+            (Phase::Connected { address: chosen }, state)
+                if chosen == address && !matches!(state, SubchannelState::Ready(_)) =>
+            {
+                // The chosen backend went away: try the next one now.
+                let next = self.position(address).map_or(0, |i| i + 1);
+                self.start_pass(next, subchannels);
             }
             (Phase::Trying { .. } | Phase::AllFailed, SubchannelState::Ready(_)) => {
                 self.choose(address.clone(), subchannels);
