@@ -176,17 +176,18 @@ fn publish(
                         ConnectivityState::Connecting | ConnectivityState::Idle
                     )
                 });
-                let last_error = subchannels
-                    .iter()
-                    .find_map(|s| s.last_error())
-                    .map(str::to_owned);
-                if connecting {
-                    (ConnectivityState::Connecting, last_error)
+                let error = match subchannels.iter().find_map(|s| s.last_error()) {
+                    Some(last) => {
+                        format!("no ready endpoint for service {service}; last error: {last}")
+                    }
+                    None => format!("no ready endpoint for service {service}"),
+                };
+                let connectivity = if connecting {
+                    ConnectivityState::Connecting
                 } else {
-                    let error = last_error
-                        .unwrap_or_else(|| format!("no ready endpoint for service {service}"));
-                    (ConnectivityState::TransientFailure, Some(error))
-                }
+                    ConnectivityState::TransientFailure
+                };
+                (connectivity, Some(error))
             }
         }
     };

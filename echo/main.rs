@@ -1,1 +1,300 @@
-fn main() {}
+//! The `echo` binary: one process running several echo servers, each
+//! registered with the registry and drained on SIGTERM or SIGINT.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use switchboard::echo::{self, EchoServerHandle, ServerConfig};
+use switchboard::process;
+use switchboard::registry::{self, validate};
+
+/// switchboard echo: grpc.examples.echo.Echo backends that register
+/// themselves, stay registered, and drain gracefully.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Ports to serve on 127.0.0.1, one server each [default: 50051 50052].
+    #[arg(value_name = "PORT", conflicts_with = "listen")]
+    ports: Vec<u16>,
+    /// A port to serve on 127.0.0.1 (repeatable); same as a positional PORT.
+    #[arg(long = "port", value_name = "PORT", conflicts_with = "listen")]
+    port_flags: Vec<u16>,
+    /// An IP:PORT to listen on (repeatable), one server each, instead of ports.
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Vec<String>,
+    /// The HOST:PORT to register for each server, in order, when clients
+    /// reach it at another address than it listens on.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Vec<String>,
+    /// The registry's HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT", default_value = echo::DEFAULT_REGISTRY)]
+    registry: String,
+    /// The service to register under.
+    #[arg(long, default_value = registry::DEFAULT_SERVICE)]
+    service: String,
+    /// A KEY=VALUE label registered with every server (repeatable).
+    #[arg(long = "meta", value_name = "KEY=VALUE")]
+    meta: Vec<String>,
+    /// Lease TTL in milliseconds (1000-300000; 0 for the registry's default).
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    ttl_ms: u64,
+    /// On shutdown, how long to keep accepting RPCs after leaving the
+    /// registry, so clients have moved away before GOAWAY.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    drain_grace_ms: u64,
+    /// On shutdown, how long in-flight RPCs get to finish before their
+    /// connections are cut.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    shutdown_timeout_ms: u64,
+}
+
+/// The servers to start, checked before anything starts.
+#[derive(Debug)]
+struct Plan {
+    /// One listener per server.
+    listen: Vec<SocketAddr>,
+    /// The matching servers' settings.
+    configs: Vec<ServerConfig>,
+}
+
+/// Turns the flags into a [`Plan`], or a one-line reason why not.
+fn plan(args: &Args) -> Result<Plan, String> {
+    let listen: Vec<SocketAddr> = if args.listen.is_empty() {
+        let mut ports: Vec<u16> = args.ports.iter().chain(&args.port_flags).copied().collect();
+        if ports.is_empty() {
+            ports = echo::DEFAULT_PORTS.to_vec();
+        }
+        ports
+            .into_iter()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+            .collect()
+    } else {
+        args.listen
+            .iter()
+            .map(|listen| {
+                listen.parse().map_err(|_| {
+                    format!("invalid --listen {listen:?}: expected IP:PORT, e.g. 127.0.0.1:50051")
+                })
+            })
+            .collect::<Result<_, _>>()?
+    };
+    let mut seen = HashSet::new();
+    if let Some(twice) = listen
+        .iter()
+        .find(|addr| addr.port() != 0 && !seen.insert(**addr))
+    {
+        return Err(format!("{twice} is given twice: one server per address"));
+    }
+
+    if !args.advertise.is_empty() && args.advertise.len() != listen.len() {
+        return Err(format!(
+            "{} --advertise for {} servers: give one per server, in order, or none",
+            args.advertise.len(),
+            listen.len()
+        ));
+    }
+    for advertise in &args.advertise {
+        validate::address(advertise).map_err(|e| format!("--advertise: {e}"))?;
+    }
+    let mut seen = HashSet::new();
+    if let Some(twice) = args.advertise.iter().find(|a| !seen.insert(*a)) {
+        return Err(format!(
+            "--advertise {twice} is given twice: each server needs its own address"
+        ));
+    }
+    validate::address(&args.registry).map_err(|e| format!("--registry: {e}"))?;
+    validate::service_name(&args.service).map_err(|e| format!("--service: {e}"))?;
+    let metadata = parse_meta(&args.meta)?;
+    validate::metadata(&metadata).map_err(|e| format!("--meta: {e}"))?;
+    let ttl = validate::ttl(args.ttl_ms).map_err(|e| format!("--ttl-ms: {e}"))?;
+
+    let mut configs = Vec::with_capacity(listen.len());
+    for (index, addr) in listen.iter().enumerate() {
+        let advertise = args.advertise.get(index).cloned();
+        if advertise.is_none() && addr.ip().is_unspecified() {
+            return Err(format!(
+                "--listen {addr} is a wildcard address clients cannot connect to: add --advertise <reachable-host>:{}",
+                addr.port()
+            ));
+        }
+        let config = ServerConfig {
+            advertise,
+            registry: Some(args.registry.clone()),
+            service: args.service.clone(),
+            metadata: metadata.clone(),
+            ttl,
+            drain_grace: Duration::from_millis(args.drain_grace_ms),
+            shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
+            registry_backoff: echo::registry_backoff(),
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        configs.push(config);
+    }
+    Ok(Plan { listen, configs })
+}
+
+/// Parses `--meta KEY=VALUE` flags; a key given twice is a mistake.
+fn parse_meta(flags: &[String]) -> Result<HashMap<String, String>, String> {
+    let mut metadata = HashMap::new();
+    for flag in flags {
+        let (key, value) = flag
+            .split_once('=')
+            .ok_or_else(|| format!("invalid --meta {flag:?}: expected KEY=VALUE, e.g. zone=a"))?;
+        if key.is_empty() {
+            return Err(format!(
+                "invalid --meta {flag:?}: the key is empty; expected KEY=VALUE"
+            ));
+        }
+        if metadata.insert(key.to_owned(), value.to_owned()).is_some() {
+            return Err(format!("--meta key {key:?} is given twice"));
+        }
+    }
+    Ok(metadata)
+}
+
+/// The first line of a clap error, so a bad flag costs one line of output.
+fn one_line(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let first = rendered.lines().next().unwrap_or("invalid arguments");
+    format!(
+        "{}; see echo --help",
+        first.strip_prefix("error: ").unwrap_or(first)
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(error)
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) =>
+        {
+            error.exit()
+        }
+        Err(error) => process::exit_with(&one_line(&error)),
+    };
+    let plan = plan(&args).unwrap_or_else(|error| process::exit_with(&error));
+    process::init_tracing();
+
+    // Every listener first: a busy port must stop the process before any
+    // server has registered.
+    let mut listeners = Vec::with_capacity(plan.listen.len());
+    for addr in &plan.listen {
+        match echo::bind(*addr).await {
+            Ok(listener) => listeners.push(listener),
+            Err(error) => process::exit_with(&error.to_string()),
+        }
+    }
+    let mut servers = Vec::with_capacity(listeners.len());
+    for (listener, config) in listeners.into_iter().zip(plan.configs) {
+        match EchoServerHandle::start(listener, config).await {
+            Ok(server) => {
+                println!("echo serving on {}", server.address());
+                servers.push(server);
+            }
+            Err(error) => process::exit_with(&error.to_string()),
+        }
+    }
+
+    process::shutdown_signal().await;
+    tracing::info!(servers = servers.len(), "shutdown signal; draining");
+    let drains =
+        futures_util::future::join_all(servers.into_iter().map(EchoServerHandle::shutdown));
+    tokio::select! {
+        reports = drains => {
+            let cut = reports.iter().filter(|r| !r.in_flight_finished).count();
+            if cut > 0 {
+                tracing::warn!(servers = cut, "some RPCs were cut at the shutdown timeout");
+            }
+        }
+        _ = process::shutdown_signal() => {
+            process::exit_with("second shutdown signal: stopped without finishing the drain")
+        }
+    }
+    tracing::info!("echo stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(argv: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("echo").chain(argv.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_the_classic_two_servers() {
+        let plan = plan(&args(&[])).unwrap();
+        assert_eq!(
+            plan.listen,
+            vec![
+                "127.0.0.1:50051".parse::<SocketAddr>().unwrap(),
+                "127.0.0.1:50052".parse().unwrap()
+            ]
+        );
+        for config in &plan.configs {
+            assert_eq!(config.registry.as_deref(), Some("127.0.0.1:50050"));
+            assert_eq!(config.service, "lb.example.grpc.io");
+            assert_eq!(config.advertise, None);
+            assert_eq!(config.ttl, Duration::from_secs(5));
+        }
+    }
+
+    #[test]
+    fn ports_listen_advertise_and_meta() {
+        let plan = plan(&args(&["1", "--port", "2"])).unwrap();
+        assert_eq!(plan.listen.len(), 2);
+        assert_eq!(plan.listen[1].port(), 2);
+        let plan = plan_of(&[
+            "--listen",
+            "0.0.0.0:7",
+            "--advertise",
+            "backend:7",
+            "--meta",
+            "zone=a",
+            "--meta",
+            "v=",
+        ]);
+        assert_eq!(plan.configs[0].advertise.as_deref(), Some("backend:7"));
+        assert_eq!(plan.configs[0].metadata["zone"], "a");
+        assert_eq!(plan.configs[0].metadata["v"], "");
+    }
+
+    fn plan_of(argv: &[&str]) -> Plan {
+        plan(&args(argv)).unwrap()
+    }
+
+    #[test]
+    fn bad_flags_are_refused_in_one_line() {
+        for argv in [
+            &["--listen", "nonsense"][..],
+            &["--listen", "0.0.0.0:7"],
+            &["1", "2", "--advertise", "h:1"],
+            &["--advertise", "a b:1", "--port", "1"],
+            &["--meta", "novalue"],
+            &["--meta", "=v"],
+            &["--meta", "k=1", "--meta", "k=2"],
+            &["--ttl-ms", "10"],
+            &["--service", "not a service"],
+            &["--registry", "127.0.0.1"],
+            &["5", "5"],
+        ] {
+            let err = plan(&args(argv)).unwrap_err();
+            assert!(!err.contains('\n'), "{argv:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn clap_errors_shrink_to_one_line() {
+        let err = Args::try_parse_from(["echo", "--ttl-ms", "abc"]).unwrap_err();
+        let line = one_line(&err);
+        assert!(!line.contains('\n') && line.contains("--ttl-ms"), "{line}");
+        assert!(Args::try_parse_from(["echo", "1", "--listen", "127.0.0.1:2"]).is_err());
+    }
+}

@@ -214,23 +214,31 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn expiry_orders_by_deadline_and_refresh_postpones() {
         let table = LeaseTable::default();
+        let start = Instant::now();
         let (a, b) = (LeaseId::random(), LeaseId::random());
         table.grant(a, "s".into(), "h:1".into(), Duration::from_secs(1));
         table.grant(b, "s".into(), "h:2".into(), Duration::from_secs(2));
         tokio::time::advance(Duration::from_millis(900)).await;
+        // Refreshed at 0.9 s, `a` now ends at 1.9 s instead of 1 s.
         table.refresh(a, 7).unwrap();
-        tokio::time::advance(Duration::from_millis(1200)).await;
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let (expired, next) = table.take_expired(Instant::now());
+        assert!(expired.is_empty(), "refresh did not postpone: {expired:?}");
+        assert_eq!(next, Some(start + Duration::from_millis(1900)));
+        // At 1.95 s `a` is past its deadline and `b` (2 s) is not.
+        tokio::time::advance(Duration::from_millis(850)).await;
         let (expired, next) = table.take_expired(Instant::now());
         assert_eq!(
             expired.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
-            vec![b]
+            vec![a]
         );
-        assert!(next.is_some());
+        assert_eq!(next, Some(start + Duration::from_secs(2)));
+        table.refresh(b, 7).unwrap();
         assert!(
-            table.revoke_if_bound(a, 8).is_none(),
+            table.revoke_if_bound(b, 8).is_none(),
             "foreign stream revoked"
         );
-        assert!(table.revoke_if_bound(a, 7).is_some());
+        assert!(table.revoke_if_bound(b, 7).is_some());
         assert!(table.is_empty());
     }
 }

@@ -17,6 +17,10 @@ struct Args {
     /// How many changes a watcher may lag before it gets a fresh snapshot.
     #[arg(long, default_value_t = RegistryConfig::default().watch_buffer)]
     watch_buffer: usize,
+    /// Milliseconds a fresh registry holds back the first snapshot of each
+    /// Watch, so backends re-register before clients are told the set.
+    #[arg(long, default_value_t = RegistryConfig::default().warmup.as_millis() as u64)]
+    warmup_ms: u64,
 }
 
 #[tokio::main]
@@ -35,6 +39,7 @@ async fn main() {
     let config = RegistryConfig {
         max_endpoints_per_service: args.max_endpoints_per_service,
         watch_buffer: args.watch_buffer,
+        warmup: std::time::Duration::from_millis(args.warmup_ms),
     };
     if let Err(err) = registry::serve(listener, config, process::shutdown_signal()).await {
         process::exit_with(&format!("registry failed: {err}"));

@@ -11,6 +11,10 @@ use tonic::transport::Server;
 use super::Registry;
 use crate::proto::registry::registry_server::RegistryServer;
 
+/// How long a shutdown waits for connections to close once every stream has
+/// been ended.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Tunables of a registry instance.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -20,6 +24,11 @@ pub struct RegistryConfig {
     /// How many changes a watcher may fall behind before it is sent a fresh
     /// snapshot instead.
     pub watch_buffer: usize,
+    /// How long a freshly started registry holds back the first snapshot of
+    /// every Watch. A restarted registry knows no endpoint until backends
+    /// re-register (within about a second); an early empty snapshot would
+    /// make clients drop every backend and fail RPCs meanwhile.
+    pub warmup: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -27,6 +36,7 @@ impl Default for RegistryConfig {
         Self {
             max_endpoints_per_service: 10_000,
             watch_buffer: 1024,
+            warmup: Duration::from_secs(2),
         }
     }
 }
@@ -47,7 +57,15 @@ pub async fn serve(
         .build_v1()
         .expect("the compiled-in descriptor sets are valid");
     tracing::info!(epoch = registry.epoch(), "registry started");
-    Server::builder()
+    let closer = registry.clone();
+    let (began, shutdown_began) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending watch and keepalive streams");
+        closer.close_streams();
+        let _ = began.send(());
+    };
+    let serving = Server::builder()
         .tcp_nodelay(true)
         // Finds connections whose peer vanished without a FIN (power loss,
         // network partition) so their watch streams are freed.
@@ -56,6 +74,21 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(RegistryServer::new(registry))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
-        .await
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown);
+    // A client that stops reading can keep its stream from ever finishing;
+    // past the grace period the connections are left to close with the
+    // process.
+    let grace = async {
+        match shutdown_began.await {
+            Ok(()) => tokio::time::sleep(SHUTDOWN_GRACE).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = serving => served,
+        () = grace => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; stopping anyway");
+            Ok(())
+        }
+    }
 }

@@ -37,6 +37,8 @@ struct Shared {
     leases: LeaseTable,
     /// Numbers KeepAlive streams.
     next_stream: AtomicU64,
+    /// Turns true when the registry shuts down, ending every open stream.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -62,9 +64,11 @@ impl Registry {
                 epoch,
                 config.max_endpoints_per_service,
                 config.watch_buffer,
+                config.warmup,
             )),
             leases: LeaseTable::default(),
             next_stream: AtomicU64::new(1),
+            closing: tokio::sync::watch::Sender::new(false),
         });
         let expiry = tokio::spawn(expire_leases(shared.clone()));
         Self {
@@ -82,6 +86,42 @@ impl Registry {
     pub fn lease_count(&self) -> usize {
         self.shared.leases.len()
     }
+
+    /// Ends every open Watch and KeepAlive stream, now and from now on, with
+    /// UNAVAILABLE. Called at shutdown: those streams never end on their
+    /// own, so a graceful shutdown would otherwise wait for them forever.
+    pub fn close_streams(&self) {
+        self.shared.closing.send_replace(true);
+    }
+}
+
+/// Passes `stream` through until the registry closes its streams, then ends
+/// it with UNAVAILABLE (dropping `stream`, and with it any leases it holds).
+fn until_closed<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> BoxStream<T> {
+    let state = (Some(Box::pin(stream)), closing);
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(stream, mut closing)| async move {
+            let mut stream = stream?;
+            // `None` once the registry closes its streams (or is gone).
+            let next = tokio::select! {
+                item = stream.next() => Some(item),
+                _ = closing.wait_for(|closed| *closed) => None,
+            };
+            match next {
+                Some(item) => item.map(|item| (item, (Some(stream), closing))),
+                None => Some((
+                    Err(Status::unavailable(
+                        "registry shutting down; reconnect to another instance",
+                    )),
+                    (None, closing),
+                )),
+            }
+        },
+    ))
 }
 
 impl Shared {
@@ -221,7 +261,10 @@ impl RegistryApi for Registry {
                 Some((reply, (inbound, bound, failed)))
             },
         );
-        Ok(Response::new(Box::pin(replies)))
+        Ok(Response::new(until_closed(
+            replies,
+            self.shared.closing.subscribe(),
+        )))
     }
 
     async fn drain(
@@ -258,10 +301,10 @@ impl RegistryApi for Registry {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let service = request.into_inner().service;
         validate::service_name(&service)?;
-        Ok(Response::new(Box::pin(watch_stream(
-            self.shared.store.clone(),
-            service,
-        ))))
+        Ok(Response::new(until_closed(
+            watch_stream(self.shared.store.clone(), service),
+            self.shared.closing.subscribe(),
+        )))
     }
 
     async fn resolve(

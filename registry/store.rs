@@ -13,9 +13,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
 use super::lease::LeaseId;
 use super::RegistryError;
@@ -41,6 +43,9 @@ pub struct Store {
     max_endpoints_per_service: usize,
     /// How many changes a watcher may lag before it is reset.
     watch_buffer: usize,
+    /// Until when Watch holds back its first snapshot (see
+    /// `RegistryConfig::warmup`).
+    warm_until: Instant,
 }
 
 /// One service: its endpoints and its watchers' channel.
@@ -62,14 +67,25 @@ struct Registration {
 
 impl Store {
     /// Creates an empty store for the registry instance `epoch`.
-    pub fn new(epoch: u64, max_endpoints_per_service: usize, watch_buffer: usize) -> Self {
+    pub fn new(
+        epoch: u64,
+        max_endpoints_per_service: usize,
+        watch_buffer: usize,
+        warmup: Duration,
+    ) -> Self {
         Self {
             epoch,
             revision: AtomicU64::new(0),
             services: DashMap::new(),
             max_endpoints_per_service,
             watch_buffer: watch_buffer.max(1),
+            warm_until: Instant::now() + warmup,
         }
+    }
+
+    /// Until when a new Watch holds back its first snapshot.
+    pub fn warm_until(&self) -> Instant {
+        self.warm_until
     }
 
     /// The registry instance's epoch.

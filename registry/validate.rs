@@ -63,9 +63,15 @@ pub fn address(addr: &str) -> Result<(), RegistryError> {
             .ok_or_else(|| bad("is not host:port".into()))?;
         (Some(host), port)
     };
+    // Plain decimal only: `u16::from_str` would also take "+80" and "080",
+    // which are not dialable or alias another registration of the same port.
+    let canonical =
+        port.bytes().all(|b| b.is_ascii_digit()) && (port == "0" || !port.starts_with('0'));
     let port: u16 = port
         .parse()
-        .map_err(|_| bad(format!("has an invalid port {port:?}: expected 1-65535")))?;
+        .ok()
+        .filter(|_| canonical)
+        .ok_or_else(|| bad(format!("has an invalid port {port:?}: expected 1-65535")))?;
     if port == 0 {
         return Err(bad(
             "has port 0: register the port the server listens on".into()
@@ -203,6 +209,9 @@ mod tests {
             "a b:1",
             "[::1]80",
             "host:-1",
+            "host:+80",
+            "host:080",
+            "host: 80",
         ] {
             assert!(address(bad).is_err(), "{bad:?} accepted");
         }

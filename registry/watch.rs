@@ -3,27 +3,34 @@
 
 use std::sync::Arc;
 
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::broadcast::{self, error::RecvError};
 use tonic::Status;
 
 use super::store::{SharedUpdate, Store};
 use crate::proto::registry::WatchResponse;
 
-/// The messages of one Watch call, in order.
+/// The messages of one Watch call, in order. During the registry's warm-up
+/// the first snapshot waits until warm-up ends, so it holds the backends
+/// that re-registered meanwhile instead of an empty set.
 pub fn watch_stream(
     store: Arc<Store>,
     service: String,
 ) -> impl Stream<Item = Result<WatchResponse, Status>> + Send + 'static {
-    let (reset, updates) = store.subscribe(&service);
-    let state = Watcher {
-        updates,
-        pending: Some(reset),
-        release: Release { store, service },
+    let start = async move {
+        tokio::time::sleep_until(store.warm_until()).await;
+        let (reset, updates) = store.subscribe(&service);
+        Watcher {
+            updates,
+            pending: Some(reset),
+            release: Release { store, service },
+        }
     };
-    futures_util::stream::unfold(state, |mut watcher| async move {
-        let message = watcher.next().await?;
-        Some((Ok(message), watcher))
+    futures_util::stream::once(start).flat_map(|watcher| {
+        futures_util::stream::unfold(watcher, |mut watcher| async move {
+            let message = watcher.next().await?;
+            Some((Ok(message), watcher))
+        })
     })
 }
 

@@ -120,11 +120,13 @@ async fn all_backends_gone_fails_fast_with_unavailable() {
     }
     wait_registered(&cluster.registry, SERVICE, &[], Duration::from_secs(10)).await;
     wait_for(
-        "the channel to leave Ready",
+        "the channel to see the empty set",
         Duration::from_secs(10),
         || {
             let state = channel.state();
-            async move { (state.connectivity == ConnectivityState::TransientFailure).then_some(()) }
+            let empty = state.endpoints.is_empty()
+                && state.connectivity == ConnectivityState::TransientFailure;
+            async move { empty.then_some(()) }
         },
     )
     .await;
@@ -220,7 +222,8 @@ async fn a_hung_backend_leaves_the_ready_set_by_keepalive_before_its_ttl() {
     let addresses = cluster.addresses();
     let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
     wait_ready_set(&channel, &addresses, STARTUP).await;
-    let (victim, proc) = &cluster.backends[0];
+    let victim = &addresses[0];
+    let proc = cluster.backend(victim);
     proc.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     let survivors: Vec<String> = addresses.iter().filter(|a| *a != victim).cloned().collect();

@@ -451,13 +451,19 @@ pub async fn echo_once(
 pub async fn wait_ready_set(channel: &BalancedChannel, expected: &[String], timeout: Duration) {
     let mut expected = expected.to_vec();
     expected.sort();
-    wait_for(&format!("ready set {expected:?}"), timeout, || {
-        let mut ready = channel.state().ready;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let state = channel.state();
+        let mut ready = state.ready.clone();
         ready.sort();
-        let matched = ready == expected;
-        async move { matched.then_some(()) }
-    })
-    .await;
+        if ready == expected {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for ready set {expected:?}; channel state: {state:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A registry process and one echo process per backend.
@@ -496,6 +502,16 @@ impl Cluster {
         let mut addresses: Vec<String> = self.backends.iter().map(|(a, _)| a.clone()).collect();
         addresses.sort();
         addresses
+    }
+
+    /// The process serving `address`.
+    pub fn backend(&self, address: &str) -> &Proc {
+        &self
+            .backends
+            .iter()
+            .find(|(a, _)| a == address)
+            .expect("known backend")
+            .1
     }
 
     pub fn kill(&mut self, address: &str) -> Proc {

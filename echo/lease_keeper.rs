@@ -1,0 +1,374 @@
+//! Keeping one endpoint in the registry for as long as its server serves.
+//!
+//! One task per server. Its life is a loop of *sessions*: connect to the
+//! registry, Register, then hold one KeepAlive stream and heartbeat on it
+//! every TTL/3. A session ends when the stream breaks or ends (the registry
+//! restarted or is unreachable), when the registry no longer knows the lease
+//! (NOT_FOUND, e.g. after this process was paused longer than the TTL), or
+//! when no heartbeat was answered for a whole TTL (a hung registry). The
+//! registry ends a lease together with its stream, so there is never a lease
+//! to resume: every session registers afresh, after a short jittered
+//! backoff.
+//!
+//! Leaving is the first step of a drain: Drain (watchers stop picking the
+//! endpoint), Deregister (it leaves their sets), and only then the stream
+//! closes, so the endpoint never vanishes without first being DRAINING.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::client::backoff::{Backoff, BackoffConfig};
+use crate::proto::registry::registry_client::RegistryClient;
+use crate::proto::registry::{
+    DeregisterRequest, DrainRequest, KeepAliveRequest, KeepAliveResponse, RegisterRequest,
+};
+
+/// How long one Register, Drain or Deregister call, or the opening of the
+/// KeepAlive stream, may take before the registry counts as unreachable.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Where the endpoint stands in the registry, as far as its keeper knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseState {
+    /// The server runs without a registry.
+    NoRegistry,
+    /// Not registered yet, or the lease was lost and the keeper is
+    /// registering again.
+    Unregistered,
+    /// Registered, and the lease is bound to this keeper's KeepAlive stream
+    /// (so it ends at once if the process dies).
+    Registered {
+        /// The lease, as granted.
+        lease_id: String,
+        /// The registry instance that granted it.
+        epoch: u64,
+    },
+    /// The keeper stopped; it drained and deregistered the endpoint first if
+    /// it held a lease.
+    Stopped,
+}
+
+impl LeaseState {
+    /// Whether the endpoint is registered right now.
+    pub fn is_registered(&self) -> bool {
+        matches!(self, Self::Registered { .. })
+    }
+}
+
+/// What to register, and where.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The registry's `host:port`.
+    pub registry: String,
+    /// The service to register under.
+    pub service: String,
+    /// The endpoint's advertised `host:port`.
+    pub address: String,
+    /// The endpoint's labels.
+    pub metadata: HashMap<String, String>,
+    /// Lease TTL to ask for.
+    pub ttl: Duration,
+}
+
+/// The task keeping one endpoint registered. Dropping it aborts the task;
+/// the registry then ends the lease with its stream.
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    /// Set to true to have the task leave the registry and end.
+    leave: watch::Sender<bool>,
+    /// What the task last knew about the lease.
+    state: watch::Receiver<LeaseState>,
+    /// The task; it returns whether the registry confirmed Deregister.
+    task: Option<JoinHandle<bool>>,
+}
+
+impl LeaseKeeper {
+    /// Starts registering `registration`, retrying with `backoff` until it
+    /// is told to leave. Must be called inside a tokio runtime.
+    pub fn spawn(registration: Registration, backoff: BackoffConfig) -> Self {
+        let (leave, leave_rx) = watch::channel(false);
+        let (state_tx, state) = watch::channel(LeaseState::Unregistered);
+        let task = tokio::spawn(keep(registration, backoff, state_tx, leave_rx));
+        Self {
+            leave,
+            state,
+            task: Some(task),
+        }
+    }
+
+    /// Follows the lease's state.
+    pub fn state(&self) -> watch::Receiver<LeaseState> {
+        self.state.clone()
+    }
+
+    /// Drains and deregisters the endpoint if it is registered, and stops
+    /// retrying if it is not. Returns whether the registry confirmed the
+    /// deregistration. Takes at most a few [`CALL_TIMEOUT`]s.
+    pub async fn leave(mut self) -> bool {
+        self.leave.send_replace(true);
+        match self.task.take() {
+            Some(task) => task.await.unwrap_or(false),
+            None => false,
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {}", crate::client::error::source_chain(.0))]
+    Connect(tonic::transport::Error),
+    #[error("Register failed: {} {}", .0.code(), .0.message())]
+    Register(Status),
+    #[error("the registry no longer knows the lease: {}", .0.message())]
+    LeaseLost(Status),
+    #[error("keepalive stream failed: {} {}", .0.code(), .0.message())]
+    KeepAlive(Status),
+    #[error("the registry closed the keepalive stream")]
+    StreamEnded,
+    #[error("no answer from the registry for {0:?}")]
+    Silent(Duration),
+}
+
+impl SessionError {
+    /// Whether the registry answered and said no (a full service, a
+    /// registry with other rules), rather than not answering at all.
+    fn is_refusal(&self) -> bool {
+        match self {
+            Self::Register(status) => !matches!(
+                status.code(),
+                Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// The keeper task: sessions until told to leave.
+async fn keep(
+    registration: Registration,
+    backoff: BackoffConfig,
+    state: watch::Sender<LeaseState>,
+    mut leave: watch::Receiver<bool>,
+) -> bool {
+    let mut backoff = Backoff::new(backoff);
+    // Whether the failures since the last registration were already logged
+    // as a warning; the retries after that are only debug noise.
+    let mut reported = false;
+    loop {
+        match session(
+            &registration,
+            &state,
+            &mut leave,
+            backoff.config().min_connect_timeout,
+        )
+        .await
+        {
+            Ok(deregistered) => {
+                state.send_replace(LeaseState::Stopped);
+                return deregistered;
+            }
+            Err(error) => {
+                let previous = state.send_replace(LeaseState::Unregistered);
+                if previous.is_registered() {
+                    backoff.reset();
+                    tracing::warn!(address = %registration.address, %error, "registration lost; registering again");
+                } else if !reported && error.is_refusal() {
+                    tracing::warn!(
+                        registry = %registration.registry,
+                        address = %registration.address,
+                        %error,
+                        "the registry refused the registration; serving anyway and retrying"
+                    );
+                } else if !reported {
+                    tracing::warn!(
+                        registry = %registration.registry,
+                        address = %registration.address,
+                        %error,
+                        "registry unreachable; serving anyway and retrying registration"
+                    );
+                } else {
+                    tracing::debug!(address = %registration.address, %error, "registration attempt failed; retrying");
+                }
+                reported = true;
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = told_to_leave(&mut leave) => {
+                state.send_replace(LeaseState::Stopped);
+                return false;
+            }
+        }
+    }
+}
+
+/// Resolves once the keeper is told to leave (or its owner is gone).
+async fn told_to_leave(leave: &mut watch::Receiver<bool>) {
+    let _ = leave.wait_for(|leave| *leave).await;
+}
+
+/// One connection's worth of registration: register, heartbeat until
+/// something breaks, or leave when told. `Ok` says whether it deregistered.
+async fn session(
+    registration: &Registration,
+    state: &watch::Sender<LeaseState>,
+    leave: &mut watch::Receiver<bool>,
+    connect_timeout: Duration,
+) -> Result<bool, SessionError> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", registration.registry))
+        .map_err(SessionError::Connect)?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true);
+    let channel = tokio::select! {
+        channel = endpoint.connect() => channel.map_err(SessionError::Connect)?,
+        _ = told_to_leave(leave) => return Ok(false),
+    };
+    let mut client = RegistryClient::new(channel);
+
+    // Not interrupted by a leave: a Register cut short could still create a
+    // lease nobody deregisters, so let it finish and leave properly below.
+    let granted = client
+        .register(timed(RegisterRequest {
+            service: registration.service.clone(),
+            address: registration.address.clone(),
+            metadata: registration.metadata.clone(),
+            ttl_ms: u64::try_from(registration.ttl.as_millis()).unwrap_or(u64::MAX),
+        }))
+        .await
+        .map_err(SessionError::Register)?
+        .into_inner();
+    let ttl = match granted.ttl_ms {
+        0 => registration.ttl,
+        ms => Duration::from_millis(ms),
+    };
+    let heartbeat = KeepAliveRequest {
+        lease_id: granted.lease_id.clone(),
+    };
+    // Capacity 1: when a heartbeat is still queued the connection is stuck,
+    // and the silence check below ends the session.
+    let (heartbeats, outgoing) = mpsc::channel(1);
+    // The first heartbeat binds the lease to this stream at once.
+    let _ = heartbeats.try_send(heartbeat.clone());
+    let mut replies = tokio::time::timeout(
+        CALL_TIMEOUT,
+        client.keep_alive(ReceiverStream::new(outgoing)),
+    )
+    .await
+    .map_err(|_| SessionError::Silent(CALL_TIMEOUT))?
+    .map_err(SessionError::KeepAlive)?
+    .into_inner();
+    // Registered means bound to this stream: until the first reply a crash
+    // would leave the lease to expire by TTL instead of ending at once.
+    let first = tokio::time::timeout(CALL_TIMEOUT, replies.message())
+        .await
+        .map_err(|_| SessionError::Silent(CALL_TIMEOUT))?;
+    answered(first)?;
+
+    state.send_replace(LeaseState::Registered {
+        lease_id: granted.lease_id.clone(),
+        epoch: granted.epoch,
+    });
+    tracing::info!(
+        address = %registration.address,
+        service = %registration.service,
+        registry = %registration.registry,
+        epoch = granted.epoch,
+        ttl = ?ttl,
+        "registered"
+    );
+
+    let period = ttl / 3;
+    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_reply = Instant::now();
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let _ = heartbeats.try_send(heartbeat.clone());
+            }
+            reply = replies.message() => {
+                answered(reply)?;
+                last_reply = Instant::now();
+            }
+            _ = tokio::time::sleep_until(last_reply + ttl) => {
+                return Err(SessionError::Silent(ttl));
+            }
+            _ = told_to_leave(leave) => break,
+        }
+    }
+    // The stream stays open until Deregister is done: closing it first would
+    // remove the endpoint without it ever being DRAINING.
+    let deregistered = leave_registry(&mut client, &granted.lease_id, registration).await;
+    drop(heartbeats);
+    drop(replies);
+    Ok(deregistered)
+}
+
+/// Whether a KeepAlive read was an answer, or why the session is over.
+fn answered(reply: Result<Option<KeepAliveResponse>, Status>) -> Result<(), SessionError> {
+    match reply {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(SessionError::StreamEnded),
+        Err(status) if status.code() == Code::NotFound => Err(SessionError::LeaseLost(status)),
+        Err(status) => Err(SessionError::KeepAlive(status)),
+    }
+}
+
+/// Drain, then Deregister. Returns whether Deregister was confirmed.
+async fn leave_registry(
+    client: &mut RegistryClient<Channel>,
+    lease_id: &str,
+    registration: &Registration,
+) -> bool {
+    let address = &registration.address;
+    match client
+        .drain(timed(DrainRequest {
+            lease_id: lease_id.to_owned(),
+        }))
+        .await
+    {
+        Ok(_) => tracing::info!(%address, "draining"),
+        Err(status) => {
+            tracing::warn!(%address, code = ?status.code(), message = status.message(), "Drain failed; deregistering anyway")
+        }
+    }
+    match client
+        .deregister(timed(DeregisterRequest {
+            lease_id: lease_id.to_owned(),
+        }))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(%address, "deregistered");
+            true
+        }
+        Err(status) => {
+            tracing::warn!(%address, code = ?status.code(), message = status.message(), "Deregister failed; the lease ends with its stream");
+            false
+        }
+    }
+}
+
+/// A request bounded by [`CALL_TIMEOUT`].
+fn timed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
+}
