@@ -126,9 +126,10 @@ async fn sigstop_is_caught_by_keepalive_then_the_ttl_and_sigcont_brings_it_back(
         left_client < Duration::from_secs(4),
         "client kept sending to the hung backend for {left_client:?}"
     );
-    // The echo lease TTL is 5 s: removal at about the TTL, never before.
+    // The echo lease TTL is 5 s, counted from the last heartbeat before the
+    // stop (heartbeats go every TTL/3): removal 3.3-5 s after the stop.
     assert!(
-        left_registry >= Duration::from_millis(4500),
+        left_registry >= Duration::from_millis(3200),
         "registry removed it before the TTL: {left_registry:?}"
     );
     assert!(
