@@ -19,7 +19,7 @@ struct Args {
     watch_buffer: usize,
     /// Milliseconds a fresh registry holds back the first snapshot of each
     /// Watch, so backends re-register before clients are told the set.
-    #[arg(long, default_value_t = RegistryConfig::default().warmup.as_millis() as u64)]
+    #[arg(long, default_value_t = registry::server::DEFAULT_WARMUP.as_millis() as u64)]
     warmup_ms: u64,
 }
 

@@ -15,6 +15,10 @@ use crate::proto::registry::registry_server::RegistryServer;
 /// been ended.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The warm-up the `registry` binary uses unless told otherwise: long
+/// enough for backends (which retry every 100-500 ms) to re-register.
+pub const DEFAULT_WARMUP: Duration = Duration::from_secs(2);
+
 /// Tunables of a registry instance.
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
@@ -36,7 +40,9 @@ impl Default for RegistryConfig {
         Self {
             max_endpoints_per_service: 10_000,
             watch_buffer: 1024,
-            warmup: Duration::from_secs(2),
+            // Embedded registries (tests, tools) start empty on purpose; the
+            // `registry` binary defaults to `DEFAULT_WARMUP`.
+            warmup: Duration::ZERO,
         }
     }
 }

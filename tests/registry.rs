@@ -1,0 +1,2054 @@
+//! The registry over real gRPC on 127.0.0.1: registrations and watches, the
+//! ways a lease ends (stream break, TTL, drain, deregister, takeover),
+//! versions and epochs, fan-out to many and to slow watchers, health and
+//! reflection, and every refused input.
+//!
+//! Most tests serve a registry in-process on the test runtime so they can
+//! choose its limits; the restart test runs the real binary. Nothing is
+//! mocked: every call crosses a real HTTP/2 connection.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use switchboard::proto::registry::registry_client::RegistryClient;
+use switchboard::proto::registry::watch_response::Event;
+use switchboard::proto::registry::{
+    DeregisterRequest, DrainRequest, Endpoint, EndpointState, KeepAliveRequest, KeepAliveResponse,
+    ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest,
+    ResolveResponse, ServiceSummary, WatchRequest, WatchResponse,
+};
+use switchboard::registry::RegistryConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// A TTL long enough that no lease expires during a test unless it means to.
+const LONG_TTL_MS: u64 = 300_000;
+/// How long to wait for anything the issue sets no bound on.
+const GENEROUS: Duration = Duration::from_secs(30);
+/// The bound the issue sets on removal after a KeepAlive stream breaks.
+const STREAM_BREAK_BOUND: Duration = Duration::from_secs(1);
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// The registry's defaults without the warm-up, so a Watch answers at once
+/// (the warm-up has its own test).
+fn config() -> RegistryConfig {
+    RegistryConfig {
+        warmup: Duration::ZERO,
+        ..RegistryConfig::default()
+    }
+}
+
+/// Starts the registry binary on `port` with `args` and waits until it
+/// listens.
+async fn start_registry_with(port: u16, args: &[&str]) -> Proc {
+    let listen = local(port);
+    let mut all = vec!["--listen", listen.as_str()];
+    all.extend_from_slice(args);
+    let proc = Proc::spawn(&bin("registry"), &all);
+    proc.wait_line("registry listening on", STARTUP).await;
+    proc
+}
+
+/// A registry served on the test runtime; stopped when dropped.
+struct Registry {
+    /// `127.0.0.1:<port>` it listens on.
+    addr: String,
+    /// The serving task.
+    task: JoinHandle<()>,
+    /// Ends the serve future gracefully.
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Registry {
+    async fn start(config: RegistryConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr").to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            switchboard::registry::serve(listener, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("registry serves");
+        });
+        Self {
+            addr,
+            task,
+            stop: Some(stop),
+        }
+    }
+
+    async fn client(&self) -> RegistryClient<Channel> {
+        registry_client(&self.addr, STARTUP).await
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.abort();
+    }
+}
+
+/// Address number `i`, distinct for every `i` below 45 000.
+fn addr(i: usize) -> String {
+    format!("10.0.0.1:{}", 20_000 + i)
+}
+
+/// A plain channel to `addr`, for clients of other services.
+async fn connect(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
+}
+
+/// A valid registration of `address` in `service` with a long TTL.
+fn request(service: &str, address: &str) -> RegisterRequest {
+    RegisterRequest {
+        service: service.into(),
+        address: address.into(),
+        metadata: HashMap::new(),
+        ttl_ms: LONG_TTL_MS,
+    }
+}
+
+async fn register(client: &mut RegistryClient<Channel>, req: RegisterRequest) -> RegisterResponse {
+    let what = format!("register {} in {}", req.address, req.service);
+    client
+        .register(req)
+        .await
+        .unwrap_or_else(|status| panic!("{what}: {status:?}"))
+        .into_inner()
+}
+
+async fn drain(client: &mut RegistryClient<Channel>, lease: &str) -> Result<(), Status> {
+    client
+        .drain(DrainRequest {
+            lease_id: lease.into(),
+        })
+        .await
+        .map(drop)
+}
+
+async fn deregister(client: &mut RegistryClient<Channel>, lease: &str) -> Result<(), Status> {
+    client
+        .deregister(DeregisterRequest {
+            lease_id: lease.into(),
+        })
+        .await
+        .map(drop)
+}
+
+async fn resolve_full(client: &mut RegistryClient<Channel>, service: &str) -> ResolveResponse {
+    client
+        .resolve(ResolveRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner()
+}
+
+async fn list_services(client: &mut RegistryClient<Channel>) -> Vec<ServiceSummary> {
+    client
+        .list_services(ListServicesRequest {})
+        .await
+        .expect("list services")
+        .into_inner()
+        .services
+}
+
+/// A well-formed lease id that the registry never granted.
+fn random_lease_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// One KeepAlive stream held open by the test, as a backend holds it.
+struct KeepAlive {
+    /// Heartbeats to send; dropping it ends the request stream.
+    requests: mpsc::Sender<KeepAliveRequest>,
+    /// The registry's answers.
+    replies: tonic::Streaming<KeepAliveResponse>,
+}
+
+impl KeepAlive {
+    async fn open(client: &RegistryClient<Channel>) -> Self {
+        let (requests, outbound) = mpsc::channel(16);
+        let replies = client
+            .clone()
+            .keep_alive(ReceiverStream::new(outbound))
+            .await
+            .expect("keepalive stream opens")
+            .into_inner();
+        Self { requests, replies }
+    }
+
+    /// Sends one heartbeat for `lease` and waits for its answer.
+    async fn beat(&mut self, lease: &str) -> Result<KeepAliveResponse, Status> {
+        self.requests
+            .send(KeepAliveRequest {
+                lease_id: lease.into(),
+            })
+            .await
+            .map_err(|_| Status::unavailable("keepalive request stream closed"))?;
+        match tokio::time::timeout(GENEROUS, self.replies.message()).await {
+            Ok(Ok(Some(reply))) => Ok(reply),
+            Ok(Ok(None)) => Err(Status::unavailable("keepalive stream ended")),
+            Ok(Err(status)) => Err(status),
+            Err(_) => panic!("no heartbeat answer within {GENEROUS:?}"),
+        }
+    }
+}
+
+/// Opens a KeepAlive stream and sends one heartbeat for `lease`.
+async fn keep_alive_once(
+    client: &RegistryClient<Channel>,
+    lease: &str,
+) -> Result<KeepAliveResponse, Status> {
+    KeepAlive::open(client).await.beat(lease).await
+}
+
+/// What one watch stream has told its reader so far, with every protocol
+/// violation it noticed on the way.
+#[derive(Default)]
+struct View {
+    /// Epoch of the first message.
+    epoch: Option<u64>,
+    /// Version of the last message.
+    version: Option<u64>,
+    /// The endpoint set as the messages built it.
+    endpoints: BTreeMap<String, Endpoint>,
+    /// Messages received.
+    messages: usize,
+    /// How many of them were resets.
+    resets: usize,
+    /// When each address last left the set.
+    removed_at: BTreeMap<String, Instant>,
+    /// Versions or epochs out of order, deltas that do not fit the set.
+    violations: Vec<String>,
+    /// Every message with the instant it arrived.
+    log: Vec<(Instant, WatchResponse)>,
+    /// How the stream ended, once it has.
+    ended: Option<Result<(), Status>>,
+}
+
+impl View {
+    fn apply(&mut self, at: Instant, message: WatchResponse) {
+        self.log.push((at, message.clone()));
+        self.messages += 1;
+        match self.epoch {
+            None => self.epoch = Some(message.epoch),
+            Some(epoch) if epoch != message.epoch => self.violations.push(format!(
+                "message {}: epoch {} after {epoch}",
+                self.messages, message.epoch
+            )),
+            Some(_) => {}
+        }
+        if let Some(previous) = self.version {
+            if message.version <= previous {
+                self.violations.push(format!(
+                    "message {}: version {} after {previous}",
+                    self.messages, message.version
+                ));
+            }
+        }
+        self.version = Some(message.version);
+        match message.event {
+            Some(Event::Reset(snapshot)) => {
+                self.resets += 1;
+                let fresh: BTreeMap<String, Endpoint> = snapshot
+                    .endpoints
+                    .into_iter()
+                    .map(|e| (e.address.clone(), e))
+                    .collect();
+                for gone in self.endpoints.keys().filter(|a| !fresh.contains_key(*a)) {
+                    self.removed_at.insert(gone.clone(), at);
+                }
+                self.endpoints = fresh;
+            }
+            Some(Event::Delta(delta)) => {
+                if self.messages == 1 {
+                    self.violations
+                        .push("the first message is a delta, not a reset".into());
+                }
+                if delta.added.is_empty() && delta.updated.is_empty() && delta.removed.is_empty() {
+                    self.violations
+                        .push(format!("message {}: empty delta", self.messages));
+                }
+                for endpoint in delta.added {
+                    let address = endpoint.address.clone();
+                    if self.endpoints.insert(address.clone(), endpoint).is_some() {
+                        self.violations
+                            .push(format!("{address} added while already present"));
+                    }
+                }
+                for endpoint in delta.updated {
+                    let address = endpoint.address.clone();
+                    if self.endpoints.insert(address.clone(), endpoint).is_none() {
+                        self.violations
+                            .push(format!("{address} updated while absent"));
+                    }
+                }
+                for address in delta.removed {
+                    if self.endpoints.remove(&address).is_none() {
+                        self.violations
+                            .push(format!("{address} removed while absent"));
+                    }
+                    self.removed_at.insert(address, at);
+                }
+            }
+            None => self
+                .violations
+                .push(format!("message {}: no event", self.messages)),
+        }
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.endpoints.keys().cloned().collect()
+    }
+
+    fn state_of(&self, address: &str) -> Option<EndpointState> {
+        self.endpoints.get(address).map(|e| e.state())
+    }
+
+    /// A short description for failure messages.
+    fn summary(&self) -> String {
+        let mut addresses = self.addresses();
+        if addresses.len() > 8 {
+            let more = addresses.len() - 8;
+            addresses.truncate(8);
+            addresses.push(format!("... {more} more"));
+        }
+        format!(
+            "{} endpoints {addresses:?}, version {:?}, {} messages ({} resets), violations {:?}, ended {:?}",
+            self.endpoints.len(),
+            self.version,
+            self.messages,
+            self.resets,
+            self.violations,
+            self.ended,
+        )
+    }
+
+    fn assert_clean(&self, who: &str) {
+        assert!(
+            self.violations.is_empty(),
+            "{who} saw protocol violations: {}",
+            self.summary()
+        );
+    }
+}
+
+/// A watch stream read by its own task into a [`View`] the test can wait on.
+struct Watcher {
+    view: watch::Receiver<View>,
+    task: JoinHandle<()>,
+}
+
+impl Watcher {
+    async fn start(client: &RegistryClient<Channel>, service: &str) -> Self {
+        let mut stream = client
+            .clone()
+            .watch(WatchRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let (publish, view) = watch::channel(View::default());
+        let task = tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(message)) => {
+                        let at = Instant::now();
+                        publish.send_modify(|view| view.apply(at, message));
+                    }
+                    Ok(None) => {
+                        publish.send_modify(|view| view.ended = Some(Ok(())));
+                        return;
+                    }
+                    Err(status) => {
+                        publish.send_modify(|view| view.ended = Some(Err(status)));
+                        return;
+                    }
+                }
+            }
+        });
+        Self { view, task }
+    }
+
+    /// Waits until `done` holds for the view, failing after `timeout`.
+    async fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&View) -> bool,
+    ) {
+        let reached = matches!(
+            tokio::time::timeout(timeout, self.view.wait_for(|view| done(view))).await,
+            Ok(Ok(_))
+        );
+        if !reached {
+            panic!(
+                "watcher: no {what} within {timeout:?}; it saw {}",
+                self.view.borrow().summary()
+            );
+        }
+    }
+
+    /// Waits until the view holds exactly `expected` (sorted addresses).
+    async fn wait_for_set(&mut self, expected: &[String], timeout: Duration) {
+        let what = format!("set of {} endpoints", expected.len());
+        self.wait_until(&what, timeout, |view| {
+            view.endpoints.len() == expected.len()
+                && view.endpoints.keys().zip(expected).all(|(a, b)| a == b)
+        })
+        .await;
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The sorted addresses of a resolve answer.
+fn addresses_of(resolved: &ResolveResponse) -> Vec<String> {
+    let mut addresses: Vec<String> = resolved
+        .endpoints
+        .iter()
+        .map(|e| e.address.clone())
+        .collect();
+    addresses.sort();
+    addresses
+}
+
+/// A TCP relay in front of the registry whose connections can all be cut at
+/// once. To the registry that is the backend's host dying: the socket just
+/// closes, with no HTTP/2 GOAWAY, RST_STREAM or end of stream first.
+struct Relay {
+    /// `127.0.0.1:<port>` to dial instead of the registry.
+    addr: String,
+    /// The accept loop.
+    accept: JoinHandle<()>,
+    /// One copying task per relayed connection.
+    connections: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr").to_string();
+        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
+        let target = target.to_owned();
+        let accept = tokio::spawn({
+            let connections = connections.clone();
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let target = target.clone();
+                    let relay = tokio::spawn(async move {
+                        let Ok(mut outbound) = TcpStream::connect(&target).await else {
+                            return;
+                        };
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    });
+                    connections.lock().unwrap().push(relay.abort_handle());
+                }
+            }
+        });
+        Self {
+            addr,
+            accept,
+            connections,
+        }
+    }
+
+    /// Closes every relayed connection on both sides and stops accepting.
+    fn cut(&self) {
+        self.accept.abort();
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Registration, watch, drain, deregister
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_gets_an_empty_reset_then_sees_register_and_deregister() {
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    watcher
+        .wait_until("first message", STARTUP, |v| v.messages >= 1)
+        .await;
+    {
+        let view = watcher.view.borrow();
+        let (_, first) = &view.log[0];
+        assert_eq!(
+            first.event,
+            Some(Event::Reset(Default::default())),
+            "an unknown service must start with an explicit empty reset, got {first:?}"
+        );
+    }
+
+    let mut metadata = HashMap::new();
+    metadata.insert("zone".to_owned(), "a".to_owned());
+    let lease = register(
+        &mut client,
+        RegisterRequest {
+            metadata: metadata.clone(),
+            ..request(SERVICE, &addr(1))
+        },
+    )
+    .await;
+    assert_eq!(lease.lease_id.len(), 32, "lease id {:?}", lease.lease_id);
+    assert!(lease.lease_id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(lease.ttl_ms, LONG_TTL_MS);
+
+    watcher.wait_for_set(&[addr(1)], GENEROUS).await;
+    {
+        let view = watcher.view.borrow();
+        let (_, second) = &view.log[1];
+        let Some(Event::Delta(delta)) = &second.event else {
+            panic!("registration arrived as {second:?}, not a delta");
+        };
+        assert_eq!(delta.added.len(), 1, "{delta:?}");
+        assert!(
+            delta.updated.is_empty() && delta.removed.is_empty(),
+            "{delta:?}"
+        );
+        assert_eq!(delta.added[0].metadata, metadata);
+        assert_eq!(delta.added[0].state(), EndpointState::Serving);
+    }
+
+    // A watcher that arrives later gets the endpoint in its first reset.
+    let mut late = Watcher::start(&client, SERVICE).await;
+    late.wait_until("first message", STARTUP, |v| v.messages >= 1)
+        .await;
+    {
+        let view = late.view.borrow();
+        let Some(Event::Reset(snapshot)) = &view.log[0].1.event else {
+            panic!("first message {:?} is not a reset", view.log[0].1);
+        };
+        assert_eq!(snapshot.endpoints.len(), 1, "{snapshot:?}");
+        assert_eq!(snapshot.endpoints[0].address, addr(1));
+        assert_eq!(snapshot.endpoints[0].metadata, metadata);
+    }
+
+    deregister(&mut client, &lease.lease_id)
+        .await
+        .expect("deregister");
+    watcher.wait_for_set(&[], GENEROUS).await;
+    late.wait_for_set(&[], GENEROUS).await;
+    {
+        let view = watcher.view.borrow();
+        let (_, last) = view.log.last().unwrap();
+        let Some(Event::Delta(delta)) = &last.event else {
+            panic!("deregistration arrived as {last:?}, not a delta");
+        };
+        assert_eq!(delta.removed, vec![addr(1)], "{delta:?}");
+        assert!(delta.added.is_empty() && delta.updated.is_empty());
+    }
+    let status = deregister(&mut client, &lease.lease_id)
+        .await
+        .expect_err("a deregistered lease is gone");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(resolve(&mut client, SERVICE).await, Some(vec![]));
+    watcher.view.borrow().assert_clean("watcher");
+    late.view.borrow().assert_clean("late watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_sends_an_updated_delta_with_state_draining() {
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    let mut metadata = HashMap::new();
+    metadata.insert("weight".to_owned(), "3".to_owned());
+    let lease = register(
+        &mut client,
+        RegisterRequest {
+            metadata: metadata.clone(),
+            ..request(SERVICE, &addr(1))
+        },
+    )
+    .await;
+    let other = register(&mut client, request(SERVICE, &addr(2))).await;
+    watcher.wait_for_set(&[addr(1), addr(2)], GENEROUS).await;
+
+    drain(&mut client, &lease.lease_id).await.expect("drain");
+    watcher
+        .wait_until("DRAINING", GENEROUS, |v| {
+            v.state_of(&addr(1)) == Some(EndpointState::Draining)
+        })
+        .await;
+    {
+        let view = watcher.view.borrow();
+        let (_, last) = view.log.last().unwrap();
+        let Some(Event::Delta(delta)) = &last.event else {
+            panic!("drain arrived as {last:?}, not a delta");
+        };
+        assert!(
+            delta.added.is_empty() && delta.removed.is_empty(),
+            "{delta:?}"
+        );
+        assert_eq!(delta.updated.len(), 1, "{delta:?}");
+        let updated = &delta.updated[0];
+        assert_eq!(updated.address, addr(1));
+        assert_eq!(updated.state(), EndpointState::Draining);
+        assert_eq!(updated.metadata, metadata, "drain must keep the metadata");
+        assert_eq!(
+            view.state_of(&addr(2)),
+            Some(EndpointState::Serving),
+            "draining one endpoint touched another"
+        );
+    }
+    // A draining endpoint stays listed.
+    let resolved = resolve_full(&mut client, SERVICE).await;
+    let states: BTreeMap<String, EndpointState> = resolved
+        .endpoints
+        .iter()
+        .map(|e| (e.address.clone(), e.state()))
+        .collect();
+    assert_eq!(
+        states,
+        BTreeMap::from([
+            (addr(1), EndpointState::Draining),
+            (addr(2), EndpointState::Serving)
+        ])
+    );
+
+    // Draining twice is accepted and changes nothing.
+    let messages = watcher.view.borrow().messages;
+    drain(&mut client, &lease.lease_id)
+        .await
+        .expect("second drain");
+    assert_eq!(resolve_full(&mut client, SERVICE).await, resolved);
+
+    // The lease still works: deregistering removes the draining endpoint.
+    deregister(&mut client, &lease.lease_id)
+        .await
+        .expect("deregister a draining endpoint");
+    watcher.wait_for_set(&[addr(2)], GENEROUS).await;
+    let view = watcher.view.borrow();
+    assert_eq!(
+        view.messages,
+        messages + 1,
+        "the second drain must not send a delta: {}",
+        view.summary()
+    );
+    view.assert_clean("watcher");
+    drop(other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_services_lists_only_services_with_endpoints() {
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    assert_eq!(list_services(&mut client).await, vec![]);
+
+    // A service that is only watched has no endpoints and is not listed.
+    let mut watched = Watcher::start(&client, "c.watched.only").await;
+    watched
+        .wait_until("first message", STARTUP, |v| v.messages >= 1)
+        .await;
+    let b = register(&mut client, request("b.example", &addr(1))).await;
+    register(&mut client, request("a.example", &addr(1))).await;
+    register(&mut client, request("a.example", &addr(2))).await;
+    let summary = |service: &str, endpoints: u32| ServiceSummary {
+        service: service.into(),
+        endpoints,
+    };
+    assert_eq!(
+        list_services(&mut client).await,
+        vec![summary("a.example", 2), summary("b.example", 1)],
+        "sorted by name, with endpoint counts"
+    );
+
+    deregister(&mut client, &b.lease_id)
+        .await
+        .expect("deregister");
+    assert_eq!(
+        list_services(&mut client).await,
+        vec![summary("a.example", 2)],
+        "a service whose last endpoint left is no longer listed"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Lease ends
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_keepalive_connection_removes_the_endpoint_from_every_watcher_within_a_second() {
+    let registry = Registry::start(config()).await;
+    let admin = registry.client().await;
+    let mut watchers = Vec::new();
+    for _ in 0..3 {
+        // Each watcher on its own connection.
+        let client = registry.client().await;
+        watchers.push(Watcher::start(&client, SERVICE).await);
+    }
+
+    // The backend reaches the registry through a relay the test can cut.
+    let relay = Relay::start(&registry.addr).await;
+    let mut backend = registry_client(&relay.addr, STARTUP).await;
+    // The TTL is the longest allowed, so only the stream break can remove it.
+    let lease = register(&mut backend, request(SERVICE, &addr(1))).await;
+    let survivor = register(&mut registry.client().await, request(SERVICE, &addr(2))).await;
+    let mut keepalive = KeepAlive::open(&backend).await;
+    keepalive
+        .beat(&lease.lease_id)
+        .await
+        .expect("first heartbeat");
+    for watcher in &mut watchers {
+        watcher.wait_for_set(&[addr(1), addr(2)], GENEROUS).await;
+    }
+
+    let cut = Instant::now();
+    relay.cut();
+    let mut latencies = Vec::new();
+    for (i, watcher) in watchers.iter_mut().enumerate() {
+        watcher
+            .wait_until("removal after the cut", GENEROUS, |v| {
+                !v.endpoints.contains_key(&addr(1))
+            })
+            .await;
+        let view = watcher.view.borrow();
+        let latency = view.removed_at[&addr(1)].saturating_duration_since(cut);
+        assert_eq!(view.addresses(), vec![addr(2)], "watcher {i}");
+        view.assert_clean(&format!("watcher {i}"));
+        latencies.push(latency);
+    }
+    eprintln!("stream-break removal latency per watcher (cut connection): {latencies:?}");
+    for (i, latency) in latencies.iter().enumerate() {
+        assert!(
+            *latency < STREAM_BREAK_BOUND,
+            "watcher {i} saw the removal {latency:?} after the cut"
+        );
+    }
+    // The lease went with the stream.
+    let mut admin = admin;
+    let status = drain(&mut admin, &lease.lease_id)
+        .await
+        .expect_err("the lease ended with its stream");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    drop((keepalive, survivor));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_task_that_dies_takes_its_endpoint_out_within_a_second() {
+    let registry = Registry::start(config()).await;
+    let admin = registry.client().await;
+    let mut watchers = Vec::new();
+    for _ in 0..2 {
+        let client = registry.client().await;
+        watchers.push(Watcher::start(&client, SERVICE).await);
+    }
+
+    // The backend owns its channel, its lease and its KeepAlive stream; the
+    // test aborts it, dropping all of them at once.
+    let registry_addr = registry.addr.clone();
+    let (ready, is_ready) = oneshot::channel();
+    let backend = tokio::spawn(async move {
+        let mut client = registry_client(&registry_addr, STARTUP).await;
+        let lease = register(&mut client, request(SERVICE, &addr(1))).await;
+        let mut keepalive = KeepAlive::open(&client).await;
+        keepalive.beat(&lease.lease_id).await.expect("heartbeat");
+        let _ = ready.send(());
+        let _held = (client, keepalive);
+        std::future::pending::<()>().await;
+    });
+    tokio::time::timeout(STARTUP, is_ready)
+        .await
+        .expect("backend registers in time")
+        .expect("backend registers");
+    for watcher in &mut watchers {
+        watcher.wait_for_set(&[addr(1)], GENEROUS).await;
+    }
+
+    let died = Instant::now();
+    backend.abort();
+    let mut latencies = Vec::new();
+    for (i, watcher) in watchers.iter_mut().enumerate() {
+        watcher.wait_for_set(&[], GENEROUS).await;
+        let view = watcher.view.borrow();
+        view.assert_clean(&format!("watcher {i}"));
+        latencies.push(view.removed_at[&addr(1)].saturating_duration_since(died));
+    }
+    eprintln!("stream-break removal latency per watcher (backend task aborted): {latencies:?}");
+    for (i, latency) in latencies.iter().enumerate() {
+        assert!(
+            *latency < STREAM_BREAK_BOUND,
+            "watcher {i} saw the removal {latency:?} after the backend died"
+        );
+    }
+    assert_eq!(list_services(&mut admin.clone()).await, vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_moved_to_a_new_stream_survives_the_old_stream_closing() {
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    let lease = register(&mut client, request(SERVICE, &addr(1))).await;
+    // A second lease stays on the old stream: its removal shows when the
+    // registry has processed the old stream's end.
+    let witness = register(&mut client, request(SERVICE, &addr(3))).await;
+    let mut old = KeepAlive::open(&client).await;
+    old.beat(&lease.lease_id).await.expect("heartbeat on old");
+    old.beat(&witness.lease_id)
+        .await
+        .expect("witness heartbeat");
+    // A reconnecting backend heartbeats on a new stream, then the old one
+    // goes away: the lease now belongs to the new stream.
+    let mut new = KeepAlive::open(&client).await;
+    new.beat(&lease.lease_id).await.expect("heartbeat on new");
+    drop(old);
+    watcher
+        .wait_until("the old stream's end", GENEROUS, |v| {
+            v.removed_at.contains_key(&addr(3))
+        })
+        .await;
+    // One more change, so a removal published by the same stream end would
+    // have arrived before it.
+    register(&mut client, request(SERVICE, &addr(2))).await;
+    watcher.wait_for_set(&[addr(1), addr(2)], GENEROUS).await;
+    new.beat(&lease.lease_id)
+        .await
+        .expect("the lease is still alive after the old stream closed");
+    assert!(
+        !watcher.view.borrow().removed_at.contains_key(&addr(1)),
+        "closing a stream the lease had left removed it: {}",
+        watcher.view.borrow().summary()
+    );
+
+    // Closing the stream it is bound to does end it.
+    let closed = Instant::now();
+    drop(new);
+    watcher.wait_for_set(&[addr(2)], GENEROUS).await;
+    let latency = watcher.view.borrow().removed_at[&addr(1)].saturating_duration_since(closed);
+    eprintln!("removal latency after closing the bound stream: {latency:?}");
+    assert!(latency < STREAM_BREAK_BOUND, "took {latency:?}");
+    watcher.view.borrow().assert_clean("watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_heartbeats_end_the_lease_at_its_ttl_not_before() {
+    const TTL: Duration = Duration::from_secs(2);
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    let registered = Instant::now();
+    let lease = register(
+        &mut client,
+        RegisterRequest {
+            ttl_ms: TTL.as_millis() as u64,
+            ..request(SERVICE, &addr(1))
+        },
+    )
+    .await;
+    assert_eq!(lease.ttl_ms, TTL.as_millis() as u64);
+    watcher.wait_for_set(&[addr(1)], GENEROUS).await;
+
+    // Heartbeat for a while (longer than the TTL in total), then stop while
+    // keeping the stream, and its connection, open.
+    let mut keepalive = KeepAlive::open(&client).await;
+    let mut last_beat = registered;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        last_beat = Instant::now();
+        let reply = keepalive.beat(&lease.lease_id).await.expect("heartbeat");
+        assert_eq!(reply.lease_id, lease.lease_id);
+        assert_eq!(reply.ttl_ms, TTL.as_millis() as u64);
+    }
+
+    watcher
+        .wait_until("expiry", TTL + GENEROUS, |v| {
+            v.removed_at.contains_key(&addr(1))
+        })
+        .await;
+    let removed = watcher.view.borrow().removed_at[&addr(1)];
+    let after_last_beat = removed.saturating_duration_since(last_beat);
+    let after_register = removed.saturating_duration_since(registered);
+    eprintln!(
+        "TTL {TTL:?}: removed {after_last_beat:?} after the last heartbeat was sent \
+         (error {:+} ms), {after_register:?} after registering",
+        after_last_beat.as_millis() as i128 - TTL.as_millis() as i128
+    );
+    assert!(
+        after_last_beat >= TTL - Duration::from_millis(100),
+        "removed {after_last_beat:?} after the last heartbeat, before the {TTL:?} TTL"
+    );
+    assert!(
+        after_last_beat <= TTL + Duration::from_millis(1500),
+        "removed only {after_last_beat:?} after the last heartbeat (TTL {TTL:?})"
+    );
+    assert!(
+        after_register > TTL + Duration::from_secs(1),
+        "heartbeats did not extend the lease: removed {after_register:?} after registering"
+    );
+    // The stream is still open, but the lease is gone.
+    let status = keepalive
+        .beat(&lease.lease_id)
+        .await
+        .expect_err("an expired lease cannot be refreshed");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    watcher.view.borrow().assert_clean("watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_never_heartbeated_ends_at_its_ttl() {
+    const TTL: Duration = Duration::from_secs(1);
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    let sent = Instant::now();
+    register(
+        &mut client,
+        RegisterRequest {
+            ttl_ms: TTL.as_millis() as u64,
+            ..request(SERVICE, &addr(1))
+        },
+    )
+    .await;
+    watcher
+        .wait_until("expiry", TTL + GENEROUS, |v| {
+            v.removed_at.contains_key(&addr(1))
+        })
+        .await;
+    let lived = watcher.view.borrow().removed_at[&addr(1)].saturating_duration_since(sent);
+    eprintln!("TTL {TTL:?} without heartbeats: removed {lived:?} after registering");
+    assert!(
+        lived >= TTL - Duration::from_millis(100),
+        "removed after {lived:?}"
+    );
+    assert!(
+        lived <= TTL + Duration::from_millis(1500),
+        "removed after {lived:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_lease_holder_can_act() {
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    let lease = register(&mut client, request(SERVICE, &addr(1))).await;
+    watcher.wait_for_set(&[addr(1)], GENEROUS).await;
+    let before = resolve_full(&mut client, SERVICE).await;
+
+    let stranger = loop {
+        let id = random_lease_id();
+        if id != lease.lease_id {
+            break id;
+        }
+    };
+    let keepalive = keep_alive_once(&client, &stranger).await;
+    let drained = drain(&mut client, &stranger).await;
+    let deregistered = deregister(&mut client, &stranger).await;
+    for (rpc, result) in [
+        ("KeepAlive", keepalive.map(drop)),
+        ("Drain", drained),
+        ("Deregister", deregistered),
+    ] {
+        let status = result.expect_err(&format!("{rpc} with a stranger's lease id succeeded"));
+        assert_eq!(status.code(), Code::NotFound, "{rpc}: {status:?}");
+        assert!(
+            status.message().contains(&stranger),
+            "{rpc}: the message should name the lease: {status:?}"
+        );
+    }
+    assert_eq!(
+        resolve_full(&mut client, SERVICE).await,
+        before,
+        "a stranger changed the endpoint"
+    );
+    // The holder still can.
+    drain(&mut client, &lease.lease_id)
+        .await
+        .expect("holder drains");
+    watcher
+        .wait_until("DRAINING", GENEROUS, |v| {
+            v.state_of(&addr(1)) == Some(EndpointState::Draining)
+        })
+        .await;
+    let view = watcher.view.borrow();
+    assert_eq!(
+        view.messages,
+        3,
+        "reset, added, drained: {}",
+        view.summary()
+    );
+    view.assert_clean("watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_registering_an_address_takes_it_over_and_the_old_lease_is_gone() {
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    let meta = |version: &str| HashMap::from([("version".to_owned(), version.to_owned())]);
+    let old = register(
+        &mut client,
+        RegisterRequest {
+            metadata: meta("1"),
+            ..request(SERVICE, &addr(1))
+        },
+    )
+    .await;
+    // A second lease on the old stream shows when the stream has ended.
+    let witness = register(&mut client, request(SERVICE, &addr(5))).await;
+    let mut old_stream = KeepAlive::open(&client).await;
+    old_stream
+        .beat(&old.lease_id)
+        .await
+        .expect("old lease heartbeat");
+    old_stream
+        .beat(&witness.lease_id)
+        .await
+        .expect("witness heartbeat");
+    drain(&mut client, &old.lease_id).await.expect("drain old");
+    watcher
+        .wait_until("DRAINING", GENEROUS, |v| {
+            v.state_of(&addr(1)) == Some(EndpointState::Draining)
+        })
+        .await;
+
+    // A restarted backend registers the same address again.
+    let new = register(
+        &mut client,
+        RegisterRequest {
+            metadata: meta("2"),
+            ..request(SERVICE, &addr(1))
+        },
+    )
+    .await;
+    assert_ne!(new.lease_id, old.lease_id);
+    watcher
+        .wait_until("the new registration", GENEROUS, |v| {
+            v.endpoints
+                .get(&addr(1))
+                .is_some_and(|e| e.metadata == meta("2"))
+        })
+        .await;
+    {
+        let view = watcher.view.borrow();
+        let (_, last) = view.log.last().unwrap();
+        let Some(Event::Delta(delta)) = &last.event else {
+            panic!("takeover arrived as {last:?}");
+        };
+        assert!(
+            delta.added.is_empty() && delta.removed.is_empty() && delta.updated.len() == 1,
+            "a takeover is one update, not a removal and an addition: {delta:?}"
+        );
+        assert_eq!(
+            delta.updated[0].state(),
+            EndpointState::Serving,
+            "the new registration serves"
+        );
+    }
+
+    // The old lease id is dead for every RPC, and using it changes nothing.
+    let status = old_stream
+        .beat(&old.lease_id)
+        .await
+        .expect_err("old lease refreshed");
+    assert_eq!(status.code(), Code::NotFound, "KeepAlive: {status:?}");
+    let status = drain(&mut client, &old.lease_id)
+        .await
+        .expect_err("old lease drained");
+    assert_eq!(status.code(), Code::NotFound, "Drain: {status:?}");
+    let status = deregister(&mut client, &old.lease_id)
+        .await
+        .expect_err("old lease deregistered");
+    assert_eq!(status.code(), Code::NotFound, "Deregister: {status:?}");
+    // The old stream has ended with that error, ending the leases it still
+    // carried (the witness); its end must not take the address from the new
+    // lease.
+    drop(old_stream);
+    watcher
+        .wait_until("the old stream's end", GENEROUS, |v| {
+            v.removed_at.contains_key(&addr(5))
+        })
+        .await;
+    let resolved = resolve_full(&mut client, SERVICE).await;
+    assert_eq!(resolved.endpoints.len(), 1, "{resolved:?}");
+    assert_eq!(resolved.endpoints[0].metadata, meta("2"));
+    assert_eq!(resolved.endpoints[0].state(), EndpointState::Serving);
+
+    // The new lease holds it: its deregistration is the only removal.
+    let deregistered = Instant::now();
+    deregister(&mut client, &new.lease_id)
+        .await
+        .expect("new lease deregisters");
+    watcher.wait_for_set(&[], GENEROUS).await;
+    let view = watcher.view.borrow();
+    let removals = view
+        .log
+        .iter()
+        .filter(|(_, m)| matches!(&m.event, Some(Event::Delta(d)) if d.removed.contains(&addr(1))))
+        .collect::<Vec<_>>();
+    assert_eq!(removals.len(), 1, "{}", view.summary());
+    assert!(
+        removals[0].0 >= deregistered,
+        "removed before the new lease deregistered"
+    );
+    view.assert_clean("watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_service_still_accepts_a_takeover() {
+    let config = RegistryConfig {
+        max_endpoints_per_service: 3,
+        ..config()
+    };
+    let registry = Registry::start(config).await;
+    let mut client = registry.client().await;
+    for i in 0..3 {
+        register(&mut client, request(SERVICE, &addr(i))).await;
+    }
+    let taken = register(&mut client, request(SERVICE, &addr(0))).await;
+    assert_eq!(
+        resolve(&mut client, SERVICE).await,
+        Some(vec![addr(0), addr(1), addr(2)])
+    );
+    deregister(&mut client, &taken.lease_id)
+        .await
+        .expect("deregister");
+    // Room again for a new address.
+    register(&mut client, request(SERVICE, &addr(3))).await;
+}
+
+// ---------------------------------------------------------------------------
+// Versions and epochs
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_increase_with_every_message_and_the_epoch_is_one_per_instance() {
+    let registry = Registry::start(config()).await;
+    let mut client = registry.client().await;
+    let mut early = Watcher::start(&client, SERVICE).await;
+    let mut other_service = Watcher::start(&client, "other.example").await;
+    let mut leases = Vec::new();
+    for i in 0..10 {
+        leases.push(register(&mut client, request(SERVICE, &addr(i))).await);
+    }
+    // A change elsewhere must not disturb this service's sequence.
+    register(&mut client, request("other.example", &addr(0))).await;
+    let mut late = Watcher::start(&client, SERVICE).await;
+    for lease in &leases[..3] {
+        drain(&mut client, &lease.lease_id).await.expect("drain");
+    }
+    for lease in &leases[3..7] {
+        deregister(&mut client, &lease.lease_id)
+            .await
+            .expect("deregister");
+    }
+    for i in [0, 1] {
+        let mut req = request(SERVICE, &addr(i));
+        req.metadata.insert("generation".into(), "2".into());
+        register(&mut client, req).await;
+    }
+    let changes = 10 + 3 + 4 + 2;
+
+    let resolved = resolve_full(&mut client, SERVICE).await;
+    let expected = addresses_of(&resolved);
+    assert_eq!(expected.len(), 6);
+    for (who, watcher) in [("early", &mut early), ("late", &mut late)] {
+        watcher
+            .wait_until("the resolved version", GENEROUS, |v| {
+                v.version == Some(resolved.version)
+            })
+            .await;
+        let view = watcher.view.borrow();
+        view.assert_clean(who);
+        assert_eq!(view.addresses(), expected, "{who}");
+        assert_eq!(view.epoch, Some(resolved.epoch), "{who}");
+        assert_eq!(view.resets, 1, "{who}: {}", view.summary());
+    }
+    {
+        let early = early.view.borrow();
+        assert_eq!(
+            early.messages,
+            1 + changes,
+            "one reset and one delta per change: {}",
+            early.summary()
+        );
+        // Both watchers see the same versioned deltas after the late one's
+        // reset.
+        let late = late.view.borrow();
+        let late_reset = late.log[0].1.version;
+        let tail = |view: &View| -> Vec<WatchResponse> {
+            view.log
+                .iter()
+                .map(|(_, m)| m.clone())
+                .filter(|m| m.version > late_reset && matches!(m.event, Some(Event::Delta(_))))
+                .collect()
+        };
+        assert_eq!(tail(&early), tail(&late));
+        assert_eq!(late.messages, 1 + tail(&late).len());
+    }
+    // One epoch everywhere in this instance.
+    other_service
+        .wait_until("the other service's registration", GENEROUS, |v| {
+            v.endpoints.len() == 1
+        })
+        .await;
+    assert_eq!(other_service.view.borrow().epoch, Some(resolved.epoch));
+    assert_eq!(leases[0].epoch, resolved.epoch);
+    assert_ne!(resolved.epoch, 0);
+    let other = resolve_full(&mut client, "other.example").await;
+    assert_eq!(other.epoch, resolved.epoch);
+    other_service.view.borrow().assert_clean("other watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_registry_holds_back_first_snapshots_until_its_warm_up_ends() {
+    const WARMUP: Duration = Duration::from_millis(1500);
+    let started = Instant::now();
+    let registry = Registry::start(RegistryConfig {
+        warmup: WARMUP,
+        ..config()
+    })
+    .await;
+    let mut client = registry.client().await;
+    let mut early = Watcher::start(&client, SERVICE).await;
+    // Backends re-register during the warm-up; Register and Resolve are
+    // not held back.
+    register(&mut client, request(SERVICE, &addr(1))).await;
+    register(&mut client, request(SERVICE, &addr(2))).await;
+    assert_eq!(
+        resolve(&mut client, SERVICE).await,
+        Some(vec![addr(1), addr(2)])
+    );
+    early
+        .wait_until("first message", GENEROUS, |v| v.messages >= 1)
+        .await;
+    {
+        let view = early.view.borrow();
+        let (first_at, first) = &view.log[0];
+        let held = first_at.saturating_duration_since(started);
+        eprintln!("warm-up {WARMUP:?}: first snapshot sent {held:?} after the start");
+        assert!(
+            held >= WARMUP - Duration::from_millis(50),
+            "the first snapshot came {held:?} after the start, inside the {WARMUP:?} warm-up"
+        );
+        let Some(Event::Reset(snapshot)) = &first.event else {
+            panic!("first message {first:?} is not a reset");
+        };
+        let addresses: Vec<&str> = snapshot
+            .endpoints
+            .iter()
+            .map(|e| e.address.as_str())
+            .collect();
+        assert_eq!(
+            addresses,
+            vec![addr(1), addr(2)],
+            "the held-back snapshot holds what registered meanwhile"
+        );
+    }
+    // Once warm, a Watch is answered at once and changes flow as deltas.
+    let asked = Instant::now();
+    let mut late = Watcher::start(&client, SERVICE).await;
+    late.wait_for_set(&[addr(1), addr(2)], GENEROUS).await;
+    eprintln!(
+        "after the warm-up a new watcher got its snapshot in {:?}",
+        late.view.borrow().log[0].0.saturating_duration_since(asked)
+    );
+    register(&mut client, request(SERVICE, &addr(3))).await;
+    early
+        .wait_for_set(&[addr(1), addr(2), addr(3)], GENEROUS)
+        .await;
+    let view = early.view.borrow();
+    assert_eq!(view.resets, 1, "{}", view.summary());
+    view.assert_clean("early watcher");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_registry_reports_a_new_epoch() {
+    let port = free_port();
+    let target = local(port);
+    let mut first = start_registry(port).await;
+    let mut client = registry_client(&target, STARTUP).await;
+    let lease = register(&mut client, request(SERVICE, &addr(1))).await;
+    let before = resolve_full(&mut client, SERVICE).await;
+    assert_eq!(lease.epoch, before.epoch);
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    watcher.wait_for_set(&[addr(1)], GENEROUS).await;
+    assert_eq!(watcher.view.borrow().epoch, Some(before.epoch));
+
+    first.kill();
+    watcher
+        .wait_until("end of the stream", GENEROUS, |v| v.ended.is_some())
+        .await;
+
+    let _second = start_registry(port).await;
+    let mut client = registry_client(&target, STARTUP).await;
+    let after = resolve_full(&mut client, SERVICE).await;
+    assert_ne!(
+        after.epoch, before.epoch,
+        "a restarted registry kept its epoch"
+    );
+    assert!(
+        after.endpoints.is_empty(),
+        "registrations survived: {after:?}"
+    );
+    let status = drain(&mut client, &lease.lease_id)
+        .await
+        .expect_err("a lease from the old instance worked");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    watcher
+        .wait_until("first message", STARTUP, |v| v.messages >= 1)
+        .await;
+    assert_eq!(watcher.view.borrow().epoch, Some(after.epoch));
+}
+
+// ---------------------------------------------------------------------------
+// Fan-out
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_watchers_converge_after_a_burst_of_registrations_and_removals() {
+    const CHANNELS: usize = 4;
+    const WATCHERS: usize = 200;
+    const REGISTRATIONS: usize = 500;
+    let registry = Registry::start(config()).await;
+    let mut clients = Vec::new();
+    for _ in 0..CHANNELS {
+        clients.push(registry.client().await);
+    }
+    let mut watchers = Vec::new();
+    for i in 0..WATCHERS {
+        watchers.push(Watcher::start(&clients[i % CHANNELS], SERVICE).await);
+    }
+    for watcher in &mut watchers {
+        watcher
+            .wait_until("first message", GENEROUS, |v| v.messages >= 1)
+            .await;
+    }
+
+    // 500 concurrent registrations; two in five are deregistered as soon as
+    // they are granted, concurrently with the rest.
+    let removed = |i: usize| i % 5 < 2;
+    let started = Instant::now();
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..REGISTRATIONS {
+        let mut client = clients[i % CHANNELS].clone();
+        burst.spawn(async move {
+            let lease = register(&mut client, request(SERVICE, &addr(i))).await;
+            if removed(i) {
+                deregister(&mut client, &lease.lease_id)
+                    .await
+                    .expect("deregister");
+            }
+        });
+    }
+    while let Some(done) = burst.join_next().await {
+        done.expect("burst task");
+    }
+    let burst_took = started.elapsed();
+
+    let resolved = resolve_full(&mut clients[0], SERVICE).await;
+    let mut expected: Vec<String> = (0..REGISTRATIONS)
+        .filter(|&i| !removed(i))
+        .map(addr)
+        .collect();
+    expected.sort();
+    assert_eq!(addresses_of(&resolved), expected, "resolve after the burst");
+
+    for (i, watcher) in watchers.iter_mut().enumerate() {
+        watcher
+            .wait_until(
+                &format!("watcher {i} to converge"),
+                Duration::from_secs(60),
+                |v| v.version == Some(resolved.version),
+            )
+            .await;
+        let view = watcher.view.borrow();
+        view.assert_clean(&format!("watcher {i}"));
+        assert_eq!(view.addresses(), expected, "watcher {i}");
+        assert_eq!(
+            view.endpoints.values().cloned().collect::<Vec<_>>(),
+            {
+                let mut endpoints = resolved.endpoints.clone();
+                endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+                endpoints
+            },
+            "watcher {i} endpoints differ from Resolve"
+        );
+    }
+    let converged = started.elapsed();
+    let resets: usize = watchers.iter().map(|w| w.view.borrow().resets).sum();
+    eprintln!(
+        "{WATCHERS} watchers: burst of {REGISTRATIONS} registrations + {} removals took \
+         {burst_took:?}; all watchers converged {converged:?} after the burst started \
+         ({} resets in all)",
+        (0..REGISTRATIONS).filter(|&i| removed(i)).count(),
+        resets
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_never_reads_blocks_nobody_and_then_gets_a_current_reset() {
+    const REGISTRATIONS: usize = 200;
+    let config = RegistryConfig {
+        watch_buffer: 4,
+        ..config()
+    };
+    let registry = Registry::start(config).await;
+    let mut client = registry.client().await;
+
+    // The slow watcher's connection offers a tiny HTTP/2 window, so the
+    // registry cannot park its backlog in socket and HTTP/2 buffers: what it
+    // does not read piles up in the registry.
+    let slow_channel = tonic::transport::Endpoint::from_shared(format!("http://{}", registry.addr))
+        .expect("uri")
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .expect("slow watcher connects");
+    let mut slow = RegistryClient::new(slow_channel)
+        .watch(WatchRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .expect("slow watch")
+        .into_inner();
+    let mut fast = Watcher::start(&client, SERVICE).await;
+
+    let started = Instant::now();
+    let mut leases = Vec::new();
+    for i in 0..REGISTRATIONS {
+        let mut req = request(SERVICE, &addr(i));
+        req.metadata.insert("padding".into(), "x".repeat(64));
+        leases.push(register(&mut client, req).await);
+    }
+    for lease in leases.iter().step_by(4) {
+        deregister(&mut client, &lease.lease_id)
+            .await
+            .expect("deregister");
+    }
+    let resolved = resolve_full(&mut client, SERVICE).await;
+    let expected = addresses_of(&resolved);
+    fast.wait_until("the final version", GENEROUS, |v| {
+        v.version == Some(resolved.version)
+    })
+    .await;
+    let fast_took = started.elapsed();
+    assert_eq!(fast.view.borrow().addresses(), expected);
+    fast.view.borrow().assert_clean("fast watcher");
+    assert_eq!(
+        fast.view.borrow().resets,
+        1,
+        "the fast watcher never lagged"
+    );
+
+    // Now the slow watcher reads: a few stale messages that were already in
+    // flight, then a reset with the current set, and nothing is lost.
+    let mut view = View::default();
+    let deadline = Instant::now() + GENEROUS;
+    while view.version != Some(resolved.version) {
+        let message = tokio::time::timeout_at(deadline, slow.message())
+            .await
+            .unwrap_or_else(|_| panic!("slow watcher stuck: {}", view.summary()))
+            .expect("slow watch stream")
+            .expect("slow watch stream ended");
+        view.apply(Instant::now(), message);
+    }
+    view.assert_clean("slow watcher");
+    assert!(
+        view.resets >= 2,
+        "the slow watcher never got a fresh reset: {}",
+        view.summary()
+    );
+    let (_, last) = view.log.last().unwrap();
+    let Some(Event::Reset(snapshot)) = &last.event else {
+        panic!(
+            "the slow watcher caught up through deltas, not a reset: {}",
+            view.summary()
+        );
+    };
+    let mut current = snapshot.endpoints.clone();
+    current.sort_by(|a, b| a.address.cmp(&b.address));
+    let mut resolved_endpoints = resolved.endpoints.clone();
+    resolved_endpoints.sort_by(|a, b| a.address.cmp(&b.address));
+    assert_eq!(current, resolved_endpoints, "the reset is the current set");
+    assert_eq!(view.addresses(), expected);
+    let changes = REGISTRATIONS + REGISTRATIONS.div_ceil(4);
+    assert!(
+        view.messages < changes / 4,
+        "the slow watcher got {} messages for {changes} changes: its backlog was not dropped",
+        view.messages
+    );
+    eprintln!(
+        "slow watcher: fast watcher converged in {fast_took:?} with the slow one unread; \
+         the slow one then read {} messages ({} resets) for {changes} changes",
+        view.messages, view.resets
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Health and reflection
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_reports_serving() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let registry = Registry::start(config()).await;
+    let mut health = HealthClient::new(connect(&registry.addr).await);
+    for service in ["", "switchboard.registry.v1.Registry"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("check {service:?}: {s:?}"))
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_the_registry_and_health_services() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let registry = Registry::start(config()).await;
+    let mut reflection = ServerReflectionClient::new(connect(&registry.addr).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let reply = replies
+        .message()
+        .await
+        .expect("reflection reply")
+        .expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in ["switchboard.registry.v1.Registry", "grpc.health.v1.Health"] {
+        assert!(
+            names.contains(expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Refused input: the code, a message naming the field, and no state change
+// ---------------------------------------------------------------------------
+
+/// What a refused request must leave exactly as it was.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    resolved: ResolveResponse,
+    services: ListServicesResponse,
+}
+
+async fn observe(client: &mut RegistryClient<Channel>) -> Observed {
+    Observed {
+        resolved: resolve_full(client, SERVICE).await,
+        services: ListServicesResponse {
+            services: list_services(client).await,
+        },
+    }
+}
+
+/// Serves a registry with `config` holding `prefill` endpoints of
+/// [`SERVICE`], runs `call`, and asserts it fails with `code`, with a message
+/// containing `names`, and leaves Resolve and ListServices unchanged.
+async fn assert_refused<F, Fut, T>(
+    case: &str,
+    config: RegistryConfig,
+    prefill: usize,
+    code: Code,
+    names: &str,
+    call: F,
+) where
+    F: FnOnce(RegistryClient<Channel>) -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+    T: std::fmt::Debug,
+{
+    let registry = Registry::start(config).await;
+    let mut client = registry.client().await;
+    for i in 0..prefill {
+        register(&mut client, request(SERVICE, &addr(i))).await;
+    }
+    let before = observe(&mut client).await;
+    let status = match call(client.clone()).await {
+        Ok(reply) => panic!("{case}: accepted, answered {reply:?}"),
+        Err(status) => status,
+    };
+    assert_eq!(
+        status.code(),
+        code,
+        "{case}: wrong code; message {:?}",
+        status.message()
+    );
+    assert!(
+        status.message().contains(names),
+        "{case}: the message {:?} does not name {names:?}",
+        status.message()
+    );
+    assert_eq!(observe(&mut client).await, before, "{case}: state changed");
+}
+
+/// [`assert_refused`] for a Register request against the default config.
+async fn assert_register_refused(case: &str, req: RegisterRequest, code: Code, names: &str) {
+    assert_refused(case, config(), 1, code, names, |mut client| async move {
+        client.register(req).await
+    })
+    .await;
+}
+
+/// A valid registration of a fresh address, to spoil one field of.
+fn good() -> RegisterRequest {
+    request(SERVICE, "10.9.9.9:9000")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_an_empty_service_name() {
+    let req = RegisterRequest {
+        service: String::new(),
+        ..good()
+    };
+    assert_register_refused(
+        "empty service",
+        req,
+        Code::InvalidArgument,
+        "invalid service",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_a_254_byte_service_name() {
+    // Four valid labels, 63 + 63 + 63 + 62 bytes and three dots: 254 bytes.
+    let service = [63, 63, 63, 62].map(|n| "a".repeat(n)).join(".");
+    assert_eq!(service.len(), 254);
+    let req = RegisterRequest { service, ..good() };
+    assert_register_refused(
+        "254-byte service",
+        req,
+        Code::InvalidArgument,
+        "invalid service",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_invalid_characters_in_the_service_name() {
+    for (case, service) in [
+        ("space and bang", "bad service!"),
+        ("slash", "lb/example"),
+        ("double dot", "lb..example"),
+    ] {
+        let req = RegisterRequest {
+            service: service.into(),
+            ..good()
+        };
+        assert_register_refused(
+            &format!("service {case}"),
+            req,
+            Code::InvalidArgument,
+            "invalid service",
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_an_address_without_a_port() {
+    let req = RegisterRequest {
+        address: "10.9.9.9".into(),
+        ..good()
+    };
+    assert_register_refused(
+        "address without port",
+        req,
+        Code::InvalidArgument,
+        "invalid address",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_port_zero() {
+    let req = RegisterRequest {
+        address: "10.9.9.9:0".into(),
+        ..good()
+    };
+    assert_register_refused("port 0", req, Code::InvalidArgument, "invalid address").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_port_70000() {
+    let req = RegisterRequest {
+        address: "10.9.9.9:70000".into(),
+        ..good()
+    };
+    assert_register_refused("port 70000", req, Code::InvalidArgument, "invalid address").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_a_signed_or_zero_padded_port() {
+    for address in ["10.9.9.9:+80", "10.9.9.9:080"] {
+        let req = RegisterRequest {
+            address: address.into(),
+            ..good()
+        };
+        assert_register_refused(
+            &format!("port in {address}"),
+            req,
+            Code::InvalidArgument,
+            "invalid address",
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_a_bare_ipv6_address() {
+    let req = RegisterRequest {
+        address: "fe80::1:8080".into(),
+        ..good()
+    };
+    assert_register_refused(
+        "IPv6 without brackets",
+        req,
+        Code::InvalidArgument,
+        "invalid address",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_more_than_64_metadata_entries() {
+    let mut req = good();
+    req.metadata = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+    assert_register_refused(
+        "65 metadata entries",
+        req,
+        Code::InvalidArgument,
+        "invalid metadata",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_metadata_over_4_kib() {
+    let mut req = good();
+    req.metadata.insert("blob".into(), "x".repeat(4096));
+    assert_register_refused(
+        "4100 bytes of metadata",
+        req,
+        Code::InvalidArgument,
+        "invalid metadata",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_an_empty_metadata_key() {
+    let mut req = good();
+    req.metadata.insert(String::new(), "v".into());
+    assert_register_refused(
+        "empty metadata key",
+        req,
+        Code::InvalidArgument,
+        "invalid metadata",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_a_500_ms_ttl() {
+    let req = RegisterRequest {
+        ttl_ms: 500,
+        ..good()
+    };
+    assert_register_refused("TTL 500 ms", req, Code::InvalidArgument, "invalid ttl_ms").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_a_301_s_ttl() {
+    let req = RegisterRequest {
+        ttl_ms: 301_000,
+        ..good()
+    };
+    assert_register_refused("TTL 301 s", req, Code::InvalidArgument, "invalid ttl_ms").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_an_endpoint_past_the_per_service_cap() {
+    let config = RegistryConfig {
+        max_endpoints_per_service: 3,
+        ..config()
+    };
+    assert_refused(
+        "fourth endpoint with a cap of 3",
+        config,
+        3,
+        Code::ResourceExhausted,
+        "endpoints per service",
+        |mut client| async move { client.register(good()).await },
+    )
+    .await;
+}
+
+/// Lease ids that are not 32 hex digits.
+const MALFORMED_LEASES: [&str; 4] = ["", "not-a-lease", "abc", "0123456789abcdef0123456789abcdeg"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_refuses_a_malformed_lease_id() {
+    for lease in MALFORMED_LEASES {
+        assert_refused(
+            &format!("KeepAlive {lease:?}"),
+            config(),
+            1,
+            Code::InvalidArgument,
+            "invalid lease_id",
+            |client| async move { keep_alive_once(&client, lease).await },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_refuses_a_malformed_lease_id() {
+    for lease in MALFORMED_LEASES {
+        assert_refused(
+            &format!("Drain {lease:?}"),
+            config(),
+            1,
+            Code::InvalidArgument,
+            "invalid lease_id",
+            |mut client| async move { drain(&mut client, lease).await },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregister_refuses_a_malformed_lease_id() {
+    for lease in MALFORMED_LEASES {
+        assert_refused(
+            &format!("Deregister {lease:?}"),
+            config(),
+            1,
+            Code::InvalidArgument,
+            "invalid lease_id",
+            |mut client| async move { deregister(&mut client, lease).await },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_answers_not_found_for_an_unknown_lease_id() {
+    let lease = random_lease_id();
+    assert_refused(
+        "KeepAlive unknown lease",
+        config(),
+        1,
+        Code::NotFound,
+        &format!("lease {lease}"),
+        |client| async move { keep_alive_once(&client, &lease).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_answers_not_found_for_an_unknown_lease_id() {
+    let lease = random_lease_id();
+    assert_refused(
+        "Drain unknown lease",
+        config(),
+        1,
+        Code::NotFound,
+        &format!("lease {lease}"),
+        |mut client| async move { drain(&mut client, &lease).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deregister_answers_not_found_for_an_unknown_lease_id() {
+    let lease = random_lease_id();
+    assert_refused(
+        "Deregister unknown lease",
+        config(),
+        1,
+        Code::NotFound,
+        &format!("lease {lease}"),
+        |mut client| async move { deregister(&mut client, &lease).await },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_refuses_an_invalid_service_name() {
+    for service in ["", "bad service!"] {
+        assert_refused(
+            &format!("Watch {service:?}"),
+            config(),
+            1,
+            Code::InvalidArgument,
+            "invalid service",
+            |mut client| async move {
+                client
+                    .watch(WatchRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .map(drop)
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_refuses_an_invalid_service_name() {
+    for service in ["", "bad service!"] {
+        assert_refused(
+            &format!("Resolve {service:?}"),
+            config(),
+            1,
+            Code::InvalidArgument,
+            "invalid service",
+            |mut client| async move {
+                client
+                    .resolve(ResolveRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .map(drop)
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_registry_even_with_open_watch_and_keepalive_streams() {
+    let port = free_port();
+    let mut registry = start_registry(port).await;
+    let mut client = registry_client(&local(port), STARTUP).await;
+    let lease = register(&mut client, request(SERVICE, &addr(1))).await;
+    let mut keepalive = KeepAlive::open(&client).await;
+    keepalive.beat(&lease.lease_id).await.expect("heartbeat");
+    let mut watcher = Watcher::start(&client, SERVICE).await;
+    watcher.wait_for_set(&[addr(1)], GENEROUS).await;
+
+    let signalled = Instant::now();
+    registry.signal(libc::SIGTERM);
+    let code = registry.wait_exit(Duration::from_secs(15)).await;
+    let took = signalled.elapsed();
+    eprintln!("registry exited {took:?} after SIGTERM with open streams");
+    assert_eq!(code, Some(0), "exit code after SIGTERM");
+    assert!(
+        took < Duration::from_secs(4),
+        "took {took:?}: the streams were not ended, the grace period ran out"
+    );
+    watcher
+        .wait_until("end of the watch stream", GENEROUS, |v| v.ended.is_some())
+        .await;
+    let ended = watcher
+        .view
+        .borrow()
+        .ended
+        .as_ref()
+        .map(|end| end.as_ref().map(drop).map_err(|status| status.code()));
+    assert_eq!(
+        ended,
+        Some(Err(Code::Unavailable)),
+        "the watch must end with UNAVAILABLE"
+    );
+    let status = keepalive
+        .beat(&lease.lease_id)
+        .await
+        .expect_err("keepalive stream outlived the registry");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_registry_even_when_a_watcher_never_reads() {
+    let port = free_port();
+    // No warm-up: the watcher must be subscribed before the changes.
+    let mut registry = start_registry_with(port, &["--warmup-ms", "0"]).await;
+    let mut client = registry_client(&local(port), STARTUP).await;
+    // A watcher with a tiny window that never reads: its stream cannot
+    // finish, since the end of a stream queues behind its unsent data.
+    let stuck = tonic::transport::Endpoint::from_shared(format!("http://{}", local(port)))
+        .expect("uri")
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .expect("connect");
+    let _unread = RegistryClient::new(stuck)
+        .watch(WatchRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .expect("watch");
+    for i in 0..100 {
+        let mut req = request(SERVICE, &addr(i));
+        req.metadata.insert("padding".into(), "x".repeat(64));
+        register(&mut client, req).await;
+    }
+    let signalled = Instant::now();
+    registry.signal(libc::SIGTERM);
+    let code = registry.wait_exit(Duration::from_secs(20)).await;
+    eprintln!(
+        "registry exited {:?} after SIGTERM with a stuck watcher",
+        signalled.elapsed()
+    );
+    assert_eq!(code, Some(0), "exit code after SIGTERM");
+}
