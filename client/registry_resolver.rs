@@ -143,20 +143,25 @@ impl Resolver for RegistryResolver {
     fn resolve(self: Box<Self>, sink: ResolverSink) -> BoxFuture {
         Box::pin(async move {
             let mut backoff = Backoff::new(self.backoff);
+            let mut last_reported: Option<String> = None;
             loop {
-                let run = async {
-                    let (why, delivered) = self.watch_once(&sink).await;
-                    if delivered {
-                        backoff.reset();
-                    }
-                    why
-                };
-                let why = tokio::select! {
-                    why = run => why,
+                let (why, delivered) = tokio::select! {
+                    outcome = self.watch_once(&sink) => outcome,
                     _ = sink.closed() => return,
                 };
+                if delivered {
+                    // A stream that worked starts a new run of failures.
+                    backoff.reset();
+                    last_reported = None;
+                }
                 let delay = backoff.next_delay();
-                tracing::warn!(service = %self.service, retry_in = ?delay, "{why}; keeping the last known endpoints");
+                // Say it once per distinct failure, not on every retry.
+                if last_reported.as_ref() != Some(&why) {
+                    tracing::warn!(service = %self.service, "{why}; keeping the last known endpoints and retrying");
+                    last_reported = Some(why.clone());
+                } else {
+                    tracing::debug!(service = %self.service, retry_in = ?delay, "{why}");
+                }
                 sink.error(why);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

@@ -1625,6 +1625,7 @@ async fn assert_refused<F, Fut, T>(
         Ok(reply) => panic!("{case}: accepted, answered {reply:?}"),
         Err(status) => status,
     };
+    eprintln!("refused {case}: {:?} {:?}", status.code(), status.message());
     assert_eq!(
         status.code(),
         code,
