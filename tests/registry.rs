@@ -590,6 +590,51 @@ async fn a_watcher_gets_an_empty_reset_then_sees_register_and_deregister() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_after_watch_returns_arrives_as_a_delta() {
+    // Once Watch has answered, its snapshot is taken: a registration made
+    // right after it must come as a delta, never folded into the first
+    // reset. Many rounds at once keep the registry busy, which is when a
+    // lazily taken snapshot would slip past the registration.
+    const ROUNDS: usize = 200;
+    let registry = Registry::start(config()).await;
+    let client = registry.client().await;
+    let mut rounds = tokio::task::JoinSet::new();
+    for round in 0..ROUNDS {
+        let mut client = client.clone();
+        rounds.spawn(async move {
+            let service = format!("round-{round}.example");
+            let mut stream = client
+                .watch(WatchRequest {
+                    service: service.clone(),
+                })
+                .await
+                .expect("watch")
+                .into_inner();
+            register(&mut client, request(&service, &addr(1))).await;
+            let first = tokio::time::timeout(GENEROUS, stream.message())
+                .await
+                .expect("first message in time")
+                .expect("watch stream")
+                .expect("a first message");
+            match first.event {
+                Some(Event::Reset(snapshot)) if snapshot.endpoints.is_empty() => None,
+                other => Some((round, other)),
+            }
+        });
+    }
+    let mut folded = Vec::new();
+    while let Some(round) = rounds.join_next().await {
+        folded.extend(round.expect("round task"));
+    }
+    assert!(
+        folded.is_empty(),
+        "{} of {ROUNDS} watches folded a later registration into their first reset, e.g. {:?}",
+        folded.len(),
+        folded.first()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_sends_an_updated_delta_with_state_draining() {
     let registry = Registry::start(config()).await;
     let mut client = registry.client().await;
