@@ -99,14 +99,7 @@ async fn registry_outage_keeps_the_last_set_and_recovery_adds_new_backends() {
     let second = free_port();
     let _second = start_echo(&registry, SERVICE, &[second], &[]).await;
     wait_ready_set(&channel, &[local(first), local(second)], STARTUP).await;
-    let mut served = std::collections::BTreeSet::new();
-    for _ in 0..4 {
-        served.insert(
-            echo_once(&mut client, Duration::from_secs(5))
-                .await
-                .unwrap(),
-        );
-    }
+    let served = served_by(&mut client, 4).await;
     assert_eq!(served.len(), 2, "{served:?}");
 }
 
@@ -158,14 +151,7 @@ async fn static_target_needs_no_registry() {
     let channel = channel(&target, PolicyKind::RoundRobin);
     wait_ready_set(&channel, &[local(ports[0]), local(ports[1])], STARTUP).await;
     let mut client = EchoClient::new(channel);
-    let mut served = std::collections::BTreeSet::new();
-    for _ in 0..4 {
-        served.insert(
-            echo_once(&mut client, Duration::from_secs(5))
-                .await
-                .unwrap(),
-        );
-    }
+    let served = served_by(&mut client, 4).await;
     assert_eq!(served.len(), 2, "{served:?}");
 }
 
@@ -226,7 +212,7 @@ async fn a_hung_backend_leaves_the_ready_set_by_keepalive_before_its_ttl() {
     let proc = cluster.backend(victim);
     proc.signal(libc::SIGSTOP);
     let stopped = Instant::now();
-    let survivors: Vec<String> = addresses.iter().filter(|a| *a != victim).cloned().collect();
+    let survivors = all_but(&addresses, victim);
     wait_ready_set(&channel, &survivors, Duration::from_secs(10)).await;
     let dropped_after = stopped.elapsed();
     proc.signal(libc::SIGCONT);

@@ -35,19 +35,15 @@ fn assert_only_on(shots: &[Shot], after: Instant, allowed: &[String]) -> usize {
 /// Fault 1: a backend SIGKILLed under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_fails_at_most_the_rpcs_in_flight_and_leaves_the_registry_within_1s() {
-    let mut cluster = Cluster::start(3).await;
-    let addresses = cluster.addresses();
-    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
-    wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(channel.clone(), CONCURRENCY, PACE, RPC_TIMEOUT);
-    load.wait_more(150, STARTUP).await;
+    let Loaded {
+        mut cluster,
+        addresses,
+        channel,
+        load,
+    } = Loaded::start(3, CONCURRENCY, PACE, RPC_TIMEOUT, 150).await;
 
     let victim = addresses[1].clone();
-    let survivors: Vec<String> = addresses
-        .iter()
-        .filter(|a| **a != victim)
-        .cloned()
-        .collect();
+    let survivors = all_but(&addresses, &victim);
     let killed_at = Instant::now();
     cluster.kill(&victim);
     wait_registered(
@@ -84,19 +80,15 @@ async fn sigkill_fails_at_most_the_rpcs_in_flight_and_leaves_the_registry_within
 /// Fault 2: a backend SIGSTOPped (hung with its connections open).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_is_caught_by_keepalive_then_the_ttl_and_sigcont_brings_it_back() {
-    let cluster = Cluster::start(3).await;
-    let addresses = cluster.addresses();
-    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
-    wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(channel.clone(), CONCURRENCY, PACE, RPC_TIMEOUT);
-    load.wait_more(150, STARTUP).await;
+    let Loaded {
+        cluster,
+        addresses,
+        channel,
+        load,
+    } = Loaded::start(3, CONCURRENCY, PACE, RPC_TIMEOUT, 150).await;
 
     let victim = addresses[0].clone();
-    let survivors: Vec<String> = addresses
-        .iter()
-        .filter(|a| **a != victim)
-        .cloned()
-        .collect();
+    let survivors = all_but(&addresses, &victim);
     let stopped_at = Instant::now();
     cluster.backend(&victim).signal(libc::SIGSTOP);
     wait_ready_set(&channel, &survivors, Duration::from_secs(10)).await;
@@ -157,12 +149,12 @@ async fn sigstop_is_caught_by_keepalive_then_the_ttl_and_sigcont_brings_it_back(
 /// again, costs no RPC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_restart_with_sigterm_fails_no_rpc() {
-    let mut cluster = Cluster::start(3).await;
-    let addresses = cluster.addresses();
-    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
-    wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(channel.clone(), CONCURRENCY, PACE, RPC_TIMEOUT);
-    load.wait_more(100, STARTUP).await;
+    let Loaded {
+        mut cluster,
+        addresses,
+        channel,
+        load,
+    } = Loaded::start(3, CONCURRENCY, PACE, RPC_TIMEOUT, 100).await;
 
     for address in &addresses {
         let index = cluster
@@ -203,12 +195,12 @@ async fn rolling_restart_with_sigterm_fails_no_rpc() {
 /// are back within 2 s, and one started during the outage joins after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_restart_fails_no_rpc_and_backends_return_within_2s() {
-    let mut cluster = Cluster::start(2).await;
-    let addresses = cluster.addresses();
-    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
-    wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(channel.clone(), CONCURRENCY, PACE, RPC_TIMEOUT);
-    load.wait_more(100, STARTUP).await;
+    let Loaded {
+        mut cluster,
+        channel,
+        load,
+        ..
+    } = Loaded::start(2, CONCURRENCY, PACE, RPC_TIMEOUT, 100).await;
 
     cluster.registry_proc.kill();
     wait_for("the client to notice the outage", STARTUP, || {
@@ -285,12 +277,12 @@ fn connections_to(port: u16) -> usize {
 /// neither connections nor tasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flapping_backend_converges_each_time_without_leaks() {
-    let mut cluster = Cluster::start(2).await;
-    let addresses = cluster.addresses();
-    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
-    wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(channel.clone(), CONCURRENCY, PACE, RPC_TIMEOUT);
-    load.wait_more(100, STARTUP).await;
+    let Loaded {
+        mut cluster,
+        addresses,
+        channel,
+        load,
+    } = Loaded::start(2, CONCURRENCY, PACE, RPC_TIMEOUT, 100).await;
     let flapper = addresses[0].clone();
     let steady = vec![addresses[1].clone()];
     let port: u16 = flapper.rsplit(':').next().unwrap().parse().unwrap();

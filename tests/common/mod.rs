@@ -525,3 +525,59 @@ impl Cluster {
         proc
     }
 }
+
+/// The distinct backends that served `n` sequential RPCs.
+pub async fn served_by(
+    client: &mut EchoClient<BalancedChannel>,
+    n: usize,
+) -> std::collections::BTreeSet<String> {
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        served.insert(
+            echo_once(client, Duration::from_secs(5))
+                .await
+                .expect("rpc"),
+        );
+    }
+    served
+}
+
+/// A cluster with a round_robin channel that uses every backend, under
+/// continuous load: the starting point of each fault test.
+pub struct Loaded {
+    pub cluster: Cluster,
+    /// The backends' addresses, sorted.
+    pub addresses: Vec<String>,
+    pub channel: BalancedChannel,
+    pub load: Load,
+}
+
+impl Loaded {
+    /// Starts `backends` backends and `concurrency` load workers, each
+    /// sending one RPC per `pace`, and waits for `warmup` RPCs.
+    pub async fn start(
+        backends: usize,
+        concurrency: usize,
+        pace: Duration,
+        rpc_timeout: Duration,
+        warmup: usize,
+    ) -> Self {
+        let cluster = Cluster::start(backends).await;
+        let addresses = cluster.addresses();
+        let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+        wait_ready_set(&channel, &addresses, STARTUP).await;
+        let load = Load::start(channel.clone(), concurrency, pace, rpc_timeout);
+        load.wait_more(warmup, STARTUP).await;
+        Self {
+            cluster,
+            addresses,
+            channel,
+            load,
+        }
+    }
+}
+
+/// Every address but `victim`.
+pub fn all_but(addresses: &[String], victim: &str) -> Vec<String> {
+    addresses.iter().filter(|a| *a != victim).cloned().collect()
+}
