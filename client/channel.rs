@@ -89,6 +89,7 @@ pub struct Builder {
     policy: PolicyKind,
     connect: ConnectConfig,
     wait_for_ready: bool,
+    default_timeout: Option<Duration>,
 }
 
 impl Builder {
@@ -114,6 +115,7 @@ impl Builder {
             policy: PolicyKind::default(),
             connect: ConnectConfig::default(),
             wait_for_ready: false,
+            default_timeout: None,
         }
     }
 
@@ -134,6 +136,20 @@ impl Builder {
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
         self.connect.keepalive_interval = interval;
         self.connect.keepalive_timeout = timeout;
+        self
+    }
+
+    /// Sets how long one connection attempt may take (gRPC's minimum
+    /// connect timeout, 20 s by default).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect.backoff.min_connect_timeout = timeout;
+        self
+    }
+
+    /// Gives every RPC that has no deadline of its own (no
+    /// `Request::set_timeout`) this one.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.default_timeout = Some(timeout);
         self
     }
 
@@ -170,6 +186,7 @@ impl Builder {
                 state,
                 cursor: AtomicUsize::new(rand::random::<u32>() as usize),
                 wait_for_ready: self.wait_for_ready,
+                default_timeout: self.default_timeout,
                 _tasks: [resolver, balancer],
             }),
         }
@@ -206,6 +223,7 @@ struct Shared {
     /// not skew the rotation.
     cursor: AtomicUsize,
     wait_for_ready: bool,
+    default_timeout: Option<Duration>,
     _tasks: [Tasks; 2],
 }
 
@@ -300,9 +318,19 @@ impl tower::Service<http::Request<tonic::body::Body>> for BalancedChannel {
 impl Shared {
     async fn send(
         &self,
-        request: http::Request<tonic::body::Body>,
+        mut request: http::Request<tonic::body::Body>,
     ) -> Result<http::Response<ResponseBody>, Status> {
-        let deadline = grpc_timeout(request.headers()).map(|t| Instant::now() + t);
+        let timeout = match grpc_timeout(request.headers()) {
+            Some(timeout) => Some(timeout),
+            None => self.default_timeout.inspect(|timeout| {
+                // Tell the server too, so it can stop working on it in time.
+                let millis = timeout.as_millis().clamp(1, 99_999_999);
+                if let Ok(value) = http::HeaderValue::from_str(&format!("{millis}m")) {
+                    request.headers_mut().insert("grpc-timeout", value);
+                }
+            }),
+        };
+        let deadline = timeout.map(|t| Instant::now() + t);
         let wait_for_ready =
             self.wait_for_ready || request.extensions().get::<WaitForReady>().is_some();
         let attempt = self.send_to_ready(request, wait_for_ready);

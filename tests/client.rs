@@ -233,3 +233,135 @@ async fn bad_targets_are_refused_with_a_clear_error() {
         assert!(err.to_string().contains("expected registry://"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_resolver_drives_the_balancer() {
+    use switchboard::client::resolver::BoxFuture;
+    use switchboard::client::{Endpoint, Resolver, ResolverSink};
+    use tokio::sync::mpsc;
+
+    /// Publishes whatever address lists the test sends.
+    struct Pushed(mpsc::UnboundedReceiver<Vec<String>>);
+    impl Resolver for Pushed {
+        fn resolve(self: Box<Self>, sink: ResolverSink) -> BoxFuture {
+            let mut sets = self.0;
+            Box::pin(async move {
+                while let Some(set) = sets.recv().await {
+                    sink.update(set.into_iter().map(Endpoint::new).collect());
+                }
+            })
+        }
+    }
+
+    let nowhere = local(free_port());
+    let ports = [free_port(), free_port()];
+    let _echo = start_echo(&nowhere, SERVICE, &ports, &[]).await;
+    let (a, b) = (local(ports[0]), local(ports[1]));
+    let (push, sets) = mpsc::unbounded_channel();
+    let channel = switchboard::client::Builder::with_resolver("pushed", Box::new(Pushed(sets)))
+        .policy(PolicyKind::RoundRobin)
+        .build();
+    push.send(vec![a.clone()]).unwrap();
+    wait_ready_set(&channel, std::slice::from_ref(&a), STARTUP).await;
+    let mut client = EchoClient::new(channel.clone());
+    assert_eq!(
+        served_by(&mut client, 3)
+            .await
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![a]
+    );
+    push.send(vec![b.clone()]).unwrap();
+    wait_ready_set(&channel, std::slice::from_ref(&b), STARTUP).await;
+    assert_eq!(
+        served_by(&mut client, 3)
+            .await
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![b]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_backend_finishes_in_flight_streams_and_gets_no_new_rpcs() {
+    use futures_util::StreamExt;
+
+    let mut cluster = Cluster::start(2).await;
+    let addresses = cluster.addresses();
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &addresses, STARTUP).await;
+    let mut client = EchoClient::new(channel.clone());
+
+    // A 2-second stream: 20 replies, 100 ms apart.
+    let mut request = tonic::Request::new(EchoRequest {
+        message: "long".into(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-echo-count", "20".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("x-echo-interval-ms", "100".parse().unwrap());
+    let mut stream = client
+        .server_streaming_echo(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    let draining = backend_of(&first.message);
+
+    let index = cluster
+        .backends
+        .iter()
+        .position(|(a, _)| *a == draining)
+        .unwrap();
+    let (_, mut proc) = cluster.backends.remove(index);
+    proc.signal(libc::SIGTERM);
+    let others = all_but(&addresses, &draining);
+    wait_ready_set(&channel, &others, Duration::from_secs(10)).await;
+    let served = served_by(&mut client, 4).await;
+    assert_eq!(
+        served.into_iter().collect::<Vec<_>>(),
+        others,
+        "a new RPC went to the draining backend"
+    );
+
+    let mut replies = 1;
+    while let Some(reply) = stream.next().await {
+        let reply = reply.expect("the in-flight stream completes normally");
+        assert_eq!(backend_of(&reply.message), draining);
+        replies += 1;
+    }
+    assert_eq!(replies, 20);
+    assert_eq!(proc.wait_exit(STARTUP).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_timeout_bounds_an_rpc_to_a_hung_backend() {
+    let nowhere = local(free_port());
+    let port = free_port();
+    let echo = start_echo(&nowhere, SERVICE, &[port], &[]).await;
+    // Keepalive slower than the test, so only the deadline can end the RPC.
+    let channel = BalancedChannel::builder(&format!("static:///{}", local(port)))
+        .unwrap()
+        .keepalive(Duration::from_secs(60), Duration::from_secs(60))
+        .timeout(Duration::from_millis(300))
+        .build();
+    wait_ready_set(&channel, &[local(port)], STARTUP).await;
+    echo.signal(libc::SIGSTOP);
+    let mut client = EchoClient::new(channel);
+    let started = Instant::now();
+    let status = client
+        .unary_echo(EchoRequest {
+            message: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    echo.signal(libc::SIGCONT);
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}

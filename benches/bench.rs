@@ -1,0 +1,146 @@
+//! The switchboard benchmark harness: `cargo bench --bench bench`.
+//!
+//! It starts its own registry and echo child processes on 127.0.0.1 and
+//! prints markdown: the machine, then one section per question.
+//!
+//! 1. [`datapath`]: how fast is an RPC through a switchboard channel next
+//!    to plain tonic?
+//! 2. [`failover`]: what happens to traffic when a backend is killed,
+//!    drained or hung?
+//! 3. [`fanout`]: how quickly does a change reach many watchers, and what
+//!    do they cost the registry?
+//! 4. [`churn`]: what do many heartbeating leases and steady churn cost the
+//!    registry?
+//!
+//! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
+//! just finish). Name sections (`-- fanout churn`) to run only those.
+
+mod churn;
+mod datapath;
+mod failover;
+mod fanout;
+mod procs;
+mod stats;
+
+use std::time::Duration;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The sections, in order, by the name that selects them.
+const SECTIONS: [&str; 4] = ["datapath", "failover", "fanout", "churn"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let chosen: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| SECTIONS.contains(a))
+        .collect();
+    if let Some(unknown) = args
+        .iter()
+        .find(|a| !a.starts_with("--") && !SECTIONS.contains(&a.as_str()))
+    {
+        eprintln!(
+            "error: unknown section {unknown:?}: choose from {}",
+            SECTIONS.join(", ")
+        );
+        std::process::exit(2);
+    }
+    let runs = |section: &str| chosen.is_empty() || chosen.contains(&section);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    println!("# switchboard benchmarks\n");
+    println!(
+        "- command: `cargo bench --bench bench{}`",
+        if args.is_empty() {
+            String::new()
+        } else {
+            format!(" -- {}", args.join(" "))
+        }
+    );
+    println!("- machine: {}", procs::machine());
+    println!(
+        "- mode: {}\n",
+        if smoke {
+            "smoke (tiny sizes; the numbers mean nothing)"
+        } else {
+            "full"
+        }
+    );
+
+    let started = std::time::Instant::now();
+    // Child processes live inside the sections' futures, so they are
+    // killed when a section returns, fails or panics.
+    let result: Result<(), BoxError> = runtime.block_on(async {
+        if runs("datapath") {
+            datapath::run(&datapath_config(smoke)).await?;
+        }
+        if runs("failover") {
+            failover::run(&failover_config(smoke)).await?;
+        }
+        if runs("fanout") {
+            fanout::run(&fanout_config(smoke)).await?;
+        }
+        if runs("churn") {
+            churn::run(&churn_config(smoke)).await?;
+        }
+        Ok(())
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    println!("_Total run time: {:.0} s._", started.elapsed().as_secs_f64());
+    if let Err(error) = result {
+        eprintln!("error: benchmark failed: {error}");
+        std::process::exit(1);
+    }
+}
+
+fn datapath_config(smoke: bool) -> datapath::Config {
+    if smoke {
+        datapath::Config {
+            concurrency: vec![1, 16, 64],
+            rounds: 1,
+            round: Duration::from_millis(200),
+            warmup: Duration::from_millis(100),
+        }
+    } else {
+        datapath::Config {
+            concurrency: vec![1, 16, 64],
+            rounds: 5,
+            round: Duration::from_secs(2),
+            warmup: Duration::from_secs(1),
+        }
+    }
+}
+
+fn failover_config(smoke: bool) -> failover::Config {
+    failover::Config {
+        rate: if smoke { 200.0 } else { 2000.0 },
+        before: Duration::from_millis(if smoke { 300 } else { 2000 }),
+        after: Duration::from_millis(if smoke { 300 } else { 2000 }),
+    }
+}
+
+fn fanout_config(smoke: bool) -> fanout::Config {
+    fanout::Config {
+        watchers: if smoke {
+            vec![10, 50]
+        } else {
+            vec![100, 1_000, 10_000]
+        },
+        connections: 8,
+        changes: if smoke { 2 } else { 10 },
+    }
+}
+
+fn churn_config(smoke: bool) -> churn::Config {
+    churn::Config {
+        leases: if smoke { 200 } else { 10_000 },
+        streams: 8,
+        churn_per_sec: if smoke { 20 } else { 200 },
+        window: Duration::from_secs(if smoke { 1 } else { 10 }),
+    }
+}

@@ -1,0 +1,258 @@
+//! Section 1, the data path: unary echo at a fixed number of RPCs in flight
+//! through four channels, run in interleaved rounds so the machine's noise
+//! falls on every contender alike.
+//!
+//! - (a) a plain tonic `Channel` to one backend: the ceiling;
+//! - (b) tonic's `Channel::balance_list` over both backends;
+//! - (c) switchboard round_robin over both (a `static:///` target, so the
+//!   registry is not in the data path);
+//! - (d) switchboard pick_first over both.
+//!
+//! The backends are echo child processes, so the CPU this process uses
+//! (getrusage) is the client's alone.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchboard::client::{BalancedChannel, ConnectivityState, PolicyKind};
+use switchboard::proto::echo::echo_client::EchoClient;
+use switchboard::proto::echo::EchoRequest;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::procs::{self, Proc};
+use crate::stats::{ms, Samples, Table};
+use crate::BoxError;
+
+/// How long and how often to measure.
+pub struct Config {
+    /// RPCs in flight, one table block each.
+    pub concurrency: Vec<usize>,
+    /// Rounds per contender and concurrency.
+    pub rounds: usize,
+    /// Length of one round.
+    pub round: Duration,
+    /// Unmeasured load per contender before the first round.
+    pub warmup: Duration,
+}
+
+/// One contender's client; the enum keeps the load loop free of tonic's
+/// generic bounds.
+#[derive(Clone)]
+enum Client {
+    Tonic(EchoClient<Channel>),
+    Switchboard(EchoClient<BalancedChannel>),
+}
+
+impl Client {
+    async fn echo(&mut self) -> Result<(), tonic::Status> {
+        let request = EchoRequest {
+            message: "bench".into(),
+        };
+        match self {
+            Client::Tonic(c) => c.unary_echo(request).await.map(drop),
+            Client::Switchboard(c) => c.unary_echo(request).await.map(drop),
+        }
+    }
+}
+
+/// What one contender did over all its rounds at one concurrency.
+#[derive(Default)]
+struct Totals {
+    rpcs: u64,
+    errors: u64,
+    elapsed: Duration,
+    client_cpu: Duration,
+    server_cpu: Duration,
+    latency: Samples,
+    /// RPC/s of each round, in round order, for per-round ratios.
+    per_round: Vec<f64>,
+}
+
+impl Totals {
+    fn rate(&self) -> f64 {
+        self.rpcs as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn cpu_per_rpc(cpu: Duration, rpcs: u64) -> f64 {
+        cpu.as_secs_f64() * 1e6 / rpcs.max(1) as f64
+    }
+}
+
+/// Runs `concurrency` closed-loop workers on `client` for `duration`.
+async fn round(
+    client: &Client,
+    concurrency: usize,
+    duration: Duration,
+    servers: &[Proc],
+    totals: &mut Totals,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_cpu = |servers: &[Proc]| servers.iter().map(Proc::cpu).sum::<Duration>();
+    let (cpu0, server0, start) = (procs::self_cpu(), server_cpu(servers), Instant::now());
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let mut client = client.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut samples, mut errors) = (Samples::default(), 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let sent = Instant::now();
+                    match client.echo().await {
+                        Ok(()) => samples.push(sent.elapsed()),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (samples, errors)
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut rpcs = 0;
+    for worker in workers {
+        let (samples, errors) = worker.await.expect("load worker");
+        rpcs += samples.len() as u64;
+        totals.errors += errors;
+        totals.latency.extend(samples);
+    }
+    let elapsed = start.elapsed();
+    totals.rpcs += rpcs;
+    totals.elapsed += elapsed;
+    totals.client_cpu += procs::self_cpu() - cpu0;
+    totals.server_cpu += server_cpu(servers).saturating_sub(server0);
+    totals.per_round.push(rpcs as f64 / elapsed.as_secs_f64());
+}
+
+/// Builds the four contenders against backends `a` and `b`.
+async fn contenders(a: &str, b: &str) -> Result<Vec<(&'static str, Client)>, BoxError> {
+    let endpoint = |addr: &str| Endpoint::from_shared(format!("http://{addr}"));
+    let plain = endpoint(a)?.connect().await?;
+    let balanced = Channel::balance_list([endpoint(a)?, endpoint(b)?].into_iter());
+    let mut list = vec![
+        ("(a) tonic Channel, 1 backend", Client::Tonic(EchoClient::new(plain))),
+        (
+            "(b) tonic balance_list, 2 backends",
+            Client::Tonic(EchoClient::new(balanced)),
+        ),
+    ];
+    for (name, policy) in [
+        ("(c) switchboard round_robin", PolicyKind::RoundRobin),
+        ("(d) switchboard pick_first", PolicyKind::PickFirst),
+    ] {
+        let channel = BalancedChannel::builder(&format!("static:///{a},{b}"))?
+            .policy(policy)
+            .build();
+        if channel.wait_ready(Duration::from_secs(20)).await != ConnectivityState::Ready {
+            return Err(format!("{name} never became ready: {:?}", channel.state()).into());
+        }
+        list.push((name, Client::Switchboard(EchoClient::new(channel))));
+    }
+    Ok(list)
+}
+
+pub async fn run(config: &Config) -> Result<(), BoxError> {
+    println!("## 1. Data path: unary echo at fixed concurrency\n");
+    let (_registry, registry) = Proc::registry();
+    let (server_a, a) = Proc::echo(&registry, "bench.datapath", &[]);
+    let (server_b, b) = Proc::echo(&registry, "bench.datapath", &[]);
+    let servers = [server_a, server_b];
+    let contenders = contenders(&a, &b).await?;
+    for (_, client) in &contenders {
+        let mut ignored = Totals::default();
+        let max = config.concurrency.iter().copied().max().unwrap_or(1);
+        round(client, max, config.warmup, &servers, &mut ignored).await;
+    }
+
+    let mut table = Table::new(&[
+        "in flight",
+        "contender",
+        "RPC/s",
+        "p50",
+        "p99",
+        "p99.9",
+        "client CPU µs/RPC",
+        "servers' CPU µs/RPC",
+        "errors",
+    ]);
+    let mut ratios = Table::new(&[
+        "in flight",
+        "c/a RPC/s",
+        "c/a per round (min-max)",
+        "c/b RPC/s",
+        "c/b per round (min-max)",
+        "c/a client CPU per RPC",
+        "d/a RPC/s",
+        "targets (c/a ≥ 0.95, c/b ≥ 1.0)",
+    ]);
+    for &concurrency in &config.concurrency {
+        let mut totals: Vec<Totals> = contenders.iter().map(|_| Totals::default()).collect();
+        for r in 0..config.rounds {
+            // Rotate the order each round so no contender always goes first.
+            for k in 0..contenders.len() {
+                let i = (k + r) % contenders.len();
+                round(
+                    &contenders[i].1,
+                    concurrency,
+                    config.round,
+                    &servers,
+                    &mut totals[i],
+                )
+                .await;
+            }
+        }
+        for ((name, _), t) in contenders.iter().zip(totals.iter_mut()) {
+            table.row(vec![
+                concurrency.to_string(),
+                name.to_string(),
+                format!("{:.0}", t.rate()),
+                ms(t.latency.quantile(0.5)),
+                ms(t.latency.quantile(0.99)),
+                ms(t.latency.quantile(0.999)),
+                format!("{:.1}", Totals::cpu_per_rpc(t.client_cpu, t.rpcs)),
+                format!("{:.1}", Totals::cpu_per_rpc(t.server_cpu, t.rpcs)),
+                t.errors.to_string(),
+            ]);
+        }
+        let (ta, tb, tc, td) = (&totals[0], &totals[1], &totals[2], &totals[3]);
+        let per_round = |x: &Totals, y: &Totals| {
+            let r: Vec<f64> = x.per_round.iter().zip(&y.per_round).map(|(x, y)| x / y).collect();
+            let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = r.iter().copied().fold(0.0, f64::max);
+            format!("{min:.2}-{max:.2}")
+        };
+        let (ca, cb) = (tc.rate() / ta.rate(), tc.rate() / tb.rate());
+        let verdict = if concurrency == 64 {
+            format!(
+                "c/a {}, c/b {}",
+                if ca >= 0.95 { "met" } else { "missed" },
+                if cb >= 1.0 { "met" } else { "missed" }
+            )
+        } else {
+            "(targets are for 64)".to_owned()
+        };
+        ratios.row(vec![
+            concurrency.to_string(),
+            format!("{ca:.3}"),
+            per_round(tc, ta),
+            format!("{cb:.3}"),
+            per_round(tc, tb),
+            format!(
+                "{:.2}",
+                Totals::cpu_per_rpc(tc.client_cpu, tc.rpcs)
+                    / Totals::cpu_per_rpc(ta.client_cpu, ta.rpcs)
+            ),
+            format!("{:.3}", td.rate() / ta.rate()),
+            verdict,
+        ]);
+    }
+    println!(
+        "{} rounds of {:?} per contender and concurrency, interleaved (order rotated each round).\n",
+        config.rounds, config.round
+    );
+    table.print();
+    println!("Ratios (aggregate over all rounds; per round: the same round index of each):\n");
+    ratios.print();
+    Ok(())
+}

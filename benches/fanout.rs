@@ -1,0 +1,180 @@
+//! Section 3, registry fan-out: N watchers of one service on a few HTTP/2
+//! connections; for each of a few registrations, the time from `Register`
+//! returning to each watcher holding the `added` delta; and the registry
+//! child's resident memory with 0 and N watchers.
+//!
+//! The watchers run in this process, on the same two cores as the
+//! registry, so the latencies include this process's own scheduling of N
+//! streams: they are an upper bound on the registry's part.
+
+use std::time::Duration;
+
+use switchboard::proto::registry::registry_client::RegistryClient;
+use switchboard::proto::registry::watch_response::Event;
+use switchboard::proto::registry::{RegisterRequest, WatchRequest};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::procs::Proc;
+use crate::stats::{ms, Samples, Table};
+use crate::BoxError;
+
+pub struct Config {
+    /// Watcher counts, one registry each.
+    pub watchers: Vec<usize>,
+    /// HTTP/2 connections the watchers share.
+    pub connections: usize,
+    /// Registrations timed per watcher count.
+    pub changes: usize,
+}
+
+const SERVICE: &str = "bench.fanout";
+
+/// What a watcher tells the harness.
+enum Seen {
+    /// Its first message (the snapshot) arrived.
+    Snapshot,
+    /// A delta added this address.
+    Added(String, Instant),
+}
+
+/// Opens a watch and reports what it sees until aborted.
+async fn watcher(mut client: RegistryClient<Channel>, seen: mpsc::UnboundedSender<Seen>) {
+    let Ok(response) = client
+        .watch(WatchRequest {
+            service: SERVICE.into(),
+        })
+        .await
+    else {
+        return;
+    };
+    let mut stream = response.into_inner();
+    while let Ok(Some(message)) = stream.message().await {
+        let now = Instant::now();
+        match message.event {
+            Some(Event::Reset(_)) => {
+                let _ = seen.send(Seen::Snapshot);
+            }
+            Some(Event::Delta(delta)) => {
+                for endpoint in delta.added {
+                    let _ = seen.send(Seen::Added(endpoint.address, now));
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+async fn connect(registry: &str) -> Result<Channel, BoxError> {
+    Ok(Endpoint::from_shared(format!("http://{registry}"))?
+        .connect()
+        .await?)
+}
+
+/// One watcher count against a fresh registry; adds a row to `table`.
+async fn measure(config: &Config, n: usize, table: &mut Table) -> Result<(), BoxError> {
+    let (registry_proc, registry) = Proc::registry();
+    let mut registrar = RegistryClient::new(connect(&registry).await?);
+    // Let the registry settle before the baseline.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle = registry_proc.rss_kib();
+
+    let mut channels = Vec::new();
+    for _ in 0..config.connections {
+        channels.push(connect(&registry).await?);
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut watchers = JoinSet::new();
+    let opening = Instant::now();
+    for i in 0..n {
+        let client = RegistryClient::new(channels[i % channels.len()].clone());
+        watchers.spawn(watcher(client, tx.clone()));
+    }
+    drop(tx);
+    let mut snapshots = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while snapshots < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Seen::Snapshot)) => snapshots += 1,
+            Ok(Some(Seen::Added(..))) => {}
+            _ => return Err(format!("only {snapshots} of {n} watches opened").into()),
+        }
+    }
+    let opened = opening.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_watched = registry_proc.rss_kib();
+
+    let mut latency = Samples::default();
+    let mut missed = 0;
+    for change in 0..config.changes {
+        let address = format!("10.0.{}.{}:8080", change / 250, change % 250 + 1);
+        registrar
+            .register(RegisterRequest {
+                service: SERVICE.into(),
+                address: address.clone(),
+                metadata: Default::default(),
+                ttl_ms: 0,
+            })
+            .await?;
+        let returned = Instant::now();
+        let mut got = 0;
+        let deadline = returned + Duration::from_secs(10);
+        while got < n {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(Seen::Added(added, at))) if added == address => {
+                    got += 1;
+                    latency.push(at.saturating_duration_since(returned));
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+        missed += n - got;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watchers.abort_all();
+    let rss_delta = rss_watched.saturating_sub(rss_idle);
+    table.row(vec![
+        n.to_string(),
+        config.connections.to_string(),
+        ms(opened),
+        latency.len().to_string(),
+        missed.to_string(),
+        ms(latency.quantile(0.5)),
+        ms(latency.quantile(0.99)),
+        ms(latency.max()),
+        format!("{:.1} MiB", rss_idle as f64 / 1024.0),
+        format!("{:.1} MiB", rss_watched as f64 / 1024.0),
+        format!("{:.1}", rss_delta as f64 / n as f64),
+    ]);
+    Ok(())
+}
+
+pub async fn run(config: &Config) -> Result<(), BoxError> {
+    println!("## 3. Registry fan-out\n");
+    let mut table = Table::new(&[
+        "watchers",
+        "connections",
+        "all watches open after",
+        "deliveries",
+        "missed",
+        "p50",
+        "p99",
+        "max",
+        "registry RSS, 0 watchers",
+        "with N watchers",
+        "KiB per watcher",
+    ]);
+    for &n in &config.watchers {
+        measure(config, n, &mut table).await?;
+    }
+    println!(
+        "One service, watchers spread over {} HTTP/2 connections; {} registrations timed per row \
+         (latency: from `Register` returning to a watcher holding the `added` delta).\n",
+        config.connections, config.changes
+    );
+    table.print();
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The processes a benchmark runs and what it reads about them: registry and
+//! echo children (killed when dropped, panics included), free ports, the
+//! machine, and CPU and memory counters from `/proc` and `getrusage`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// A child process, SIGKILLed and reaped when dropped: every exit path of
+/// the harness, a panic included, leaves no process behind.
+pub struct Proc {
+    /// `registry` or `echo`, for messages.
+    name: &'static str,
+    /// The running child; `None` once it has been reaped.
+    child: Option<Child>,
+    /// The process id, kept after reaping for messages.
+    pid: i32,
+    /// Lines the child prints on stdout, read by a thread.
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`. Stdout is read line by line (for the
+    /// "listening" line); stderr goes to a log file under the target
+    /// directory, so a failed run can be diagnosed.
+    fn spawn(name: &'static str, bin: &str, args: &[String]) -> Self {
+        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-logs");
+        let _ = std::fs::create_dir_all(&logs);
+        let mut command = Command::new(bin);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let mut child = command
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let pid = child.id() as i32;
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = child.stderr.take().expect("piped stderr");
+        let log_path = logs.join(format!("{name}-{pid}.log"));
+        std::thread::spawn(move || {
+            if let Ok(mut file) = std::fs::File::create(log_path) {
+                let _ = std::io::copy(&mut BufReader::new(stderr), &mut file);
+            }
+        });
+        Self {
+            name,
+            child: Some(child),
+            pid,
+            lines,
+        }
+    }
+
+    /// Starts a registry on a free port (no warm-up, so watches answer at
+    /// once) and waits until it listens; returns it and its address.
+    pub fn registry() -> (Self, String) {
+        let args = ["--listen", "127.0.0.1:0", "--warmup-ms", "0"].map(String::from);
+        let mut proc = Self::spawn("registry", env!("CARGO_BIN_EXE_registry"), &args);
+        let address = proc.wait_line("registry listening on ");
+        (proc, address)
+    }
+
+    /// Starts one echo server on a free port, registered as `service` at
+    /// `registry`, and waits until it serves; returns it and its address.
+    pub fn echo(registry: &str, service: &str, extra: &[&str]) -> (Self, String) {
+        let mut args = vec![
+            "--listen".to_owned(),
+            "127.0.0.1:0".to_owned(),
+            "--registry".to_owned(),
+            registry.to_owned(),
+            "--service".to_owned(),
+            service.to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut proc = Self::spawn("echo", env!("CARGO_BIN_EXE_echo"), &args);
+        let address = proc.wait_line("echo serving on ");
+        (proc, address)
+    }
+
+    /// Waits for a stdout line starting with `prefix`; returns the rest.
+    fn wait_line(&mut self, prefix: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix(prefix) {
+                        return rest.trim().to_owned();
+                    }
+                }
+                Err(e) => panic!("{} (pid {}) never printed {prefix:?}: {e}", self.name, self.pid),
+            }
+        }
+    }
+
+    /// Sends `signal` (SIGTERM, SIGSTOP, ...) if the child still runs.
+    pub fn signal(&self, signal: i32) {
+        if self.child.is_some() {
+            // SAFETY: kill(2) on our own, not yet reaped, child.
+            unsafe {
+                libc::kill(self.pid, signal);
+            }
+        }
+    }
+
+    /// Whether the child has exited (and reaps it if so).
+    pub fn exited(&mut self) -> bool {
+        match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(Some(_)) | Err(_) => {
+                    self.child = None;
+                    true
+                }
+                Ok(None) => false,
+            },
+            None => true,
+        }
+    }
+
+    /// SIGKILLs and reaps the child.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // A stopped process dies of SIGKILL too; SIGCONT is not needed.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// User + system CPU time the child has used so far.
+    pub fn cpu(&self) -> Duration {
+        proc_cpu(self.pid)
+    }
+
+    /// The child's resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// User + system CPU time of process `pid`, from `/proc/<pid>/stat`.
+fn proc_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name is in parentheses and may hold spaces: count fields
+    // after the last ')'. utime and stime are fields 14 and 15 (1-based).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// User + system CPU time this process has used so far (every thread).
+pub fn self_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct we hand it.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
+/// `nproc` and the CPU model, as recorded with the results.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown", |(_, m)| m.trim())
+        .to_owned();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "nproc {cpus}, CPU {model}, Linux {}",
+        kernel.trim()
+    )
+}
