@@ -3,8 +3,10 @@
 
 use std::sync::Arc;
 
+use futures_util::future::{self, Either};
 use futures_util::{Stream, StreamExt};
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::time::Instant;
 use tonic::Status;
 
 use super::store::{SharedUpdate, Store};
@@ -17,14 +19,15 @@ pub fn watch_stream(
     store: Arc<Store>,
     service: String,
 ) -> impl Stream<Item = Result<WatchResponse, Status>> + Send + 'static {
-    let start = async move {
-        tokio::time::sleep_until(store.warm_until()).await;
-        let (reset, updates) = store.subscribe(&service);
-        Watcher {
-            updates,
-            pending: Some(reset),
-            release: Release { store, service },
-        }
+    let start = if Instant::now() >= store.warm_until() {
+        // Subscribe before Watch answers, not when the body is first polled:
+        // then every change made after the answer arrives as a delta.
+        Either::Left(future::ready(Watcher::subscribe(store, service)))
+    } else {
+        Either::Right(async move {
+            tokio::time::sleep_until(store.warm_until()).await;
+            Watcher::subscribe(store, service)
+        })
     };
     futures_util::stream::once(start).flat_map(|watcher| {
         futures_util::stream::unfold(watcher, |mut watcher| async move {
@@ -46,6 +49,16 @@ struct Watcher {
 }
 
 impl Watcher {
+    /// Takes the snapshot of `service` and starts listening for its changes.
+    fn subscribe(store: Arc<Store>, service: String) -> Self {
+        let (reset, updates) = store.subscribe(&service);
+        Self {
+            updates,
+            pending: Some(reset),
+            release: Release { store, service },
+        }
+    }
+
     async fn next(&mut self) -> Option<WatchResponse> {
         if let Some(message) = self.pending.take() {
             return Some(message);
