@@ -397,7 +397,11 @@ impl Shared {
                 Err(mut error) => match error.take_message() {
                     // Never left this process (the connection closed just
                     // before): safe to send elsewhere.
-                    Some(unsent) => request = unsent,
+                    Some(unsent) => {
+                        request = unsent;
+                        // Let the balancer hear of the closed connection.
+                        tokio::task::yield_now().await;
+                    }
                     None => {
                         return Err(Status::unavailable(format!(
                             "RPC to {} failed: {}",
