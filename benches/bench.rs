@@ -30,7 +30,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const SECTIONS: [&str; 4] = ["datapath", "failover", "fanout", "churn"];
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` adds `--bench`; it means nothing here.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let smoke = args.iter().any(|a| a == "--smoke");
     let chosen: Vec<&str> = args
         .iter()
@@ -91,7 +95,10 @@ fn main() {
         Ok(())
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
-    println!("_Total run time: {:.0} s._", started.elapsed().as_secs_f64());
+    println!(
+        "_Total run time: {:.0} s._",
+        started.elapsed().as_secs_f64()
+    );
     if let Err(error) = result {
         eprintln!("error: benchmark failed: {error}");
         std::process::exit(1);

@@ -131,7 +131,10 @@ async fn contenders(a: &str, b: &str) -> Result<Vec<(&'static str, Client)>, Box
     let plain = endpoint(a)?.connect().await?;
     let balanced = Channel::balance_list([endpoint(a)?, endpoint(b)?].into_iter());
     let mut list = vec![
-        ("(a) tonic Channel, 1 backend", Client::Tonic(EchoClient::new(plain))),
+        (
+            "(a) tonic Channel, 1 backend",
+            Client::Tonic(EchoClient::new(plain)),
+        ),
         (
             "(b) tonic balance_list, 2 backends",
             Client::Tonic(EchoClient::new(balanced)),
@@ -217,7 +220,12 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
         }
         let (ta, tb, tc, td) = (&totals[0], &totals[1], &totals[2], &totals[3]);
         let per_round = |x: &Totals, y: &Totals| {
-            let r: Vec<f64> = x.per_round.iter().zip(&y.per_round).map(|(x, y)| x / y).collect();
+            let r: Vec<f64> = x
+                .per_round
+                .iter()
+                .zip(&y.per_round)
+                .map(|(x, y)| x / y)
+                .collect();
             let min = r.iter().copied().fold(f64::INFINITY, f64::min);
             let max = r.iter().copied().fold(0.0, f64::max);
             format!("{min:.2}-{max:.2}")

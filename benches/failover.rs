@@ -150,9 +150,11 @@ async fn watch_registry(
                 };
                 let now = Instant::now();
                 let mut saw = saw.lock().unwrap();
-                if delta.updated.iter().any(|e| {
-                    e.address == victim && e.state == EndpointState::Draining as i32
-                }) {
+                if delta
+                    .updated
+                    .iter()
+                    .any(|e| e.address == victim && e.state == EndpointState::Draining as i32)
+                {
                     saw.draining.get_or_insert(now);
                 }
                 if delta.removed.contains(&victim) {
@@ -198,8 +200,9 @@ async fn scenario(
     table: &mut Table,
 ) -> Result<(), BoxError> {
     let service = format!("bench.failover-{}", fault.signal());
-    let mut backends: Vec<(Proc, String)> =
-        (0..3).map(|_| Proc::echo(registry, &service, &[])).collect();
+    let mut backends: Vec<(Proc, String)> = (0..3)
+        .map(|_| Proc::echo(registry, &service, &[]))
+        .collect();
     let channel = BalancedChannel::builder(&format!("registry://{registry}/{service}"))?
         .policy(PolicyKind::RoundRobin)
         .keepalive(Duration::from_secs(1), Duration::from_secs(1))
@@ -210,7 +213,11 @@ async fn scenario(
         .await
         .is_err()
     {
-        return Err(format!("the client never used all 3 backends: {:?}", channel.state()).into());
+        return Err(format!(
+            "the client never used all 3 backends: {:?}",
+            channel.state()
+        )
+        .into());
     }
     let victim = backends[1].1.clone();
     let (watcher, saw) = watch_registry(registry, &service, victim.clone()).await?;
@@ -238,20 +245,32 @@ async fn scenario(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    tokio::time::sleep(config.after).await;
+    // Keep the load on for `after`, noting when a drained victim exits.
+    let mut exited = None;
+    let until = Instant::now() + config.after;
+    while Instant::now() < until {
+        if let (Fault::Term, None) = (fault, exited) {
+            if backends[1].0.exited() {
+                exited = Some(signalled.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let shots = load.stop().await;
     if let Fault::Stop = fault {
         backends[1].0.signal(libc::SIGCONT);
     }
     let drained_exit = if let Fault::Term = fault {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while !backends[1].0.exited() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        while exited.is_none() && Instant::now() < deadline {
+            if backends[1].0.exited() {
+                exited = Some(signalled.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        backends[1]
-            .0
-            .exited()
-            .then(|| format!(", exited after {}", ms(signalled.elapsed())))
+        Some(exited.map_or(", still running after 15 s".to_owned(), |t| {
+            format!(", process exited after {}", ms(t))
+        }))
     } else {
         None
     };
@@ -278,7 +297,11 @@ async fn scenario(
             }
         });
     let saw = saw.lock().unwrap();
-    let since = |t: Option<Instant>| t.map_or("-".to_owned(), |t| ms(t.saturating_duration_since(signalled)));
+    let since = |t: Option<Instant>| {
+        t.map_or("-".to_owned(), |t| {
+            ms(t.saturating_duration_since(signalled))
+        })
+    };
     let elapsed = shots
         .iter()
         .map(|s| s.done)
@@ -288,7 +311,10 @@ async fn scenario(
     table.row(vec![
         fault.name().to_owned(),
         shots.len().to_string(),
-        format!("{:.0}", shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)),
+        format!(
+            "{:.0}",
+            shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)
+        ),
         if failed.is_empty() {
             "0".to_owned()
         } else {

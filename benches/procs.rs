@@ -100,7 +100,10 @@ impl Proc {
                         return rest.trim().to_owned();
                     }
                 }
-                Err(e) => panic!("{} (pid {}) never printed {prefix:?}: {e}", self.name, self.pid),
+                Err(e) => panic!(
+                    "{} (pid {}) never printed {prefix:?}: {e}",
+                    self.name, self.pid
+                ),
             }
         }
     }
@@ -145,8 +148,8 @@ impl Proc {
 
     /// The child's resident memory now, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -200,8 +203,5 @@ pub fn machine() -> String {
         .map_or("unknown", |(_, m)| m.trim())
         .to_owned();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!(
-        "nproc {cpus}, CPU {model}, Linux {}",
-        kernel.trim()
-    )
+    format!("nproc {cpus}, CPU {model}, Linux {}", kernel.trim())
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Uri};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -384,7 +384,7 @@ impl Shared {
                 continue;
             };
             drop(picker);
-            set_origin(&mut request, &connection.address)?;
+            set_origin(&mut request, &connection.authority)?;
             let guard = connection.in_flight.start();
             let mut sender = connection.sender.clone();
             match sender.try_send_request(request).await {
@@ -425,19 +425,18 @@ impl Shared {
 
 /// Points the request at the chosen backend: HTTP/2 needs a scheme and an
 /// authority, which tonic leaves to the channel.
-fn set_origin(request: &mut http::Request<tonic::body::Body>, address: &str) -> Result<(), Status> {
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let uri = Uri::builder()
-        .scheme("http")
-        .authority(address)
-        .path_and_query(path)
-        .build()
-        .map_err(|e| Status::internal(format!("cannot address {address}: {e}")))?;
-    *request.uri_mut() = uri;
+fn set_origin(
+    request: &mut http::Request<tonic::body::Body>,
+    authority: &Authority,
+) -> Result<(), Status> {
+    let mut parts = std::mem::take(request.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *request.uri_mut() = Uri::from_parts(parts)
+        .map_err(|e| Status::internal(format!("cannot address {authority}: {e}")))?;
     Ok(())
 }
 

@@ -101,6 +101,8 @@ impl SubchannelState {
 pub struct ReadyConnection {
     /// The backend address.
     pub address: Arc<str>,
+    /// The address as a URI authority, parsed once rather than per RPC.
+    pub authority: http::uri::Authority,
     /// Sends requests over the HTTP/2 connection.
     pub sender: http2::SendRequest<tonic::body::Body>,
     /// RPCs started on this subchannel and not yet finished.
@@ -249,7 +251,7 @@ async fn run(
     // Idle: wait to be asked.
     while requests.recv().await.is_some() {
         // Connecting, retrying after each failure until a connection is up.
-        let (sender, mut connection) = loop {
+        let (authority, sender, mut connection) = loop {
             emit(SubchannelState::Connecting);
             let attempt = tokio::select! {
                 attempt = connect(&address, &config) => attempt,
@@ -272,6 +274,7 @@ async fn run(
         tracing::debug!(%address, "connected");
         emit(SubchannelState::Ready(Arc::new(ReadyConnection {
             address: address.clone(),
+            authority,
             sender,
             in_flight: in_flight.clone(),
         })));
@@ -305,12 +308,20 @@ async fn closed(requests: &mut mpsc::UnboundedReceiver<()>) {
 type Connection =
     http2::Connection<TokioIo<FirstRead<TcpStream>>, tonic::body::Body, TokioExecutor>;
 
+/// A live connection: where RPCs go, how to send them, and the connection
+/// future that must be polled for them to move.
+type Connected = (
+    http::uri::Authority,
+    http2::SendRequest<tonic::body::Body>,
+    Pin<Box<Connection>>,
+);
+
 /// One connection attempt: TCP, the HTTP/2 handshake, then the server's
 /// first frame, all within the connect timeout.
-async fn connect(
-    address: &str,
-    config: &ConnectConfig,
-) -> Result<(http2::SendRequest<tonic::body::Body>, Pin<Box<Connection>>), String> {
+async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, String> {
+    let authority: http::uri::Authority = address
+        .parse()
+        .map_err(|e| format!("invalid backend address {address:?}: {e}"))?;
     let timeout = config.backoff.min_connect_timeout;
     let attempt = async {
         let tcp = TcpStream::connect(address)
@@ -337,7 +348,7 @@ async fn connect(
             })?;
         let mut connection = Box::pin(connection);
         tokio::select! {
-            _ = spoke => Ok((sender, connection)),
+            _ = spoke => Ok((authority, sender, connection)),
             ended = &mut connection => Err(match ended {
                 Ok(()) => format!("{address} closed the connection during the handshake"),
                 Err(e) => format!("connection to {address} failed: {}", source_chain(&e)),
