@@ -28,6 +28,7 @@ use super::resolver::{Resolver, ResolverSink, StaticResolver};
 use super::round_robin::RoundRobin;
 use super::subchannel::{ConnectConfig, ConnectivityState, InFlightGuard};
 use super::target::{Target, TargetError};
+use crate::registry::auth::Token;
 
 /// The balancing policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -85,7 +86,8 @@ pub struct WaitForReady;
 /// Configures and builds a [`BalancedChannel`].
 pub struct Builder {
     service: String,
-    resolver: Box<dyn Resolver>,
+    source: Source,
+    registry_token: Option<Token>,
     policy: PolicyKind,
     connect: ConnectConfig,
     wait_for_ready: bool,
@@ -97,21 +99,19 @@ impl Builder {
     /// `static:///host:port,...`).
     pub fn new(target: &str) -> Result<Self, TargetError> {
         let target: Target = target.parse()?;
-        let service = target.service();
-        let resolver: Box<dyn Resolver> = match target {
-            Target::Registry { registry, service } => {
-                Box::new(RegistryResolver::new(registry, service))
-            }
-            Target::Static(addresses) => Box::new(StaticResolver::new(addresses)),
-        };
-        Ok(Self::with_resolver(service, resolver))
+        Ok(Self::from_source(target.service(), Source::Target(target)))
     }
 
     /// Starts from a custom resolver; `service` names it in errors.
     pub fn with_resolver(service: impl Into<String>, resolver: Box<dyn Resolver>) -> Self {
+        Self::from_source(service.into(), Source::Custom(resolver))
+    }
+
+    fn from_source(service: String, source: Source) -> Self {
         Self {
-            service: service.into(),
-            resolver,
+            service,
+            source,
+            registry_token: None,
             policy: PolicyKind::default(),
             connect: ConnectConfig::default(),
             wait_for_ready: false,
@@ -153,6 +153,13 @@ impl Builder {
         self
     }
 
+    /// Presents `token` to the registry (a `registry://` target whose
+    /// registry demands a read token).
+    pub fn registry_token(mut self, token: Token) -> Self {
+        self.registry_token = Some(token);
+        self
+    }
+
     /// Makes every RPC wait-for-ready (see [`WaitForReady`]).
     pub fn wait_for_ready(mut self, enabled: bool) -> Self {
         self.wait_for_ready = enabled;
@@ -165,7 +172,14 @@ impl Builder {
         let (picker_changed, picker_waiter) = watch::channel(());
         let (state_tx, state) = watch::channel(BalancerState::default());
         let picker = Arc::new(ArcSwap::from_pointee(Picker::empty()));
-        let resolver = Tasks::spawn(self.resolver.resolve(sink));
+        let resolver: Box<dyn Resolver> = match self.source {
+            Source::Target(Target::Registry { registry, service }) => {
+                Box::new(RegistryResolver::new(registry, service).with_token(self.registry_token))
+            }
+            Source::Target(Target::Static(addresses)) => Box::new(StaticResolver::new(addresses)),
+            Source::Custom(resolver) => resolver,
+        };
+        let resolver = Tasks::spawn(resolver.resolve(sink));
         let balancer = Tasks::spawn(balancer::run(
             self.service.clone(),
             self.policy.build(),
@@ -191,6 +205,14 @@ impl Builder {
             }),
         }
     }
+}
+
+/// Where a builder's endpoints will come from.
+enum Source {
+    /// A target string's resolver, built with the builder's settings.
+    Target(Target),
+    /// A resolver the user supplied.
+    Custom(Box<dyn Resolver>),
 }
 
 /// A gRPC channel that balances RPCs over a live endpoint set. Clone it

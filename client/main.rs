@@ -9,6 +9,7 @@ use switchboard::client::{BackoffConfig, BalancedChannel, ConnectivityState, Pol
 use switchboard::process;
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
+use switchboard::registry::auth::Token;
 use switchboard::registry::DEFAULT_SERVICE;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -66,6 +67,10 @@ struct Args {
     /// HTTP/2 keepalive: drop a backend whose ping goes unanswered this long.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     keepalive_timeout: Duration,
+    /// File whose first line is the registry's read token, when it demands
+    /// one.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
 }
 
 /// Parses `1500ms`, `2s`, `1m` or a bare number of seconds.
@@ -129,8 +134,13 @@ async fn connect(args: &Args, target: &str, policy: PolicyKind) -> BalancedChann
         max: args.backoff_max,
         ..BackoffConfig::default()
     };
-    let channel = BalancedChannel::builder(target)
-        .unwrap_or_else(|err| process::exit_with(&err.to_string()))
+    let mut builder =
+        BalancedChannel::builder(target).unwrap_or_else(|err| process::exit_with(&err.to_string()));
+    if let Some(path) = &args.token_file {
+        let token = Token::from_file(path).unwrap_or_else(|err| process::exit_with(&err));
+        builder = builder.registry_token(token);
+    }
+    let channel = builder
         .policy(policy)
         .backoff(backoff)
         .keepalive(args.keepalive_interval, args.keepalive_timeout)

@@ -18,6 +18,7 @@ use super::resolver::{BoxFuture, Endpoint, Resolver, ResolverSink};
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::proto::registry::watch_response::Event;
 use crate::proto::registry::{self as pb, EndpointState, WatchRequest};
+use crate::registry::auth::{Bearer, Token};
 
 /// Watches `service` in the registry at `registry`.
 #[derive(Debug, Clone)]
@@ -25,6 +26,7 @@ pub struct RegistryResolver {
     registry: String,
     service: String,
     backoff: BackoffConfig,
+    token: Option<Token>,
 }
 
 impl RegistryResolver {
@@ -46,7 +48,14 @@ impl RegistryResolver {
             registry: registry.into(),
             service: service.into(),
             backoff: Self::default_backoff(),
+            token: None,
         }
+    }
+
+    /// Presents `token` (the registry's read token) on every watch.
+    pub fn with_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
     }
 
     /// Sets the backoff between reconnects to the registry.
@@ -75,7 +84,7 @@ impl RegistryResolver {
                 )
             }
         };
-        let mut stream = match RegistryClient::new(channel)
+        let mut stream = match RegistryClient::with_interceptor(channel, Bearer(self.token.clone()))
             .watch(WatchRequest {
                 service: self.service.clone(),
             })

@@ -1,6 +1,7 @@
 //! What one echo server needs to know: where it is reached, where and how
 //! it registers, and how long its drain may take.
 
+use crate::registry::auth::Token;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -55,6 +56,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Backoff between attempts to reach the registry.
     pub registry_backoff: BackoffConfig,
+    /// The registry's write token, when it demands one.
+    pub registry_token: Option<Token>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +71,7 @@ impl Default for ServerConfig {
             drain_grace: DEFAULT_DRAIN_GRACE,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             registry_backoff: registry_backoff(),
+            registry_token: None,
         }
     }
 }

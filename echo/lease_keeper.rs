@@ -26,6 +26,10 @@ use tonic::{Code, Status};
 
 use crate::client::backoff::{Backoff, BackoffConfig};
 use crate::proto::registry::registry_client::RegistryClient;
+use crate::registry::auth::{Bearer, Token};
+
+/// A registry client that presents the write token, if any.
+type Client = RegistryClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 use crate::proto::registry::{
     DeregisterRequest, DrainRequest, KeepAliveRequest, KeepAliveResponse, RegisterRequest,
 };
@@ -75,6 +79,8 @@ pub struct Registration {
     pub metadata: HashMap<String, String>,
     /// Lease TTL to ask for.
     pub ttl: Duration,
+    /// The registry's write token, when it demands one.
+    pub token: Option<Token>,
 }
 
 /// The task keeping one endpoint registered. Dropping it aborts the task;
@@ -240,7 +246,7 @@ async fn session(
         channel = endpoint.connect() => channel.map_err(SessionError::Connect)?,
         _ = told_to_leave(leave) => return Ok(false),
     };
-    let mut client = RegistryClient::new(channel);
+    let mut client = RegistryClient::with_interceptor(channel, Bearer(registration.token.clone()));
 
     // Not interrupted by a leave: a Register cut short could still create a
     // lease nobody deregisters, so let it finish and leave properly below.
@@ -332,11 +338,7 @@ fn answered(reply: Result<Option<KeepAliveResponse>, Status>) -> Result<(), Sess
 }
 
 /// Drain, then Deregister. Returns whether Deregister was confirmed.
-async fn leave_registry(
-    client: &mut RegistryClient<Channel>,
-    lease_id: &str,
-    registration: &Registration,
-) -> bool {
+async fn leave_registry(client: &mut Client, lease_id: &str, registration: &Registration) -> bool {
     let address = &registration.address;
     match client
         .drain(timed(DrainRequest {

@@ -9,6 +9,7 @@ use clap::error::ErrorKind;
 use clap::Parser;
 use switchboard::echo::{self, EchoServerHandle, ServerConfig};
 use switchboard::process;
+use switchboard::registry::auth::Token;
 use switchboard::registry::{self, validate};
 
 /// switchboard echo: grpc.examples.echo.Echo backends that register
@@ -49,6 +50,10 @@ struct Args {
     /// connections are cut.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     shutdown_timeout_ms: u64,
+    /// File whose first line is the registry's write token, when it
+    /// demands one (never pass secrets on the command line).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
 }
 
 /// The servers to start, checked before anything starts.
@@ -110,6 +115,11 @@ fn plan(args: &Args) -> Result<Plan, String> {
     let metadata = parse_meta(&args.meta)?;
     validate::metadata(&metadata).map_err(|e| format!("--meta: {e}"))?;
     let ttl = validate::ttl(args.ttl_ms).map_err(|e| format!("--ttl-ms: {e}"))?;
+    let registry_token = args
+        .token_file
+        .as_deref()
+        .map(Token::from_file)
+        .transpose()?;
 
     let mut configs = Vec::with_capacity(listen.len());
     for (index, addr) in listen.iter().enumerate() {
@@ -129,6 +139,7 @@ fn plan(args: &Args) -> Result<Plan, String> {
             drain_grace: Duration::from_millis(args.drain_grace_ms),
             shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
             registry_backoff: echo::registry_backoff(),
+            registry_token: registry_token.clone(),
         };
         config.validate().map_err(|e| e.to_string())?;
         configs.push(config);

@@ -121,6 +121,7 @@ impl EchoServerHandle {
                     address: address.clone(),
                     metadata: config.metadata.clone(),
                     ttl: config.ttl,
+                    token: config.registry_token.clone(),
                 },
                 config.registry_backoff,
             )

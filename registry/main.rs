@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use switchboard::process;
+use switchboard::registry::auth::{AccessTokens, Token};
 use switchboard::registry::{self, RegistryConfig};
 
 /// switchboard registry: leased endpoint registrations and live watches.
@@ -21,12 +22,30 @@ struct Args {
     /// Watch, so backends re-register before clients are told the set.
     #[arg(long, default_value_t = registry::server::DEFAULT_WARMUP.as_millis() as u64)]
     warmup_ms: u64,
+    /// File whose first line is the token writers (Register, KeepAlive,
+    /// Drain, Deregister) must present; without it anyone may write.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
+    /// File whose first line is the token readers (Watch, Resolve,
+    /// ListServices) must present; without it anyone may read.
+    #[arg(long, value_name = "PATH")]
+    read_token_file: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
     process::init_tracing();
+    let load = |path: &Option<std::path::PathBuf>| {
+        path.as_deref()
+            .map(Token::from_file)
+            .transpose()
+            .unwrap_or_else(|e| process::exit_with(&e))
+    };
+    let tokens = AccessTokens {
+        write: load(&args.token_file),
+        read: load(&args.read_token_file),
+    };
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => process::exit_with(&format!(
@@ -40,6 +59,7 @@ async fn main() {
         max_endpoints_per_service: args.max_endpoints_per_service,
         watch_buffer: args.watch_buffer,
         warmup: std::time::Duration::from_millis(args.warmup_ms),
+        tokens,
     };
     if let Err(err) = registry::serve(listener, config, process::shutdown_signal()).await {
         process::exit_with(&format!("registry failed: {err}"));

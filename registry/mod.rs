@@ -5,6 +5,7 @@
 //! an address under a lease and keep it alive over a heartbeat stream;
 //! clients watch a service and receive the full set first, then every change.
 //!
+//! - [`auth`]: bearer tokens for writers and readers;
 //! - [`validate`]: what a well-formed request looks like (shared with the CLIs);
 //! - [`lease`]: lease ids and the deadline-ordered lease table;
 //! - [`store`]: the per-service endpoint sets and their change fan-out;
@@ -12,6 +13,7 @@
 //! - [`service`]: the gRPC service gluing those together;
 //! - [`server`]: the process around it (health, reflection, shutdown).
 
+pub mod auth;
 pub mod error;
 pub mod lease;
 pub mod server;

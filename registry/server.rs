@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use super::auth::{AccessTokens, RequireTokensLayer};
 use super::Registry;
 use crate::proto::registry::registry_server::RegistryServer;
 
@@ -33,6 +34,8 @@ pub struct RegistryConfig {
     /// re-register (within about a second); an early empty snapshot would
     /// make clients drop every backend and fail RPCs meanwhile.
     pub warmup: Duration,
+    /// Tokens writers and readers must present; none by default.
+    pub tokens: AccessTokens,
 }
 
 impl Default for RegistryConfig {
@@ -43,6 +46,7 @@ impl Default for RegistryConfig {
             // Embedded registries (tests, tools) start empty on purpose; the
             // `registry` binary defaults to `DEFAULT_WARMUP`.
             warmup: Duration::ZERO,
+            tokens: AccessTokens::default(),
         }
     }
 }
@@ -77,6 +81,7 @@ pub async fn serve(
         // network partition) so their watch streams are freed.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(RequireTokensLayer::new(config.tokens.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(RegistryServer::new(registry))
