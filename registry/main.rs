@@ -22,6 +22,15 @@ struct Args {
     /// Watch, so backends re-register before clients are told the set.
     #[arg(long, default_value_t = registry::server::DEFAULT_WARMUP.as_millis() as u64)]
     warmup_ms: u64,
+    /// Most services with endpoints at once.
+    #[arg(long, default_value_t = RegistryConfig::default().max_services)]
+    max_services: usize,
+    /// Most Watch streams open at once, in all.
+    #[arg(long, default_value_t = RegistryConfig::default().max_watch_streams)]
+    max_watch_streams: usize,
+    /// Most Watch streams open at once on one client connection.
+    #[arg(long, default_value_t = RegistryConfig::default().max_watch_streams_per_connection)]
+    max_watch_streams_per_connection: usize,
     /// File whose first line is the token writers (Register, KeepAlive,
     /// Drain, Deregister) must present; without it anyone may write.
     #[arg(long, value_name = "PATH")]
@@ -60,6 +69,9 @@ async fn main() {
         watch_buffer: args.watch_buffer,
         warmup: std::time::Duration::from_millis(args.warmup_ms),
         tokens,
+        max_services: args.max_services,
+        max_watch_streams: args.max_watch_streams,
+        max_watch_streams_per_connection: args.max_watch_streams_per_connection,
     };
     if let Err(err) = registry::serve(listener, config, process::shutdown_signal()).await {
         process::exit_with(&format!("registry failed: {err}"));

@@ -36,6 +36,13 @@ pub struct RegistryConfig {
     pub warmup: Duration,
     /// Tokens writers and readers must present; none by default.
     pub tokens: AccessTokens,
+    /// Most services with endpoints; past it Register of a new service gets
+    /// RESOURCE_EXHAUSTED.
+    pub max_services: usize,
+    /// Most Watch streams open at once, in all.
+    pub max_watch_streams: usize,
+    /// Most Watch streams open at once on one client connection.
+    pub max_watch_streams_per_connection: usize,
 }
 
 impl Default for RegistryConfig {
@@ -47,6 +54,9 @@ impl Default for RegistryConfig {
             // `registry` binary defaults to `DEFAULT_WARMUP`.
             warmup: Duration::ZERO,
             tokens: AccessTokens::default(),
+            max_services: 10_000,
+            max_watch_streams: 100_000,
+            max_watch_streams_per_connection: 10_000,
         }
     }
 }

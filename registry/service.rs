@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::limits::WatchSlots;
 use super::store::Store;
 use super::watch::watch_stream;
 use super::{validate, RegistryConfig, RegistryError};
@@ -39,6 +40,8 @@ struct Shared {
     next_stream: AtomicU64,
     /// Turns true when the registry shuts down, ending every open stream.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Caps on open Watch streams.
+    watch_slots: Arc<WatchSlots>,
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -65,10 +68,15 @@ impl Registry {
                 config.max_endpoints_per_service,
                 config.watch_buffer,
                 config.warmup,
+                config.max_services,
             )),
             leases: LeaseTable::default(),
             next_stream: AtomicU64::new(1),
             closing: tokio::sync::watch::Sender::new(false),
+            watch_slots: WatchSlots::new(
+                config.max_watch_streams,
+                config.max_watch_streams_per_connection,
+            ),
         });
         let expiry = tokio::spawn(expire_leases(shared.clone()));
         Self {
@@ -207,6 +215,8 @@ impl RegistryApi for Registry {
             Ok(None) => tracing::info!(%service, %address, ttl = ?ttl, "endpoint registered"),
             Err(err) => {
                 self.shared.leases.revoke(id);
+                // A refused first endpoint may have left an empty entry.
+                self.shared.store.release(&service);
                 return Err(err.into());
             }
         }
@@ -299,10 +309,16 @@ impl RegistryApi for Registry {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let slot = self.shared.watch_slots.acquire(request.remote_addr())?;
         let service = request.into_inner().service;
         validate::service_name(&service)?;
+        // The slot lives as long as the stream does.
+        let stream = watch_stream(self.shared.store.clone(), service).map(move |message| {
+            let _slot = &slot;
+            message
+        });
         Ok(Response::new(until_closed(
-            watch_stream(self.shared.store.clone(), service),
+            stream,
             self.shared.closing.subscribe(),
         )))
     }

@@ -11,7 +11,7 @@
 //! exactly once: either inside its snapshot or as a later delta.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +41,11 @@ pub struct Store {
     services: DashMap<Arc<str>, ServiceEntry>,
     /// Cap on endpoints in one service.
     max_endpoints_per_service: usize,
+    /// Cap on services that have endpoints.
+    max_services: usize,
+    /// Services that have endpoints now (entries that are only watched do
+    /// not count, so watchers cannot use up the cap).
+    populated: AtomicUsize,
     /// How many changes a watcher may lag before it is reset.
     watch_buffer: usize,
     /// Until when Watch holds back its first snapshot (see
@@ -72,12 +77,15 @@ impl Store {
         max_endpoints_per_service: usize,
         watch_buffer: usize,
         warmup: Duration,
+        max_services: usize,
     ) -> Self {
         Self {
             epoch,
             revision: AtomicU64::new(0),
             services: DashMap::new(),
             max_endpoints_per_service,
+            max_services,
+            populated: AtomicUsize::new(0),
             watch_buffer: watch_buffer.max(1),
             warm_until: Instant::now() + warmup,
         }
@@ -125,6 +133,12 @@ impl Store {
                 (Some(previous).filter(|old| *old != lease), delta)
             }
             None => {
+                if entry.endpoints.is_empty() && !self.take_service_slot() {
+                    return Err(RegistryError::ResourceExhausted {
+                        what: "services".into(),
+                        limit: self.max_services,
+                    });
+                }
                 if entry.endpoints.len() >= self.max_endpoints_per_service {
                     return Err(RegistryError::ResourceExhausted {
                         what: format!("endpoints per service ({service})"),
@@ -156,6 +170,9 @@ impl Store {
                     .is_some_and(|r| r.lease == lease)
                 {
                     entry.endpoints.remove(address);
+                    if entry.endpoints.is_empty() {
+                        self.populated.fetch_sub(1, Ordering::AcqRel);
+                    }
                     let delta = Delta {
                         removed: vec![address.to_owned()],
                         ..Delta::default()
@@ -254,6 +271,15 @@ impl Store {
         self.services.remove_if(service, |_, entry| {
             entry.endpoints.is_empty() && entry.updates.receiver_count() == 0
         });
+    }
+
+    /// Counts one more populated service, unless the cap is reached.
+    fn take_service_slot(&self) -> bool {
+        self.populated
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_services).then_some(n + 1)
+            })
+            .is_ok()
     }
 
     fn new_entry(&self) -> ServiceEntry {
