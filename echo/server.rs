@@ -253,17 +253,23 @@ fn advertised_services() -> [&'static str; 2] {
     ]
 }
 
-fn reflection_v1() -> tonic_reflection::server::v1::ServerReflectionServer<
-    impl tonic_reflection::server::v1::ServerReflection,
-> {
+/// A reflection builder listing the echo services and the reflection
+/// service `own_name` itself.
+fn reflection_builder(own_name: &'static str) -> tonic_reflection::server::Builder<'static> {
     let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.reflection.v1.ServerReflection");
+        .with_service_name(own_name);
     for name in advertised_services() {
         builder = builder.with_service_name(name);
     }
     builder
+}
+
+fn reflection_v1() -> tonic_reflection::server::v1::ServerReflectionServer<
+    impl tonic_reflection::server::v1::ServerReflection,
+> {
+    reflection_builder("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .expect("the compiled-in descriptor sets are valid")
 }
@@ -272,14 +278,7 @@ fn reflection_v1() -> tonic_reflection::server::v1::ServerReflectionServer<
 fn reflection_v1alpha() -> tonic_reflection::server::v1alpha::ServerReflectionServer<
     impl tonic_reflection::server::v1alpha::ServerReflection,
 > {
-    let mut builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.reflection.v1alpha.ServerReflection");
-    for name in advertised_services() {
-        builder = builder.with_service_name(name);
-    }
-    builder
+    reflection_builder("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()
         .expect("the compiled-in descriptor sets are valid")
 }

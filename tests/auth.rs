@@ -31,8 +31,6 @@ fn token_file(name: &str, token: &str) -> PathBuf {
 
 /// An in-process registry demanding both tokens; returns its address.
 async fn protected_registry() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
     let config = RegistryConfig {
         tokens: AccessTokens {
             write: Some(Token::new(WRITE).unwrap()),
@@ -40,12 +38,7 @@ async fn protected_registry() -> String {
         },
         ..RegistryConfig::default()
     };
-    tokio::spawn(switchboard::registry::serve(
-        listener,
-        config,
-        std::future::pending(),
-    ));
-    address
+    serve_registry(config).await
 }
 
 async fn client_with(

@@ -13,17 +13,6 @@ use switchboard::registry::RegistryConfig;
 use tonic::transport::Channel;
 use tonic::Code;
 
-async fn registry_with(config: RegistryConfig) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    tokio::spawn(switchboard::registry::serve(
-        listener,
-        config,
-        std::future::pending(),
-    ));
-    address
-}
-
 /// A client on its own connection.
 async fn connection(address: &str) -> RegistryClient<Channel> {
     registry_client(address, STARTUP).await
@@ -45,7 +34,7 @@ async fn open_watch(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_streams_are_capped_per_connection_and_in_all() {
-    let address = registry_with(RegistryConfig {
+    let address = serve_registry(RegistryConfig {
         max_watch_streams: 5,
         max_watch_streams_per_connection: 3,
         ..RegistryConfig::default()
@@ -92,7 +81,7 @@ async fn watch_streams_are_capped_per_connection_and_in_all() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_are_capped_and_watchers_do_not_use_up_the_cap() {
-    let address = registry_with(RegistryConfig {
+    let address = serve_registry(RegistryConfig {
         max_services: 2,
         ..RegistryConfig::default()
     })

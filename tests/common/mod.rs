@@ -581,3 +581,18 @@ impl Loaded {
 pub fn all_but(addresses: &[String], victim: &str) -> Vec<String> {
     addresses.iter().filter(|a| *a != victim).cloned().collect()
 }
+
+/// Serves an in-process registry with `config` on a free port until the
+/// test ends; returns its address.
+pub async fn serve_registry(config: switchboard::registry::RegistryConfig) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("local addr").to_string();
+    tokio::spawn(switchboard::registry::serve(
+        listener,
+        config,
+        std::future::pending(),
+    ));
+    address
+}
