@@ -461,6 +461,14 @@ async fn after_a_registry_restart_the_endpoints_are_back_within_2s_without_resta
             .await;
     }
     wait_registered(&registry, SERVICE, &addresses, GENEROUS).await;
+    // The registry lists a lease as soon as Register returns, but a keeper
+    // counts itself registered only once its KeepAlive stream is answered;
+    // a kill in between is an outage at startup, not a lost registration.
+    wait_for("both keepers to hold their leases", GENEROUS, || {
+        let held = count_lines(&echo, "lease_keeper: registered");
+        async move { (held >= 2).then_some(()) }
+    })
+    .await;
 
     registry_proc.kill();
     // Both keepers noticed, and have retried long enough for their backoff
