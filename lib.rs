@@ -3,12 +3,14 @@
 //! - [`registry`]: the control plane backends register with and clients watch.
 //! - [`echo`]: the `grpc.examples.echo.Echo` backend that registers itself.
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
+//! - [`tls`]: TLS and mutual TLS settings shared by all of the above.
 
 pub mod client;
 pub mod echo;
 #[path = "proto/mod.rs"]
 pub mod proto;
 pub mod registry;
+pub mod tls;
 
 /// What every switchboard binary does at its edges: logging, signals and
 /// one-line fatal errors.

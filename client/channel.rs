@@ -29,6 +29,7 @@ use super::round_robin::RoundRobin;
 use super::subchannel::{ConnectConfig, ConnectivityState, InFlightGuard};
 use super::target::{Target, TargetError};
 use crate::registry::auth::Token;
+use crate::tls::ClientTls;
 
 /// The balancing policies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -88,6 +89,7 @@ pub struct Builder {
     service: String,
     source: Source,
     registry_token: Option<Token>,
+    registry_tls: Option<ClientTls>,
     policy: PolicyKind,
     connect: ConnectConfig,
     wait_for_ready: bool,
@@ -112,6 +114,7 @@ impl Builder {
             service,
             source,
             registry_token: None,
+            registry_tls: None,
             policy: PolicyKind::default(),
             connect: ConnectConfig::default(),
             wait_for_ready: false,
@@ -160,6 +163,20 @@ impl Builder {
         self
     }
 
+    /// Connects to backends over TLS with `tls` (mutual TLS if it holds a
+    /// client certificate). Without it, backends are reached in plaintext.
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.connect.tls = Some(tls);
+        self
+    }
+
+    /// Watches the registry over TLS with `tls` (a `registry://` target).
+    /// Independent of [`Builder::tls`]: give both when both are on TLS.
+    pub fn registry_tls(mut self, tls: ClientTls) -> Self {
+        self.registry_tls = Some(tls);
+        self
+    }
+
     /// Makes every RPC wait-for-ready (see [`WaitForReady`]).
     pub fn wait_for_ready(mut self, enabled: bool) -> Self {
         self.wait_for_ready = enabled;
@@ -173,9 +190,11 @@ impl Builder {
         let (state_tx, state) = watch::channel(BalancerState::default());
         let picker = Arc::new(ArcSwap::from_pointee(Picker::empty()));
         let resolver: Box<dyn Resolver> = match self.source {
-            Source::Target(Target::Registry { registry, service }) => {
-                Box::new(RegistryResolver::new(registry, service).with_token(self.registry_token))
-            }
+            Source::Target(Target::Registry { registry, service }) => Box::new(
+                RegistryResolver::new(registry, service)
+                    .with_token(self.registry_token)
+                    .with_tls(self.registry_tls),
+            ),
             Source::Target(Target::Static(addresses)) => Box::new(StaticResolver::new(addresses)),
             Source::Custom(resolver) => resolver,
         };
@@ -406,7 +425,7 @@ impl Shared {
                 continue;
             };
             drop(picker);
-            set_origin(&mut request, &connection.authority)?;
+            set_origin(&mut request, &connection.scheme, &connection.authority)?;
             let guard = connection.in_flight.start();
             let mut sender = connection.sender.clone();
             match sender.try_send_request(request).await {
@@ -449,10 +468,11 @@ impl Shared {
 /// authority, which tonic leaves to the channel.
 fn set_origin(
     request: &mut http::Request<tonic::body::Body>,
+    scheme: &Scheme,
     authority: &Authority,
 ) -> Result<(), Status> {
     let mut parts = std::mem::take(request.uri_mut()).into_parts();
-    parts.scheme = Some(Scheme::HTTP);
+    parts.scheme = Some(scheme.clone());
     parts.authority = Some(authority.clone());
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));

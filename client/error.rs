@@ -6,7 +6,21 @@ use std::error::Error;
 /// top ("transport error", "connection error"); the useful part is below.
 pub fn source_chain(err: &(dyn Error + 'static)) -> String {
     let mut text = err.to_string();
-    let mut source = err.source();
+    append_causes(&mut text, err.source());
+    text
+}
+
+/// A status's message and the causes behind it on one line. For a
+/// connection that failed (refused TLS, a reset), tonic's message says only
+/// "transport error"; the cause is in the status's source.
+pub fn status_chain(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    append_causes(&mut text, status.source());
+    text
+}
+
+/// Appends `source` and its causes to `text`, skipping what it already says.
+fn append_causes(text: &mut String, mut source: Option<&(dyn Error + 'static)>) {
     while let Some(cause) = source {
         let cause_text = cause.to_string();
         if !text.contains(&cause_text) {
@@ -15,5 +29,4 @@ pub fn source_chain(err: &(dyn Error + 'static)) -> String {
         }
         source = cause.source();
     }
-    text
 }

@@ -2,6 +2,7 @@
 //! that shows traffic moving between backends as they come and go.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -11,6 +12,7 @@ use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::registry::auth::Token;
 use switchboard::registry::DEFAULT_SERVICE;
+use switchboard::tls::{self, ClientTls};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -71,6 +73,21 @@ struct Args {
     /// one.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate to verify servers' TLS certificates with; turns on
+    /// TLS to the backends and to the registry. Without it, plaintext.
+    #[arg(long, value_name = "PATH")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate to present to servers that demand mutual TLS
+    /// (backends and registry); needs --key and --ca.
+    #[arg(long, value_name = "PATH")]
+    cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "PATH")]
+    key: Option<PathBuf>,
+    /// Verify every server certificate against this DNS name or IP address
+    /// instead of the host dialled; needs --ca.
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
 }
 
 /// Parses `1500ms`, `2s`, `1m` or a bare number of seconds.
@@ -104,11 +121,12 @@ async fn main() {
     if let Err(err) = BalancedChannel::builder(&target) {
         process::exit_with(&err.to_string());
     }
+    let tls = load_tls(&args).unwrap_or_else(|err| process::exit_with(&err));
     match args.rate {
         Some(0) => process::exit_with("--rate must be at least 1"),
         Some(rate) => {
             let policy = args.policy.unwrap_or(PolicyKind::RoundRobin);
-            let channel = connect(&args, &target, policy).await;
+            let channel = connect(&args, &target, policy, tls.as_ref()).await;
             live(&args, channel, rate).await;
         }
         None => {
@@ -118,7 +136,7 @@ async fn main() {
             };
             for policy in policies {
                 println!("==== Calling grpc.examples.echo.Echo/UnaryEcho with {policy} ====");
-                let channel = connect(&args, &target, policy).await;
+                let channel = connect(&args, &target, policy, tls.as_ref()).await;
                 classic(&args, channel).await;
                 println!();
             }
@@ -126,9 +144,33 @@ async fn main() {
     }
 }
 
+/// The TLS settings of --ca, --cert, --key and --tls-server-name, for the
+/// backends and the registry alike; `None` for plaintext.
+fn load_tls(args: &Args) -> Result<Option<ClientTls>, String> {
+    let tls = tls::client_from_flags(
+        ["--ca", "--cert", "--key"],
+        args.ca.as_deref(),
+        args.cert.as_deref(),
+        args.key.as_deref(),
+    )?;
+    match (tls, &args.tls_server_name) {
+        (Some(tls), Some(name)) => tls
+            .with_server_name(name)
+            .map(Some)
+            .map_err(|e| format!("--tls-server-name: {e}")),
+        (None, Some(_)) => Err("--tls-server-name needs --ca: it only applies to TLS".into()),
+        (tls, None) => Ok(tls),
+    }
+}
+
 /// Builds the channel and waits until a backend is Ready, reporting why not
 /// meanwhile (or exiting, with --fail-fast).
-async fn connect(args: &Args, target: &str, policy: PolicyKind) -> BalancedChannel {
+async fn connect(
+    args: &Args,
+    target: &str,
+    policy: PolicyKind,
+    tls: Option<&ClientTls>,
+) -> BalancedChannel {
     let backoff = BackoffConfig {
         initial: args.backoff_initial,
         max: args.backoff_max,
@@ -139,6 +181,9 @@ async fn connect(args: &Args, target: &str, policy: PolicyKind) -> BalancedChann
     if let Some(path) = &args.token_file {
         let token = Token::from_file(path).unwrap_or_else(|err| process::exit_with(&err));
         builder = builder.registry_token(token);
+    }
+    if let Some(tls) = tls {
+        builder = builder.tls(tls.clone()).registry_tls(tls.clone());
     }
     let channel = builder
         .policy(policy)

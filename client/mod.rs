@@ -6,6 +6,7 @@
 //! - [`resolver`]: the [`Resolver`] trait and the static resolver;
 //! - [`registry_resolver`]: endpoints from a registry watch stream;
 //! - [`subchannel`]: one backend connection and its state machine;
+//! - [`transport`]: dialling a backend, over TLS if configured;
 //! - [`policy`], [`round_robin`], [`pick_first`]: who gets RPCs;
 //! - [`balancer`]: the task that turns all of the above into a picker;
 //! - [`channel`]: [`BalancedChannel`], the tower service;
@@ -22,6 +23,7 @@ pub mod resolver;
 pub mod round_robin;
 pub mod subchannel;
 pub mod target;
+pub mod transport;
 
 pub use backoff::BackoffConfig;
 pub use balancer::BalancerState;

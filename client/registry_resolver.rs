@@ -10,15 +10,16 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tonic::transport::Channel;
 
 use super::backoff::{Backoff, BackoffConfig};
-use super::error::source_chain;
+use super::error::status_chain;
 use super::resolver::{BoxFuture, Endpoint, Resolver, ResolverSink};
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::proto::registry::watch_response::Event;
 use crate::proto::registry::{self as pb, EndpointState, WatchRequest};
 use crate::registry::auth::{Bearer, Token};
+use super::transport;
+use crate::tls::ClientTls;
 
 /// Watches `service` in the registry at `registry`.
 #[derive(Debug, Clone)]
@@ -27,6 +28,7 @@ pub struct RegistryResolver {
     service: String,
     backoff: BackoffConfig,
     token: Option<Token>,
+    tls: Option<ClientTls>,
 }
 
 impl RegistryResolver {
@@ -49,12 +51,19 @@ impl RegistryResolver {
             service: service.into(),
             backoff: Self::default_backoff(),
             token: None,
+            tls: None,
         }
     }
 
     /// Presents `token` (the registry's read token) on every watch.
     pub fn with_token(mut self, token: Option<Token>) -> Self {
         self.token = token;
+        self
+    }
+
+    /// Watches over TLS with `tls`; plaintext if `None`.
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -67,22 +76,15 @@ impl RegistryResolver {
     /// Runs one watch stream until it ends, publishing every set. Returns
     /// why it ended, and whether it delivered anything (to reset backoff).
     async fn watch_once(&self, sink: &ResolverSink) -> (String, bool) {
-        let endpoint = match Channel::from_shared(format!("http://{}", self.registry)) {
-            Ok(endpoint) => endpoint.connect_timeout(self.backoff.min_connect_timeout),
-            Err(err) => return (format!("bad registry address: {err}"), false),
-        };
-        let channel = match endpoint.connect().await {
+        let channel = match transport::channel(
+            &self.registry,
+            self.tls.as_ref(),
+            self.backoff.min_connect_timeout,
+        )
+        .await
+        {
             Ok(channel) => channel,
-            Err(err) => {
-                return (
-                    format!(
-                        "registry {} unreachable: {}",
-                        self.registry,
-                        source_chain(&err)
-                    ),
-                    false,
-                )
-            }
+            Err(err) => return (format!("registry {} unreachable: {err}", self.registry), false),
         };
         let mut stream = match RegistryClient::with_interceptor(channel, Bearer(self.token.clone()))
             .watch(WatchRequest {
@@ -93,7 +95,7 @@ impl RegistryResolver {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 return (
-                    format!("watch {} failed: {}", self.service, status.message()),
+                    format!("watch {} failed: {}", self.service, status_chain(&status)),
                     false,
                 )
             }
@@ -106,7 +108,7 @@ impl RegistryResolver {
                 Ok(message) => message,
                 Err(status) => {
                     return (
-                        format!("watch stream broke: {}", status.message()),
+                        format!("watch stream broke: {}", status_chain(&status)),
                         delivered,
                     )
                 }

@@ -25,11 +25,12 @@ use std::time::Duration;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::backoff::{Backoff, BackoffConfig};
 use super::error::source_chain;
+use super::transport::{self, Stream};
+use crate::tls::{self, ClientTls};
 
 /// The aggregate or per-subchannel connectivity state, as in gRPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -53,6 +54,8 @@ pub struct ConnectConfig {
     pub keepalive_interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped.
     pub keepalive_timeout: Duration,
+    /// TLS settings for backend connections; plaintext if `None`.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for ConnectConfig {
@@ -61,6 +64,7 @@ impl Default for ConnectConfig {
             backoff: BackoffConfig::default(),
             keepalive_interval: Duration::from_secs(2),
             keepalive_timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -103,6 +107,8 @@ pub struct ReadyConnection {
     pub address: Arc<str>,
     /// The address as a URI authority, parsed once rather than per RPC.
     pub authority: http::uri::Authority,
+    /// `https` over TLS, `http` otherwise: what requests carry as `:scheme`.
+    pub scheme: http::uri::Scheme,
     /// Sends requests over the HTTP/2 connection.
     pub sender: http2::SendRequest<tonic::body::Body>,
     /// RPCs started on this subchannel and not yet finished.
@@ -275,6 +281,7 @@ async fn run(
         emit(SubchannelState::Ready(Arc::new(ReadyConnection {
             address: address.clone(),
             authority,
+            scheme: tls::scheme(config.tls.is_some()),
             sender,
             in_flight: in_flight.clone(),
         })));
@@ -305,8 +312,7 @@ async fn closed(requests: &mut mpsc::UnboundedReceiver<()>) {
     while requests.recv().await.is_some() {}
 }
 
-type Connection =
-    http2::Connection<TokioIo<FirstRead<TcpStream>>, tonic::body::Body, TokioExecutor>;
+type Connection = http2::Connection<TokioIo<FirstRead<Stream>>, tonic::body::Body, TokioExecutor>;
 
 /// A live connection: where RPCs go, how to send them, and the connection
 /// future that must be polled for them to move.
@@ -316,21 +322,21 @@ type Connected = (
     Pin<Box<Connection>>,
 );
 
-/// One connection attempt: TCP, the HTTP/2 handshake, then the server's
-/// first frame, all within the connect timeout.
+/// One connection attempt: TCP (and TLS, if configured), the HTTP/2
+/// handshake, then the server's first frame, all within the connect timeout.
+/// Over TLS the first frame is read inside the encryption, so a server that
+/// finishes a handshake and then refuses the client's certificate never
+/// counts as Ready.
 async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, String> {
     let authority: http::uri::Authority = address
         .parse()
         .map_err(|e| format!("invalid backend address {address:?}: {e}"))?;
     let timeout = config.backoff.min_connect_timeout;
     let attempt = async {
-        let tcp = TcpStream::connect(address)
-            .await
-            .map_err(|e| format!("connect to {address} failed: {e}"))?;
-        let _ = tcp.set_nodelay(true);
+        let stream = transport::dial(address, config.tls.as_ref()).await?;
         let (spoke_tx, spoke) = oneshot::channel();
         let io = TokioIo::new(FirstRead {
-            inner: tcp,
+            inner: stream,
             spoke: Some(spoke_tx),
         });
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())

@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::EchoError;
 use crate::client::backoff::BackoffConfig;
 use crate::registry::{validate, DEFAULT_SERVICE};
+use crate::tls::{ClientTls, ServerTls};
 
 /// Lease TTL asked for when none is given: the registry's own default.
 pub const DEFAULT_TTL: Duration = validate::DEFAULT_TTL;
@@ -58,6 +59,10 @@ pub struct ServerConfig {
     pub registry_backoff: BackoffConfig,
     /// The registry's write token, when it demands one.
     pub registry_token: Option<Token>,
+    /// Serve TLS (mutual TLS if it names a client CA); plaintext if `None`.
+    pub tls: Option<ServerTls>,
+    /// Reach the registry over TLS with these settings; plaintext if `None`.
+    pub registry_tls: Option<ClientTls>,
 }
 
 impl Default for ServerConfig {
@@ -72,6 +77,8 @@ impl Default for ServerConfig {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             registry_backoff: registry_backoff(),
             registry_token: None,
+            tls: None,
+            registry_tls: None,
         }
     }
 }

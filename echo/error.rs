@@ -39,4 +39,7 @@ pub enum EchoError {
     /// The listener handed in has no local address (it is not bound).
     #[error("cannot read the listener's address: {0}")]
     LocalAddr(std::io::Error),
+    /// tonic refused the TLS settings.
+    #[error("cannot serve TLS: {0}; check the certificate and key files")]
+    Tls(String),
 }

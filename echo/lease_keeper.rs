@@ -21,12 +21,15 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::client::backoff::{Backoff, BackoffConfig};
+use crate::client::error::status_chain;
+use crate::client::transport;
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::registry::auth::{Bearer, Token};
+use crate::tls::ClientTls;
 
 /// A registry client that presents the write token, if any.
 type Client = RegistryClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
@@ -81,6 +84,8 @@ pub struct Registration {
     pub ttl: Duration,
     /// The registry's write token, when it demands one.
     pub token: Option<Token>,
+    /// TLS settings for the registry connection; plaintext if `None`.
+    pub tls: Option<ClientTls>,
 }
 
 /// The task keeping one endpoint registered. Dropping it aborts the task;
@@ -137,13 +142,13 @@ impl Drop for LeaseKeeper {
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("cannot connect: {}", crate::client::error::source_chain(.0))]
-    Connect(tonic::transport::Error),
-    #[error("Register failed: {} {}", .0.code(), .0.message())]
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("Register failed: {} {}", .0.code(), status_chain(.0))]
     Register(Status),
     #[error("the registry no longer knows the lease: {}", .0.message())]
     LeaseLost(Status),
-    #[error("keepalive stream failed: {} {}", .0.code(), .0.message())]
+    #[error("keepalive stream failed: {} {}", .0.code(), status_chain(.0))]
     KeepAlive(Status),
     #[error("the registry closed the keepalive stream")]
     StreamEnded,
@@ -238,12 +243,13 @@ async fn session(
     leave: &mut watch::Receiver<bool>,
     connect_timeout: Duration,
 ) -> Result<bool, SessionError> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", registration.registry))
-        .map_err(SessionError::Connect)?
-        .connect_timeout(connect_timeout)
-        .tcp_nodelay(true);
+    let connecting = transport::channel(
+        &registration.registry,
+        registration.tls.as_ref(),
+        connect_timeout,
+    );
     let channel = tokio::select! {
-        channel = endpoint.connect() => channel.map_err(SessionError::Connect)?,
+        channel = connecting => channel.map_err(SessionError::Connect)?,
         _ = told_to_leave(leave) => return Ok(false),
     };
     let mut client = RegistryClient::with_interceptor(channel, Bearer(registration.token.clone()));

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
@@ -11,6 +12,7 @@ use switchboard::echo::{self, EchoServerHandle, ServerConfig};
 use switchboard::process;
 use switchboard::registry::auth::Token;
 use switchboard::registry::{self, validate};
+use switchboard::tls::{self, ServerTlsFlags};
 
 /// switchboard echo: grpc.examples.echo.Echo backends that register
 /// themselves, stay registered, and drain gracefully.
@@ -54,6 +56,19 @@ struct Args {
     /// demands one (never pass secrets on the command line).
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: ServerTlsFlags,
+    /// PEM CA certificate to verify the registry's TLS certificate with;
+    /// connects to the registry over TLS. Without it, plaintext.
+    #[arg(long, value_name = "PATH")]
+    registry_ca: Option<PathBuf>,
+    /// PEM client certificate to present to a registry that demands mutual
+    /// TLS; needs --registry-key and --registry-ca.
+    #[arg(long, value_name = "PATH")]
+    registry_cert: Option<PathBuf>,
+    /// PEM private key of --registry-cert.
+    #[arg(long, value_name = "PATH")]
+    registry_key: Option<PathBuf>,
 }
 
 /// The servers to start, checked before anything starts.
@@ -120,6 +135,13 @@ fn plan(args: &Args) -> Result<Plan, String> {
         .as_deref()
         .map(Token::from_file)
         .transpose()?;
+    let tls = args.tls.load()?;
+    let registry_tls = tls::client_from_flags(
+        ["--registry-ca", "--registry-cert", "--registry-key"],
+        args.registry_ca.as_deref(),
+        args.registry_cert.as_deref(),
+        args.registry_key.as_deref(),
+    )?;
 
     let mut configs = Vec::with_capacity(listen.len());
     for (index, addr) in listen.iter().enumerate() {
@@ -140,6 +162,8 @@ fn plan(args: &Args) -> Result<Plan, String> {
             shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
             registry_backoff: echo::registry_backoff(),
             registry_token: registry_token.clone(),
+            tls: tls.clone(),
+            registry_tls: registry_tls.clone(),
         };
         config.validate().map_err(|e| e.to_string())?;
         configs.push(config);
@@ -295,6 +319,11 @@ mod tests {
             &["--service", "not a service"],
             &["--registry", "127.0.0.1"],
             &["5", "5"],
+            &["--tls-cert", "/nonexistent.crt", "--tls-key", "/nonexistent.key"],
+            &["--tls-key", "/nonexistent.key"],
+            &["--tls-client-ca", "/nonexistent.crt"],
+            &["--registry-cert", "/c.crt", "--registry-key", "/c.key"],
+            &["--registry-ca", "/nonexistent.crt"],
         ] {
             let err = plan(&args(argv)).unwrap_err();
             assert!(!err.contains('\n'), "{argv:?}: {err}");

@@ -27,6 +27,7 @@ use tonic_health::ServingStatus;
 use super::kill_switch::KillSwitch;
 use super::lease_keeper::{LeaseKeeper, LeaseState, Registration};
 use super::{EchoError, EchoService, ServerConfig};
+use crate::client::error::source_chain;
 use crate::proto::echo::echo_server::EchoServer;
 
 /// How long cut connections get to wind down before their tasks are
@@ -99,7 +100,13 @@ impl EchoServerHandle {
         let kill_switch = KillSwitch::new();
         let incoming = kill_switch.guard(TcpIncoming::from(listener).with_nodelay(Some(true)));
         let (stop_accepting, stop_rx) = oneshot::channel::<()>();
-        let router = Server::builder()
+        let mut server = Server::builder();
+        if let Some(tls) = &config.tls {
+            server = server
+                .tls_config(tls.tonic_config())
+                .map_err(|e| EchoError::Tls(source_chain(&e)))?;
+        }
+        let router = server
             // Frees streams whose client vanished without a FIN, so they do
             // not hold a drain up until its deadline.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -122,11 +129,19 @@ impl EchoServerHandle {
                     metadata: config.metadata.clone(),
                     ttl: config.ttl,
                     token: config.registry_token.clone(),
+                    tls: config.registry_tls.clone(),
                 },
                 config.registry_backoff,
             )
         });
-        tracing::info!(%address, %local_addr, "serving");
+        let tls = config.tls.as_ref().map(|tls| {
+            if tls.requires_client_certificate() {
+                "mutual TLS"
+            } else {
+                "TLS"
+            }
+        });
+        tracing::info!(%address, %local_addr, tls = tls.unwrap_or("off"), "serving");
         Ok(Self {
             address,
             local_addr,

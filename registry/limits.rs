@@ -3,10 +3,13 @@
 //! RESOURCE_EXHAUSTED naming the cap, and everyone else is served as before.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dashmap::DashMap;
+use tokio::time::Instant;
 
 use super::RegistryError;
 
@@ -88,9 +91,155 @@ impl Drop for WatchSlot {
     }
 }
 
+/// Connections tracked before idle ones are swept out of [`RegistrationRate`].
+const SWEEP_ABOVE: usize = 1024;
+
+/// Caps how fast one client connection may call Register: a token bucket per
+/// connection holding one second's worth of registrations, so a burst as
+/// large as the rate passes and a sustained flood is refused.
+#[derive(Debug)]
+pub struct RegistrationRate {
+    /// Registrations per second per connection; `None` turns the cap off.
+    per_second: Option<NonZeroU32>,
+    /// One bucket per peer address (one address is one TCP connection).
+    buckets: DashMap<SocketAddr, Bucket>,
+    /// When idle buckets were last swept out.
+    last_sweep: Mutex<Instant>,
+}
+
+/// What one connection may still register right now.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    /// Registrations allowed now; refills at the rate, up to one second's worth.
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    updated: Instant,
+}
+
+impl RegistrationRate {
+    /// A cap of `per_second` registrations per connection, or none.
+    pub fn new(per_second: Option<NonZeroU32>) -> Self {
+        Self {
+            per_second,
+            buckets: DashMap::new(),
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Takes one registration from `peer`'s budget, or refuses with
+    /// RESOURCE_EXHAUSTED naming the cap. Unknown peers are not capped.
+    pub fn admit(&self, peer: Option<SocketAddr>) -> Result<(), RegistryError> {
+        let (Some(rate), Some(peer)) = (self.per_second, peer) else {
+            return Ok(());
+        };
+        let rate = f64::from(rate.get());
+        let now = Instant::now();
+        let admitted = {
+            let mut bucket = self.buckets.entry(peer).or_insert(Bucket {
+                tokens: rate,
+                updated: now,
+            });
+            let refill = now.duration_since(bucket.updated).as_secs_f64() * rate;
+            bucket.tokens = (bucket.tokens + refill).min(rate);
+            bucket.updated = now;
+            let admitted = bucket.tokens >= 1.0;
+            if admitted {
+                bucket.tokens -= 1.0;
+            }
+            admitted
+        };
+        self.sweep(now);
+        if admitted {
+            Ok(())
+        } else {
+            Err(RegistryError::ResourceExhausted {
+                what: "registrations per second per connection".into(),
+                limit: rate as usize,
+            })
+        }
+    }
+
+    /// Forgets connections idle for a second: their buckets are full again,
+    /// so forgetting them changes nothing but the memory they hold.
+    fn sweep(&self, now: Instant) {
+        const IDLE: Duration = Duration::from_secs(1);
+        if self.buckets.len() <= SWEEP_ABOVE {
+            return;
+        }
+        {
+            let mut last = self.last_sweep.lock().unwrap_or_else(|e| e.into_inner());
+            if now.duration_since(*last) < IDLE {
+                return;
+            }
+            *last = now;
+        }
+        self.buckets
+            .retain(|_, bucket| now.duration_since(bucket.updated) < IDLE);
+    }
+
+    /// Connections with a bucket right now.
+    pub fn tracked(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn registrations_are_capped_per_connection_and_refill_with_time() {
+        let rate = RegistrationRate::new(NonZeroU32::new(3));
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        for _ in 0..3 {
+            rate.admit(Some(a)).unwrap();
+        }
+        let refused = rate.admit(Some(a)).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "registrations per second per connection limit of 3 reached"
+        );
+        rate.admit(Some(b))
+            .expect("another connection has its own budget");
+        rate.admit(None).expect("unknown peers are not capped");
+        tokio::time::advance(Duration::from_millis(340)).await;
+        rate.admit(Some(a))
+            .expect("a third of a second refills one");
+        assert!(rate.admit(Some(a)).is_err());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            rate.admit(Some(a)).unwrap();
+        }
+        assert!(
+            rate.admit(Some(a)).is_err(),
+            "the burst is one second's worth"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_are_forgotten() {
+        let rate = RegistrationRate::new(NonZeroU32::new(10));
+        for port in 0..=SWEEP_ABOVE as u16 {
+            rate.admit(Some(SocketAddr::from(([127, 0, 0, 1], port))))
+                .unwrap();
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        rate.admit(Some("127.0.0.2:1".parse().unwrap())).unwrap();
+        assert_eq!(rate.tracked(), 1);
+    }
+
+    #[test]
+    fn without_a_rate_nothing_is_capped() {
+        let rate = RegistrationRate::new(None);
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        for _ in 0..10_000 {
+            rate.admit(Some(a)).unwrap();
+        }
+        assert_eq!(rate.tracked(), 0);
+    }
 
     #[test]
     fn caps_per_connection_and_in_all_and_gives_slots_back() {

@@ -4,6 +4,7 @@ use clap::Parser;
 use switchboard::process;
 use switchboard::registry::auth::{AccessTokens, Token};
 use switchboard::registry::{self, RegistryConfig};
+use switchboard::tls::ServerTlsFlags;
 
 /// switchboard registry: leased endpoint registrations and live watches.
 #[derive(Parser, Debug)]
@@ -31,6 +32,13 @@ struct Args {
     /// Most Watch streams open at once on one client connection.
     #[arg(long, default_value_t = RegistryConfig::default().max_watch_streams_per_connection)]
     max_watch_streams_per_connection: usize,
+    /// Most Register calls per second on one client connection; 0 turns
+    /// the cap off.
+    #[arg(long, default_value_t = registry::server::DEFAULT_REGISTRATIONS_PER_SECOND)]
+    max_registrations_per_second: u32,
+    /// Largest request message, in bytes.
+    #[arg(long, default_value_t = RegistryConfig::default().max_message_bytes)]
+    max_message_bytes: usize,
     /// File whose first line is the token writers (Register, KeepAlive,
     /// Drain, Deregister) must present; without it anyone may write.
     #[arg(long, value_name = "PATH")]
@@ -39,6 +47,8 @@ struct Args {
     /// ListServices) must present; without it anyone may read.
     #[arg(long, value_name = "PATH")]
     read_token_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    tls: ServerTlsFlags,
 }
 
 #[tokio::main]
@@ -55,6 +65,7 @@ async fn main() {
         write: load(&args.token_file),
         read: load(&args.read_token_file),
     };
+    let tls = args.tls.load().unwrap_or_else(|e| process::exit_with(&e));
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(listener) => listener,
         Err(err) => process::exit_with(&format!(
@@ -69,9 +80,12 @@ async fn main() {
         watch_buffer: args.watch_buffer,
         warmup: std::time::Duration::from_millis(args.warmup_ms),
         tokens,
+        tls,
         max_services: args.max_services,
         max_watch_streams: args.max_watch_streams,
         max_watch_streams_per_connection: args.max_watch_streams_per_connection,
+        max_registrations_per_second: std::num::NonZeroU32::new(args.max_registrations_per_second),
+        max_message_bytes: args.max_message_bytes,
     };
     if let Err(err) = registry::serve(listener, config, process::shutdown_signal()).await {
         process::exit_with(&format!("registry failed: {err}"));

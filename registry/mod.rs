@@ -7,7 +7,8 @@
 //!
 //! - [`auth`]: bearer tokens for writers and readers;
 //! - [`validate`]: what a well-formed request looks like (shared with the CLIs);
-//! - [`limits`]: caps on what one client may hold open;
+//! - [`limits`]: caps on what one client may hold open or do per second;
+//! - [`message_size`]: the cap on one request message's size;
 //! - [`lease`]: lease ids and the deadline-ordered lease table;
 //! - [`store`]: the per-service endpoint sets and their change fan-out;
 //! - [`watch`]: one watcher's stream, resetting itself when it falls behind;
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod error;
 pub mod lease;
 pub mod limits;
+pub mod message_size;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -2,6 +2,7 @@
 //! HTTP/2 keepalive and graceful shutdown.
 
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -9,8 +10,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use super::auth::{AccessTokens, RequireTokensLayer};
+use super::message_size::MessageSizeLayer;
 use super::Registry;
 use crate::proto::registry::registry_server::RegistryServer;
+use crate::tls::ServerTls;
 
 /// How long a shutdown waits for connections to close once every stream has
 /// been ended.
@@ -19,6 +22,15 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The warm-up the `registry` binary uses unless told otherwise: long
 /// enough for backends (which retry every 100-500 ms) to re-register.
 pub const DEFAULT_WARMUP: Duration = Duration::from_secs(2);
+
+/// Register calls one connection may make per second by default: far above
+/// what backends need (one per endpoint, again after a registry restart),
+/// far below what would let one client drown the registry.
+pub const DEFAULT_REGISTRATIONS_PER_SECOND: u32 = 1000;
+
+/// The default cap on one request message: the largest valid request (a
+/// Register with full metadata) is about 5 KiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Tunables of a registry instance.
 #[derive(Debug, Clone)]
@@ -36,6 +48,8 @@ pub struct RegistryConfig {
     pub warmup: Duration,
     /// Tokens writers and readers must present; none by default.
     pub tokens: AccessTokens,
+    /// Serve TLS (mutual TLS if it names a client CA); plaintext if `None`.
+    pub tls: Option<ServerTls>,
     /// Most services with endpoints; past it Register of a new service gets
     /// RESOURCE_EXHAUSTED.
     pub max_services: usize,
@@ -43,6 +57,12 @@ pub struct RegistryConfig {
     pub max_watch_streams: usize,
     /// Most Watch streams open at once on one client connection.
     pub max_watch_streams_per_connection: usize,
+    /// Most Register calls per second on one client connection (a burst of
+    /// one second's worth passes); `None` turns the cap off.
+    pub max_registrations_per_second: Option<NonZeroU32>,
+    /// Largest request message, in bytes; a larger one gets
+    /// RESOURCE_EXHAUSTED before it is read.
+    pub max_message_bytes: usize,
 }
 
 impl Default for RegistryConfig {
@@ -54,9 +74,12 @@ impl Default for RegistryConfig {
             // `registry` binary defaults to `DEFAULT_WARMUP`.
             warmup: Duration::ZERO,
             tokens: AccessTokens::default(),
+            tls: None,
             max_services: 10_000,
             max_watch_streams: 100_000,
             max_watch_streams_per_connection: 10_000,
+            max_registrations_per_second: NonZeroU32::new(DEFAULT_REGISTRATIONS_PER_SECOND),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -85,16 +108,26 @@ pub async fn serve(
         closer.close_streams();
         let _ = began.send(());
     };
-    let serving = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = &config.tls {
+        tracing::info!(mutual = tls.requires_client_certificate(), "serving TLS");
+        server = server.tls_config(tls.tonic_config())?;
+    }
+    let serving = server
         .tcp_nodelay(true)
         // Finds connections whose peer vanished without a FIN (power loss,
         // network partition) so their watch streams are freed.
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(RequireTokensLayer::new(config.tokens.clone()))
+        .layer(MessageSizeLayer::new(config.max_message_bytes))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(RegistryServer::new(registry))
+        // tonic's own limit stays as a backstop behind the layer's.
+        .add_service(
+            RegistryServer::new(registry)
+                .max_decoding_message_size(config.max_message_bytes.saturating_add(1)),
+        )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown);
     // A client that stops reading can keep its stream from ever finishing;
     // past the grace period the connections are left to close with the

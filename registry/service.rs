@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::lease::{LeaseId, LeaseTable, StreamId};
-use super::limits::WatchSlots;
+use super::limits::{RegistrationRate, WatchSlots};
 use super::store::Store;
 use super::watch::watch_stream;
 use super::{validate, RegistryConfig, RegistryError};
@@ -42,6 +42,8 @@ struct Shared {
     closing: tokio::sync::watch::Sender<bool>,
     /// Caps on open Watch streams.
     watch_slots: Arc<WatchSlots>,
+    /// Cap on Register calls per second per connection.
+    registration_rate: RegistrationRate,
 }
 
 struct AbortOnDrop(JoinHandle<()>);
@@ -77,6 +79,7 @@ impl Registry {
                 config.max_watch_streams,
                 config.max_watch_streams_per_connection,
             ),
+            registration_rate: RegistrationRate::new(config.max_registrations_per_second),
         });
         let expiry = tokio::spawn(expire_leases(shared.clone()));
         Self {
@@ -189,6 +192,9 @@ impl RegistryApi for Registry {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        // Counted before validation: a flood of malformed requests costs the
+        // registry as much as a flood of good ones.
+        self.shared.registration_rate.admit(request.remote_addr())?;
         let req = request.into_inner();
         validate::service_name(&req.service)?;
         validate::address(&req.address)?;
@@ -251,8 +257,11 @@ impl RegistryApi for Registry {
                 let heartbeat = match inbound.next().await? {
                     Ok(heartbeat) => heartbeat,
                     Err(status) => {
+                        // An oversized or undecodable heartbeat: tell the
+                        // sender why its stream ends (a vanished peer never
+                        // reads it, which costs nothing).
                         tracing::debug!(%status, "keepalive stream broke");
-                        return None;
+                        return Some((Err(status), (inbound, bound, true)));
                     }
                 };
                 let reply = heartbeat

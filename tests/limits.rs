@@ -143,3 +143,111 @@ async fn services_are_capped_and_watchers_do_not_use_up_the_cap() {
     }
     drop(watches);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused_naming_the_cap_and_others_are_served() {
+    let address = serve_registry(RegistryConfig {
+        max_message_bytes: 2048,
+        ..RegistryConfig::default()
+    })
+    .await;
+    let mut client = connection(&address).await;
+    let oversized = RegisterRequest {
+        service: SERVICE.into(),
+        address: "127.0.0.1:4000".into(),
+        metadata: [("blob".to_owned(), "x".repeat(4000))].into(),
+        ..RegisterRequest::default()
+    };
+    let status = client.register(oversized).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("message size limit of 2048 bytes"),
+        "{status:?}"
+    );
+    // Nothing was registered, and a streaming call meets the same cap.
+    assert_eq!(resolve(&mut client, SERVICE).await, Some(vec![]));
+    client
+        .register(RegisterRequest {
+            service: SERVICE.into(),
+            address: "127.0.0.1:4000".into(),
+            ..RegisterRequest::default()
+        })
+        .await
+        .expect("a small request on the same connection");
+    let huge_heartbeat = switchboard::proto::registry::KeepAliveRequest {
+        lease_id: "0".repeat(5000),
+    };
+    let outcome = match client
+        .keep_alive(tokio_stream::iter([huge_heartbeat]))
+        .await
+    {
+        Ok(replies) => replies.into_inner().message().await.map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let status = outcome.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("message size limit"),
+        "{status:?}"
+    );
+    // The refused stream bound nothing: the lease is untouched.
+    assert_eq!(
+        resolve(&mut client, SERVICE).await,
+        Some(vec!["127.0.0.1:4000".to_owned()])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_per_second_are_capped_per_connection() {
+    let address = serve_registry(RegistryConfig {
+        max_registrations_per_second: std::num::NonZeroU32::new(20),
+        ..RegistryConfig::default()
+    })
+    .await;
+    let register = |i: usize| RegisterRequest {
+        service: SERVICE.into(),
+        address: format!("127.0.0.1:{}", 4000 + i),
+        ..RegisterRequest::default()
+    };
+    let mut flooder = connection(&address).await;
+    let mut outcomes = Vec::new();
+    for i in 0..100 {
+        outcomes.push(flooder.register(register(i)).await.map(|_| ()));
+    }
+    let refused: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    // A burst of one second's worth passes (plus what refills meanwhile);
+    // past it, every refusal names the cap.
+    let admitted = outcomes.len() - refused.len();
+    assert!((20..100).contains(&admitted), "{admitted} admitted");
+    for status in &refused {
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("registrations per second per connection limit of 20"),
+            "{status:?}"
+        );
+    }
+    let mut registered = resolve(&mut flooder, SERVICE).await.unwrap();
+    assert_eq!(
+        registered.len(),
+        admitted,
+        "refused calls registered nothing"
+    );
+
+    // Another connection has its own budget, and the flooder's refills.
+    let mut other = connection(&address).await;
+    other
+        .register(register(1000))
+        .await
+        .expect("another connection is served");
+    wait_for("the flooder's budget to refill", STARTUP, || {
+        let mut flooder = flooder.clone();
+        async move { flooder.register(register(2000)).await.ok() }
+    })
+    .await;
+    registered = resolve(&mut other, SERVICE).await.unwrap();
+    assert_eq!(registered.len(), admitted + 2);
+}

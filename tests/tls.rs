@@ -1,0 +1,580 @@
+//! TLS and mutual TLS: the registry and echo servers serve TLS, refuse
+//! plaintext and clients without the right certificates, and the echo lease
+//! keeper, the client library and the CLIs connect with a CA, a client
+//! certificate and key. Every certificate is made here, for this run, by a
+//! throwaway CA.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use futures_util::StreamExt;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use switchboard::client::error::status_chain;
+use switchboard::client::transport;
+use switchboard::client::{BackoffConfig, BalancedChannel, ConnectivityState, PolicyKind};
+use switchboard::proto::echo::echo_client::EchoClient;
+use switchboard::proto::registry::registry_client::RegistryClient;
+use switchboard::proto::registry::{watch_response, RegisterRequest, ResolveRequest, WatchRequest};
+use switchboard::registry::RegistryConfig;
+use switchboard::tls::{ClientTls, ServerTls};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// A CA: its certificate and the issuer that signs with its key.
+type Ca = CertifiedIssuer<'static, KeyPair>;
+
+/// A throwaway CA named `name`.
+fn ca(name: &str) -> Ca {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.distinguished_name.push(DnType::CommonName, name);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A certificate for `names`, signed by `ca`, for a server or a client;
+/// returns its PEM and its key's PEM.
+fn issue(ca: &Ca, names: &[&str], usage: ExtendedKeyUsagePurpose) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The certificates of one test, as files in a directory of its own:
+///
+/// - `ca.crt`: the CA everyone trusts;
+/// - `server.crt`/`.key`: for `127.0.0.1` and `localhost`, signed by it;
+/// - `client.crt`/`.key`: a client certificate signed by it;
+/// - `wrong-ca.crt`, and `wrong-client.crt`/`.key` signed by that one.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "tls-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = ca("switchboard test CA");
+        let wrong = ca("some other CA");
+        let (server, server_key) = issue(
+            &good,
+            &["127.0.0.1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client, client_key) = issue(
+            &good,
+            &["client.test"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let (wrong_client, wrong_client_key) = issue(
+            &wrong,
+            &["client.test"],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        for (name, pem) in [
+            ("ca.crt", good.pem()),
+            ("server.crt", server),
+            ("server.key", server_key),
+            ("client.crt", client),
+            ("client.key", client_key),
+            ("wrong-ca.crt", wrong.pem()),
+            ("wrong-client.crt", wrong_client),
+            ("wrong-client.key", wrong_client_key),
+            ("garbage.crt", "this is not PEM\n".into()),
+        ] {
+            std::fs::write(dir.join(name), pem).unwrap();
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A file's path as a command-line argument.
+    fn arg(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+
+    /// The server's TLS settings, demanding client certificates signed by
+    /// the CA if `mutual`.
+    fn server(&self, mutual: bool) -> ServerTls {
+        let ca = self.path("ca.crt");
+        ServerTls::from_files(
+            &self.path("server.crt"),
+            &self.path("server.key"),
+            mutual.then_some(ca.as_path()),
+        )
+        .unwrap()
+    }
+
+    /// A client trusting `ca`, presenting `identity` (`client` or
+    /// `wrong-client`) if given.
+    fn client(&self, ca: &str, identity: Option<&str>) -> ClientTls {
+        let cert = identity.map(|name| (self.path(&format!("{name}.crt")), self.path(&format!("{name}.key"))));
+        ClientTls::from_files(
+            &self.path(ca),
+            cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .unwrap()
+    }
+
+    /// The right CA and the right client certificate.
+    fn good_client(&self) -> ClientTls {
+        self.client("ca.crt", Some("client"))
+    }
+
+    /// The flags that make a server binary serve TLS (mutual if `mutual`).
+    fn server_flags(&self, mutual: bool) -> Vec<String> {
+        let mut flags = vec![
+            "--tls-cert".into(),
+            self.arg("server.crt"),
+            "--tls-key".into(),
+            self.arg("server.key"),
+        ];
+        if mutual {
+            flags.extend(["--tls-client-ca".into(), self.arg("ca.crt")]);
+        }
+        flags
+    }
+}
+
+/// Starts the registry binary serving TLS (mutual if `mutual`), without a
+/// warm-up; returns its address and process.
+async fn tls_registry(pki: &Pki, mutual: bool) -> (String, Proc) {
+    let address = local(free_port());
+    let mut args = vec![
+        "--listen".to_owned(),
+        address.clone(),
+        "--warmup-ms".into(),
+        "0".into(),
+    ];
+    args.extend(pki.server_flags(mutual));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let proc = Proc::spawn(&bin("registry"), &args);
+    proc.wait_line("registry listening on", STARTUP).await;
+    (address, proc)
+}
+
+/// A registry client on a new connection, over TLS with `tls`; any failure
+/// as one line (certificate problems included).
+async fn connect(address: &str, tls: Option<&ClientTls>) -> Result<RegistryClient<Channel>, String> {
+    let channel = transport::channel(address, tls, Duration::from_secs(5)).await?;
+    Ok(RegistryClient::new(channel))
+}
+
+/// The addresses `service` resolves to, over a new connection; any failure
+/// (at connect or at the call) as one line.
+async fn resolve_over(address: &str, tls: Option<&ClientTls>) -> Result<Vec<String>, String> {
+    let mut client = connect(address, tls).await?;
+    let mut request = tonic::Request::new(ResolveRequest {
+        service: SERVICE.into(),
+    });
+    request.set_timeout(Duration::from_secs(5));
+    let reply = client
+        .resolve(request)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status_chain(&status)))?;
+    let mut addresses: Vec<String> = reply
+        .into_inner()
+        .endpoints
+        .into_iter()
+        .map(|e| e.address)
+        .collect();
+    addresses.sort();
+    Ok(addresses)
+}
+
+/// Asserts that a failed connection's error names the certificate problem.
+fn names_certificate_problem(error: &str) {
+    let lower = error.to_lowercase();
+    assert!(
+        lower.contains("certificate") || lower.contains("unknownca"),
+        "the error should say what is wrong with the certificate: {error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_registry_serves_clients_that_trust_its_ca_and_no_others() {
+    let pki = Pki::new();
+    let (address, _registry) = tls_registry(&pki, false).await;
+    let trusting = pki.client("ca.crt", None);
+
+    // Watch, then Register: the watcher sees the new endpoint.
+    let mut client = connect(&address, Some(&trusting)).await.expect("connects");
+    let mut watch = client
+        .watch(WatchRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.next().await.expect("a reset").expect("a reset");
+    assert!(matches!(first.event, Some(watch_response::Event::Reset(_))));
+    client
+        .register(RegisterRequest {
+            service: SERVICE.into(),
+            address: "127.0.0.1:4000".into(),
+            ..RegisterRequest::default()
+        })
+        .await
+        .expect("register over TLS");
+    let next = tokio::time::timeout(STARTUP, watch.next())
+        .await
+        .expect("a delta in time")
+        .expect("a delta")
+        .expect("a delta");
+    match next.event {
+        Some(watch_response::Event::Delta(delta)) => {
+            assert_eq!(delta.added[0].address, "127.0.0.1:4000")
+        }
+        other => panic!("expected a delta, got {other:?}"),
+    }
+
+    // Plaintext is refused, and so is a client trusting another CA.
+    let plaintext = resolve_over(&address, None).await;
+    assert!(plaintext.is_err(), "plaintext was served: {plaintext:?}");
+    let error = resolve_over(&address, Some(&pki.client("wrong-ca.crt", None)))
+        .await
+        .expect_err("a client trusting another CA must not connect");
+    names_certificate_problem(&error);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutual_tls_registry_refuses_clients_without_a_certificate_from_its_ca() {
+    let pki = Pki::new();
+    let (address, _registry) = tls_registry(&pki, true).await;
+    let error = resolve_over(&address, Some(&pki.client("ca.crt", None)))
+        .await
+        .expect_err("no client certificate must be refused");
+    names_certificate_problem(&error);
+    let error = resolve_over(&address, Some(&pki.client("ca.crt", Some("wrong-client"))))
+        .await
+        .expect_err("a client certificate from another CA must be refused");
+    names_certificate_problem(&error);
+    assert_eq!(
+        resolve_over(&address, Some(&pki.good_client())).await,
+        Ok(Vec::new())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_connection_caps_still_see_the_peer_over_tls() {
+    let pki = Pki::new();
+    let address = serve_registry(RegistryConfig {
+        tls: Some(pki.server(true)),
+        max_watch_streams_per_connection: 1,
+        ..RegistryConfig::default()
+    })
+    .await;
+    let tls = pki.good_client();
+    let mut client = wait_for("the TLS registry", STARTUP, || {
+        let (address, tls) = (address.clone(), tls.clone());
+        async move { connect(&address, Some(&tls)).await.ok() }
+    })
+    .await;
+    let watch = |client: &mut RegistryClient<Channel>| {
+        let mut client = client.clone();
+        async move {
+            let mut stream = client
+                .watch(WatchRequest {
+                    service: SERVICE.into(),
+                })
+                .await?
+                .into_inner();
+            stream.next().await.expect("a first message")?;
+            Ok::<_, tonic::Status>(stream)
+        }
+    };
+    let _held = watch(&mut client).await.expect("the first watch");
+    let status = watch(&mut client).await.expect_err("over the cap");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("per connection"),
+        "{status:?}"
+    );
+    // Another TLS connection is another peer.
+    let mut other = connect(&address, Some(&tls)).await.unwrap();
+    let _other = watch(&mut other).await.expect("another connection");
+}
+
+/// A mutual-TLS registry and one echo process with two mutual-TLS
+/// backends registered through TLS.
+struct TlsCluster {
+    pki: Pki,
+    registry: String,
+    backends: Vec<String>,
+    _procs: [Proc; 2],
+}
+
+impl TlsCluster {
+    async fn start() -> Self {
+        let pki = Pki::new();
+        let (registry, registry_proc) = tls_registry(&pki, true).await;
+        let ports = [free_port(), free_port()];
+        let mut extra = pki.server_flags(true);
+        extra.extend([
+            "--registry-ca".into(),
+            pki.arg("ca.crt"),
+            "--registry-cert".into(),
+            pki.arg("client.crt"),
+            "--registry-key".into(),
+            pki.arg("client.key"),
+        ]);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let echo = start_echo(&registry, SERVICE, &ports, &extra).await;
+        let mut backends: Vec<String> = ports.iter().map(|p| local(*p)).collect();
+        backends.sort();
+        let tls = pki.good_client();
+        wait_for("both backends to register over TLS", STARTUP, || {
+            let (registry, tls, backends) = (registry.clone(), tls.clone(), backends.clone());
+            async move { (resolve_over(&registry, Some(&tls)).await.ok()? == backends).then_some(()) }
+        })
+        .await;
+        Self {
+            pki,
+            registry,
+            backends,
+            _procs: [registry_proc, echo],
+        }
+    }
+
+    /// A round_robin channel to the service, with `backends` and
+    /// `registry` TLS settings.
+    fn channel(&self, backends: ClientTls, registry: ClientTls) -> BalancedChannel {
+        BalancedChannel::builder(&registry_target(&self.registry))
+            .unwrap()
+            .policy(PolicyKind::RoundRobin)
+            .backoff(BackoffConfig::fast())
+            .tls(backends)
+            .registry_tls(registry)
+            .build()
+    }
+
+    /// Runs the client binary with `args` to its end; returns its exit code
+    /// and output.
+    async fn run_client(&self, args: &[String]) -> (Option<i32>, Vec<String>) {
+        let mut all = vec!["--target".to_owned(), registry_target(&self.registry)];
+        all.extend(args.iter().cloned());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut client = Proc::spawn(&bin("client"), &all);
+        let code = client.wait_exit(STARTUP).await;
+        // The output readers may still be draining the pipes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let output = client.output.lock().unwrap().clone();
+        (code, output)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_registers_over_mutual_tls_and_clients_balance_over_it() {
+    let cluster = TlsCluster::start().await;
+    let good = cluster.pki.good_client();
+    let channel = cluster.channel(good.clone(), good);
+    wait_ready_set(&channel, &cluster.backends, STARTUP).await;
+    let mut client = EchoClient::new(channel);
+    let served: Vec<String> = served_by(&mut client, 6).await.into_iter().collect();
+    assert_eq!(served, cluster.backends);
+
+    // The CLI, with the same certificates for the registry and backends.
+    let pki = &cluster.pki;
+    let (code, output) = cluster
+        .run_client(&[
+            "--ca".into(),
+            pki.arg("ca.crt"),
+            "--cert".into(),
+            pki.arg("client.crt"),
+            "--key".into(),
+            pki.arg("client.key"),
+            "--policy".into(),
+            "round_robin".into(),
+            "--count".into(),
+            "4".into(),
+        ])
+        .await;
+    assert_eq!(code, Some(0), "{output:#?}");
+    for backend in &cluster.backends {
+        assert!(
+            output.iter().any(|l| l.ends_with(&format!("(from {backend})"))),
+            "no reply from {backend}: {output:#?}"
+        );
+    }
+}
+
+/// Waits until `channel` fails fast, then checks that an RPC gets
+/// UNAVAILABLE at once, naming the certificate problem.
+async fn fails_fast_naming_the_certificate(channel: BalancedChannel) {
+    let mut state = channel.watch_state();
+    tokio::time::timeout(
+        STARTUP,
+        state.wait_for(|s| s.connectivity == ConnectivityState::TransientFailure),
+    )
+    .await
+    .expect("the channel gives up connecting")
+    .unwrap();
+    let mut client = EchoClient::new(channel.clone());
+    let started = Instant::now();
+    let status = echo_once(&mut client, Duration::from_secs(10))
+        .await
+        .expect_err("no backend can be trusted");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5), "it hung");
+    names_certificate_problem(status.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_the_wrong_certificates_fail_fast_saying_why() {
+    let cluster = TlsCluster::start().await;
+    let pki = &cluster.pki;
+    let good = pki.good_client();
+    // Backends whose certificate the client does not trust.
+    fails_fast_naming_the_certificate(
+        cluster.channel(pki.client("wrong-ca.crt", Some("client")), good.clone()),
+    )
+    .await;
+    // Backends that do not accept the client's certificate.
+    fails_fast_naming_the_certificate(
+        cluster.channel(pki.client("ca.crt", Some("wrong-client")), good.clone()),
+    )
+    .await;
+    // A registry whose certificate the client does not trust.
+    fails_fast_naming_the_certificate(
+        cluster.channel(good, pki.client("wrong-ca.crt", Some("client"))),
+    )
+    .await;
+
+    // The CLI says so in one line and exits.
+    let (code, output) = cluster
+        .run_client(&[
+            "--ca".into(),
+            pki.arg("wrong-ca.crt"),
+            "--cert".into(),
+            pki.arg("client.crt"),
+            "--key".into(),
+            pki.arg("client.key"),
+            "--fail-fast".into(),
+        ])
+        .await;
+    assert_eq!(code, Some(1), "{output:#?}");
+    let error = output
+        .iter()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {output:#?}"));
+    names_certificate_problem(error);
+}
+
+/// Runs `bin` with `args`, which must fail at startup: exit status 1 and
+/// one line, `error: ...` containing `expected`.
+async fn refused(bin_name: &str, args: &[String], expected: &str) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = Proc::spawn(&bin(bin_name), &args);
+    let code = proc.wait_exit(STARTUP).await;
+    let line = proc.wait_line("error: ", Duration::from_secs(5)).await;
+    let output = proc.output.lock().unwrap().clone();
+    assert_eq!(code, Some(1), "{bin_name} {args:?}: {output:#?}");
+    assert_eq!(output.len(), 1, "{bin_name} {args:?}: {output:#?}");
+    assert!(
+        line.starts_with("error: ") && line.contains(expected),
+        "{bin_name} {args:?}: {line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificate_files_stop_every_binary_with_one_line() {
+    let pki = Pki::new();
+    let missing = pki.arg("missing.crt");
+    let a = |items: &[&str]| -> Vec<String> {
+        items
+            .iter()
+            .map(|item| match *item {
+                "missing" => missing.clone(),
+                name if name.contains('.') => pki.arg(name),
+                flag => flag.to_owned(),
+            })
+            .collect()
+    };
+    let listen = |mut args: Vec<String>| {
+        args.extend(["--listen".into(), local(free_port())]);
+        args
+    };
+    for (bin_name, args, expected) in [
+        (
+            "registry",
+            listen(a(&["--tls-cert", "missing", "--tls-key", "server.key"])),
+            "cannot read the server certificate file",
+        ),
+        (
+            "registry",
+            listen(a(&["--tls-cert", "server.crt", "--tls-key", "client.key"])),
+            "does not fit the certificate",
+        ),
+        (
+            "registry",
+            listen(a(&["--tls-key", "server.key"])),
+            "--tls-key needs --tls-cert",
+        ),
+        (
+            "registry",
+            listen(a(&[
+                "--tls-cert",
+                "server.crt",
+                "--tls-key",
+                "server.key",
+                "--tls-client-ca",
+                "garbage.crt",
+            ])),
+            "holds no certificate",
+        ),
+        (
+            "echo",
+            listen(a(&["--tls-cert", "garbage.crt", "--tls-key", "server.key"])),
+            "holds no certificate",
+        ),
+        (
+            "echo",
+            listen(a(&["--tls-cert", "server.crt", "--tls-key", "server.crt"])),
+            "holds no private key",
+        ),
+        (
+            "echo",
+            listen(a(&["--registry-cert", "client.crt", "--registry-ca", "ca.crt"])),
+            "--registry-cert needs --registry-key",
+        ),
+        (
+            "echo",
+            listen(a(&["--registry-ca", "missing"])),
+            "cannot read the CA file",
+        ),
+        ("client", a(&["--ca", "missing"]), "cannot read the CA file"),
+        (
+            "client",
+            a(&["--cert", "client.crt", "--key", "client.key"]),
+            "--cert needs --ca",
+        ),
+        (
+            "client",
+            a(&["--ca", "ca.crt", "--tls-server-name", "not a name"]),
+            "invalid TLS server name",
+        ),
+    ] {
+        refused(bin_name, &args, expected).await;
+    }
+}
