@@ -176,8 +176,9 @@ fn roots(what: &'static str, path: &Path, pem: &[u8]) -> Result<RootCertStore, T
     Ok(roots)
 }
 
-/// A certificate chain and its key, loaded and checked to belong together.
-struct KeyPair {
+/// A certificate chain and its key, read and parsed; whether they belong
+/// together is checked when a rustls config is built from them.
+struct CertAndKey {
     /// The chain's PEM, for tonic.
     cert_pem: Vec<u8>,
     /// The key's PEM, for tonic.
@@ -188,14 +189,13 @@ struct KeyPair {
     key: PrivateKeyDer<'static>,
 }
 
-impl KeyPair {
-    /// Reads the chain at `cert` and the key at `key`, named `role` in
-    /// errors (`server` or `client`).
-    fn load(role: &'static str, cert: &Path, key: &Path) -> Result<Self, TlsError> {
-        let (cert_what, key_what) = match role {
-            "server" => ("server certificate", "server key"),
-            _ => ("client certificate", "client key"),
-        };
+impl CertAndKey {
+    /// Reads the chain at `cert` and the key at `key`, called `cert_what`
+    /// and `key_what` in errors.
+    fn load(
+        (cert_what, cert): (&'static str, &Path),
+        (key_what, key): (&'static str, &Path),
+    ) -> Result<Self, TlsError> {
         let cert_pem = read(cert_what, cert)?;
         let key_pem = read(key_what, key)?;
         Ok(Self {
@@ -240,7 +240,7 @@ impl ServerTls {
     /// client certificates must be signed by. Checks that the key fits the
     /// certificate.
     pub fn from_files(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<Self, TlsError> {
-        let pair = KeyPair::load("server", cert, key)?;
+        let pair = CertAndKey::load(("server certificate", cert), ("server key", key))?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(TlsError::Setup)?;
@@ -310,7 +310,7 @@ impl ServerTls {
 #[derive(Clone)]
 pub struct ClientTls {
     /// Whether a client certificate is presented.
-    identity: bool,
+    presents_certificate: bool,
     /// Verify certificates against this name instead of the host dialled.
     server_name: Option<ServerName<'static>>,
     /// The rustls config, offering HTTP/2 by ALPN.
@@ -323,7 +323,7 @@ impl fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ClientTls")
             .field("ca", &self.ca_path)
-            .field("client_certificate", &self.identity)
+            .field("client_certificate", &self.presents_certificate)
             .field("server_name", &self.server_name)
             .finish_non_exhaustive()
     }
@@ -342,7 +342,7 @@ impl ClientTls {
             .with_root_certificates(roots);
         let mut config = match identity {
             Some((cert, key)) => {
-                let pair = KeyPair::load("client", cert, key)?;
+                let pair = CertAndKey::load(("client certificate", cert), ("client key", key))?;
                 builder
                     .with_client_auth_cert(pair.certs, pair.key)
                     .map_err(|error| TlsError::KeyMismatch {
@@ -355,7 +355,7 @@ impl ClientTls {
         };
         config.alpn_protocols = vec![ALPN_H2.to_vec()];
         Ok(Self {
-            identity: identity.is_some(),
+            presents_certificate: identity.is_some(),
             server_name: None,
             config: Arc::new(config),
             ca_path: ca.to_owned(),
@@ -375,7 +375,7 @@ impl ClientTls {
 
     /// Whether a client certificate is presented.
     pub fn presents_certificate(&self) -> bool {
-        self.identity
+        self.presents_certificate
     }
 
     /// The name a certificate must carry for `address` (`host:port`): the
@@ -409,18 +409,19 @@ impl ClientTls {
             .connect(name.clone(), io)
             .await
             .map_err(|e| {
-                let certificate = e
+                let hint = match e
                     .get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                    .is_some_and(|inner| matches!(inner, rustls::Error::InvalidCertificate(_)));
-                let hint = if certificate {
-                    format!(
+                {
+                    Some(rustls::Error::InvalidCertificate(_)) => format!(
                         "; check that {} holds the CA that signed its certificate and that the certificate names {}",
                         self.ca_path.display(),
                         name.to_str()
-                    )
-                } else {
-                    String::new()
+                    ),
+                    Some(rustls::Error::InvalidMessage(_)) => {
+                        "; does the server serve TLS?".to_owned()
+                    }
+                    _ => String::new(),
                 };
                 format!("TLS handshake with {address} failed: {e}{hint}")
             })?;
@@ -522,11 +523,28 @@ mod tests {
     use super::*;
 
     /// A fresh directory for one test's files.
-    fn dir(name: &str) -> PathBuf {
+    fn dir(name: &str) -> TempDir {
         let dir =
             std::env::temp_dir().join(format!("switchboard-tls-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        dir
+        TempDir(dir)
+    }
+
+    /// A directory removed when the test ends.
+    struct TempDir(PathBuf);
+
+    impl std::ops::Deref for TempDir {
+        type Target = Path;
+
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     /// A self-signed certificate for `127.0.0.1`, and its key, written to

@@ -14,11 +14,11 @@ use futures_util::StreamExt;
 use super::backoff::{Backoff, BackoffConfig};
 use super::error::status_chain;
 use super::resolver::{BoxFuture, Endpoint, Resolver, ResolverSink};
+use super::transport;
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::proto::registry::watch_response::Event;
 use crate::proto::registry::{self as pb, EndpointState, WatchRequest};
 use crate::registry::auth::{Bearer, Token};
-use super::transport;
 use crate::tls::ClientTls;
 
 /// Watches `service` in the registry at `registry`.
@@ -84,7 +84,12 @@ impl RegistryResolver {
         .await
         {
             Ok(channel) => channel,
-            Err(err) => return (format!("registry {} unreachable: {err}", self.registry), false),
+            Err(err) => {
+                return (
+                    format!("registry {} unreachable: {err}", self.registry),
+                    false,
+                )
+            }
         };
         let mut stream = match RegistryClient::with_interceptor(channel, Bearer(self.token.clone()))
             .watch(WatchRequest {

@@ -319,7 +319,12 @@ mod tests {
             &["--service", "not a service"],
             &["--registry", "127.0.0.1"],
             &["5", "5"],
-            &["--tls-cert", "/nonexistent.crt", "--tls-key", "/nonexistent.key"],
+            &[
+                "--tls-cert",
+                "/nonexistent.crt",
+                "--tls-key",
+                "/nonexistent.key",
+            ],
             &["--tls-key", "/nonexistent.key"],
             &["--tls-client-ca", "/nonexistent.crt"],
             &["--registry-cert", "/c.crt", "--registry-key", "/c.key"],

@@ -19,6 +19,10 @@ use crate::tls::ServerTls;
 /// been ended.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// HTTP/2 streams a connection may open beyond its Watch cap: KeepAlive
+/// streams and unary calls.
+const STREAM_HEADROOM: usize = 1024;
+
 /// The warm-up the `registry` binary uses unless told otherwise: long
 /// enough for backends (which retry every 100-500 ms) to re-register.
 pub const DEFAULT_WARMUP: Duration = Duration::from_secs(2);
@@ -117,6 +121,17 @@ pub async fn serve(
         .tcp_nodelay(true)
         // Finds connections whose peer vanished without a FIN (power loss,
         // network partition) so their watch streams are freed.
+        // Bounds every kind of stream one connection may hold open (hyper
+        // sets no limit); the headroom above the Watch cap keeps that cap's
+        // RESOURCE_EXHAUSTED, not an HTTP/2 queue, as what a Watch flood meets.
+        .max_concurrent_streams(
+            u32::try_from(
+                config
+                    .max_watch_streams_per_connection
+                    .saturating_add(STREAM_HEADROOM),
+            )
+            .unwrap_or(u32::MAX),
+        )
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(RequireTokensLayer::new(config.tokens.clone()))

@@ -10,6 +10,9 @@ use super::RegistryError;
 
 /// Longest service name, as for a DNS name.
 pub const MAX_SERVICE_LEN: usize = 253;
+/// Longest address: a longest host name, a colon and a five-digit port,
+/// with room for the brackets of an IPv6 address.
+pub const MAX_ADDRESS_LEN: usize = MAX_SERVICE_LEN + 8;
 /// Most metadata entries one endpoint may carry.
 pub const MAX_METADATA_ENTRIES: usize = 64;
 /// Most bytes (keys plus values) of one endpoint's metadata.
@@ -47,8 +50,13 @@ pub fn address(addr: &str) -> Result<(), RegistryError> {
     if addr.is_empty() {
         return Err(RegistryError::invalid(FIELD, "must not be empty"));
     }
-    if addr.len() > MAX_SERVICE_LEN + 8 {
-        return Err(bad("is too long".into()));
+    if addr.len() > MAX_ADDRESS_LEN {
+        // Not echoed: a message carrying a huge address would not fit in the
+        // client's header limit, and the call would fail with INTERNAL.
+        return Err(RegistryError::invalid(
+            FIELD,
+            format!("is {} bytes, at most {MAX_ADDRESS_LEN} allowed", addr.len()),
+        ));
     }
     let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
         let (v6, port) = rest
@@ -215,6 +223,15 @@ mod tests {
         ] {
             assert!(address(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_huge_address_is_refused_without_being_echoed() {
+        let err = address(&format!("{}:80", "x".repeat(100_000))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid address: is 100003 bytes, at most 261 allowed"
+        );
     }
 
     #[test]
