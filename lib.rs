@@ -36,6 +36,38 @@ pub mod process {
         }
     }
 
+    /// Parses the command line; a bad flag prints one `error:` line naming
+    /// it and exits with status 1 (clap's own errors span several lines).
+    /// `--help` and `--version` print as usual.
+    pub fn parse_args<A: clap::Parser>() -> A {
+        match A::try_parse() {
+            Ok(args) => args,
+            Err(error) => match error.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    error.exit()
+                }
+                _ => {
+                    let binary = std::env::args_os()
+                        .next()
+                        .map(std::path::PathBuf::from)
+                        .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+                        .unwrap_or_else(|| A::command().get_name().to_owned());
+                    exit_with(&flag_error(&error, &binary))
+                }
+            },
+        }
+    }
+
+    /// The first line of a clap error and where to read more.
+    pub fn flag_error(error: &clap::Error, binary: &str) -> String {
+        let rendered = error.render().to_string();
+        let first = rendered.lines().next().unwrap_or("invalid arguments");
+        format!(
+            "{}; see {binary} --help",
+            first.strip_prefix("error: ").unwrap_or(first)
+        )
+    }
+
     /// Prints `error: <message>` on one line and exits with status 1.
     pub fn exit_with(message: &str) -> ! {
         eprintln!("error: {message}");

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 /// Runs the failover scenario with real processes and prints what happens.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Only this policy (default: round_robin, then pick_first).
     #[arg(long)]
@@ -46,7 +46,7 @@ const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let args: Args = process::parse_args();
     if args.backends < 2 {
         process::exit_with("--backends must be at least 2 to show a failover");
     }

@@ -22,7 +22,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 /// pick_first, then 10 with round_robin. With --rate it runs live, printing
 /// the traffic per backend every second until --duration or Ctrl-C.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Where endpoints come from: registry://<host:port>/<service> or
     /// static:///<host:port>,<host:port>. Defaults to --registry/--service.
@@ -111,7 +111,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let args: Args = process::parse_args();
     process::init_tracing();
     let target = args
         .target

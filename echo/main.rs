@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::error::ErrorKind;
 use clap::Parser;
 use switchboard::echo::{self, EchoServerHandle, ServerConfig};
 use switchboard::process;
@@ -17,7 +16,7 @@ use switchboard::tls::{self, ServerTlsFlags};
 /// switchboard echo: grpc.examples.echo.Echo backends that register
 /// themselves, stay registered, and drain gracefully.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Ports to serve on 127.0.0.1, one server each [default: 50051 50052].
     #[arg(value_name = "PORT", conflicts_with = "listen")]
@@ -190,30 +189,9 @@ fn parse_meta(flags: &[String]) -> Result<HashMap<String, String>, String> {
     Ok(metadata)
 }
 
-/// The first line of a clap error, so a bad flag costs one line of output.
-fn one_line(error: &clap::Error) -> String {
-    let rendered = error.render().to_string();
-    let first = rendered.lines().next().unwrap_or("invalid arguments");
-    format!(
-        "{}; see echo --help",
-        first.strip_prefix("error: ").unwrap_or(first)
-    )
-}
-
 #[tokio::main]
 async fn main() {
-    let args = match Args::try_parse() {
-        Ok(args) => args,
-        Err(error)
-            if matches!(
-                error.kind(),
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
-            ) =>
-        {
-            error.exit()
-        }
-        Err(error) => process::exit_with(&one_line(&error)),
-    };
+    let args: Args = process::parse_args();
     let plan = plan(&args).unwrap_or_else(|error| process::exit_with(&error));
     process::init_tracing();
 
@@ -338,7 +316,7 @@ mod tests {
     #[test]
     fn clap_errors_shrink_to_one_line() {
         let err = Args::try_parse_from(["echo", "--ttl-ms", "abc"]).unwrap_err();
-        let line = one_line(&err);
+        let line = process::flag_error(&err, "echo");
         assert!(!line.contains('\n') && line.contains("--ttl-ms"), "{line}");
         assert!(Args::try_parse_from(["echo", "1", "--listen", "127.0.0.1:2"]).is_err());
     }

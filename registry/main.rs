@@ -8,7 +8,7 @@ use switchboard::tls::ServerTlsFlags;
 
 /// switchboard registry: leased endpoint registrations and live watches.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = registry::DEFAULT_LISTEN)]
@@ -53,7 +53,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let args: Args = process::parse_args();
     process::init_tracing();
     let load = |path: &Option<std::path::PathBuf>| {
         path.as_deref()

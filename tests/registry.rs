@@ -2096,3 +2096,20 @@ async fn sigterm_stops_the_registry_even_when_a_watcher_never_reads() {
     );
     assert_eq!(code, Some(0), "exit code after SIGTERM");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_flags_of_every_binary_fail_in_one_line() {
+    for (bin_name, args, expected) in [
+        ("registry", vec!["--bogus"], "unexpected argument '--bogus'"),
+        (
+            "registry",
+            vec!["--max-message-bytes", "lots"],
+            "invalid value 'lots' for '--max-message-bytes",
+        ),
+        ("client", vec!["--bogus"], "unexpected argument '--bogus'"),
+        ("demo", vec!["--bogus"], "see demo --help"),
+    ] {
+        let args: Vec<String> = args.into_iter().map(String::from).collect();
+        refused_at_startup(bin_name, &args, expected).await;
+    }
+}

@@ -496,22 +496,6 @@ async fn clients_with_the_wrong_certificates_fail_fast_saying_why() {
     names_certificate_problem(error);
 }
 
-/// Runs `bin` with `args`, which must fail at startup: exit status 1 and
-/// one line, `error: ...` containing `expected`.
-async fn refused(bin_name: &str, args: &[String], expected: &str) {
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut proc = Proc::spawn(&bin(bin_name), &args);
-    let code = proc.wait_exit(STARTUP).await;
-    let line = proc.wait_line("error: ", Duration::from_secs(5)).await;
-    let output = proc.output.lock().unwrap().clone();
-    assert_eq!(code, Some(1), "{bin_name} {args:?}: {output:#?}");
-    assert_eq!(output.len(), 1, "{bin_name} {args:?}: {output:#?}");
-    assert!(
-        line.starts_with("error: ") && line.contains(expected),
-        "{bin_name} {args:?}: {line}"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_certificate_files_stop_every_binary_with_one_line() {
     let pki = Pki::new();
@@ -595,6 +579,6 @@ async fn bad_certificate_files_stop_every_binary_with_one_line() {
             "invalid TLS server name",
         ),
     ] {
-        refused(bin_name, &args, expected).await;
+        refused_at_startup(bin_name, &args, expected).await;
     }
 }

@@ -195,6 +195,7 @@ pub fn bin(name: &str) -> String {
         "registry" => env!("CARGO_BIN_EXE_registry").to_owned(),
         "echo" => env!("CARGO_BIN_EXE_echo").to_owned(),
         "client" => env!("CARGO_BIN_EXE_client").to_owned(),
+        "demo" => env!("CARGO_BIN_EXE_demo").to_owned(),
         other => panic!("unknown binary {other}"),
     }
 }
@@ -595,4 +596,20 @@ pub async fn serve_registry(config: switchboard::registry::RegistryConfig) -> St
         std::future::pending(),
     ));
     address
+}
+
+/// Runs `bin` with `args`, which must fail at startup: exit status 1 and
+/// one line, `error: ...` containing `expected`.
+pub async fn refused_at_startup(bin_name: &str, args: &[String], expected: &str) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut proc = Proc::spawn(&bin(bin_name), &args);
+    let code = proc.wait_exit(STARTUP).await;
+    let line = proc.wait_line("error: ", Duration::from_secs(5)).await;
+    let output = proc.output.lock().unwrap().clone();
+    assert_eq!(code, Some(1), "{bin_name} {args:?}: {output:#?}");
+    assert_eq!(output.len(), 1, "{bin_name} {args:?}: {output:#?}");
+    assert!(
+        line.starts_with("error: ") && line.contains(expected),
+        "{bin_name} {args:?}: {line}"
+    );
 }
