@@ -1014,31 +1014,43 @@ async fn only_the_lease_holder_can_act() {
     watcher.wait_for_set(&[addr(1)], GENEROUS).await;
     let before = resolve_full(&mut client, SERVICE).await;
 
-    let stranger = loop {
-        let id = random_lease_id();
-        if id != lease.lease_id {
-            break id;
+    // A second client, on its own connection, guesses: random ids, and the
+    // real id with one hex digit changed (a leaked prefix does not help).
+    let mut guesser = registry.client().await;
+    let near_misses = (0..lease.lease_id.len()).map(|at| {
+        let mut id = lease.lease_id.clone().into_bytes();
+        id[at] = if id[at] == b'0' { b'1' } else { b'0' };
+        String::from_utf8(id).expect("hex")
+    });
+    let guesses: Vec<String> = (0..200)
+        .map(|_| random_lease_id())
+        .chain(near_misses)
+        .filter(|id| *id != lease.lease_id)
+        .collect();
+    for (i, stranger) in guesses.iter().enumerate() {
+        let drained = drain(&mut guesser, stranger).await;
+        let deregistered = deregister(&mut guesser, stranger).await;
+        let mut attempts = vec![("Drain", drained), ("Deregister", deregistered)];
+        if i % 8 == 0 {
+            // A KeepAlive stream per guess is slower; a sample suffices.
+            attempts.push((
+                "KeepAlive",
+                keep_alive_once(&guesser, stranger).await.map(drop),
+            ));
         }
-    };
-    let keepalive = keep_alive_once(&client, &stranger).await;
-    let drained = drain(&mut client, &stranger).await;
-    let deregistered = deregister(&mut client, &stranger).await;
-    for (rpc, result) in [
-        ("KeepAlive", keepalive.map(drop)),
-        ("Drain", drained),
-        ("Deregister", deregistered),
-    ] {
-        let status = result.expect_err(&format!("{rpc} with a stranger's lease id succeeded"));
-        assert_eq!(status.code(), Code::NotFound, "{rpc}: {status:?}");
-        assert!(
-            status.message().contains(&stranger),
-            "{rpc}: the message should name the lease: {status:?}"
-        );
+        for (rpc, result) in attempts {
+            let status = result.expect_err(&format!("{rpc} with a guessed lease id succeeded"));
+            assert_eq!(status.code(), Code::NotFound, "{rpc}: {status:?}");
+            assert!(
+                status.message().contains(stranger.as_str()),
+                "{rpc}: the message should name the lease: {status:?}"
+            );
+        }
     }
     assert_eq!(
         resolve_full(&mut client, SERVICE).await,
         before,
-        "a stranger changed the endpoint"
+        "a guesser changed the endpoint"
     );
     // The holder still can.
     drain(&mut client, &lease.lease_id)
