@@ -73,7 +73,7 @@ impl Default for RegistryConfig {
     fn default() -> Self {
         Self {
             max_endpoints_per_service: 10_000,
-            watch_buffer: 1024,
+            watch_buffer: 128,
             // Embedded registries (tests, tools) start empty on purpose; the
             // `registry` binary defaults to `DEFAULT_WARMUP`.
             warmup: Duration::ZERO,

@@ -177,9 +177,12 @@ fn dns_labels(name: &str, allow_underscore: bool) -> Result<(), String> {
             .chars()
             .find(|&c| !(c.is_ascii_alphanumeric() || c == '-' || (allow_underscore && c == '_')))
         {
-            return Err(format!(
-                "contains {c:?}: only letters, digits, '-' and '_' are allowed"
-            ));
+            let allowed = if allow_underscore {
+                "letters, digits, '-' and '_'"
+            } else {
+                "letters, digits and '-'"
+            };
+            return Err(format!("contains {c:?}: only {allowed} are allowed"));
         }
         if label.starts_with('-') || label.ends_with('-') {
             return Err(format!("label {label:?} starts or ends with '-'"));
@@ -223,6 +226,15 @@ mod tests {
         ] {
             assert!(address(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_host_name_refusal_does_not_offer_underscores() {
+        let err = address("a_b:80").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid address: \"a_b:80\" has a bad host name: contains '_': only letters, digits and '-' are allowed"
+        );
     }
 
     #[test]

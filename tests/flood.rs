@@ -70,6 +70,35 @@ async fn connection(address: &str) -> RegistryClient<Channel> {
     registry_client(address, STARTUP).await
 }
 
+/// The flood's connection for idle watches. Its streams are never read after
+/// their first message, so each gets a small HTTP/2 window (4 KiB) and the
+/// connection a large one: an unread stream then stalls on its own, and the
+/// registry stops sending to it, instead of the unread data using up the
+/// connection's window and stalling the streams still being opened.
+async fn idle_connection(address: &str) -> RegistryClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("uri")
+        .initial_stream_window_size(4 * 1024)
+        .initial_connection_window_size(64 * 1024 * 1024)
+        .connect()
+        .await
+        .expect("connect the idle-watch connection");
+    RegistryClient::new(channel)
+}
+
+/// `call`, or DEADLINE_EXCEEDED after [`GENEROUS`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(GENEROUS, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::deadline_exceeded(
+                "no answer within the test's deadline",
+            ))
+        })
+}
+
 /// What the legitimate watcher has seen: when each legitimate address came
 /// and went, and any protocol violation.
 #[derive(Default)]
@@ -218,8 +247,12 @@ impl Backend {
     }
 }
 
-/// One bogus registration: mostly well-formed junk in random services or in
-/// the legitimate one, the rest malformed in assorted ways.
+/// One bogus registration: mostly well-formed junk with 200 bytes of
+/// metadata in one of 500 bogus services or (the first 200) in the
+/// legitimate one, the rest malformed in assorted ways. The bounds keep the
+/// registry's memory independent of how many registrations the rate cap
+/// admits on a slow or fast machine: its watch streams each hold a copy of
+/// their service's snapshot, and each service holds a ring of changes.
 fn bogus(i: usize) -> RegisterRequest {
     let junk = |n: usize| -> String {
         (0..n)
@@ -234,13 +267,13 @@ fn bogus(i: usize) -> RegisterRequest {
         1 + rand::random::<u16>() % 65535
     );
     let mut request = RegisterRequest {
-        service: format!("bogus-{}.flood", junk(8)),
+        service: format!("bogus-{}.flood", rand::random::<u16>() % 500),
         address,
         metadata: [("junk".to_owned(), junk(200))].into(),
         ttl_ms: 300_000,
     };
     match i % 10 {
-        0 | 1 => request.service = LEGIT.into(),
+        0 | 1 if i < 1000 => request.service = LEGIT.into(),
         2 => request.address = format!("10.0.0.1:{}", ["0", "+80", "65536", ""][i / 10 % 4]),
         3 => request.service = ["", "bad service!", "a..b", "-x"][i / 10 % 4].into(),
         4 if i % 20 == 4 => {
@@ -258,7 +291,7 @@ fn bogus(i: usize) -> RegisterRequest {
 struct Counts {
     registrations: BTreeMap<String, usize>,
     watches: BTreeMap<String, usize>,
-    /// Statuses that are neither OK nor a documented refusal.
+    /// Statuses other than OK and a documented refusal.
     unexpected: Vec<Status>,
 }
 
@@ -286,12 +319,16 @@ fn flood(
             .expect("flood runtime");
         runtime.block_on(async move {
             let registrar = connection(&address).await;
-            let watcher = connection(&address).await;
+            let watcher = idle_connection(&address).await;
             let started = Instant::now();
             let registrations = stream::iter(0..REGISTRATIONS)
                 .map(|i| {
                     let mut client = registrar.clone();
-                    async move { client.register(bogus(i)).await.map(drop) }
+                    async move {
+                        bounded(client.register(bogus(i)))
+                            .await
+                            .map(|reply| reply.into_inner().lease_id)
+                    }
                 })
                 .buffer_unordered(256)
                 .collect::<Vec<_>>();
@@ -305,29 +342,34 @@ fn flood(
                     } else {
                         format!("idle-{i}.flood")
                     };
-                    async move {
+                    bounded(async move {
                         let mut stream = client.watch(WatchRequest { service }).await?.into_inner();
                         // Read the reset, then never again.
                         match stream.message().await? {
                             Some(_) => Ok(stream),
                             None => Err(Status::unknown("watch ended at once")),
                         }
-                    }
+                    })
                 })
                 .buffer_unordered(256)
                 .collect::<Vec<_>>();
             let (registrations, watches) = tokio::join!(registrations, watches);
             let took = started.elapsed();
             let mut counts = Counts::default();
+            let mut leases = Vec::new();
             for outcome in registrations {
-                *counts.registrations.entry(code_name(&outcome)).or_default() += 1;
-                if let Err(status) = outcome {
-                    if !matches!(
-                        status.code(),
-                        Code::InvalidArgument | Code::ResourceExhausted
-                    ) {
-                        counts.unexpected.push(status);
-                    }
+                *counts
+                    .registrations
+                    .entry(code_name(&outcome.as_ref().map(drop).map_err(Clone::clone)))
+                    .or_default() += 1;
+                match outcome {
+                    Ok(lease_id) => leases.push(lease_id),
+                    Err(status)
+                        if matches!(
+                            status.code(),
+                            Code::InvalidArgument | Code::ResourceExhausted
+                        ) => {}
+                    Err(status) => counts.unexpected.push(status),
                 }
             }
             let mut held = Vec::new();
@@ -344,6 +386,25 @@ fn flood(
             let _ = done.send((counts, took));
             let _ = release.await;
             drop(held);
+            // Leave nothing behind, so that the next round meets the same
+            // registry.
+            let deregistered: Vec<Result<(), Status>> = stream::iter(leases)
+                .map(|lease_id| {
+                    let mut client = registrar.clone();
+                    async move {
+                        bounded(client.deregister(DeregisterRequest { lease_id }))
+                            .await
+                            .map(drop)
+                    }
+                })
+                .buffer_unordered(256)
+                .collect()
+                .await;
+            let failed: Vec<_> = deregistered.into_iter().filter_map(Result::err).collect();
+            assert!(
+                failed.is_empty(),
+                "the flood's Deregister failed: {failed:?}"
+            );
         });
         // Dropping the runtime closes both connections.
     })
@@ -359,7 +420,7 @@ async fn probe_watches(
     let outcomes: Vec<Result<_, Status>> = stream::iter(0..n)
         .map(|i| {
             let mut client = client.clone();
-            async move {
+            bounded(async move {
                 let mut stream = client
                     .watch(WatchRequest {
                         service: format!("probe-{i}.flood"),
@@ -368,7 +429,7 @@ async fn probe_watches(
                     .into_inner();
                 stream.message().await?;
                 Ok(stream)
-            }
+            })
         })
         .buffer_unordered(64)
         .collect()
@@ -399,7 +460,12 @@ async fn flood_round(
     let flooder = flood(address.to_owned(), done_tx, released);
     // Changes while the flood runs.
     let mut during = Vec::new();
+    let started = Instant::now();
     let (counts, took) = loop {
+        assert!(
+            started.elapsed() < 2 * GENEROUS,
+            "round {round}: the flood did not finish"
+        );
         during.push(backend.change(watcher).await);
         tokio::select! {
             finished = &mut done => break finished.expect("the flood thread reports"),
@@ -522,6 +588,10 @@ async fn a_flood_from_one_client_leaves_legitimate_watchers_served_and_memory_bo
 
     // Every change reached the legitimate watcher within the bound.
     let slowest = first.iter().chain(&second).max().expect("changes");
+    eprintln!(
+        "{} legitimate changes; the slowest reached the watcher in {slowest:?}",
+        first.len() + second.len()
+    );
     assert!(
         *slowest < DELIVERY_BOUND,
         "a change took {slowest:?} to reach the legitimate watcher; round 1 {first:?}, round 2 {second:?}"
