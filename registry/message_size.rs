@@ -63,6 +63,7 @@ where
             tonic::body::Body::new(CappedBody {
                 inner: body,
                 frames: FrameSizes::new(max_bytes),
+                refused: None,
             })
         }))
     }
@@ -73,6 +74,8 @@ where
 struct CappedBody {
     inner: tonic::body::Body,
     frames: FrameSizes,
+    /// The refusal to report once the messages before it are handed on.
+    refused: Option<Status>,
 }
 
 impl Body for CappedBody {
@@ -84,13 +87,23 @@ impl Body for CappedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(status) = this.refused.take() {
+            return Poll::Ready(Some(Err(status)));
+        }
         let frame = match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
             other => return Poll::Ready(other),
         };
         if let Some(data) = frame.data_ref() {
-            if let Err(status) = this.frames.scan(data.clone()) {
-                return Poll::Ready(Some(Err(status)));
+            if let Err((complete, status)) = this.frames.scan(data.clone()) {
+                // The messages before the oversized one are whole: hand them
+                // on (a heartbeat in the same chunk is still answered), and
+                // the error after them.
+                this.refused = Some(status);
+                if complete > 0 {
+                    return Poll::Ready(Some(Ok(Frame::data(data.slice(..complete)))));
+                }
+                return Poll::Ready(this.refused.take().map(Err));
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -127,15 +140,21 @@ impl FrameSizes {
         }
     }
 
-    /// Reads the next chunk of the body; an error once a message announces
-    /// more bytes than the cap.
-    fn scan(&mut self, mut chunk: Bytes) -> Result<(), Status> {
+    /// Reads the next chunk of the body; once a message announces more
+    /// bytes than the cap, an error with how many leading bytes of the chunk
+    /// came before that message's length prefix.
+    fn scan(&mut self, mut chunk: Bytes) -> Result<(), (usize, Status)> {
+        let len = chunk.len();
+        let mut prefix_start = 0;
         while chunk.has_remaining() {
             if self.remaining > 0 {
                 let skip = self.remaining.min(chunk.remaining());
                 chunk.advance(skip);
                 self.remaining -= skip;
                 continue;
+            }
+            if self.prefix_filled == 0 {
+                prefix_start = len - chunk.remaining();
             }
             let take = (PREFIX_LEN - self.prefix_filled).min(chunk.remaining());
             chunk.copy_to_slice(&mut self.prefix[self.prefix_filled..self.prefix_filled + take]);
@@ -151,11 +170,14 @@ impl FrameSizes {
                 self.prefix[4],
             ]) as usize;
             if len > self.max_bytes {
-                return Err(Status::resource_exhausted(format!(
-                    "message size limit of {} bytes reached: the request carries a {len}-byte \
+                return Err((
+                    prefix_start,
+                    Status::resource_exhausted(format!(
+                        "message size limit of {} bytes reached: the request carries a {len}-byte \
                      message; send smaller requests (metadata is capped far below this)",
-                    self.max_bytes
-                )));
+                        self.max_bytes
+                    )),
+                ));
             }
             self.remaining = len;
         }
@@ -199,9 +221,14 @@ mod tests {
             // The failure comes with the chunk that completes the prefix.
             assert_eq!(failed, (3 + 2 * PREFIX_LEN - 1) / chunk_len);
         }
-        let status = FrameSizes::new(10)
-            .scan(Bytes::from(framed(11)))
+        let (complete, status) = FrameSizes::new(10)
+            .scan(Bytes::from(stream.clone()))
             .unwrap_err();
+        assert_eq!(
+            complete,
+            3 + PREFIX_LEN,
+            "the whole first message comes before"
+        );
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("message size limit of 10 bytes"));
     }

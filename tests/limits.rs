@@ -197,6 +197,36 @@ async fn oversized_messages_are_refused_naming_the_cap_and_others_are_served() {
         resolve(&mut client, SERVICE).await,
         Some(vec!["127.0.0.1:4000".to_owned()])
     );
+
+    // Heartbeats sent before an oversized one are answered first.
+    let lease = client
+        .register(RegisterRequest {
+            service: SERVICE.into(),
+            address: "127.0.0.1:4001".into(),
+            ..RegisterRequest::default()
+        })
+        .await
+        .expect("register")
+        .into_inner();
+    let heartbeat = switchboard::proto::registry::KeepAliveRequest {
+        lease_id: lease.lease_id.clone(),
+    };
+    let huge_heartbeat = switchboard::proto::registry::KeepAliveRequest {
+        lease_id: "0".repeat(5000),
+    };
+    let mut replies = client
+        .keep_alive(tokio_stream::iter([heartbeat, huge_heartbeat]))
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let answered = replies
+        .message()
+        .await
+        .expect("the first heartbeat is answered")
+        .expect("a reply");
+    assert_eq!(answered.lease_id, lease.lease_id);
+    let status = replies.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
