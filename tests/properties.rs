@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::Once;
 use std::time::Duration;
 
 use bytes::{Buf, BufMut};
@@ -32,8 +32,8 @@ use prost::Message;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::watch_response::Event;
 use switchboard::proto::registry::{
-    DeregisterRequest, DrainRequest, EndpointState, KeepAliveRequest, ListServicesRequest,
-    RegisterRequest, ResolveRequest, ResolveResponse, WatchRequest, WatchResponse,
+    DeregisterRequest, DrainRequest, Endpoint, EndpointState, KeepAliveRequest,
+    ListServicesRequest, RegisterRequest, ResolveRequest, ResolveResponse, WatchRequest,
 };
 use switchboard::registry::RegistryConfig;
 use tokio::task::JoinHandle;
@@ -612,130 +612,6 @@ async fn within<T>(
 // Watchers: a task per watch stream building the view a client would.
 // ---------------------------------------------------------------------------
 
-#[derive(Debug, Default, Clone)]
-struct View {
-    epoch: Option<u64>,
-    version: Option<u64>,
-    /// address -> (metadata, state)
-    endpoints: BTreeMap<String, (Metadata, i32)>,
-    messages: usize,
-    resets: usize,
-    violations: Vec<String>,
-    ended: Option<String>,
-}
-
-impl View {
-    fn apply(&mut self, message: WatchResponse) {
-        self.messages += 1;
-        let n = self.messages;
-        if *self.epoch.get_or_insert(message.epoch) != message.epoch {
-            self.violations
-                .push(format!("message {n}: epoch changed to {}", message.epoch));
-        }
-        if let Some(previous) = self.version {
-            if message.version <= previous {
-                self.violations.push(format!(
-                    "message {n}: version {} after {previous}",
-                    message.version
-                ));
-            }
-        }
-        self.version = Some(message.version);
-        match message.event {
-            Some(Event::Reset(snapshot)) => {
-                self.resets += 1;
-                self.endpoints = snapshot
-                    .endpoints
-                    .into_iter()
-                    .map(|e| (e.address, (e.metadata, e.state)))
-                    .collect();
-            }
-            Some(Event::Delta(delta)) => {
-                if n == 1 {
-                    self.violations.push("first message is a delta".into());
-                }
-                for e in delta.added {
-                    if self
-                        .endpoints
-                        .insert(e.address.clone(), (e.metadata, e.state))
-                        .is_some()
-                    {
-                        self.violations
-                            .push(format!("message {n}: {} added twice", e.address));
-                    }
-                }
-                for e in delta.updated {
-                    if self
-                        .endpoints
-                        .insert(e.address.clone(), (e.metadata, e.state))
-                        .is_none()
-                    {
-                        self.violations
-                            .push(format!("message {n}: {} updated while absent", e.address));
-                    }
-                }
-                for address in delta.removed {
-                    if self.endpoints.remove(&address).is_none() {
-                        self.violations
-                            .push(format!("message {n}: {address} removed while absent"));
-                    }
-                }
-            }
-            None => self.violations.push(format!("message {n}: no event")),
-        }
-    }
-}
-
-struct Watcher {
-    view: Arc<Mutex<View>>,
-    task: JoinHandle<()>,
-}
-
-impl Watcher {
-    async fn start(client: &RegistryClient<Channel>, service: &str) -> Self {
-        let mut stream = client
-            .clone()
-            .watch(WatchRequest {
-                service: service.into(),
-            })
-            .await
-            .expect("watch")
-            .into_inner();
-        let view = Arc::new(Mutex::new(View::default()));
-        let task = tokio::spawn({
-            let view = view.clone();
-            async move {
-                loop {
-                    let next = stream.message().await;
-                    let mut view = view.lock().unwrap();
-                    match next {
-                        Ok(Some(message)) => view.apply(message),
-                        Ok(None) => return view.ended = Some("ended".into()),
-                        Err(status) => return view.ended = Some(format!("{status:?}")),
-                    }
-                }
-            }
-        });
-        let watcher = Self { view, task };
-        wait_for("the watcher's first message", STARTUP, || {
-            let got = watcher.view().messages > 0;
-            async move { got.then_some(()) }
-        })
-        .await;
-        watcher
-    }
-
-    fn view(&self) -> View {
-        self.view.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Running one action against the registry and judging the answer.
 // ---------------------------------------------------------------------------
@@ -1305,9 +1181,12 @@ fn arbitrary_requests_get_ok_or_their_documented_status_and_watchers_stay_consis
             .epoch;
         let mut watchers = Vec::new();
         for service in WATCHED {
-            watchers.push((service, Watcher::start(&client, service).await));
+            watchers.push((
+                service,
+                first_message(Watcher::start(&client, service).await).await,
+            ));
         }
-        let untouched = Watcher::start(&client, UNTOUCHED).await;
+        let untouched = first_message(Watcher::start(&client, UNTOUCHED).await).await;
         let harness = Harness {
             client,
             epoch,
@@ -1371,16 +1250,17 @@ fn arbitrary_requests_get_ok_or_their_documented_status_and_watchers_stay_consis
                         .expect("resolve a watched service")
                         .into_inner();
                     let after = Instant::now();
-                    let view = watcher.view();
+                    let view = watcher.view.borrow();
                     assert!(
                         view.violations.is_empty() && view.ended.is_none(),
-                        "watcher of {service}: {view:?}"
+                        "watcher of {service}: {}",
+                        view.summary()
                     );
                     if view.version == Some(reply.version) {
-                        let resolved: BTreeMap<String, (Metadata, i32)> = reply
+                        let resolved: BTreeMap<String, Endpoint> = reply
                             .endpoints
                             .iter()
-                            .map(|e| (e.address.clone(), (e.metadata.clone(), e.state)))
+                            .map(|e| (e.address.clone(), e.clone()))
                             .collect();
                         assert_eq!(
                             view.endpoints, resolved,
@@ -1406,13 +1286,14 @@ fn arbitrary_requests_get_ok_or_their_documented_status_and_watchers_stay_consis
         .await;
         assert!(converged.is_ok(), "watchers did not converge: {last:?}");
 
-        let untouched = untouched.view();
+        let untouched = untouched.view.borrow();
         assert!(
             untouched.messages == 1
                 && untouched.violations.is_empty()
                 && untouched.ended.is_none()
                 && untouched.endpoints.keys().eq(["10.1.1.1:1"]),
-            "the untouched service's watcher saw something: {untouched:?}"
+            "the untouched service's watcher saw something: {}",
+            untouched.summary()
         );
 
         // Still serving as normal.
@@ -1433,7 +1314,12 @@ fn arbitrary_requests_get_ok_or_their_documented_status_and_watchers_stay_consis
             "the watcher to see the last registration",
             Duration::from_secs(10),
             || {
-                let seen = watchers[1].1.view().endpoints.contains_key("192.0.2.1:443");
+                let seen = watchers[1]
+                    .1
+                    .view
+                    .borrow()
+                    .endpoints
+                    .contains_key("192.0.2.1:443");
                 async move { seen.then_some(()) }
             },
         )
@@ -1445,7 +1331,7 @@ fn arbitrary_requests_get_ok_or_their_documented_status_and_watchers_stay_consis
     let views: Vec<String> = watchers
         .iter()
         .map(|(s, w)| {
-            let v = w.view();
+            let v = w.view.borrow();
             format!(
                 "{s}: {} messages ({} resets), {} endpoints",
                 v.messages,
@@ -1698,4 +1584,12 @@ fn undecodable_messages_get_internal_and_the_registry_serves_on() {
     });
     eprintln!("raw messages: outcomes {:?}", outcomes.borrow());
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "something panicked");
+}
+
+/// `watcher`, once its first message (the reset) has arrived.
+async fn first_message(mut watcher: Watcher) -> Watcher {
+    watcher
+        .wait_until("first message", STARTUP, |view| view.messages > 0)
+        .await;
+    watcher
 }

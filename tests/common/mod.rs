@@ -3,6 +3,10 @@
 //! waiting on conditions with deadlines instead of sleeps.
 #![allow(dead_code)]
 
+pub mod watcher;
+#[allow(unused_imports)]
+pub use watcher::{View, Watcher};
+
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};

@@ -1,0 +1,219 @@
+//! A watch stream read the way a client would: every message applied to a
+//! [`View`] of the endpoint set, with each protocol violation noted.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use switchboard::proto::registry::registry_client::RegistryClient;
+use switchboard::proto::registry::watch_response::Event;
+use switchboard::proto::registry::{Endpoint, EndpointState, WatchRequest, WatchResponse};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::Status;
+
+/// What one watch stream has told its reader so far, with every protocol
+/// violation it noticed on the way.
+#[derive(Default)]
+pub struct View {
+    /// Epoch of the first message.
+    pub epoch: Option<u64>,
+    /// Version of the last message.
+    pub version: Option<u64>,
+    /// The endpoint set as the messages built it.
+    pub endpoints: BTreeMap<String, Endpoint>,
+    /// Messages received.
+    pub messages: usize,
+    /// How many of them were resets.
+    pub resets: usize,
+    /// When each address last left the set.
+    pub removed_at: BTreeMap<String, Instant>,
+    /// Versions or epochs out of order, deltas that do not fit the set.
+    pub violations: Vec<String>,
+    /// Every message with the instant it arrived.
+    pub log: Vec<(Instant, WatchResponse)>,
+    /// How the stream ended, once it has.
+    pub ended: Option<Result<(), Status>>,
+}
+
+impl View {
+    pub fn apply(&mut self, at: Instant, message: WatchResponse) {
+        self.log.push((at, message.clone()));
+        self.messages += 1;
+        match self.epoch {
+            None => self.epoch = Some(message.epoch),
+            Some(epoch) if epoch != message.epoch => self.violations.push(format!(
+                "message {}: epoch {} after {epoch}",
+                self.messages, message.epoch
+            )),
+            Some(_) => {}
+        }
+        if let Some(previous) = self.version {
+            if message.version <= previous {
+                self.violations.push(format!(
+                    "message {}: version {} after {previous}",
+                    self.messages, message.version
+                ));
+            }
+        }
+        self.version = Some(message.version);
+        match message.event {
+            Some(Event::Reset(snapshot)) => {
+                self.resets += 1;
+                let fresh: BTreeMap<String, Endpoint> = snapshot
+                    .endpoints
+                    .into_iter()
+                    .map(|e| (e.address.clone(), e))
+                    .collect();
+                for gone in self.endpoints.keys().filter(|a| !fresh.contains_key(*a)) {
+                    self.removed_at.insert(gone.clone(), at);
+                }
+                self.endpoints = fresh;
+            }
+            Some(Event::Delta(delta)) => {
+                if self.messages == 1 {
+                    self.violations
+                        .push("the first message is a delta, not a reset".into());
+                }
+                if delta.added.is_empty() && delta.updated.is_empty() && delta.removed.is_empty() {
+                    self.violations
+                        .push(format!("message {}: empty delta", self.messages));
+                }
+                for endpoint in delta.added {
+                    let address = endpoint.address.clone();
+                    if self.endpoints.insert(address.clone(), endpoint).is_some() {
+                        self.violations
+                            .push(format!("{address} added while already present"));
+                    }
+                }
+                for endpoint in delta.updated {
+                    let address = endpoint.address.clone();
+                    if self.endpoints.insert(address.clone(), endpoint).is_none() {
+                        self.violations
+                            .push(format!("{address} updated while absent"));
+                    }
+                }
+                for address in delta.removed {
+                    if self.endpoints.remove(&address).is_none() {
+                        self.violations
+                            .push(format!("{address} removed while absent"));
+                    }
+                    self.removed_at.insert(address, at);
+                }
+            }
+            None => self
+                .violations
+                .push(format!("message {}: no event", self.messages)),
+        }
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.endpoints.keys().cloned().collect()
+    }
+
+    pub fn state_of(&self, address: &str) -> Option<EndpointState> {
+        self.endpoints.get(address).map(|e| e.state())
+    }
+
+    /// A short description for failure messages.
+    pub fn summary(&self) -> String {
+        let mut addresses = self.addresses();
+        if addresses.len() > 8 {
+            let more = addresses.len() - 8;
+            addresses.truncate(8);
+            addresses.push(format!("... {more} more"));
+        }
+        format!(
+            "{} endpoints {addresses:?}, version {:?}, {} messages ({} resets), violations {:?}, ended {:?}",
+            self.endpoints.len(),
+            self.version,
+            self.messages,
+            self.resets,
+            self.violations,
+            self.ended,
+        )
+    }
+
+    pub fn assert_clean(&self, who: &str) {
+        assert!(
+            self.violations.is_empty(),
+            "{who} saw protocol violations: {}",
+            self.summary()
+        );
+    }
+}
+
+/// A watch stream read by its own task into a [`View`] the test can wait on.
+pub struct Watcher {
+    pub view: watch::Receiver<View>,
+    pub task: JoinHandle<()>,
+}
+
+impl Watcher {
+    pub async fn start(client: &RegistryClient<Channel>, service: &str) -> Self {
+        let mut stream = client
+            .clone()
+            .watch(WatchRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let (publish, view) = watch::channel(View::default());
+        let task = tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(message)) => {
+                        let at = Instant::now();
+                        publish.send_modify(|view| view.apply(at, message));
+                    }
+                    Ok(None) => {
+                        publish.send_modify(|view| view.ended = Some(Ok(())));
+                        return;
+                    }
+                    Err(status) => {
+                        publish.send_modify(|view| view.ended = Some(Err(status)));
+                        return;
+                    }
+                }
+            }
+        });
+        Self { view, task }
+    }
+
+    /// Waits until `done` holds for the view, failing after `timeout`.
+    pub async fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&View) -> bool,
+    ) {
+        let reached = matches!(
+            tokio::time::timeout(timeout, self.view.wait_for(|view| done(view))).await,
+            Ok(Ok(_))
+        );
+        if !reached {
+            panic!(
+                "watcher: no {what} within {timeout:?}; it saw {}",
+                self.view.borrow().summary()
+            );
+        }
+    }
+
+    /// Waits until the view holds exactly `expected` (sorted addresses).
+    pub async fn wait_for_set(&mut self, expected: &[String], timeout: Duration) {
+        let what = format!("set of {} endpoints", expected.len());
+        self.wait_until(&what, timeout, |view| {
+            view.endpoints.len() == expected.len()
+                && view.endpoints.keys().zip(expected).all(|(a, b)| a == b)
+        })
+        .await;
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
