@@ -6,9 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures_util::StreamExt;
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::{RegisterRequest, WatchRequest, WatchResponse};
+use switchboard::proto::registry::{RegisterRequest, WatchRequest};
 use switchboard::registry::RegistryConfig;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -16,20 +15,6 @@ use tonic::Code;
 /// A client on its own connection.
 async fn connection(address: &str) -> RegistryClient<Channel> {
     registry_client(address, STARTUP).await
-}
-
-async fn open_watch(
-    client: &mut RegistryClient<Channel>,
-) -> Result<tonic::Streaming<WatchResponse>, tonic::Status> {
-    let mut stream = client
-        .watch(WatchRequest {
-            service: SERVICE.into(),
-        })
-        .await?
-        .into_inner();
-    // The first message proves the stream is really open.
-    stream.next().await.expect("a first message")?;
-    Ok(stream)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

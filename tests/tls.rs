@@ -303,26 +303,13 @@ async fn per_connection_caps_still_see_the_peer_over_tls() {
         async move { connect(&address, Some(&tls)).await.ok() }
     })
     .await;
-    let watch = |client: &mut RegistryClient<Channel>| {
-        let mut client = client.clone();
-        async move {
-            let mut stream = client
-                .watch(WatchRequest {
-                    service: SERVICE.into(),
-                })
-                .await?
-                .into_inner();
-            stream.next().await.expect("a first message")?;
-            Ok::<_, tonic::Status>(stream)
-        }
-    };
-    let _held = watch(&mut client).await.expect("the first watch");
-    let status = watch(&mut client).await.expect_err("over the cap");
+    let _held = open_watch(&mut client).await.expect("the first watch");
+    let status = open_watch(&mut client).await.expect_err("over the cap");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("per connection"), "{status:?}");
     // Another TLS connection is another peer.
     let mut other = connect(&address, Some(&tls)).await.unwrap();
-    let _other = watch(&mut other).await.expect("another connection");
+    let _other = open_watch(&mut other).await.expect("another connection");
 }
 
 /// A mutual-TLS registry and one echo process with two mutual-TLS

@@ -617,3 +617,18 @@ pub async fn refused_at_startup(bin_name: &str, args: &[String], expected: &str)
         "{bin_name} {args:?}: {line}"
     );
 }
+
+/// Opens a Watch of [`SERVICE`] and reads its first message, which proves
+/// the stream is really open (a refused one fails here).
+pub async fn open_watch(
+    client: &mut RegistryClient<Channel>,
+) -> Result<tonic::Streaming<WatchResponse>, tonic::Status> {
+    let mut stream = client
+        .watch(WatchRequest {
+            service: SERVICE.into(),
+        })
+        .await?
+        .into_inner();
+    stream.message().await?.expect("a first message");
+    Ok(stream)
+}
