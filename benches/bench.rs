@@ -19,6 +19,8 @@ mod churn;
 mod datapath;
 mod failover;
 mod fanout;
+#[path = "../tests/common/pki.rs"]
+mod pki;
 mod procs;
 mod stats;
 

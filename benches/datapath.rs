@@ -6,7 +6,9 @@
 //! - (b) tonic's `Channel::balance_list` over both backends;
 //! - (c) switchboard round_robin over both (a `static:///` target, so the
 //!   registry is not in the data path);
-//! - (d) switchboard pick_first over both.
+//! - (d) switchboard pick_first over both;
+//! - (e) a plain tonic `Channel` over TLS to one TLS backend, and (f)
+//!   switchboard round_robin over TLS to two: what TLS costs each.
 //!
 //! The backends are echo child processes, so the CPU this process uses
 //! (getrusage) is the client's alone.
@@ -18,9 +20,11 @@ use std::time::Duration;
 use switchboard::client::{BalancedChannel, ConnectivityState, PolicyKind};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
+use switchboard::tls::ClientTls;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use crate::pki;
 use crate::procs::{self, Proc};
 use crate::stats::{ms, Samples, Table};
 use crate::BoxError;
@@ -125,8 +129,14 @@ async fn round(
     totals.per_round.push(rpcs as f64 / elapsed.as_secs_f64());
 }
 
-/// Builds the four contenders against backends `a` and `b`.
-async fn contenders(a: &str, b: &str) -> Result<Vec<(&'static str, Client)>, BoxError> {
+/// Builds the six contenders against plaintext backends `a` and `b` and
+/// TLS backends `tls` (whose CA is in `pki_dir`).
+async fn contenders(
+    a: &str,
+    b: &str,
+    tls: [&str; 2],
+    pki_dir: &std::path::Path,
+) -> Result<Vec<(&'static str, Client)>, BoxError> {
     let endpoint = |addr: &str| Endpoint::from_shared(format!("http://{addr}"));
     let plain = endpoint(a)?.connect().await?;
     let balanced = Channel::balance_list([endpoint(a)?, endpoint(b)?].into_iter());
@@ -152,6 +162,23 @@ async fn contenders(a: &str, b: &str) -> Result<Vec<(&'static str, Client)>, Box
         }
         list.push((name, Client::Switchboard(EchoClient::new(channel))));
     }
+    let ca = std::fs::read(pki_dir.join("ca.crt"))?;
+    let tonic_tls = Endpoint::from_shared(format!("https://{}", tls[0]))?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)))?
+        .connect()
+        .await?;
+    list.push((
+        "(e) tonic Channel over TLS, 1 backend",
+        Client::Tonic(EchoClient::new(tonic_tls)),
+    ));
+    let name = "(f) switchboard round_robin over TLS";
+    let channel = BalancedChannel::builder(&format!("static:///{},{}", tls[0], tls[1]))?
+        .tls(ClientTls::from_files(&pki_dir.join("ca.crt"), None)?)
+        .build();
+    if channel.wait_ready(Duration::from_secs(20)).await != ConnectivityState::Ready {
+        return Err(format!("{name} never became ready: {:?}", channel.state()).into());
+    }
+    list.push((name, Client::Switchboard(EchoClient::new(channel))));
     Ok(list)
 }
 
@@ -160,8 +187,19 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
     let (_registry, registry) = Proc::registry();
     let (server_a, a) = Proc::echo(&registry, "bench.datapath", &[]);
     let (server_b, b) = Proc::echo(&registry, "bench.datapath", &[]);
-    let servers = [server_a, server_b];
-    let contenders = contenders(&a, &b).await?;
+    let pki_dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bench-pki-{}", std::process::id()));
+    std::fs::create_dir_all(&pki_dir)?;
+    pki::write_files(&pki_dir);
+    let cert = pki_dir.join("server.crt").to_string_lossy().into_owned();
+    let key = pki_dir.join("server.key").to_string_lossy().into_owned();
+    let tls_flags = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+    let (server_c, c) = Proc::echo(&registry, "bench.datapath.tls", &tls_flags);
+    let (server_d, d) = Proc::echo(&registry, "bench.datapath.tls", &tls_flags);
+    let servers = [server_a, server_b, server_c, server_d];
+    let contenders = contenders(&a, &b, [&c, &d], &pki_dir).await;
+    let _ = std::fs::remove_dir_all(&pki_dir);
+    let contenders = contenders?;
     for (_, client) in &contenders {
         let mut ignored = Totals::default();
         let max = config.concurrency.iter().copied().max().unwrap_or(1);
@@ -187,6 +225,9 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
         "c/b per round (min-max)",
         "c/a client CPU per RPC",
         "d/a RPC/s",
+        "e/a RPC/s (TLS cost, tonic)",
+        "f/c RPC/s (TLS cost, switchboard)",
+        "f/e RPC/s",
         "targets (c/a ≥ 0.95, c/b ≥ 1.0)",
     ]);
     for &concurrency in &config.concurrency {
@@ -219,6 +260,7 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
             ]);
         }
         let (ta, tb, tc, td) = (&totals[0], &totals[1], &totals[2], &totals[3]);
+        let (te, tf) = (&totals[4], &totals[5]);
         let per_round = |x: &Totals, y: &Totals| {
             let r: Vec<f64> = x
                 .per_round
@@ -252,6 +294,9 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
                     / Totals::cpu_per_rpc(ta.client_cpu, ta.rpcs)
             ),
             format!("{:.3}", td.rate() / ta.rate()),
+            format!("{:.3}", te.rate() / ta.rate()),
+            format!("{:.3}", tf.rate() / tc.rate()),
+            format!("{:.3}", tf.rate() / te.rate()),
             verdict,
         ]);
     }
