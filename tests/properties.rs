@@ -1135,11 +1135,7 @@ async fn serve(
 #[test]
 fn arbitrary_requests_get_ok_or_their_documented_status_and_watchers_stay_consistent() {
     count_panics();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     let config = RegistryConfig {
         max_message_bytes: MAX_MESSAGE_BYTES,
         // The fuzzer is one connection registering as fast as it can.
@@ -1499,11 +1495,7 @@ async fn send_raw(channel: &Channel, rpc: Rpc, message: Vec<u8>) -> Result<(), S
 #[test]
 fn undecodable_messages_get_internal_and_the_registry_serves_on() {
     count_panics();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     let (address, registry, channel) = runtime.block_on(async {
         let (address, registry) = serve(RegistryConfig {
             max_message_bytes: MAX_MESSAGE_BYTES,
@@ -1592,4 +1584,14 @@ async fn first_message(mut watcher: Watcher) -> Watcher {
         .wait_until("first message", STARTUP, |view| view.messages > 0)
         .await;
     watcher
+}
+
+/// The runtime one property test drives its registry and client on: proptest
+/// cases are synchronous, so each case blocks on it.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
