@@ -1,11 +1,13 @@
 //! switchboard: live service discovery and client-side load balancing for gRPC.
 //!
+//! - [`discovery`]: endpoints and updates, the vocabulary all of them speak;
 //! - [`registry`]: the control plane backends register with and clients watch.
 //! - [`echo`]: the `grpc.examples.echo.Echo` backend that registers itself.
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
 //! - [`tls`]: TLS and mutual TLS settings shared by all of the above.
 
 pub mod client;
+pub mod discovery;
 pub mod echo;
 #[path = "proto/mod.rs"]
 pub mod proto;

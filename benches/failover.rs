@@ -233,7 +233,7 @@ async fn scenario(
     backends[1].0.signal(fault.signal());
 
     let mut state = channel.watch_state();
-    let moved = state.wait_for(|s| !s.ready.contains(&victim));
+    let moved = state.wait_for(|s| !s.is_ready(&victim));
     let moved = match tokio::time::timeout(Duration::from_secs(15), moved).await {
         Ok(Ok(_)) => Some(signalled.elapsed()),
         _ => None,

@@ -1,29 +1,36 @@
 //! The balancer task: applies resolver updates and subchannel state changes
-//! to the policy, and publishes the result as a [`Picker`] for the RPC path
-//! and a [`BalancerState`] for observers.
+//! to the policy, and publishes the result as a [`Published`] picker for the
+//! RPC path and a [`BalancerState`] for observers.
 //!
 //! All decisions happen here, off the RPC path; an RPC only loads the
-//! current picker (lock-free) and takes the next connection from it.
+//! current picker (lock-free) and asks it for a connection. Events are
+//! handled in batches (everything queued when the task wakes), and one
+//! picker is built per batch, so a thousand endpoints connecting at once do
+//! not cost a thousand pickers.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
-use super::policy::{Policy, Subchannels};
-use super::resolver::{Endpoint, Resolution};
-use super::subchannel::{ConnectConfig, ConnectivityState, ReadyConnection};
+use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, Subchannels};
+use super::resolver::{Endpoint, ResolverEvent};
+use super::subchannel::{ConnectConfig, ConnectivityState, ReadyConnection, SubchannelEvent};
+use crate::discovery::EndpointSet;
 
 /// What the channel looks like now, for tests, the CLI and users.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BalancerState {
     /// The aggregate connectivity state.
     pub connectivity: ConnectivityState,
-    /// The endpoint set last resolved (draining ones included).
-    pub endpoints: Vec<Endpoint>,
+    /// The endpoint set last resolved (draining ones included), in the
+    /// resolver's order; shared, not copied, between states.
+    pub endpoints: Arc<Vec<Endpoint>>,
     /// The addresses RPCs are being sent to.
-    pub ready: Vec<String>,
+    pub ready: Vec<Arc<str>>,
     /// Why RPCs would fail now, if they would.
     pub last_error: Option<String>,
     /// Why the resolver cannot reach its source (e.g. the registry is
@@ -35,7 +42,7 @@ impl Default for BalancerState {
     fn default() -> Self {
         Self {
             connectivity: ConnectivityState::Idle,
-            endpoints: Vec::new(),
+            endpoints: Arc::default(),
             ready: Vec::new(),
             last_error: None,
             resolver_error: None,
@@ -43,172 +50,290 @@ impl Default for BalancerState {
     }
 }
 
-/// An immutable snapshot of the connections RPCs may use.
-#[derive(Debug)]
-pub struct Picker {
-    /// Connections in rotation order.
-    ready: Vec<Arc<ReadyConnection>>,
-    /// The aggregate state when this picker was built.
+impl BalancerState {
+    /// Whether `address` is among the addresses RPCs are sent to.
+    pub fn is_ready(&self, address: &str) -> bool {
+        self.ready.iter().any(|a| &**a == address)
+    }
+}
+
+/// The picker the RPC path reads, with what RPCs need to know when it has
+/// nothing to offer.
+pub struct Published {
+    /// The policy's picker.
+    pub picker: Arc<dyn Picker>,
+    /// The aggregate state when it was published.
     pub connectivity: ConnectivityState,
     /// Why no connection is ready, for the UNAVAILABLE status.
     pub error: Option<String>,
 }
 
-impl Picker {
-    /// A picker with nothing to pick yet.
+impl Published {
+    /// Before the first picker: everything waits.
     pub fn empty() -> Self {
         Self {
-            ready: Vec::new(),
+            picker: Arc::new(NoConnection),
             connectivity: ConnectivityState::Idle,
             error: None,
         }
     }
+}
 
-    /// The connections in rotation order.
-    pub fn connections(&self) -> &[Arc<ReadyConnection>] {
-        &self.ready
+/// A picker with nothing to pick.
+struct NoConnection;
+
+impl Picker for NoConnection {
+    fn pick(&self, _info: &PickInfo<'_>) -> Pick {
+        Pick::Queue
     }
 
-    /// The next open connection in rotation, advancing `cursor`.
-    pub fn pick(&self, cursor: &AtomicUsize) -> Option<&Arc<ReadyConnection>> {
-        let len = self.ready.len();
-        for _ in 0..len {
-            let connection = &self.ready[cursor.fetch_add(1, Ordering::Relaxed) % len];
-            // A connection may close before the balancer hears of it.
-            if !connection.sender.is_closed() {
-                return Some(connection);
-            }
-        }
-        None
+    fn connections(&self) -> &[Arc<ReadyConnection>] {
+        &[]
+    }
+}
+
+/// Time the balancer task has spent working, for benchmarks and metrics.
+#[derive(Debug, Default)]
+pub struct BalancerStats {
+    /// Nanoseconds spent handling events and publishing.
+    pub busy_nanos: AtomicU64,
+    /// Batches of events handled.
+    pub batches: AtomicU64,
+    /// Pickers published.
+    pub pickers: AtomicU64,
+}
+
+impl BalancerStats {
+    /// Time spent working so far.
+    pub fn busy(&self) -> Duration {
+        Duration::from_nanos(self.busy_nanos.load(Ordering::Relaxed))
     }
 }
 
 /// Where the balancer publishes.
 pub struct Outputs {
     /// The picker the RPC path loads.
-    pub picker: Arc<ArcSwap<Picker>>,
+    pub picker: Arc<ArcSwap<Published>>,
     /// Wakes RPCs waiting for a new picker.
     pub picker_changed: watch::Sender<()>,
     /// The observable state.
     pub state: watch::Sender<BalancerState>,
+    /// Work counters.
+    pub stats: Arc<BalancerStats>,
+}
+
+/// The balancer's view of the world between events.
+struct Balancer {
+    service: String,
+    policy: Box<dyn Policy>,
+    subchannels: Subchannels,
+    endpoints: EndpointSet,
+    /// `endpoints` as observers see it, rebuilt only when it changes.
+    endpoint_list: Arc<Vec<Endpoint>>,
+    /// Whether no endpoint serves (none at all, or all draining).
+    all_draining: bool,
+    resolver_error: Option<String>,
+    /// The policy's last picker.
+    current: Option<PolicyPicker>,
+    timer: Option<Instant>,
 }
 
 /// Runs the balancer until the channel is dropped (the task is aborted).
 pub async fn run(
     service: String,
-    mut policy: Box<dyn Policy>,
+    policy: Box<dyn Policy>,
     config: Arc<ConnectConfig>,
-    mut resolution: watch::Receiver<Resolution>,
+    mut resolver: mpsc::UnboundedReceiver<ResolverEvent>,
     outputs: Outputs,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut subchannels = Subchannels::new(config, events_tx);
-    let mut resolved = Resolution::default();
+    let mut balancer = Balancer {
+        service,
+        policy,
+        subchannels: Subchannels::new(config, events_tx),
+        endpoints: EndpointSet::new(),
+        endpoint_list: Arc::default(),
+        all_draining: true,
+        resolver_error: None,
+        current: None,
+        timer: None,
+    };
     let mut resolver_alive = true;
     loop {
+        let timer = balancer.timer;
         tokio::select! {
-            changed = resolution.changed(), if resolver_alive => {
-                if changed.is_err() {
+            event = resolver.recv(), if resolver_alive => {
+                let started = std::time::Instant::now();
+                match event {
+                    Some(event) => {
+                        balancer.on_resolver(event);
+                        while let Ok(event) = resolver.try_recv() {
+                            balancer.on_resolver(event);
+                        }
+                    }
                     // The resolver finished; keep the last set.
-                    resolver_alive = false;
-                    continue;
+                    None => resolver_alive = false,
                 }
-                let next = resolution.borrow_and_update().clone();
-                let endpoints_changed = match (&next.endpoints, &resolved.endpoints) {
-                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
-                    (a, b) => a.is_some() != b.is_some(),
-                };
-                resolved = next;
-                if endpoints_changed {
-                    let addresses: Vec<Arc<str>> = resolved
-                        .endpoints
-                        .iter()
-                        .flat_map(|set| set.iter())
-                        .filter(|e| !e.draining)
-                        .map(|e| Arc::from(e.address.as_str()))
-                        .collect();
-                    tracing::debug!(%service, policy = policy.name(), ?addresses, "endpoints changed");
-                    policy.update(&addresses, &mut subchannels);
-                }
+                balancer.publish(&outputs, started);
             }
             Some(event) = events.recv() => {
-                let Some(subchannel) = subchannels.by_id_mut(event.id) else { continue };
-                subchannel.set_state(event.state);
-                let address = subchannel.address().clone();
-                policy.subchannel_changed(&address, &mut subchannels);
+                let started = std::time::Instant::now();
+                balancer.on_subchannel(event);
+                while let Ok(event) = events.try_recv() {
+                    balancer.on_subchannel(event);
+                }
+                balancer.publish(&outputs, started);
+            }
+            _ = sleep_until(timer), if timer.is_some() => {
+                let started = std::time::Instant::now();
+                balancer.timer = None;
+                let Balancer { policy, subchannels, timer, .. } = &mut balancer;
+                policy.timer_fired(&mut PolicyContext::new(subchannels, timer));
+                balancer.publish(&outputs, started);
             }
         }
-        publish(&service, &*policy, &subchannels, &resolved, &outputs);
     }
 }
 
-/// Builds and publishes the picker and the observable state.
-fn publish(
-    service: &str,
-    policy: &dyn Policy,
-    subchannels: &Subchannels,
-    resolved: &Resolution,
-    outputs: &Outputs,
-) {
-    let ready = policy.ready(subchannels);
-    let (connectivity, error) = if !ready.is_empty() {
-        (ConnectivityState::Ready, None)
-    } else {
-        match &resolved.endpoints {
-            None => match &resolved.error {
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Balancer {
+    fn on_resolver(&mut self, event: ResolverEvent) {
+        match event {
+            ResolverEvent::Update(update) => {
+                let changes = self.endpoints.apply(update);
+                for anomaly in &changes.anomalies {
+                    tracing::debug!(service = %self.service, %anomaly, "resolver update did not fit the set");
+                }
+                // Any update clears a resolver error: the source answered.
+                self.resolver_error = None;
+                if changes.is_empty() && self.endpoint_list.len() == self.endpoints.len() {
+                    return;
+                }
+                tracing::debug!(
+                    service = %self.service,
+                    policy = self.policy.name(),
+                    added = ?changes.added,
+                    updated = ?changes.updated,
+                    removed = ?changes.removed,
+                    "endpoints changed"
+                );
+                self.endpoint_list =
+                    Arc::new(self.endpoints.iter().map(|e| (**e).clone()).collect());
+                self.all_draining = self.endpoints.iter().all(|e| e.is_draining());
+                let Balancer {
+                    policy,
+                    subchannels,
+                    endpoints,
+                    timer,
+                    ..
+                } = self;
+                policy.endpoints_changed(
+                    endpoints,
+                    &changes,
+                    &mut PolicyContext::new(subchannels, timer),
+                );
+            }
+            ResolverEvent::Error(error) => self.resolver_error = Some(error),
+        }
+    }
+
+    fn on_subchannel(&mut self, event: SubchannelEvent) {
+        // Events of a removed subchannel are stale; ids are never reused.
+        let Some(subchannel) = self.subchannels.get_mut(event.id) else {
+            return;
+        };
+        subchannel.set_state(event.state);
+        let Balancer {
+            policy,
+            subchannels,
+            timer,
+            ..
+        } = self;
+        policy.subchannel_changed(event.id, &mut PolicyContext::new(subchannels, timer));
+    }
+
+    /// Publishes the picker (if the policy has a new one) and the state.
+    fn publish(&mut self, outputs: &Outputs, started: std::time::Instant) {
+        if let Some(fresh) = self.policy.take_picker() {
+            outputs.stats.pickers.fetch_add(1, Ordering::Relaxed);
+            self.current = Some(fresh);
+        }
+        let (picker, ready) = match &self.current {
+            Some(current) => (
+                current.picker.clone(),
+                current.picker.connections().to_vec(),
+            ),
+            None => (Arc::new(NoConnection) as Arc<dyn Picker>, Vec::new()),
+        };
+        let (connectivity, error) = self.aggregate(!ready.is_empty());
+        outputs.picker.store(Arc::new(Published {
+            picker,
+            connectivity,
+            error: error.clone(),
+        }));
+        outputs.picker_changed.send_replace(());
+        let state = BalancerState {
+            connectivity,
+            endpoints: self.endpoint_list.clone(),
+            ready: ready.iter().map(|c| c.address.clone()).collect(),
+            last_error: error,
+            resolver_error: self.resolver_error.clone(),
+        };
+        outputs.state.send_if_modified(|current| {
+            let changed = *current != state;
+            if changed {
+                *current = state;
+            }
+            changed
+        });
+        outputs.stats.batches.fetch_add(1, Ordering::Relaxed);
+        outputs
+            .stats
+            .busy_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// The channel's state and, when RPCs would fail, why.
+    fn aggregate(&self, any_ready: bool) -> (ConnectivityState, Option<String>) {
+        let service = &self.service;
+        if any_ready {
+            return (ConnectivityState::Ready, None);
+        }
+        if !self.endpoints.is_known() {
+            return match &self.resolver_error {
                 Some(error) => (ConnectivityState::TransientFailure, Some(error.clone())),
                 None => (ConnectivityState::Connecting, None),
-            },
-            Some(set) if set.iter().all(|e| e.draining) => {
-                let mut error = format!("no endpoints available for service {service}");
-                if !set.is_empty() {
-                    error.push_str(" (all draining)");
-                }
-                if let Some(resolver_error) = &resolved.error {
-                    error.push_str(&format!("; resolver: {resolver_error}"));
-                }
-                (ConnectivityState::TransientFailure, Some(error))
-            }
-            Some(_) => {
-                let connecting = subchannels.iter().any(|s| {
-                    matches!(
-                        s.state().connectivity(),
-                        ConnectivityState::Connecting | ConnectivityState::Idle
-                    )
-                });
-                let error = match subchannels.iter().find_map(|s| s.last_error()) {
-                    Some(last) => {
-                        format!("no ready endpoint for service {service}; last error: {last}")
-                    }
-                    None => format!("no ready endpoint for service {service}"),
-                };
-                let connectivity = if connecting {
-                    ConnectivityState::Connecting
-                } else {
-                    ConnectivityState::TransientFailure
-                };
-                (connectivity, Some(error))
-            }
+            };
         }
-    };
-    let state = BalancerState {
-        connectivity,
-        endpoints: resolved.endpoints.as_deref().cloned().unwrap_or_default(),
-        ready: ready.iter().map(|c| c.address.to_string()).collect(),
-        last_error: error.clone(),
-        resolver_error: resolved.error.clone(),
-    };
-    outputs.picker.store(Arc::new(Picker {
-        ready,
-        connectivity,
-        error,
-    }));
-    outputs.picker_changed.send_replace(());
-    outputs.state.send_if_modified(|current| {
-        let changed = *current != state;
-        if changed {
-            *current = state;
+        if self.all_draining {
+            let mut error = format!("no endpoints available for service {service}");
+            if !self.endpoints.is_empty() {
+                error.push_str(" (all draining)");
+            }
+            if let Some(resolver_error) = &self.resolver_error {
+                error.push_str(&format!("; resolver: {resolver_error}"));
+            }
+            return (ConnectivityState::TransientFailure, Some(error));
         }
-        changed
-    });
+        let (connectivity, last_error) = match &self.current {
+            Some(current) => (current.connectivity, current.last_error.as_deref()),
+            None => (ConnectivityState::Connecting, None),
+        };
+        let connectivity = match connectivity {
+            // The picker had connections that all closed since.
+            ConnectivityState::Ready | ConnectivityState::Idle => ConnectivityState::Connecting,
+            other => other,
+        };
+        let error = match last_error {
+            Some(last) => format!("no ready endpoint for service {service}; last error: {last}"),
+            None => format!("no ready endpoint for service {service}"),
+        };
+        (connectivity, Some(error))
+    }
 }

@@ -5,7 +5,6 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,10 +18,10 @@ use tokio::time::Instant;
 use tonic::Status;
 
 use super::backoff::BackoffConfig;
-use super::balancer::{self, BalancerState, Outputs, Picker};
+use super::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
 use super::error::source_chain;
 use super::pick_first::PickFirst;
-use super::policy::Policy;
+use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
 use super::registry_resolver::RegistryResolver;
 use super::resolver::{Resolver, ResolverSink, StaticResolver};
 use super::round_robin::RoundRobin;
@@ -93,6 +92,7 @@ pub struct Builder {
     registry_token: Option<Token>,
     registry_tls: Option<ClientTls>,
     policy: PolicyKind,
+    custom_policy: Option<Box<dyn Policy>>,
     connect: ConnectConfig,
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
@@ -118,6 +118,7 @@ impl Builder {
             registry_token: None,
             registry_tls: None,
             policy: PolicyKind::default(),
+            custom_policy: None,
             connect: ConnectConfig::default(),
             wait_for_ready: false,
             default_timeout: None,
@@ -127,6 +128,14 @@ impl Builder {
     /// Sets the balancing policy (default pick_first, as in gRPC).
     pub fn policy(mut self, policy: PolicyKind) -> Self {
         self.policy = policy;
+        self.custom_policy = None;
+        self
+    }
+
+    /// Balances with a policy of your own instead of a built-in one (see
+    /// [`Policy`](super::policy::Policy)).
+    pub fn custom_policy(mut self, policy: impl Policy) -> Self {
+        self.custom_policy = Some(Box::new(policy));
         self
     }
 
@@ -193,7 +202,10 @@ impl Builder {
         let (sink, resolution) = ResolverSink::new();
         let (picker_changed, picker_waiter) = watch::channel(());
         let (state_tx, state) = watch::channel(BalancerState::default());
-        let picker = Arc::new(ArcSwap::from_pointee(Picker::empty()));
+        let picker = Arc::new(ArcSwap::from_pointee(Published::empty()));
+        let policy = self.custom_policy.unwrap_or_else(|| self.policy.build());
+        let policy_name = policy.name();
+        let balancer_stats = Arc::new(BalancerStats::default());
         let resolver: Box<dyn Resolver> = match self.source {
             Source::Target(Target::Registry { registry, service }) => Box::new(
                 RegistryResolver::new(registry, service)
@@ -207,23 +219,24 @@ impl Builder {
         let resolver = Tasks::spawn(resolver.resolve(sink));
         let balancer = Tasks::spawn(balancer::run(
             self.service.clone(),
-            self.policy.build(),
+            policy,
             Arc::new(self.connect),
             resolution,
             Outputs {
                 picker: picker.clone(),
                 picker_changed,
                 state: state_tx,
+                stats: balancer_stats.clone(),
             },
         ));
         BalancedChannel {
             shared: Arc::new(Shared {
                 service: self.service,
-                policy: self.policy,
+                policy: policy_name,
                 picker,
                 picker_waiter,
                 state,
-                cursor: AtomicUsize::new(rand::random::<u32>() as usize),
+                balancer_stats,
                 wait_for_ready: self.wait_for_ready,
                 default_timeout: self.default_timeout,
                 connections,
@@ -263,13 +276,11 @@ pub struct BalancedChannel {
 
 struct Shared {
     service: String,
-    policy: PolicyKind,
-    picker: Arc<ArcSwap<Picker>>,
+    policy: &'static str,
+    picker: Arc<ArcSwap<Published>>,
     picker_waiter: watch::Receiver<()>,
     state: watch::Receiver<BalancerState>,
-    /// Round-robin position, kept across pickers so a rebuilt picker does
-    /// not skew the rotation.
-    cursor: AtomicUsize,
+    balancer_stats: Arc<BalancerStats>,
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
     connections: Arc<ConnectionStats>,
@@ -297,9 +308,16 @@ impl BalancedChannel {
         Builder::new(target)
     }
 
-    /// The policy in use.
-    pub fn policy(&self) -> PolicyKind {
+    /// The name of the policy in use (`pick_first`, `round_robin`, or a
+    /// custom policy's).
+    pub fn policy(&self) -> &'static str {
         self.shared.policy
+    }
+
+    /// How much work the balancer task has done: its busy time, batches of
+    /// events and pickers built.
+    pub fn balancer_stats(&self) -> &BalancerStats {
+        &self.shared.balancer_stats
     }
 
     /// A receiver of the channel's state: connectivity, endpoints, the
@@ -324,6 +342,7 @@ impl BalancedChannel {
         self.shared
             .picker
             .load()
+            .picker
             .connections()
             .iter()
             .map(|c| (c.address.to_string(), c.in_flight.count()))
@@ -412,57 +431,76 @@ impl Shared {
     ) -> Result<http::Response<ResponseBody>, Status> {
         let mut waiter = None;
         loop {
-            let picker = self.picker.load();
-            let Some(connection) = picker.pick(&self.cursor).cloned() else {
-                if picker.connectivity == ConnectivityState::TransientFailure && !wait_for_ready {
-                    return Err(Status::unavailable(picker.error.clone().unwrap_or_else(
-                        || format!("no ready endpoint for service {}", self.service),
-                    )));
-                }
-                // Subscribe, then look again, so a picker published in
-                // between is not missed.
-                let waiter = match &mut waiter {
-                    Some(waiter) => waiter,
-                    None => {
-                        let mut fresh = self.picker_waiter.clone();
-                        fresh.mark_unchanged();
-                        waiter.insert(fresh)
+            let published = self.picker.load();
+            let pick = published.picker.pick(&PickInfo {
+                method: request.uri().path(),
+            });
+            let (connection, done) = match pick {
+                Pick::Connection { connection, done } => (connection, done),
+                Pick::Fail(status) if !wait_for_ready => return Err(status),
+                Pick::Fail(_) | Pick::Queue => {
+                    if published.connectivity == ConnectivityState::TransientFailure
+                        && !wait_for_ready
+                    {
+                        return Err(Status::unavailable(published.error.clone().unwrap_or_else(
+                            || format!("no ready endpoint for service {}", self.service),
+                        )));
                     }
-                };
-                if !Arc::ptr_eq(&picker, &self.picker.load()) {
+                    // Subscribe, then look again, so a picker published in
+                    // between is not missed.
+                    let waiter = match &mut waiter {
+                        Some(waiter) => waiter,
+                        None => {
+                            let mut fresh = self.picker_waiter.clone();
+                            fresh.mark_unchanged();
+                            waiter.insert(fresh)
+                        }
+                    };
+                    if !Arc::ptr_eq(&published, &self.picker.load()) {
+                        continue;
+                    }
+                    drop(published);
+                    if waiter.changed().await.is_err() {
+                        return Err(Status::unavailable("the balancer stopped"));
+                    }
                     continue;
                 }
-                drop(picker);
-                if waiter.changed().await.is_err() {
-                    return Err(Status::unavailable("the balancer stopped"));
-                }
-                continue;
             };
-            drop(picker);
+            drop(published);
             set_origin(&mut request, &connection.scheme, &connection.authority)?;
-            let guard = connection.in_flight.start();
+            let outcome = Outcome::new(connection.in_flight.start(), done);
             let mut sender = connection.sender.clone();
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    return Ok(response.map(|body| ResponseBody {
-                        inner: body,
-                        _in_flight: guard,
-                    }))
+                    let (parts, body) = response.into_parts();
+                    // A trailers-only response carries its status in the
+                    // headers.
+                    let code = grpc_status(&parts.headers);
+                    return Ok(http::Response::from_parts(
+                        parts,
+                        ResponseBody {
+                            inner: body,
+                            code,
+                            outcome,
+                        },
+                    ));
                 }
                 Err(mut error) => match error.take_message() {
                     // Never left this process (the connection closed just
                     // before): safe to send elsewhere.
                     Some(unsent) => {
+                        outcome.forget();
                         request = unsent;
                         // Let the balancer hear of the closed connection.
                         tokio::task::yield_now().await;
                     }
                     None => {
+                        outcome.finish(tonic::Code::Unavailable);
                         return Err(Status::unavailable(format!(
                             "RPC to {} failed: {}",
                             connection.address,
                             source_chain(error.error())
-                        )))
+                        )));
                     }
                 },
             }
@@ -512,11 +550,64 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
+/// The `grpc-status` header or trailer, if present.
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    Some(tonic::Code::from_i32(value.parse().ok()?))
+}
+
+/// One RPC's bookkeeping: counted in flight on its subchannel until it ends,
+/// and its outcome reported to the picker's [`OnDone`], exactly once.
+struct Outcome {
+    _in_flight: InFlightGuard,
+    done: Option<OnDone>,
+    started: Instant,
+}
+
+impl Outcome {
+    fn new(in_flight: InFlightGuard, done: Option<OnDone>) -> Self {
+        Self {
+            _in_flight: in_flight,
+            done,
+            started: Instant::now(),
+        }
+    }
+
+    /// Reports `code` (once; later calls do nothing).
+    fn finish(mut self, code: tonic::Code) {
+        self.report(code);
+    }
+
+    fn report(&mut self, code: tonic::Code) {
+        if let Some(done) = self.done.take() {
+            done(&CallOutcome {
+                code,
+                latency: self.started.elapsed(),
+            });
+        }
+    }
+
+    /// The RPC never left: nothing to report.
+    fn forget(mut self) {
+        self.done = None;
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        // Dropped before the status arrived: the caller gave up.
+        self.report(tonic::Code::Cancelled);
+    }
+}
+
 /// A response body that keeps its RPC counted as in flight on its
-/// subchannel until it is read to the end or dropped.
+/// subchannel until it is read to the end or dropped, and tells the
+/// picker's [`OnDone`] how the call ended.
 pub struct ResponseBody {
     inner: hyper::body::Incoming,
-    _in_flight: InFlightGuard,
+    /// The status, once the headers or trailers have said it.
+    code: Option<tonic::Code>,
+    outcome: Outcome,
 }
 
 impl http_body::Body for ResponseBody {
@@ -527,7 +618,21 @@ impl http_body::Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    self.code = Some(code);
+                }
+            }
+            Poll::Ready(None) => {
+                let code = self.code.unwrap_or(tonic::Code::Unknown);
+                self.outcome.report(code);
+            }
+            Poll::Ready(Some(Err(_))) => self.outcome.report(tonic::Code::Unavailable),
+            Poll::Pending => {}
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

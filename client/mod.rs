@@ -26,9 +26,10 @@ pub mod target;
 pub mod transport;
 
 pub use backoff::BackoffConfig;
-pub use balancer::BalancerState;
+pub use balancer::{BalancerState, BalancerStats};
 pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
+pub use policy::{CallOutcome, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker};
 pub use registry_resolver::RegistryResolver;
-pub use resolver::{Endpoint, Resolver, ResolverSink, StaticResolver};
-pub use subchannel::ConnectivityState;
+pub use resolver::{Endpoint, EndpointState, Resolver, ResolverSink, StaticResolver, Update};
+pub use subchannel::{ConnectionStats, ConnectivityState};
 pub use target::Target;

@@ -1,23 +1,28 @@
-//! pick_first: try addresses in order, stick to the first that connects,
-//! and hold no other connection. When the chosen backend dies, move on to
-//! the next address at once instead of waiting for the resolver.
+//! pick_first: try serving endpoints in the resolver's order, stick to the
+//! first that connects, and hold no other connection. When the chosen
+//! backend dies, move on to the next address at once instead of waiting for
+//! the resolver.
 
 use std::sync::Arc;
 
-use super::policy::{Policy, Subchannels};
-use super::subchannel::{ReadyConnection, SubchannelState};
+use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId};
+use super::subchannel::{ConnectivityState, ReadyConnection, SubchannelState};
+use crate::discovery::{Applied, EndpointSet};
 
 /// The pick_first policy.
 #[derive(Debug, Default)]
 pub struct PickFirst {
-    /// Addresses in resolver order.
+    /// Serving addresses in resolver order.
     addresses: Vec<Arc<str>>,
     /// Where pick_first stands.
     phase: Phase,
+    last_error: Option<String>,
+    /// Whether the picker is out of date.
+    dirty: bool,
 }
 
 /// pick_first's progress through its address list.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone)]
 enum Phase {
     /// No addresses.
     #[default]
@@ -27,13 +32,17 @@ enum Phase {
     /// Every address failed; the subchannels retry on their own backoff and
     /// the first to connect is chosen.
     AllFailed,
-    /// Connected to `address`.
-    Connected { address: Arc<str> },
+    /// Connected to subchannel `id` over `connection`.
+    Connected {
+        id: SubchannelId,
+        connection: Arc<ReadyConnection>,
+    },
 }
 
 impl PickFirst {
     /// Starts a pass over the addresses at `start`.
-    fn start_pass(&mut self, start: usize, subchannels: &mut Subchannels) {
+    fn start_pass(&mut self, start: usize, cx: &mut PolicyContext<'_>) {
+        self.dirty = true;
         if self.addresses.is_empty() {
             self.phase = Phase::Empty;
             return;
@@ -42,28 +51,37 @@ impl PickFirst {
             index: start % self.addresses.len(),
             tried: 0,
         };
-        self.try_current(subchannels);
+        self.try_current(cx);
     }
 
     /// Asks the current address to connect, or adopts it if already Ready.
-    fn try_current(&mut self, subchannels: &mut Subchannels) {
+    fn try_current(&mut self, cx: &mut PolicyContext<'_>) {
         let Phase::Trying { index, .. } = self.phase else {
             return;
         };
-        let address = self.addresses[index].clone();
-        let subchannel = subchannels.get_or_create(&address);
+        let id = cx.subchannels().get_or_create(&self.addresses[index]);
+        let subchannel = cx.subchannels().get(id).expect("just created");
         match subchannel.state() {
-            SubchannelState::Ready(_) => self.choose(address, subchannels),
+            SubchannelState::Ready(connection) => {
+                let connection = connection.clone();
+                self.choose(id, connection, cx)
+            }
             SubchannelState::Idle { .. } => subchannel.connect(),
             // Already trying, or in backoff and will try again by itself.
             SubchannelState::Connecting | SubchannelState::TransientFailure { .. } => {}
         }
     }
 
-    /// Commits to `address` and closes every other connection.
-    fn choose(&mut self, address: Arc<str>, subchannels: &mut Subchannels) {
-        subchannels.retain(|a| a == &*address);
-        self.phase = Phase::Connected { address };
+    /// Commits to subchannel `id` and closes every other connection.
+    fn choose(
+        &mut self,
+        id: SubchannelId,
+        connection: Arc<ReadyConnection>,
+        cx: &mut PolicyContext<'_>,
+    ) {
+        cx.subchannels().retain(|s| s.id() == id);
+        self.phase = Phase::Connected { id, connection };
+        self.dirty = true;
     }
 
     fn position(&self, address: &str) -> Option<usize> {
@@ -76,36 +94,56 @@ impl Policy for PickFirst {
         "pick_first"
     }
 
-    fn update(&mut self, addresses: &[Arc<str>], subchannels: &mut Subchannels) {
-        self.addresses = addresses.to_vec();
+    fn endpoints_changed(
+        &mut self,
+        endpoints: &EndpointSet,
+        _changes: &Applied,
+        cx: &mut PolicyContext<'_>,
+    ) {
+        self.addresses = endpoints
+            .iter()
+            .filter(|e| !e.is_draining())
+            .map(|e| Arc::from(e.address.as_str()))
+            .collect();
         // Stay put if the connected address is still listed.
-        if let Phase::Connected { address } = &self.phase {
-            if self.position(address).is_some() {
+        if let Phase::Connected { id, .. } = self.phase {
+            let listed = cx
+                .subchannels()
+                .get(id)
+                .is_some_and(|s| self.position(s.address()).is_some());
+            if listed {
                 return;
             }
         }
-        let keep: Vec<Arc<str>> = self.addresses.clone();
-        subchannels.retain(|a| keep.iter().any(|k| &**k == a));
-        self.start_pass(0, subchannels);
+        let keep = &self.addresses;
+        cx.subchannels()
+            .retain(|s| keep.iter().any(|k| **k == **s.address()));
+        self.start_pass(0, cx);
     }
 
-    fn subchannel_changed(&mut self, address: &Arc<str>, subchannels: &mut Subchannels) {
-        let Some(state) = subchannels.get(address).map(|s| s.state().clone()) else {
+    fn subchannel_changed(&mut self, id: SubchannelId, cx: &mut PolicyContext<'_>) {
+        let Some(subchannel) = cx.subchannels().get(id) else {
             return;
         };
+        let state = subchannel.state().clone();
+        let address = subchannel.address().clone();
+        if let Some(error) = subchannel.last_error() {
+            self.last_error = Some(error.to_owned());
+        }
+        self.dirty = true;
         match (&self.phase, state) {
-            (Phase::Connected { address: chosen }, state)
-                if chosen == address && !matches!(state, SubchannelState::Ready(_)) =>
+            (Phase::Connected { id: chosen, .. }, state)
+                if *chosen == id && !matches!(state, SubchannelState::Ready(_)) =>
             {
                 // The chosen backend went away: try the next one now.
-                let next = self.position(address).map_or(0, |i| i + 1);
-                self.start_pass(next, subchannels);
+                let next = self.position(&address).map_or(0, |i| i + 1);
+                self.start_pass(next, cx);
             }
-            (Phase::Trying { .. } | Phase::AllFailed, SubchannelState::Ready(_)) => {
-                self.choose(address.clone(), subchannels);
+            (Phase::Trying { .. } | Phase::AllFailed, SubchannelState::Ready(connection)) => {
+                self.choose(id, connection, cx);
             }
             (Phase::Trying { index, tried }, SubchannelState::TransientFailure { .. })
-                if &self.addresses[*index] == address =>
+                if self.addresses[*index] == address =>
             {
                 let tried = tried + 1;
                 if tried >= self.addresses.len() {
@@ -115,11 +153,11 @@ impl Policy for PickFirst {
                         index: (index + 1) % self.addresses.len(),
                         tried,
                     };
-                    self.try_current(subchannels);
+                    self.try_current(cx);
                 }
             }
             (Phase::AllFailed, SubchannelState::Idle { .. }) => {
-                if let Some(subchannel) = subchannels.get(address) {
+                if let Some(subchannel) = cx.subchannels().get(id) {
                     subchannel.connect();
                 }
             }
@@ -127,14 +165,43 @@ impl Policy for PickFirst {
         }
     }
 
-    fn ready(&self, subchannels: &Subchannels) -> Vec<Arc<ReadyConnection>> {
-        match &self.phase {
-            Phase::Connected { address } => subchannels
-                .get(address)
-                .and_then(|s| s.ready().cloned())
-                .into_iter()
-                .collect(),
-            _ => Vec::new(),
+    fn take_picker(&mut self) -> Option<PolicyPicker> {
+        if !std::mem::take(&mut self.dirty) {
+            return None;
         }
+        let (connection, connectivity) = match &self.phase {
+            Phase::Connected { connection, .. } => {
+                (Some(connection.clone()), ConnectivityState::Ready)
+            }
+            Phase::Empty | Phase::AllFailed => (None, ConnectivityState::TransientFailure),
+            Phase::Trying { .. } => (None, ConnectivityState::Connecting),
+        };
+        Some(PolicyPicker {
+            picker: Arc::new(PickFirstPicker { connection }),
+            connectivity,
+            last_error: self.last_error.clone(),
+        })
+    }
+}
+
+/// Always the one chosen connection.
+#[derive(Debug)]
+pub struct PickFirstPicker {
+    connection: Option<Arc<ReadyConnection>>,
+}
+
+impl Picker for PickFirstPicker {
+    fn pick(&self, _info: &PickInfo<'_>) -> Pick {
+        match &self.connection {
+            Some(connection) if !connection.sender.is_closed() => Pick::Connection {
+                connection: connection.clone(),
+                done: None,
+            },
+            _ => Pick::Queue,
+        }
+    }
+
+    fn connections(&self) -> &[Arc<ReadyConnection>] {
+        self.connection.as_slice()
     }
 }

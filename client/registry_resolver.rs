@@ -1,23 +1,23 @@
 //! Resolves a service by watching it in a switchboard registry.
 //!
-//! The watch stream drives everything, not traffic: each message is applied
-//! to a local copy of the set and the whole set is published at once. When
-//! the registry is unreachable or the stream breaks, the last set stays in
-//! use, the resolver reconnects with backoff, and the reset that opens every
-//! new stream replaces the set wholesale.
+//! The watch stream drives everything, not traffic: each message is passed
+//! on to the balancer as the [`Update`](crate::discovery::Update) it is, a
+//! reset or a delta, which the balancer applies to its set. When the
+//! registry is unreachable or the stream breaks, the last set stays in use,
+//! the resolver reconnects with backoff, and the reset that opens every new
+//! stream is applied as the difference it makes.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 
 use super::backoff::{Backoff, BackoffConfig};
 use super::error::status_chain;
-use super::resolver::{BoxFuture, Endpoint, Resolver, ResolverSink};
+use super::resolver::{BoxFuture, Resolver, ResolverSink};
 use super::transport;
+use crate::discovery::Versioned;
 use crate::proto::registry::registry_client::RegistryClient;
-use crate::proto::registry::watch_response::Event;
-use crate::proto::registry::{self as pb, EndpointState, WatchRequest};
+use crate::proto::registry::WatchRequest;
 use crate::registry::auth::{Bearer, Token};
 use crate::tls::ClientTls;
 
@@ -105,7 +105,6 @@ impl RegistryResolver {
                 )
             }
         };
-        let mut set: Option<BTreeMap<String, Endpoint>> = None;
         let mut epoch = None;
         let mut delivered = false;
         while let Some(message) = stream.next().await {
@@ -118,38 +117,22 @@ impl RegistryResolver {
                     )
                 }
             };
-            if epoch.is_some_and(|e| e != message.epoch) {
+            // The registry never sends a message without an event.
+            let Ok(Versioned {
+                epoch: received,
+                version,
+                update,
+            }) = Versioned::try_from(message)
+            else {
+                continue;
+            };
+            if epoch.is_some_and(|e| e != received) {
                 tracing::info!(service = %self.service, "registry restarted (new epoch)");
             }
-            epoch = Some(message.epoch);
-            match message.event {
-                Some(Event::Reset(snapshot)) => {
-                    set = Some(
-                        snapshot
-                            .endpoints
-                            .into_iter()
-                            .map(|e| (e.address.clone(), from_proto(e)))
-                            .collect(),
-                    );
-                }
-                Some(Event::Delta(delta)) => {
-                    // Deltas only make sense after a reset; the registry
-                    // always sends one first.
-                    let Some(set) = set.as_mut() else { continue };
-                    for endpoint in delta.added.into_iter().chain(delta.updated) {
-                        set.insert(endpoint.address.clone(), from_proto(endpoint));
-                    }
-                    for address in delta.removed {
-                        set.remove(&address);
-                    }
-                }
-                None => continue,
-            }
-            if let Some(set) = &set {
-                tracing::debug!(service = %self.service, version = message.version, endpoints = set.len(), "endpoint set updated");
-                sink.update(set.values().cloned().collect());
-                delivered = true;
-            }
+            epoch = Some(received);
+            tracing::debug!(service = %self.service, version, "endpoint update");
+            sink.update(update);
+            delivered = true;
         }
         ("watch stream closed by the registry".into(), delivered)
     }
@@ -185,13 +168,5 @@ impl Resolver for RegistryResolver {
                 }
             }
         })
-    }
-}
-
-fn from_proto(endpoint: pb::Endpoint) -> Endpoint {
-    Endpoint {
-        draining: endpoint.state == EndpointState::Draining as i32,
-        address: endpoint.address,
-        metadata: endpoint.metadata,
     }
 }

@@ -1,77 +1,54 @@
 //! The resolver side of a balanced channel: something that keeps telling the
-//! balancer the current endpoint set, whatever the source.
+//! balancer about the endpoint set, whatever the source.
 //!
-//! A resolver publishes whole sets (grpc-go's model): the balancer reconciles
-//! each set against its connections, so a resolver never has to describe
-//! changes and a reset after a reconnect is just another set.
+//! A resolver publishes [`Update`]s: a reset to a whole set, or a delta. The
+//! balancer applies them to its [`EndpointSet`](crate::discovery::EndpointSet)
+//! with the one shared `apply` and hands the policy only what changed, so a
+//! watch stream's deltas reach the policy as deltas, and a reset after a
+//! reconnect costs only the difference.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
-/// One endpoint as the balancer sees it.
+pub use crate::discovery::{Endpoint, EndpointState, Update};
+
+/// What a resolver tells the balancer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// `host:port` to connect to.
-    pub address: String,
-    /// Labels from the registry (zone, weight, version...).
-    pub metadata: HashMap<String, String>,
-    /// A draining endpoint finishes in-flight RPCs and gets no new ones.
-    pub draining: bool,
-}
-
-impl Endpoint {
-    /// A serving endpoint with no metadata.
-    pub fn new(address: impl Into<String>) -> Self {
-        Self {
-            address: address.into(),
-            metadata: HashMap::new(),
-            draining: false,
-        }
-    }
-}
-
-/// What the resolver has said so far.
-#[derive(Debug, Clone, Default)]
-pub struct Resolution {
-    /// The last endpoint set, or `None` before the first one arrived.
-    pub endpoints: Option<Arc<Vec<Endpoint>>>,
-    /// The last resolution error, cleared by the next set.
-    pub error: Option<String>,
+pub enum ResolverEvent {
+    /// The endpoint set changed.
+    Update(Update),
+    /// The source cannot be reached; the last set stays in use.
+    Error(String),
 }
 
 /// Where a resolver publishes; handed to [`Resolver::resolve`].
 #[derive(Debug, Clone)]
 pub struct ResolverSink {
-    tx: watch::Sender<Resolution>,
+    tx: mpsc::UnboundedSender<ResolverEvent>,
 }
 
 impl ResolverSink {
     /// Creates a sink and the receiver the balancer reads.
-    pub fn new() -> (Self, watch::Receiver<Resolution>) {
-        let (tx, rx) = watch::channel(Resolution::default());
+    pub fn new() -> (Self, mpsc::UnboundedReceiver<ResolverEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
         (Self { tx }, rx)
     }
 
+    /// Publishes a change to the endpoint set.
+    pub fn update(&self, update: Update) {
+        let _ = self.tx.send(ResolverEvent::Update(update));
+    }
+
     /// Publishes a complete endpoint set; it replaces the previous one.
-    pub fn update(&self, endpoints: Vec<Endpoint>) {
-        self.tx.send_replace(Resolution {
-            endpoints: Some(Arc::new(endpoints)),
-            error: None,
-        });
+    pub fn reset(&self, endpoints: Vec<Endpoint>) {
+        self.update(Update::Reset(endpoints));
     }
 
     /// Reports that the source cannot be reached; the last set stays in use.
     pub fn error(&self, error: impl Into<String>) {
-        let error = error.into();
-        self.tx.send_if_modified(|resolution| {
-            let changed = resolution.error.as_deref() != Some(error.as_str());
-            resolution.error = Some(error);
-            changed
-        });
+        let _ = self.tx.send(ResolverEvent::Error(error.into()));
     }
 
     /// Resolves once the balancer is gone, so a resolver can stop.
@@ -88,11 +65,11 @@ impl ResolverSink {
 /// A boxed future, as resolvers return.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
-/// A source of endpoint sets. The balanced channel runs the returned future
+/// A source of endpoint updates. The balanced channel runs the returned future
 /// in its own task (so discovery moves without traffic) and drops it when
 /// the channel goes away.
 pub trait Resolver: Send + 'static {
-    /// Publishes endpoint sets into `sink` until it closes.
+    /// Publishes endpoint updates into `sink` until it closes.
     fn resolve(self: Box<Self>, sink: ResolverSink) -> BoxFuture;
 }
 
@@ -112,7 +89,7 @@ impl StaticResolver {
 impl Resolver for StaticResolver {
     fn resolve(self: Box<Self>, sink: ResolverSink) -> BoxFuture {
         Box::pin(async move {
-            sink.update(self.addresses.into_iter().map(Endpoint::new).collect());
+            sink.reset(self.addresses.into_iter().map(Endpoint::new).collect());
             sink.closed().await;
         })
     }

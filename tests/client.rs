@@ -207,7 +207,7 @@ async fn wait_for_ready_waits_for_a_backend_until_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hung_backend_leaves_the_ready_set_by_keepalive_before_its_ttl() {
+async fn a_hung_backend_with_rpcs_in_flight_leaves_the_ready_set_by_keepalive_before_its_ttl() {
     let cluster = Cluster::start(2).await;
     let addresses = cluster.addresses();
     let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
@@ -216,10 +216,23 @@ async fn a_hung_backend_leaves_the_ready_set_by_keepalive_before_its_ttl() {
     let proc = cluster.backend(victim);
     proc.signal(libc::SIGSTOP);
     let stopped = Instant::now();
+    // Keepalive pings only connections with RPCs in flight (idle ones are
+    // left alone, as stock servers demand): two calls in a row reach both
+    // backends, and the one on the hung backend waits.
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let mut client = EchoClient::new(channel.clone());
+        calls.push(tokio::spawn(async move {
+            echo_once(&mut client, Duration::from_secs(20)).await
+        }));
+    }
     let survivors = all_but(&addresses, victim);
     wait_ready_set(&channel, &survivors, Duration::from_secs(10)).await;
     let dropped_after = stopped.elapsed();
     proc.signal(libc::SIGCONT);
+    for call in calls {
+        call.abort();
+    }
     // keepalive 500 ms + 1 s timeout: well before the registry's 5 s TTL.
     assert!(
         dropped_after < Duration::from_secs(4),
@@ -251,7 +264,7 @@ async fn a_custom_resolver_drives_the_balancer() {
             let mut sets = self.0;
             Box::pin(async move {
                 while let Some(set) = sets.recv().await {
-                    sink.update(set.into_iter().map(Endpoint::new).collect());
+                    sink.reset(set.into_iter().map(Endpoint::new).collect());
                 }
             })
         }
@@ -438,7 +451,7 @@ async fn a_server_that_hangs_up_before_settings_is_never_ready_and_backs_off() {
                 let mut bad = Vec::new();
                 while states.changed().await.is_ok() {
                     let ready = states.borrow_and_update().ready.clone();
-                    if ready.iter().any(|a| *a == mute) {
+                    if ready.iter().any(|a| **a == *mute) {
                         bad.push(ready);
                     }
                 }

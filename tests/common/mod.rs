@@ -460,7 +460,7 @@ pub async fn wait_ready_set(channel: &BalancedChannel, expected: &[String], time
     let deadline = Instant::now() + timeout;
     loop {
         let state = channel.state();
-        let mut ready = state.ready.clone();
+        let mut ready: Vec<String> = state.ready.iter().map(|a| a.to_string()).collect();
         ready.sort();
         if ready == expected {
             return;

@@ -1,0 +1,583 @@
+//! The vocabulary of endpoint discovery, independent of any wire format: an
+//! [`Endpoint`], an [`Update`] to a set of them (a reset to a whole set, or
+//! a delta), and the one [`EndpointSet::apply`] that every consumer uses to
+//! follow a stream of updates: the registry's stores and watch, the client's
+//! resolvers and balancer, the demo, the tests and the benches.
+//!
+//! Like linkerd's discovery `Update`, these are the types the code reasons
+//! in; the protobuf messages are converted at the edges (see the `From`
+//! impls at the end of this module).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+
+use crate::proto::registry as pb;
+
+/// Whether an endpoint takes new RPCs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum EndpointState {
+    /// Takes new RPCs.
+    #[default]
+    Serving,
+    /// Finishes the RPCs it has and takes no new ones.
+    Draining,
+}
+
+impl fmt::Display for EndpointState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EndpointState::Serving => "SERVING",
+            EndpointState::Draining => "DRAINING",
+        })
+    }
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host:port` to connect to.
+    pub address: String,
+    /// Labels from the registry (zone, weight, version...).
+    pub metadata: HashMap<String, String>,
+    /// Serving or draining.
+    pub state: EndpointState,
+}
+
+impl Endpoint {
+    /// A serving endpoint with no metadata.
+    pub fn new(address: impl Into<String>) -> Self {
+        Self {
+            address: address.into(),
+            metadata: HashMap::new(),
+            state: EndpointState::Serving,
+        }
+    }
+
+    /// The same endpoint with `key` set to `value` in its metadata.
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// The same endpoint in `state`.
+    pub fn with_state(mut self, state: EndpointState) -> Self {
+        self.state = state;
+        self
+    }
+
+    /// Whether it is draining (finishing its RPCs, taking no new ones).
+    pub fn is_draining(&self) -> bool {
+        self.state == EndpointState::Draining
+    }
+
+    /// The `weight` metadata as a positive integer, if it is one.
+    pub fn weight(&self) -> Option<u32> {
+        self.metadata
+            .get("weight")
+            .and_then(|w| w.parse().ok())
+            .filter(|w| *w > 0)
+    }
+}
+
+/// A change to an endpoint set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Update {
+    /// The whole set, replacing whatever was known.
+    Reset(Vec<Endpoint>),
+    /// Changes relative to the set known so far.
+    Delta(Delta),
+}
+
+/// Endpoints that joined, changed or left.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Delta {
+    /// New endpoints.
+    pub added: Vec<Endpoint>,
+    /// Endpoints whose metadata or state changed.
+    pub updated: Vec<Endpoint>,
+    /// Addresses that left.
+    pub removed: Vec<String>,
+}
+
+impl Delta {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// An update stamped with where it stands in its source's history: the
+/// source's identity (`epoch`) and a version that grows with every change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    /// Identifies the source's history (a registry instance, an etcd
+    /// cluster); versions compare only within one epoch.
+    pub epoch: u64,
+    /// The version the set has after this update.
+    pub version: u64,
+    /// The change.
+    pub update: Update,
+}
+
+/// What applying an update changed, by address: the work a consumer has to
+/// do is this, not a diff of whole sets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Addresses that joined.
+    pub added: Vec<String>,
+    /// Addresses whose metadata or state changed.
+    pub updated: Vec<String>,
+    /// Addresses that left.
+    pub removed: Vec<String>,
+    /// Whatever in the update did not fit the set it was applied to. The
+    /// update is still applied as well as it can be; sources that keep the
+    /// protocol never cause these.
+    pub anomalies: Vec<Anomaly>,
+}
+
+impl Applied {
+    /// Whether the set is unchanged.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.updated.is_empty() && self.removed.is_empty()
+    }
+}
+
+/// An update that did not fit the set it was applied to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Anomaly {
+    /// A delta arrived before any reset.
+    DeltaBeforeReset,
+    /// A delta that changes nothing.
+    EmptyDelta,
+    /// An address was added while already present (applied as an update).
+    AddedTwice(String),
+    /// An address was updated while absent (applied as an add).
+    UpdatedAbsent(String),
+    /// An absent address was removed.
+    RemovedAbsent(String),
+    /// A version did not grow within one epoch.
+    VersionNotIncreasing {
+        /// The version held before.
+        previous: u64,
+        /// The version received.
+        received: u64,
+    },
+    /// A delta claimed another epoch than the set's (only a reset may).
+    DeltaFromOtherEpoch {
+        /// The set's epoch.
+        held: u64,
+        /// The delta's.
+        received: u64,
+    },
+}
+
+impl fmt::Display for Anomaly {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Anomaly::DeltaBeforeReset => write!(f, "a delta arrived before any reset"),
+            Anomaly::EmptyDelta => write!(f, "an empty delta"),
+            Anomaly::AddedTwice(a) => write!(f, "{a} added while already present"),
+            Anomaly::UpdatedAbsent(a) => write!(f, "{a} updated while absent"),
+            Anomaly::RemovedAbsent(a) => write!(f, "{a} removed while absent"),
+            Anomaly::VersionNotIncreasing { previous, received } => {
+                write!(f, "version {received} after {previous}")
+            }
+            Anomaly::DeltaFromOtherEpoch { held, received } => {
+                write!(f, "a delta of epoch {received} applied to epoch {held}")
+            }
+        }
+    }
+}
+
+/// An endpoint set as a stream of updates builds it, in the source's order
+/// (a reset's order, then additions in turn): pick_first tries endpoints in
+/// that order.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointSet {
+    endpoints: IndexMap<String, Arc<Endpoint>>,
+    /// Whether a reset has been applied (before one, the set is unknown
+    /// rather than empty).
+    known: bool,
+    epoch: Option<u64>,
+    version: Option<u64>,
+}
+
+impl EndpointSet {
+    /// An unknown set: nothing applied yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies `update` and says what changed. A reset is compared with the
+    /// set held, so only real changes are reported; a delta is applied as
+    /// given, each misfit noted in [`Applied::anomalies`].
+    pub fn apply(&mut self, update: Update) -> Applied {
+        let mut applied = Applied::default();
+        match update {
+            Update::Reset(endpoints) => {
+                let mut fresh: IndexMap<String, Arc<Endpoint>> =
+                    IndexMap::with_capacity(endpoints.len());
+                for endpoint in endpoints {
+                    let address = endpoint.address.clone();
+                    let endpoint = match self.endpoints.get(&address) {
+                        Some(held) if **held == endpoint => held.clone(),
+                        Some(_) => {
+                            applied.updated.push(address.clone());
+                            Arc::new(endpoint)
+                        }
+                        None => {
+                            applied.added.push(address.clone());
+                            Arc::new(endpoint)
+                        }
+                    };
+                    fresh.insert(address, endpoint);
+                }
+                applied.removed = self
+                    .endpoints
+                    .keys()
+                    .filter(|address| !fresh.contains_key(*address))
+                    .cloned()
+                    .collect();
+                self.endpoints = fresh;
+                self.known = true;
+            }
+            Update::Delta(delta) => {
+                if !self.known {
+                    applied.anomalies.push(Anomaly::DeltaBeforeReset);
+                }
+                if delta.is_empty() {
+                    applied.anomalies.push(Anomaly::EmptyDelta);
+                }
+                for endpoint in delta.added {
+                    if self.endpoints.contains_key(&endpoint.address) {
+                        applied
+                            .anomalies
+                            .push(Anomaly::AddedTwice(endpoint.address.clone()));
+                    }
+                    self.put(endpoint, &mut applied);
+                }
+                for endpoint in delta.updated {
+                    if !self.endpoints.contains_key(&endpoint.address) {
+                        applied
+                            .anomalies
+                            .push(Anomaly::UpdatedAbsent(endpoint.address.clone()));
+                    }
+                    self.put(endpoint, &mut applied);
+                }
+                for address in delta.removed {
+                    if self.endpoints.shift_remove(&address).is_some() {
+                        applied.removed.push(address);
+                    } else {
+                        applied.anomalies.push(Anomaly::RemovedAbsent(address));
+                    }
+                }
+            }
+        }
+        applied
+    }
+
+    /// Applies a versioned update, also checking that versions grow within
+    /// an epoch and that only a reset moves to another epoch.
+    pub fn apply_versioned(&mut self, versioned: Versioned) -> Applied {
+        let mut order = Vec::new();
+        let is_reset = matches!(versioned.update, Update::Reset(_));
+        match self.epoch {
+            Some(held) if held != versioned.epoch && !is_reset => {
+                order.push(Anomaly::DeltaFromOtherEpoch {
+                    held,
+                    received: versioned.epoch,
+                });
+            }
+            Some(held) if held == versioned.epoch => {
+                if let Some(previous) = self.version {
+                    // A reset may repeat the version it describes (a fresh
+                    // snapshot of an unchanged set); a delta must move on.
+                    let stale = if is_reset {
+                        versioned.version < previous
+                    } else {
+                        versioned.version <= previous
+                    };
+                    if stale {
+                        order.push(Anomaly::VersionNotIncreasing {
+                            previous,
+                            received: versioned.version,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+        if is_reset || self.epoch.is_none() {
+            self.epoch = Some(versioned.epoch);
+        }
+        self.version = Some(versioned.version);
+        let mut applied = self.apply(versioned.update);
+        order.append(&mut applied.anomalies);
+        applied.anomalies = order;
+        applied
+    }
+
+    /// Adds or replaces one endpoint, noting it if that changed anything.
+    fn put(&mut self, endpoint: Endpoint, applied: &mut Applied) {
+        match self.endpoints.get(&endpoint.address) {
+            Some(held) if **held == endpoint => {}
+            Some(_) => {
+                applied.updated.push(endpoint.address.clone());
+                self.endpoints
+                    .insert(endpoint.address.clone(), Arc::new(endpoint));
+            }
+            None => {
+                applied.added.push(endpoint.address.clone());
+                self.endpoints
+                    .insert(endpoint.address.clone(), Arc::new(endpoint));
+            }
+        }
+    }
+
+    /// Whether a reset has been applied.
+    pub fn is_known(&self) -> bool {
+        self.known
+    }
+
+    /// The epoch of the last versioned update.
+    pub fn epoch(&self) -> Option<u64> {
+        self.epoch
+    }
+
+    /// The version of the last versioned update.
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    /// The endpoint at `address`.
+    pub fn get(&self, address: &str) -> Option<&Arc<Endpoint>> {
+        self.endpoints.get(address)
+    }
+
+    /// Whether `address` is in the set.
+    pub fn contains(&self, address: &str) -> bool {
+        self.endpoints.contains_key(address)
+    }
+
+    /// The endpoints, in the source's order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Endpoint>> {
+        self.endpoints.values()
+    }
+
+    /// The addresses, in the source's order.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.endpoints.keys().map(String::as_str)
+    }
+
+    /// How many endpoints there are.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Whether there are none (or nothing is known yet).
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// The whole set as a reset.
+    pub fn to_reset(&self) -> Update {
+        Update::Reset(self.endpoints.values().map(|e| (**e).clone()).collect())
+    }
+}
+
+// --- The wire format (switchboard.registry.v1) at the edge. ---
+
+impl From<pb::Endpoint> for Endpoint {
+    fn from(endpoint: pb::Endpoint) -> Self {
+        Self {
+            state: if endpoint.state == pb::EndpointState::Draining as i32 {
+                EndpointState::Draining
+            } else {
+                EndpointState::Serving
+            },
+            address: endpoint.address,
+            metadata: endpoint.metadata,
+        }
+    }
+}
+
+impl From<&Endpoint> for pb::Endpoint {
+    fn from(endpoint: &Endpoint) -> Self {
+        Self {
+            address: endpoint.address.clone(),
+            metadata: endpoint.metadata.clone(),
+            state: match endpoint.state {
+                EndpointState::Serving => pb::EndpointState::Serving,
+                EndpointState::Draining => pb::EndpointState::Draining,
+            } as i32,
+        }
+    }
+}
+
+impl From<&Update> for pb::watch_response::Event {
+    fn from(update: &Update) -> Self {
+        use pb::watch_response::Event;
+        match update {
+            Update::Reset(endpoints) => Event::Reset(pb::Snapshot {
+                endpoints: endpoints.iter().map(pb::Endpoint::from).collect(),
+            }),
+            Update::Delta(delta) => Event::Delta(pb::Delta {
+                added: delta.added.iter().map(pb::Endpoint::from).collect(),
+                updated: delta.updated.iter().map(pb::Endpoint::from).collect(),
+                removed: delta.removed.clone(),
+            }),
+        }
+    }
+}
+
+impl From<&Versioned> for pb::WatchResponse {
+    fn from(versioned: &Versioned) -> Self {
+        Self {
+            epoch: versioned.epoch,
+            version: versioned.version,
+            event: Some((&versioned.update).into()),
+        }
+    }
+}
+
+/// A watch message that carries no event: the registry never sends one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a watch message without an event")]
+pub struct NoEvent;
+
+impl TryFrom<pb::WatchResponse> for Versioned {
+    type Error = NoEvent;
+
+    fn try_from(message: pb::WatchResponse) -> Result<Self, NoEvent> {
+        use pb::watch_response::Event;
+        let update = match message.event.ok_or(NoEvent)? {
+            Event::Reset(snapshot) => {
+                Update::Reset(snapshot.endpoints.into_iter().map(Into::into).collect())
+            }
+            Event::Delta(delta) => Update::Delta(Delta {
+                added: delta.added.into_iter().map(Into::into).collect(),
+                updated: delta.updated.into_iter().map(Into::into).collect(),
+                removed: delta.removed,
+            }),
+        };
+        Ok(Self {
+            epoch: message.epoch,
+            version: message.version,
+            update,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(added: &[&str], updated: &[Endpoint], removed: &[&str]) -> Update {
+        Update::Delta(Delta {
+            added: added.iter().map(|a| Endpoint::new(*a)).collect(),
+            updated: updated.to_vec(),
+            removed: removed.iter().map(|a| a.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn a_reset_reports_only_real_changes() {
+        let mut set = EndpointSet::new();
+        assert!(!set.is_known());
+        let first = set.apply(Update::Reset(vec![
+            Endpoint::new("a:1"),
+            Endpoint::new("b:1"),
+        ]));
+        assert_eq!(first.added, ["a:1", "b:1"]);
+        let again = set.apply(Update::Reset(vec![
+            Endpoint::new("a:1"),
+            Endpoint::new("b:1").with_state(EndpointState::Draining),
+            Endpoint::new("c:1"),
+        ]));
+        assert_eq!(again.added, ["c:1"]);
+        assert_eq!(again.updated, ["b:1"]);
+        assert!(again.removed.is_empty() && again.anomalies.is_empty());
+        let shrink = set.apply(Update::Reset(vec![Endpoint::new("c:1")]));
+        assert_eq!(shrink.removed, ["a:1", "b:1"]);
+        assert_eq!(set.addresses().collect::<Vec<_>>(), ["c:1"]);
+    }
+
+    #[test]
+    fn deltas_apply_and_misfits_are_noted() {
+        let mut set = EndpointSet::new();
+        let early = set.apply(delta(&["a:1"], &[], &[]));
+        assert_eq!(early.anomalies, [Anomaly::DeltaBeforeReset]);
+        set.apply(Update::Reset(vec![]));
+        let applied = set.apply(delta(
+            &["a:1"],
+            &[Endpoint::new("b:1").with_metadata("weight", "3")],
+            &["z:1"],
+        ));
+        assert_eq!(applied.added, ["a:1", "b:1"]);
+        assert_eq!(
+            applied.anomalies,
+            [
+                Anomaly::UpdatedAbsent("b:1".into()),
+                Anomaly::RemovedAbsent("z:1".into())
+            ]
+        );
+        assert_eq!(set.get("b:1").unwrap().weight(), Some(3));
+        let same = set.apply(delta(&[], &[Endpoint::new("a:1")], &[]));
+        assert!(same.is_empty(), "an unchanged endpoint counted: {same:?}");
+        let empty = set.apply(delta(&[], &[], &[]));
+        assert_eq!(empty.anomalies, [Anomaly::EmptyDelta]);
+    }
+
+    #[test]
+    fn versions_must_grow_and_only_a_reset_changes_epoch() {
+        let mut set = EndpointSet::new();
+        let stamp = |epoch, version, update| Versioned {
+            epoch,
+            version,
+            update,
+        };
+        assert!(set
+            .apply_versioned(stamp(7, 3, Update::Reset(vec![])))
+            .anomalies
+            .is_empty());
+        let stale = set.apply_versioned(stamp(7, 3, delta(&["a:1"], &[], &[])));
+        assert_eq!(
+            stale.anomalies,
+            [Anomaly::VersionNotIncreasing {
+                previous: 3,
+                received: 3
+            }]
+        );
+        let foreign = set.apply_versioned(stamp(8, 1, delta(&["b:1"], &[], &[])));
+        assert_eq!(
+            foreign.anomalies,
+            [Anomaly::DeltaFromOtherEpoch {
+                held: 7,
+                received: 8
+            }]
+        );
+        let restart = set.apply_versioned(stamp(8, 1, Update::Reset(vec![])));
+        assert!(restart.anomalies.is_empty());
+        assert_eq!((set.epoch(), set.version()), (Some(8), Some(1)));
+    }
+
+    #[test]
+    fn wire_messages_round_trip() {
+        let versioned = Versioned {
+            epoch: 1,
+            version: 2,
+            update: Update::Delta(Delta {
+                added: vec![Endpoint::new("a:1").with_metadata("zone", "x")],
+                updated: vec![Endpoint::new("b:1").with_state(EndpointState::Draining)],
+                removed: vec!["c:1".into()],
+            }),
+        };
+        let wire = pb::WatchResponse::from(&versioned);
+        assert_eq!(Versioned::try_from(wire).unwrap(), versioned);
+        let empty = pb::WatchResponse::default();
+        assert_eq!(Versioned::try_from(empty), Err(NoEvent));
+    }
+}
