@@ -506,3 +506,109 @@ async fn a_server_that_hangs_up_before_settings_is_never_ready_and_backs_off() {
     }
     drop(echo);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_policy_plugs_in_and_hears_every_call_outcome() {
+    use switchboard::client::policy::OnDone;
+    use switchboard::client::round_robin::RoundRobin;
+    use switchboard::client::{
+        CallOutcome, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker,
+    };
+    use switchboard::discovery::{Applied, EndpointSet};
+
+    type Outcomes = Arc<Mutex<Vec<(String, CallOutcome)>>>;
+
+    /// round_robin, with every pick reporting its outcome.
+    struct Recording {
+        inner: RoundRobin,
+        outcomes: Outcomes,
+    }
+    struct RecordingPicker {
+        inner: Arc<dyn Picker>,
+        outcomes: Outcomes,
+    }
+    impl Picker for RecordingPicker {
+        fn pick(&self, info: &PickInfo<'_>) -> Pick {
+            match self.inner.pick(info) {
+                Pick::Connection { connection, .. } => {
+                    let outcomes = self.outcomes.clone();
+                    let method = info.method.to_owned();
+                    let done: OnDone = Box::new(move |outcome: &CallOutcome| {
+                        outcomes.lock().unwrap().push((method, *outcome));
+                    });
+                    Pick::Connection {
+                        connection,
+                        done: Some(done),
+                    }
+                }
+                other => other,
+            }
+        }
+        fn connections(&self) -> &[Arc<switchboard::client::subchannel::ReadyConnection>] {
+            self.inner.connections()
+        }
+    }
+    impl Policy for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn endpoints_changed(
+            &mut self,
+            endpoints: &EndpointSet,
+            changes: &Applied,
+            cx: &mut PolicyContext<'_>,
+        ) {
+            self.inner.endpoints_changed(endpoints, changes, cx)
+        }
+        fn subchannel_changed(&mut self, id: u64, cx: &mut PolicyContext<'_>) {
+            self.inner.subchannel_changed(id, cx)
+        }
+        fn take_picker(&mut self) -> Option<PolicyPicker> {
+            let mut published = self.inner.take_picker()?;
+            published.picker = Arc::new(RecordingPicker {
+                inner: published.picker,
+                outcomes: self.outcomes.clone(),
+            });
+            Some(published)
+        }
+    }
+
+    let nowhere = local(free_port());
+    let port = free_port();
+    let _echo = start_echo(&nowhere, SERVICE, &[port], &[]).await;
+    let outcomes = Outcomes::default();
+    let channel = BalancedChannel::builder(&format!("static:///{}", local(port)))
+        .unwrap()
+        .custom_policy(Recording {
+            inner: RoundRobin::default(),
+            outcomes: outcomes.clone(),
+        })
+        .build();
+    assert_eq!(channel.policy(), "recording");
+    wait_ready_set(&channel, &[local(port)], STARTUP).await;
+    let mut echo = EchoClient::new(channel.clone());
+    echo_once(&mut echo, Duration::from_secs(10))
+        .await
+        .expect("echo answers");
+    // Echo does not serve the registry API: a call the server refuses.
+    let mut registry =
+        switchboard::proto::registry::registry_client::RegistryClient::new(channel.clone());
+    let refused = registry
+        .list_services(switchboard::proto::registry::ListServicesRequest {})
+        .await
+        .expect_err("echo is no registry");
+    assert_eq!(refused.code(), Code::Unimplemented);
+    let seen = outcomes.lock().unwrap().clone();
+    let codes: Vec<(&str, Code)> = seen.iter().map(|(m, o)| (m.as_str(), o.code)).collect();
+    assert_eq!(
+        codes,
+        [
+            ("/grpc.examples.echo.Echo/UnaryEcho", Code::Ok),
+            (
+                "/switchboard.registry.v1.Registry/ListServices",
+                Code::Unimplemented
+            )
+        ]
+    );
+    assert!(seen.iter().all(|(_, o)| o.latency > Duration::ZERO));
+}
