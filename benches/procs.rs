@@ -192,10 +192,21 @@ fn proc_cpu(pid: i32) -> Duration {
 
 /// User + system CPU time this process has used so far (every thread).
 pub fn self_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+/// User + system CPU time the calling thread has used so far: the whole
+/// cost of a current-thread runtime running on it.
+pub fn thread_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_THREAD)
+}
+
+/// User + system CPU time from `getrusage(who)`.
+fn rusage_cpu(who: libc::c_int) -> Duration {
     // SAFETY: getrusage fills the struct we hand it.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        libc::getrusage(who, &mut usage);
         usage
     };
     let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
