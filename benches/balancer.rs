@@ -3,21 +3,23 @@
 //!
 //! - (a) ramp: a resolver publishes N addresses in one go (round_robin);
 //!   the time from `build()` until every one is Ready, and the client's CPU
-//!   meanwhile, for growing N. A balancer that costs O(changed) per event
-//!   costs the same per endpoint at every N; one that rebuilds its whole
-//!   state per event costs N times more per endpoint at 10 N than at N.
-//! - (b) per RPC: sequential unary echoes over a channel with 2 and with
-//!   1,000 Ready endpoints, interleaved in rounds; the difference is what the
-//!   endpoint count adds to an RPC (the pick, and touching a different
-//!   connection each time).
+//!   meanwhile, for N = 10, 100, 1,000. A balancer that costs O(changed)
+//!   per event costs the same per added endpoint at every N; one that
+//!   rebuilds its whole state per event costs 10 times more per added
+//!   endpoint from 100 to 1,000 than from 10 to 100.
+//! - (b) per RPC: sequential unary echoes over channels with 2 and with
+//!   1,000 Ready endpoints, interleaved in rounds, next to a control of
+//!   plain tonic channels rotated by the benchmark: the control's growth is
+//!   what a colder connection on every call costs; switchboard's growth
+//!   beyond it is its balancer's.
 //!
 //! The backends are in-process echo servers ([`Backends`]) on a runtime and
 //! thread of their own; the client runs on a current-thread runtime on a
-//! dedicated thread, so `getrusage(RUSAGE_THREAD)` on that thread is the
-//! whole client: the resolver and balancer tasks, every subchannel's
-//! connect and HTTP/2 handshake, hyper's connection tasks and the RPCs.
-//! The benchmark touches the client only through the API meant to last:
-//! the builder with a custom resolver, `watch_state()` and `state().ready`.
+//! dedicated thread, so that thread's CPU clock is the whole client: the
+//! resolver and balancer tasks, every subchannel's connect and HTTP/2
+//! handshake, hyper's connection tasks and the RPCs. The benchmark touches
+//! the client only through the API meant to last: the builder with a custom
+//! resolver, `watch_state()` and `state().ready`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -27,6 +29,7 @@ use switchboard::echo::{EchoServerHandle, ServerConfig};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use tokio::runtime::Runtime;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::procs;
 use crate::stats::{Samples, Table};
@@ -185,51 +188,104 @@ struct RampRow {
     runs: Vec<Ramp>,
 }
 
-/// What one channel's sequential RPCs cost, over all measured rounds.
-#[derive(Default)]
+/// A client whose per-RPC cost is measured.
+enum Client {
+    /// A switchboard round_robin channel over n endpoints.
+    Switchboard(EchoClient<BalancedChannel>),
+    /// The control: one plain tonic `Channel` per endpoint, rotated by the
+    /// benchmark itself. What it adds from 2 to n endpoints is the cost of
+    /// a different (colder) connection on each call, without any balancer.
+    Rotation {
+        clients: Vec<EchoClient<Channel>>,
+        next: usize,
+    },
+}
+
+impl Client {
+    /// A Ready switchboard channel over `addresses`.
+    async fn switchboard(addresses: &[String], deadline: Duration) -> Result<Self, BoxError> {
+        let channel = channel(addresses);
+        wait_all_ready(&channel, addresses.len(), Instant::now(), deadline).await?;
+        Ok(Client::Switchboard(EchoClient::new(channel)))
+    }
+
+    /// A connected tonic channel to each of `addresses`.
+    async fn rotation(addresses: &[String]) -> Result<Self, BoxError> {
+        let mut clients = Vec::with_capacity(addresses.len());
+        for address in addresses {
+            let channel = Endpoint::from_shared(format!("http://{address}"))?
+                .connect()
+                .await?;
+            clients.push(EchoClient::new(channel));
+        }
+        Ok(Client::Rotation { clients, next: 0 })
+    }
+
+    async fn echo(&mut self) -> Result<(), tonic::Status> {
+        let request = EchoRequest {
+            message: "bench".into(),
+        };
+        match self {
+            Client::Switchboard(client) => client.unary_echo(request).await.map(drop),
+            Client::Rotation { clients, next } => {
+                *next = (*next + 1) % clients.len();
+                clients[*next].unary_echo(request).await.map(drop)
+            }
+        }
+    }
+}
+
+/// What one client's sequential RPCs cost, over all measured rounds.
 struct RpcCost {
-    /// Ready endpoints behind the channel.
+    /// Endpoints behind the client.
     n: usize,
+    /// Whether this is the tonic control rather than switchboard.
+    control: bool,
     latency: Samples,
     /// Client thread CPU over the measured rounds.
     cpu: Duration,
     calls: u64,
 }
 
+impl RpcCost {
+    fn new(n: usize, control: bool) -> Self {
+        Self {
+            n,
+            control,
+            latency: Samples::default(),
+            cpu: Duration::ZERO,
+            calls: 0,
+        }
+    }
+}
+
 /// Sends `calls` unary echoes one after another; returns their latencies
 /// and the client thread's CPU.
-async fn sequential(
-    client: &mut EchoClient<BalancedChannel>,
-    calls: usize,
-) -> Result<(Samples, Duration), BoxError> {
+async fn sequential(client: &mut Client, calls: usize) -> Result<(Samples, Duration), BoxError> {
     let mut samples = Samples::default();
     let cpu0 = procs::thread_cpu();
     for _ in 0..calls {
         let sent = Instant::now();
-        client
-            .unary_echo(EchoRequest {
-                message: "bench".into(),
-            })
-            .await?;
+        client.echo().await?;
         samples.push(sent.elapsed());
     }
     Ok((samples, procs::thread_cpu() - cpu0))
 }
 
-/// Part (b): one channel per size over the first `n` of `addresses`, all
-/// Ready, then interleaved rounds of sequential RPCs (order rotated each
-/// round, so the machine's noise falls on every size alike).
+/// Part (b): for each size n, a switchboard channel and the tonic control
+/// over the first n of `addresses`, all connected, then interleaved rounds
+/// of sequential RPCs (order rotated each round, so the machine's noise
+/// falls on every client alike).
 async fn rpc_costs(addresses: &[String], config: &Config) -> Result<Vec<RpcCost>, BoxError> {
     let mut clients = Vec::new();
     let mut costs = Vec::new();
     for &n in &config.rpc_sizes {
-        let channel = channel(&addresses[..n]);
-        wait_all_ready(&channel, n, Instant::now(), config.ramp_deadline).await?;
-        clients.push(EchoClient::new(channel));
-        costs.push(RpcCost {
-            n,
-            ..RpcCost::default()
-        });
+        clients.push(Client::switchboard(&addresses[..n], config.ramp_deadline).await?);
+        costs.push(RpcCost::new(n, false));
+    }
+    for &n in &config.rpc_sizes {
+        clients.push(Client::rotation(&addresses[..n]).await?);
+        costs.push(RpcCost::new(n, true));
     }
     // Round 0 warms every connection up and is not counted.
     for round in 0..=config.rounds {
@@ -254,6 +310,12 @@ struct Results {
 
 /// Runs both parts; called on the client thread, outside any runtime.
 fn measure(config: &Config) -> Result<Results, BoxError> {
+    // One unmeasured ramp first: the process's first runtime, connections
+    // and allocations cost more than any later ones.
+    if let Some(&n) = config.ramp_sizes.first() {
+        let backends = Backends::start(n)?;
+        client_runtime()?.block_on(ramp(&backends.addresses, config.ramp_deadline))?;
+    }
     let mut ramps = Vec::new();
     for &n in &config.ramp_sizes {
         let mut runs = Vec::new();
@@ -316,11 +378,12 @@ fn print(mut results: Results) {
     println!(
         "(a) Ramp: one resolver publication of N addresses, round_robin, from `build()` \
          until `state().ready.len() == N`. Fresh in-process backends and client runtime \
-         per run; medians of {runs} run(s). *Client CPU* is the client thread's \
-         `getrusage(RUSAGE_THREAD)`: the resolver and balancer tasks, all N subchannels' \
-         TCP connects and HTTP/2 handshakes, hyper's connection tasks (the backends run on \
-         another thread). Linear cost keeps *CPU per endpoint* flat as N grows; a \
-         quadratic term multiplies it by the growth in N.\n"
+         per run, after one unmeasured warm-up ramp; medians of {runs} runs. *Client CPU* \
+         is the client thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`): the resolver and balancer \
+         tasks, all N subchannels' TCP connects and HTTP/2 handshakes, hyper's connection \
+         tasks (the backends run on another thread). *Marginal CPU per endpoint* is \
+         (CPU(N) - CPU(previous N)) / (N - previous N): flat when the cost is linear, \
+         growing with N when there is a quadratic term.\n"
     );
     let mut table = Table::new(&[
         "endpoints",
@@ -329,18 +392,23 @@ fn print(mut results: Results) {
         "all Ready (min-max)",
         "client CPU",
         "CPU per endpoint",
-        "CPU per endpoint vs previous row",
+        "marginal CPU per endpoint",
     ]);
-    let mut previous: Option<f64> = None;
+    let mut previous: Option<(usize, Duration)> = None;
+    let mut marginals = Vec::new();
     for row in &results.ramps {
         let all: Vec<Duration> = row.runs.iter().map(|r| r.all).collect();
         let cpu = median(row.runs.iter().map(|r| r.cpu).collect());
         let per_endpoint = cpu.as_secs_f64() * 1e6 / row.n.max(1) as f64;
-        let versus = match previous {
-            Some(before) => format!("× {:.2}", per_endpoint / before.max(1e-9)),
-            None => "—".to_owned(),
+        let marginal = match previous {
+            Some((n0, cpu0)) if row.n > n0 => {
+                let marginal = (cpu.as_secs_f64() - cpu0.as_secs_f64()) * 1e6 / (row.n - n0) as f64;
+                marginals.push((n0, row.n, marginal));
+                format!("{marginal:.1} µs")
+            }
+            _ => "—".to_owned(),
         };
-        previous = Some(per_endpoint);
+        previous = Some((row.n, cpu));
         table.row(vec![
             row.n.to_string(),
             fine(median(row.runs.iter().map(|r| r.first).collect())),
@@ -352,56 +420,72 @@ fn print(mut results: Results) {
             ),
             fine(cpu),
             format!("{per_endpoint:.1} µs"),
-            versus,
+            marginal,
         ]);
     }
     table.print();
+    for pair in marginals.windows(2) {
+        let ((a0, a1, a), (b0, b1, b)) = (pair[0], pair[1]);
+        println!(
+            "Marginal CPU per endpoint from {b0} to {b1} is × {:.2} that from {a0} to {a1} \
+             (≈ 1 if linear, ≈ {:.0} if quadratic).\n",
+            b / a.max(1e-9),
+            (b0 + b1) as f64 / (a0 + a1).max(1) as f64
+        );
+    }
 
     let calls = results.rpcs.first().map_or(0, |c| c.calls);
     println!(
-        "(b) Per RPC: sequential unary echoes (one in flight) through round_robin channels \
-         with 2 and with {} Ready endpoints on the same backends, {calls} RPCs each, in \
-         interleaved rounds. *Client CPU* is the client thread's per RPC. The difference \
-         between the rows is what the endpoint count adds to an RPC: the pick, plus a \
-         different connection (colder caches) on every call.\n",
-        results.rpcs.last().map_or(0, |c| c.n)
+        "(b) Per RPC: sequential unary echoes (one in flight), {calls} per client, in \
+         interleaved rounds, through switchboard round_robin channels and, as a control, \
+         through plain tonic `Channel`s (one per endpoint) that the benchmark rotates \
+         itself, all on the same backends. *Client CPU* is the client thread's CPU time per RPC. \
+         The control's growth with the endpoint count is what a different (colder) \
+         connection on every call costs without any balancer; switchboard's growth beyond \
+         it is what its balancer adds per RPC.\n"
     );
     let mut table = Table::new(&[
-        "Ready endpoints",
+        "client",
+        "endpoints",
         "RPCs",
         "p50",
         "p90",
         "p99",
         "client CPU per RPC",
     ]);
+    // (control, n, p50 ns, CPU ns per RPC)
     let mut rows = Vec::new();
     for cost in &mut results.rpcs {
-        let latency = &mut cost.latency;
         let cpu_per_rpc = cost.cpu.as_secs_f64() * 1e9 / cost.calls.max(1) as f64;
-        let p50 = latency.quantile(0.5);
+        let p50 = cost.latency.quantile(0.5);
         table.row(vec![
+            if cost.control {
+                "control: tonic Channels rotated".to_owned()
+            } else {
+                "switchboard round_robin".to_owned()
+            },
             cost.n.to_string(),
             cost.calls.to_string(),
             fine(p50),
-            fine(latency.quantile(0.9)),
-            fine(latency.quantile(0.99)),
+            fine(cost.latency.quantile(0.9)),
+            fine(cost.latency.quantile(0.99)),
             format!("{:.1} µs", cpu_per_rpc / 1000.0),
         ]);
-        rows.push((cost.n, p50.as_nanos() as f64, cpu_per_rpc));
+        rows.push((cost.control, cost.n, p50.as_nanos() as f64, cpu_per_rpc));
     }
     table.print();
-    if let (Some(small), Some(large)) = (rows.first(), rows.last()) {
-        if rows.len() > 1 {
-            let (n0, p0, c0) = *small;
-            let (n1, p1, c1) = *large;
-            println!(
-                "{n1} vs {n0} Ready endpoints: p50 {:+.0} ns per RPC (× {:.2}), client CPU \
-                 {:+.0} ns per RPC (× {:.2}).\n",
-                p1 - p0,
-                p1 / p0.max(1.0),
-                c1 - c0,
-                c1 / c0.max(1.0)
-            );
-        }
+    let growth = |control: bool| {
+        let mine: Vec<_> = rows.iter().filter(|r| r.0 == control).collect();
+        let (small, large) = (mine.first()?, mine.last()?);
+        (small.1 < large.1).then(|| (small.1, large.1, large.2 - small.2, large.3 - small.3))
+    };
+    if let (Some((n0, n1, p, c)), Some((_, _, cp, cc))) = (growth(false), growth(true)) {
+        println!(
+            "From {n0} to {n1} endpoints: switchboard p50 {p:+.0} ns and client CPU {c:+.0} ns \
+             per RPC; the control {cp:+.0} ns and {cc:+.0} ns. Switchboard's own addition: \
+             p50 {:+.0} ns, client CPU {:+.0} ns per RPC.\n",
+            p - cp,
+            c - cc
+        );
     }
 }

@@ -173,7 +173,7 @@ fn balancer_config(smoke: bool) -> balancer::Config {
     } else {
         balancer::Config {
             ramp_sizes: vec![10, 100, 1_000],
-            ramp_runs: 3,
+            ramp_runs: 5,
             ramp_deadline: Duration::from_secs(120),
             rpc_sizes: vec![2, 1_000],
             rounds: 10,
