@@ -477,7 +477,7 @@ fn print(mut results: Results) {
     let growth = |control: bool| {
         let mine: Vec<_> = rows.iter().filter(|r| r.0 == control).collect();
         let (small, large) = (mine.first()?, mine.last()?);
-        (small.1 < large.1).then(|| (small.1, large.1, large.2 - small.2, large.3 - small.3))
+        (small.1 < large.1).then_some((small.1, large.1, large.2 - small.2, large.3 - small.3))
     };
     if let (Some((n0, n1, p, c)), Some((_, _, cp, cc))) = (growth(false), growth(true)) {
         println!(
