@@ -304,7 +304,9 @@ async fn rpc_costs(addresses: &[String], config: &Config) -> Result<Vec<RpcCost>
 
 /// Everything the section measured.
 struct Results {
+    /// Part (a), one row per endpoint count.
     ramps: Vec<RampRow>,
+    /// Part (b): the switchboard clients by size, then the controls.
     rpcs: Vec<RpcCost>,
 }
 
@@ -341,6 +343,8 @@ fn measure(config: &Config) -> Result<Results, BoxError> {
     Ok(Results { ramps, rpcs: rpcs? })
 }
 
+/// Runs the section on a client thread of its own (the harness's runtime
+/// stays out of the measurement) and prints its tables.
 pub async fn run(config: &Config) -> Result<(), BoxError> {
     println!("## 5. Balancer: 1,000 endpoints at once\n");
     let config = config.clone();
