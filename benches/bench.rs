@@ -11,10 +11,13 @@
 //!    do they cost the registry?
 //! 4. [`churn`]: what do many heartbeating leases and steady churn cost the
 //!    registry?
+//! 5. [`balancer`]: what does a client pay when 1,000 endpoints appear at
+//!    once, and what does the endpoint count add to each RPC?
 //!
 //! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
 //! just finish). Name sections (`-- fanout churn`) to run only those.
 
+mod balancer;
 mod churn;
 mod datapath;
 mod failover;
@@ -29,7 +32,7 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sections, in order, by the name that selects them.
-const SECTIONS: [&str; 4] = ["datapath", "failover", "fanout", "churn"];
+const SECTIONS: [&str; 5] = ["datapath", "failover", "fanout", "churn", "balancer"];
 
 fn main() {
     // `cargo bench` adds `--bench`; it means nothing here.
@@ -94,6 +97,9 @@ fn main() {
         if runs("churn") {
             churn::run(&churn_config(smoke)).await?;
         }
+        if runs("balancer") {
+            balancer::run(&balancer_config(smoke)).await?;
+        }
         Ok(())
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -151,5 +157,27 @@ fn churn_config(smoke: bool) -> churn::Config {
         streams: 8,
         churn_per_sec: if smoke { 20 } else { 200 },
         window: Duration::from_secs(if smoke { 1 } else { 10 }),
+    }
+}
+
+fn balancer_config(smoke: bool) -> balancer::Config {
+    if smoke {
+        balancer::Config {
+            ramp_sizes: vec![2, 10],
+            ramp_runs: 1,
+            ramp_deadline: Duration::from_secs(30),
+            rpc_sizes: vec![2, 10],
+            rounds: 1,
+            calls_per_round: 200,
+        }
+    } else {
+        balancer::Config {
+            ramp_sizes: vec![10, 100, 1_000],
+            ramp_runs: 5,
+            ramp_deadline: Duration::from_secs(120),
+            rpc_sizes: vec![2, 1_000],
+            rounds: 10,
+            calls_per_round: 2_000,
+        }
     }
 }

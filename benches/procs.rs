@@ -192,10 +192,29 @@ fn proc_cpu(pid: i32) -> Duration {
 
 /// User + system CPU time this process has used so far (every thread).
 pub fn self_cpu() -> Duration {
+    rusage_cpu(libc::RUSAGE_SELF)
+}
+
+/// CPU time the calling thread has used so far: the whole cost of a
+/// current-thread runtime running on it. `CLOCK_THREAD_CPUTIME_ID` rather
+/// than `getrusage(RUSAGE_THREAD)`, which lags the running thread by up to
+/// a scheduler tick and so cannot time a ramp of a few milliseconds.
+pub fn thread_cpu() -> Duration {
+    // SAFETY: clock_gettime fills the struct we hand it.
+    let now = unsafe {
+        let mut now: libc::timespec = std::mem::zeroed();
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now);
+        now
+    };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+}
+
+/// User + system CPU time from `getrusage(who)`.
+fn rusage_cpu(who: libc::c_int) -> Duration {
     // SAFETY: getrusage fills the struct we hand it.
     let usage = unsafe {
         let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        libc::getrusage(who, &mut usage);
         usage
     };
     let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
