@@ -324,7 +324,10 @@ impl Repairer {
 
     /// At end of input: passes on whatever is left, for h2 to judge.
     fn finish(&mut self, raw: &mut BytesMut, out: &mut BytesMut) {
-        self.step_aside(out);
+        self.mode = Mode::Transparent;
+        if let Some(pending) = self.pending.take() {
+            out.extend_from_slice(&pending.frames);
+        }
         out.extend_from_slice(&raw.split());
     }
 
