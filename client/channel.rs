@@ -26,7 +26,9 @@ use super::policy::Policy;
 use super::registry_resolver::RegistryResolver;
 use super::resolver::{Resolver, ResolverSink, StaticResolver};
 use super::round_robin::RoundRobin;
-use super::subchannel::{ConnectConfig, ConnectivityState, InFlightGuard};
+use super::subchannel::{
+    ConnectConfig, ConnectionStats, ConnectivityState, InFlightGuard, Keepalive,
+};
 use super::target::{Target, TargetError};
 use crate::registry::auth::Token;
 use crate::tls::ClientTls;
@@ -134,11 +136,14 @@ impl Builder {
         self
     }
 
-    /// Sets the HTTP/2 keepalive: a ping after `interval` of silence, and
-    /// the connection dropped when one goes unanswered for `timeout`.
+    /// Sets the HTTP/2 keepalive: while RPCs are in flight, a ping after
+    /// `interval` of silence, and the connection dropped when one goes
+    /// unanswered for `timeout` (default 10 s and 5 s; idle connections are
+    /// never pinged). Servers you do not control punish intervals below
+    /// their limit (5 minutes by default for grpc-go, grpc-java and grpcio)
+    /// with GOAWAY `too_many_pings`; the channel then doubles its interval.
     pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.connect.keepalive_interval = interval;
-        self.connect.keepalive_timeout = timeout;
+        self.connect.keepalive = Arc::new(Keepalive::new(interval, timeout));
         self
     }
 
@@ -198,6 +203,7 @@ impl Builder {
             Source::Target(Target::Static(addresses)) => Box::new(StaticResolver::new(addresses)),
             Source::Custom(resolver) => resolver,
         };
+        let connections = self.connect.stats.clone();
         let resolver = Tasks::spawn(resolver.resolve(sink));
         let balancer = Tasks::spawn(balancer::run(
             self.service.clone(),
@@ -220,6 +226,7 @@ impl Builder {
                 cursor: AtomicUsize::new(rand::random::<u32>() as usize),
                 wait_for_ready: self.wait_for_ready,
                 default_timeout: self.default_timeout,
+                connections,
                 _tasks: [resolver, balancer],
             }),
         }
@@ -265,6 +272,7 @@ struct Shared {
     cursor: AtomicUsize,
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
+    connections: Arc<ConnectionStats>,
     _tasks: [Tasks; 2],
 }
 
@@ -303,6 +311,12 @@ impl BalancedChannel {
     /// The channel's state now.
     pub fn state(&self) -> BalancerState {
         self.shared.state.borrow().clone()
+    }
+
+    /// Counters of the channel's backend connections: attempts, successes,
+    /// failures, disconnections and `too_many_pings` GOAWAYs.
+    pub fn connection_stats(&self) -> &ConnectionStats {
+        &self.shared.connections
     }
 
     /// RPCs in flight now on each connection in use, by address.

@@ -63,11 +63,12 @@ struct Args {
     /// Longest reconnect delay to a failed backend.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     backoff_max: Duration,
-    /// HTTP/2 keepalive: ping a backend after this much silence.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// HTTP/2 keepalive: with RPCs in flight, ping a backend after this much
+    /// silence (idle connections are never pinged).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     keepalive_interval: Duration,
     /// HTTP/2 keepalive: drop a backend whose ping goes unanswered this long.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     keepalive_timeout: Duration,
     /// File whose first line is the registry's read token, when it demands
     /// one.

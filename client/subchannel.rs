@@ -11,13 +11,15 @@
 //! Each subchannel is one task that owns its HTTP/2 connection and polls it,
 //! so it learns that the backend died from the connection itself (closed,
 //! reset, or HTTP/2 keepalive pings unanswered), not only from the registry.
-//! A connection counts as Ready only once the server has spoken (its HTTP/2
-//! SETTINGS), so a hung process whose kernel still accepts TCP connections
-//! is never picked.
+//! A connection counts as Ready only once the server's first HTTP/2 frame, a
+//! SETTINGS frame, has really arrived. A hung process whose kernel still
+//! accepts TCP connections, or a dying one whose listening socket accepts
+//! and then closes or resets, is therefore never picked, and such an attempt
+//! counts as a failure: the backoff keeps growing instead of being reset.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -50,22 +52,103 @@ pub enum ConnectivityState {
 pub struct ConnectConfig {
     /// Delays between failed connection attempts, and the connect timeout.
     pub backoff: BackoffConfig,
-    /// How often to ping a connection that has been quiet.
-    pub keepalive_interval: Duration,
-    /// How long a ping may go unanswered before the connection is dropped.
-    pub keepalive_timeout: Duration,
+    /// HTTP/2 keepalive pings while RPCs are in flight.
+    pub keepalive: Arc<Keepalive>,
     /// TLS settings for backend connections; plaintext if `None`.
     pub tls: Option<ClientTls>,
+    /// Connection counters, shared with the channel.
+    pub stats: Arc<ConnectionStats>,
 }
 
 impl Default for ConnectConfig {
     fn default() -> Self {
         Self {
             backoff: BackoffConfig::default(),
-            keepalive_interval: Duration::from_secs(2),
-            keepalive_timeout: Duration::from_secs(2),
+            keepalive: Arc::new(Keepalive::new(
+                Keepalive::DEFAULT_INTERVAL,
+                Keepalive::DEFAULT_TIMEOUT,
+            )),
             tls: None,
+            stats: Arc::default(),
         }
+    }
+}
+
+/// HTTP/2 keepalive as gRPC's own clients do it: a ping only after `interval`
+/// of silence while RPCs are in flight, never on an idle connection, since
+/// stock grpc-go, grpc-java and grpcio servers allow no pings without
+/// streams and answer them with GOAWAY `too_many_pings`. A server that still
+/// says so (ENHANCE_YOUR_CALM) doubles the interval for every later
+/// connection of the channel, as grpc-go's client does.
+#[derive(Debug)]
+pub struct Keepalive {
+    /// The interval in milliseconds; doubled on each `too_many_pings`.
+    interval_ms: AtomicU64,
+    /// How long a ping may go unanswered before the connection is dropped.
+    timeout: Duration,
+}
+
+impl Keepalive {
+    /// Ping after this much silence on a connection with RPCs in flight:
+    /// grpc-go's smallest allowed client keepalive time.
+    pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(10);
+    /// Drop the connection when a ping goes unanswered this long.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// Pings after `interval` of silence, waiting `timeout` for the answer.
+    pub fn new(interval: Duration, timeout: Duration) -> Self {
+        Self {
+            interval_ms: AtomicU64::new(interval.as_millis().max(1) as u64),
+            timeout,
+        }
+    }
+
+    /// The interval in force now.
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.interval_ms.load(Ordering::Relaxed))
+    }
+
+    /// The ping timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A server said `too_many_pings`: doubles the interval and returns it.
+    fn back_off(&self) -> Duration {
+        let doubled = self
+            .interval_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ms| {
+                Some(ms.saturating_mul(2))
+            })
+            .map_or(u64::MAX, |ms| ms.saturating_mul(2));
+        Duration::from_millis(doubled)
+    }
+}
+
+/// Counters of one channel's connections, for tests, metrics and operators.
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Connection attempts started.
+    pub attempts: AtomicU64,
+    /// Attempts that reached Ready (the server's SETTINGS arrived).
+    pub succeeded: AtomicU64,
+    /// Attempts that failed, including those closed before SETTINGS.
+    pub failed: AtomicU64,
+    /// Ready connections that ended.
+    pub disconnections: AtomicU64,
+    /// Connections a server ended with GOAWAY `too_many_pings`.
+    pub too_many_pings: AtomicU64,
+}
+
+impl ConnectionStats {
+    /// Ready connections open now.
+    pub fn open(&self) -> u64 {
+        let up = self.succeeded.load(Ordering::Relaxed);
+        up.saturating_sub(self.disconnections.load(Ordering::Relaxed))
+    }
+
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -259,6 +342,7 @@ async fn run(
         // Connecting, retrying after each failure until a connection is up.
         let (authority, sender, mut connection) = loop {
             emit(SubchannelState::Connecting);
+            ConnectionStats::count(&config.stats.attempts);
             let attempt = tokio::select! {
                 attempt = connect(&address, &config) => attempt,
                 _ = closed(&mut requests) => return,
@@ -266,6 +350,7 @@ async fn run(
             match attempt {
                 Ok(connected) => break connected,
                 Err(error) => {
+                    ConnectionStats::count(&config.stats.failed);
                     let delay = backoff.next_delay();
                     tracing::debug!(%address, %error, retry_in = ?delay, "connect failed");
                     emit(SubchannelState::TransientFailure { error });
@@ -276,7 +361,10 @@ async fn run(
                 }
             }
         };
+        // Only now, with the server's SETTINGS in hand: an attempt that
+        // ended before them was a failure and must not shorten the backoff.
         backoff.reset();
+        ConnectionStats::count(&config.stats.succeeded);
         tracing::debug!(%address, "connected");
         emit(SubchannelState::Ready(Arc::new(ReadyConnection {
             address: address.clone(),
@@ -288,6 +376,14 @@ async fn run(
         // Ready until the connection ends or the balancer lets go.
         tokio::select! {
             ended = &mut connection => {
+                ConnectionStats::count(&config.stats.disconnections);
+                if let Err(error) = &ended {
+                    if is_too_many_pings(error) {
+                        ConnectionStats::count(&config.stats.too_many_pings);
+                        let interval = config.keepalive.back_off();
+                        tracing::warn!(%address, ?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled");
+                    }
+                }
                 let last_error = ended.err().map(|e| format!("connection to {address} lost: {}", source_chain(&e)));
                 tracing::debug!(%address, error = ?last_error, "connection ended");
                 emit(SubchannelState::Idle { last_error });
@@ -306,13 +402,26 @@ async fn run(
     }
 }
 
+/// Whether a connection ended because the server refused our pings: gRPC
+/// servers send GOAWAY ENHANCE_YOUR_CALM (debug data `too_many_pings`).
+fn is_too_many_pings(error: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = cause.source();
+    }
+    false
+}
+
 /// Resolves when the balancer has dropped the handle; consumes (and
 /// ignores) connect requests meanwhile.
 async fn closed(requests: &mut mpsc::UnboundedReceiver<()>) {
     while requests.recv().await.is_some() {}
 }
 
-type Connection = http2::Connection<TokioIo<FirstRead<Stream>>, tonic::body::Body, TokioExecutor>;
+type Connection = http2::Connection<TokioIo<FirstFrame<Stream>>, tonic::body::Body, TokioExecutor>;
 
 /// A live connection: where RPCs go, how to send them, and the connection
 /// future that must be polled for them to move.
@@ -334,16 +443,13 @@ async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, Str
     let timeout = config.backoff.min_connect_timeout;
     let attempt = async {
         let stream = transport::dial(address, config.tls.as_ref()).await?;
-        let (spoke_tx, spoke) = oneshot::channel();
-        let io = TokioIo::new(FirstRead {
-            inner: stream,
-            spoke: Some(spoke_tx),
-        });
+        let (heard_tx, mut heard) = oneshot::channel();
+        let io = TokioIo::new(FirstFrame::new(stream, heard_tx));
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .keep_alive_interval(config.keepalive_interval)
-            .keep_alive_timeout(config.keepalive_timeout)
-            .keep_alive_while_idle(true)
+            .keep_alive_interval(config.keepalive.interval())
+            .keep_alive_timeout(config.keepalive.timeout())
+            .keep_alive_while_idle(false)
             .handshake(io)
             .await
             .map_err(|e| {
@@ -353,12 +459,26 @@ async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, Str
                 )
             })?;
         let mut connection = Box::pin(connection);
+        let failed = |ended: Result<(), hyper::Error>| match ended {
+            Ok(()) => format!("{address} closed the connection before sending HTTP/2 SETTINGS"),
+            Err(e) => format!(
+                "connection to {address} failed before HTTP/2 SETTINGS: {}",
+                source_chain(&e)
+            ),
+        };
         tokio::select! {
-            _ = spoke => Ok((authority, sender, connection)),
-            ended = &mut connection => Err(match ended {
-                Ok(()) => format!("{address} closed the connection during the handshake"),
-                Err(e) => format!("connection to {address} failed: {}", source_chain(&e)),
-            }),
+            // A connection that ends in the same poll that read its first
+            // frame is no connection at all.
+            biased;
+            ended = &mut connection => Err(failed(ended)),
+            first = &mut heard => match first {
+                Ok(Ok(())) => Ok((authority, sender, connection)),
+                Ok(Err(frame_type)) => Err(format!(
+                    "{address} is not an HTTP/2 server: its first frame has type {frame_type:#04x}, not SETTINGS"
+                )),
+                // The reader went away with the connection.
+                Err(_) => Err(failed((&mut connection).await)),
+            },
         }
     };
     tokio::time::timeout(timeout, attempt)
@@ -366,14 +486,62 @@ async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, Str
         .unwrap_or_else(|_| Err(format!("connect to {address} timed out after {timeout:?}")))
 }
 
-/// Passes I/O through and signals the first bytes read: an HTTP/2 server's
-/// first bytes are its SETTINGS frame, proof that the process is serving.
-struct FirstRead<T> {
+/// The HTTP/2 frame type of SETTINGS (RFC 9113 §6.5).
+const SETTINGS_FRAME: u8 = 0x4;
+/// Length of an HTTP/2 frame header (RFC 9113 §4.1).
+const FRAME_HEADER_LEN: usize = 9;
+
+/// Passes I/O through and reports the server's first frame header once all
+/// nine bytes of it have been read: `Ok` for a SETTINGS frame on stream 0,
+/// which every HTTP/2 server sends first and is proof the process serves;
+/// `Err(type)` for anything else. Nothing is reported for a connection
+/// that closes or resets before then, so it can never pass for Ready.
+struct FirstFrame<T> {
     inner: T,
-    spoke: Option<oneshot::Sender<()>>,
+    header: [u8; FRAME_HEADER_LEN],
+    seen: usize,
+    heard: Option<oneshot::Sender<Result<(), u8>>>,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for FirstRead<T> {
+impl<T> FirstFrame<T> {
+    fn new(inner: T, heard: oneshot::Sender<Result<(), u8>>) -> Self {
+        Self {
+            inner,
+            header: [0; FRAME_HEADER_LEN],
+            seen: 0,
+            heard: Some(heard),
+        }
+    }
+
+    /// Takes note of bytes just read.
+    fn observe(&mut self, bytes: &[u8]) {
+        if self.heard.is_none() {
+            return;
+        }
+        let take = bytes.len().min(FRAME_HEADER_LEN - self.seen);
+        self.header[self.seen..self.seen + take].copy_from_slice(&bytes[..take]);
+        self.seen += take;
+        if self.seen == FRAME_HEADER_LEN {
+            let frame_type = self.header[3];
+            let stream_id = u32::from_be_bytes([
+                self.header[5] & 0x7f,
+                self.header[6],
+                self.header[7],
+                self.header[8],
+            ]);
+            let verdict = if frame_type == SETTINGS_FRAME && stream_id == 0 {
+                Ok(())
+            } else {
+                Err(frame_type)
+            };
+            if let Some(heard) = self.heard.take() {
+                let _ = heard.send(verdict);
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FirstFrame<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -382,15 +550,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstRead<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            if let Some(spoke) = self.spoke.take() {
-                let _ = spoke.send(());
-            }
+            let fresh = &buf.filled()[before..];
+            self.observe(fresh);
         }
         result
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for FirstRead<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for FirstFrame<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

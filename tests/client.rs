@@ -5,10 +5,14 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use switchboard::client::{BalancedChannel, ConnectivityState, PolicyKind, WaitForReady};
+use switchboard::client::{
+    BackoffConfig, BalancedChannel, ConnectivityState, PolicyKind, WaitForReady,
+};
 use switchboard::proto::echo::{echo_client::EchoClient, EchoRequest};
 use tokio::time::Instant;
 use tonic::Code;
@@ -364,4 +368,128 @@ async fn the_default_timeout_bounds_an_rpc_to_a_hung_backend() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+/// How a listener that never speaks HTTP/2 treats each connection it takes.
+#[derive(Debug, Clone, Copy)]
+enum Mute {
+    /// Accepts, then closes (FIN) without sending a byte.
+    Close,
+    /// Accepts, then resets (RST, linger 0) without sending a byte.
+    Reset,
+}
+
+/// Accepts connections on 127.0.0.1 and drops each as `how` says, noting
+/// when each arrived. This is a dying process whose listening socket
+/// outlives the rest of it.
+async fn mute_listener(
+    how: Mute,
+) -> (
+    String,
+    Arc<Mutex<Vec<Instant>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let log = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            log.lock().unwrap().push(Instant::now());
+            if let Mute::Reset = how {
+                // Deprecated for blocking in close with a non-zero linger;
+                // zero makes close send RST at once, never block.
+                #[allow(deprecated)]
+                let _ = stream.set_linger(Some(Duration::ZERO));
+            }
+            drop(stream);
+        }
+    });
+    (address, accepted, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_hangs_up_before_settings_is_never_ready_and_backs_off() {
+    let echo_port = free_port();
+    let nowhere = local(free_port());
+    let echo = start_echo(&nowhere, SERVICE, &[echo_port], &[]).await;
+    let real = local(echo_port);
+    for how in [Mute::Close, Mute::Reset] {
+        let (mute, accepted, listener) = mute_listener(how).await;
+        // Short delays so 100 attempts take about two seconds; the cap keeps
+        // the later ones from growing without end.
+        let backoff = BackoffConfig {
+            initial: Duration::from_millis(2),
+            multiplier: 1.6,
+            jitter: 0.2,
+            max: Duration::from_millis(20),
+            min_connect_timeout: Duration::from_secs(5),
+        };
+        let channel = BalancedChannel::builder(&format!("static:///{mute},{real}"))
+            .unwrap()
+            .policy(PolicyKind::RoundRobin)
+            .backoff(backoff)
+            .build();
+        // Every state the channel publishes, as it publishes it.
+        let mut states = channel.watch_state();
+        let seen_ready = tokio::spawn({
+            let mute = mute.clone();
+            async move {
+                let mut bad = Vec::new();
+                while states.changed().await.is_ok() {
+                    let ready = states.borrow_and_update().ready.clone();
+                    if ready.iter().any(|a| *a == mute) {
+                        bad.push(ready);
+                    }
+                }
+                bad
+            }
+        });
+        wait_ready_set(&channel, std::slice::from_ref(&real), STARTUP).await;
+        wait_for(
+            &format!("100 attempts at the {how:?} listener"),
+            STARTUP,
+            || {
+                let n = accepted.lock().unwrap().len();
+                async move { (n >= 101).then_some(()) }
+            },
+        )
+        .await;
+        let stats = channel.connection_stats();
+        let succeeded = stats.succeeded.load(Ordering::Relaxed);
+        let failed = stats.failed.load(Ordering::Relaxed);
+        drop(channel);
+        listener.abort();
+        let bad = seen_ready.await.unwrap();
+        assert!(
+            bad.is_empty(),
+            "{how:?}: the mute backend was published ready: {bad:?}"
+        );
+        // The echo server's connection is the only one that ever was Ready.
+        assert_eq!(
+            succeeded, 1,
+            "{how:?}: {succeeded} connections counted Ready"
+        );
+        assert!(
+            failed >= 100,
+            "{how:?}: only {failed} failed attempts counted"
+        );
+        // Each retry waits at least the backoff's lower bound for its place
+        // in the run: the run is never reset by a false Ready.
+        let at = accepted.lock().unwrap().clone();
+        let mut expected = backoff.initial.as_secs_f64();
+        for (attempt, pair) in at.windows(2).take(100).enumerate() {
+            let gap = pair[1].duration_since(pair[0]).as_secs_f64();
+            let floor = expected * (1.0 - backoff.jitter) - 0.000_5;
+            assert!(
+                gap >= floor,
+                "{how:?}: retry {} came after {:.2} ms, backoff says at least {:.2} ms",
+                attempt + 1,
+                gap * 1e3,
+                floor * 1e3
+            );
+            expected = (expected * backoff.multiplier).min(backoff.max.as_secs_f64());
+        }
+    }
+    drop(echo);
 }
