@@ -5,7 +5,10 @@
 //! - [`echo`]: the `grpc.examples.echo.Echo` backend that registers itself.
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
 //! - [`tls`]: TLS and mutual TLS settings shared by all of the above.
+//! - [`authority_repair`]: lets clients with a multi-address target (grpcio)
+//!   past h2's `:authority` check, for every switchboard server.
 
+pub mod authority_repair;
 pub mod client;
 pub mod discovery;
 pub mod echo;

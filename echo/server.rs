@@ -27,6 +27,7 @@ use tonic_health::ServingStatus;
 use super::kill_switch::KillSwitch;
 use super::lease_keeper::{LeaseKeeper, LeaseState, Registration};
 use super::{EchoError, EchoService, ServerConfig};
+use crate::authority_repair::repair_authorities;
 use crate::client::error::source_chain;
 use crate::proto::echo::echo_server::EchoServer;
 
@@ -98,7 +99,10 @@ impl EchoServerHandle {
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<EchoServer<EchoService>>().await;
         let kill_switch = KillSwitch::new();
-        let incoming = kill_switch.guard(TcpIncoming::from(listener).with_nodelay(Some(true)));
+        let incoming = kill_switch.guard(repair_authorities(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            config.tls.is_none(),
+        ));
         let (stop_accepting, stop_rx) = oneshot::channel::<()>();
         let mut server = Server::builder();
         if let Some(tls) = &config.tls {

@@ -12,6 +12,7 @@ use tonic::transport::Server;
 use super::auth::{AccessTokens, RequireTokensLayer};
 use super::message_size::MessageSizeLayer;
 use super::Registry;
+use crate::authority_repair::repair_authorities;
 use crate::proto::registry::registry_server::RegistryServer;
 use crate::tls::ServerTls;
 
@@ -143,7 +144,10 @@ pub async fn serve(
             RegistryServer::new(registry)
                 .max_decoding_message_size(config.max_message_bytes.saturating_add(1)),
         )
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown);
+        .serve_with_incoming_shutdown(
+            repair_authorities(TcpIncoming::from(listener), config.tls.is_none()),
+            shutdown,
+        );
     // A client that stops reading can keep its stream from ever finishing;
     // past the grace period the connections are left to close with the
     // process.
