@@ -168,6 +168,10 @@ struct Ramp {
     all: Duration,
     /// The client thread's CPU meanwhile.
     cpu: Duration,
+    /// Of which the balancer task itself was busy.
+    balancer: Duration,
+    /// Pickers the balancer built on the way.
+    pickers: u64,
 }
 
 /// Builds a channel over `addresses` and waits for all of them to be Ready.
@@ -179,7 +183,14 @@ async fn ramp(addresses: &[String], deadline: Duration) -> Result<Ramp, BoxError
     let first = wait_all_ready(&channel, addresses.len(), started, deadline).await?;
     let all = started.elapsed();
     let cpu = procs::thread_cpu() - cpu0;
-    Ok(Ramp { first, all, cpu })
+    let stats = channel.balancer_stats();
+    Ok(Ramp {
+        first,
+        all,
+        cpu,
+        balancer: stats.busy(),
+        pickers: stats.pickers.load(std::sync::atomic::Ordering::Relaxed),
+    })
 }
 
 /// The ramps of one size.
@@ -362,6 +373,11 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
 }
 
 /// The middle value (the upper one of an even count).
+fn median_count(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or_default()
+}
+
 fn median(mut values: Vec<Duration>) -> Duration {
     values.sort_unstable();
     values.get(values.len() / 2).copied().unwrap_or_default()
@@ -397,6 +413,8 @@ fn print(mut results: Results) {
         "client CPU",
         "CPU per endpoint",
         "marginal CPU per endpoint",
+        "balancer task busy",
+        "pickers built",
     ]);
     let mut previous: Option<(usize, Duration)> = None;
     let mut marginals = Vec::new();
@@ -425,6 +443,8 @@ fn print(mut results: Results) {
             fine(cpu),
             format!("{per_endpoint:.1} µs"),
             marginal,
+            fine(median(row.runs.iter().map(|r| r.balancer).collect())),
+            median_count(row.runs.iter().map(|r| r.pickers).collect()).to_string(),
         ]);
     }
     table.print();
