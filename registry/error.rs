@@ -16,6 +16,9 @@ pub enum RegistryError {
     /// The lease does not exist: it expired, was revoked, or was never granted.
     #[error("lease {0} not found: it expired, was deregistered or belongs to another registry instance; register again")]
     LeaseNotFound(String),
+    /// The store cannot be reached (a distributed store's cluster is down).
+    #[error("{0}")]
+    Unavailable(String),
     /// A configured cap was reached.
     #[error("{what} limit of {limit} reached")]
     ResourceExhausted {
@@ -42,6 +45,7 @@ impl From<RegistryError> for Status {
             RegistryError::InvalidArgument { .. } => Code::InvalidArgument,
             RegistryError::LeaseNotFound(_) => Code::NotFound,
             RegistryError::ResourceExhausted { .. } => Code::ResourceExhausted,
+            RegistryError::Unavailable(_) => Code::Unavailable,
         };
         Status::new(code, err.to_string())
     }

@@ -10,15 +10,18 @@
 //! - [`limits`]: caps on what one client may hold open or do per second;
 //! - [`message_size`]: the cap on one request message's size;
 //! - [`lease`]: lease ids and the deadline-ordered lease table;
-//! - [`store`]: the per-service endpoint sets and their change fan-out;
-//! - [`watch`]: one watcher's stream, resetting itself when it falls behind;
-//! - [`service`]: the gRPC service gluing those together;
+//! - [`store`]: the [`Store`] seam: leases, endpoint sets, versions, epoch
+//!   and change streams, whatever holds them;
+//! - [`memory`]: the in-memory store, the default;
+//! - [`watch`]: one Watch call's messages on the wire;
+//! - [`service`]: the gRPC service over any store;
 //! - [`server`]: the process around it (health, reflection, shutdown).
 
 pub mod auth;
 pub mod error;
 pub mod lease;
 pub mod limits;
+pub mod memory;
 pub mod message_size;
 pub mod server;
 pub mod service;
@@ -27,8 +30,10 @@ pub mod validate;
 pub mod watch;
 
 pub use error::RegistryError;
+pub use memory::MemoryStore;
 pub use server::{serve, RegistryConfig};
 pub use service::Registry;
+pub use store::Store;
 
 /// The service name used when none is given.
 pub const DEFAULT_SERVICE: &str = "lb.example.grpc.io";

@@ -1,5 +1,6 @@
 //! The `switchboard.registry.v1.Registry` gRPC service: validates each
-//! request, then applies it to the lease table and the store.
+//! request, applies the per-connection caps, then hands it to the
+//! [`Store`], whichever one holds the state, and speaks the wire format.
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -7,35 +8,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::lease::{LeaseId, StreamId};
 use super::limits::{RegistrationRate, WatchSlots};
-use super::store::Store;
+use super::memory::MemoryStore;
+use super::store::{NewEndpoint, Store};
 use super::watch::watch_stream;
-use super::{validate, RegistryConfig, RegistryError};
+use super::{validate, RegistryConfig};
 use crate::proto::registry::registry_server::Registry as RegistryApi;
 use crate::proto::registry::{
-    DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse, EndpointState,
-    KeepAliveRequest, KeepAliveResponse, ListServicesRequest, ListServicesResponse,
-    RegisterRequest, RegisterResponse, ResolveRequest, ResolveResponse, WatchRequest,
-    WatchResponse,
+    DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse, KeepAliveRequest,
+    KeepAliveResponse, ListServicesRequest, ListServicesResponse, RegisterRequest,
+    RegisterResponse, ResolveRequest, ResolveResponse, ServiceSummary, WatchRequest, WatchResponse,
 };
 
-/// The registry's state and its gRPC service. Cheap to clone; the lease
-/// expiry task stops when the last clone is dropped.
+/// The registry's gRPC service over a [`Store`]. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
     shared: Arc<Shared>,
-    /// Aborts the expiry task when the last handle goes.
-    _expiry: Arc<AbortOnDrop>,
 }
 
 struct Shared {
-    store: Arc<Store>,
-    leases: LeaseTable,
+    store: Arc<dyn Store>,
     /// Numbers KeepAlive streams.
     next_stream: AtomicU64,
     /// Turns true when the registry shuts down, ending every open stream.
@@ -46,56 +41,43 @@ struct Shared {
     registration_rate: RegistrationRate,
 }
 
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl Registry {
-    /// Creates a registry with a fresh random epoch and starts its lease
-    /// expiry task. Must be called inside a tokio runtime.
+    /// A registry on a fresh in-memory store. Must be called inside a tokio
+    /// runtime (the store's lease expiry task runs on it).
     pub fn new(config: &RegistryConfig) -> Self {
-        let epoch = loop {
-            let epoch: u64 = rand::random();
-            if epoch != 0 {
-                break epoch;
-            }
-        };
-        let shared = Arc::new(Shared {
-            store: Arc::new(Store::new(
-                epoch,
-                config.max_endpoints_per_service,
-                config.watch_buffer,
-                config.warmup,
-                config.max_services,
-            )),
-            leases: LeaseTable::default(),
-            next_stream: AtomicU64::new(1),
-            closing: tokio::sync::watch::Sender::new(false),
-            watch_slots: WatchSlots::new(
-                config.max_watch_streams,
-                config.max_watch_streams_per_connection,
-            ),
-            registration_rate: RegistrationRate::new(config.max_registrations_per_second),
-        });
-        let expiry = tokio::spawn(expire_leases(shared.clone()));
+        Self::with_store(Arc::new(MemoryStore::new(config)), config)
+    }
+
+    /// A registry on `store`, with the per-connection caps of `config` (the
+    /// store applies its own caps on services and endpoints).
+    pub fn with_store(store: Arc<dyn Store>, config: &RegistryConfig) -> Self {
         Self {
-            shared,
-            _expiry: Arc::new(AbortOnDrop(expiry)),
+            shared: Arc::new(Shared {
+                store,
+                next_stream: AtomicU64::new(1),
+                closing: tokio::sync::watch::Sender::new(false),
+                watch_slots: WatchSlots::new(
+                    config.max_watch_streams,
+                    config.max_watch_streams_per_connection,
+                ),
+                registration_rate: RegistrationRate::new(config.max_registrations_per_second),
+            }),
         }
     }
 
-    /// The epoch that identifies this registry instance.
+    /// The epoch that identifies the store's history.
     pub fn epoch(&self) -> u64 {
         self.shared.store.epoch()
     }
 
     /// How many leases are live.
     pub fn lease_count(&self) -> usize {
-        self.shared.leases.len()
+        self.shared.store.lease_count()
+    }
+
+    /// The store behind this registry.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
     }
 
     /// Ends every open Watch and KeepAlive stream, now and from now on, with
@@ -135,37 +117,6 @@ fn until_closed<T: Send + 'static>(
     ))
 }
 
-impl Shared {
-    /// Ends a lease and removes its endpoint.
-    fn end_lease(&self, id: LeaseId, reason: &str) -> Result<(), RegistryError> {
-        let lease = self
-            .leases
-            .revoke(id)
-            .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))?;
-        tracing::info!(service = %lease.service, address = %lease.address, reason, "endpoint removed");
-        self.store.remove(&lease.service, &lease.address, id);
-        Ok(())
-    }
-}
-
-/// The one task that ends leases whose heartbeats stopped.
-async fn expire_leases(shared: Arc<Shared>) {
-    loop {
-        let (expired, next) = shared.leases.take_expired(Instant::now());
-        for (id, lease) in expired {
-            tracing::info!(service = %lease.service, address = %lease.address, ttl = ?lease.ttl, "lease expired");
-            shared.store.remove(&lease.service, &lease.address, id);
-        }
-        match next {
-            Some(deadline) => tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = shared.leases.earlier_deadline() => {}
-            },
-            None => shared.leases.earlier_deadline().await,
-        }
-    }
-}
-
 /// Ends, when a KeepAlive stream goes away, the leases it still carries.
 struct StreamLeases {
     shared: Arc<Shared>,
@@ -175,12 +126,7 @@ struct StreamLeases {
 
 impl Drop for StreamLeases {
     fn drop(&mut self) {
-        for &id in &self.leases {
-            if let Some(lease) = self.shared.leases.revoke_if_bound(id, self.stream) {
-                tracing::info!(service = %lease.service, address = %lease.address, "keepalive stream ended; endpoint removed");
-                self.shared.store.remove(&lease.service, &lease.address, id);
-            }
-        }
+        self.shared.store.stream_ended(self.stream, &self.leases);
     }
 }
 
@@ -201,35 +147,20 @@ impl RegistryApi for Registry {
         validate::metadata(&req.metadata)?;
         let ttl = validate::ttl(req.ttl_ms)?;
 
-        let id = LeaseId::random();
-        let service: Arc<str> = req.service.into();
-        let address: Arc<str> = req.address.into();
-        // The lease exists before the endpoint shows, so a concurrent
-        // takeover of the same address can always find and end it.
-        self.shared
-            .leases
-            .grant(id, service.clone(), address.clone(), ttl);
-        match self
+        let grant = self
             .shared
             .store
-            .upsert(&service, &address, req.metadata, id)
-        {
-            Ok(Some(previous)) => {
-                self.shared.leases.revoke(previous);
-                tracing::info!(%service, %address, "endpoint re-registered under a new lease");
-            }
-            Ok(None) => tracing::info!(%service, %address, ttl = ?ttl, "endpoint registered"),
-            Err(err) => {
-                self.shared.leases.revoke(id);
-                // A refused first endpoint may have left an empty entry.
-                self.shared.store.release(&service);
-                return Err(err.into());
-            }
-        }
+            .register(NewEndpoint {
+                service: req.service.into(),
+                address: req.address.into(),
+                metadata: req.metadata,
+                ttl,
+            })
+            .await?;
         Ok(Response::new(RegisterResponse {
-            lease_id: id.to_string(),
-            ttl_ms: ttl.as_millis() as u64,
-            epoch: self.epoch(),
+            lease_id: grant.lease.to_string(),
+            ttl_ms: grant.ttl.as_millis() as u64,
+            epoch: grant.epoch,
         }))
     }
 
@@ -264,18 +195,22 @@ impl RegistryApi for Registry {
                         return Some((Err(status), (inbound, bound, true)));
                     }
                 };
-                let reply = heartbeat
-                    .lease_id
-                    .parse::<LeaseId>()
-                    .and_then(|id| {
-                        let ttl = bound.shared.leases.refresh(id, bound.stream)?;
-                        bound.leases.insert(id);
-                        Ok(KeepAliveResponse {
-                            lease_id: id.to_string(),
-                            ttl_ms: ttl.as_millis() as u64,
-                        })
-                    })
-                    .map_err(Status::from);
+                let reply = match heartbeat.lease_id.parse::<LeaseId>() {
+                    Ok(id) => bound
+                        .shared
+                        .store
+                        .keep_alive(id, bound.stream)
+                        .await
+                        .map(|ttl| {
+                            bound.leases.insert(id);
+                            KeepAliveResponse {
+                                lease_id: id.to_string(),
+                                ttl_ms: ttl.as_millis() as u64,
+                            }
+                        }),
+                    Err(err) => Err(err),
+                }
+                .map_err(Status::from);
                 let failed = reply.is_err();
                 Some((reply, (inbound, bound, failed)))
             },
@@ -291,15 +226,7 @@ impl RegistryApi for Registry {
         request: Request<DrainRequest>,
     ) -> Result<Response<DrainResponse>, Status> {
         let id: LeaseId = request.into_inner().lease_id.parse()?;
-        let lease = self.shared.leases.get(id)?;
-        if !self
-            .shared
-            .store
-            .set_state(&lease.service, &lease.address, id, EndpointState::Draining)
-        {
-            return Err(RegistryError::LeaseNotFound(id.to_string()).into());
-        }
-        tracing::info!(service = %lease.service, address = %lease.address, "endpoint draining");
+        self.shared.store.drain(id).await?;
         Ok(Response::new(DrainResponse {}))
     }
 
@@ -308,7 +235,7 @@ impl RegistryApi for Registry {
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         let id: LeaseId = request.into_inner().lease_id.parse()?;
-        self.shared.end_lease(id, "deregistered")?;
+        self.shared.store.deregister(id).await?;
         Ok(Response::new(DeregisterResponse {}))
     }
 
@@ -322,7 +249,8 @@ impl RegistryApi for Registry {
         let service = request.into_inner().service;
         validate::service_name(&service)?;
         // The slot lives as long as the stream does.
-        let stream = watch_stream(self.shared.store.clone(), service).map(move |message| {
+        let updates = self.shared.store.watch(&service, None).await?;
+        let stream = watch_stream(updates).map(move |message| {
             let _slot = &slot;
             message
         });
@@ -338,15 +266,27 @@ impl RegistryApi for Registry {
     ) -> Result<Response<ResolveResponse>, Status> {
         let service = request.into_inner().service;
         validate::service_name(&service)?;
-        Ok(Response::new(self.shared.store.resolve(&service)))
+        let snapshot = self.shared.store.resolve(&service).await?;
+        Ok(Response::new(ResolveResponse {
+            epoch: snapshot.epoch,
+            version: snapshot.version,
+            endpoints: snapshot.endpoints.iter().map(Into::into).collect(),
+        }))
     }
 
     async fn list_services(
         &self,
         _request: Request<ListServicesRequest>,
     ) -> Result<Response<ListServicesResponse>, Status> {
+        let services = self.shared.store.list().await?;
         Ok(Response::new(ListServicesResponse {
-            services: self.shared.store.list(),
+            services: services
+                .into_iter()
+                .map(|s| ServiceSummary {
+                    service: s.service,
+                    endpoints: s.endpoints.try_into().unwrap_or(u32::MAX),
+                })
+                .collect(),
         }))
     }
 }

@@ -1,0 +1,504 @@
+//! The in-memory [`Store`]: the default, embedded registry state. Nothing to
+//! install; a restart starts empty (see `RegistryConfig::warmup`).
+//!
+//! Services live in a `DashMap`, so traffic for one service never contends
+//! with another. Each service owns an [`EndpointSet`], changed only through
+//! [`EndpointSet::apply`], and a bounded `broadcast` ring of updates:
+//! publishing costs one `Arc` per change whatever the number of watchers,
+//! and a watcher that falls behind loses its place in the ring instead of
+//! growing a queue (it is then sent a fresh reset).
+//!
+//! Snapshots and subscriptions are taken under the service's map lock, the
+//! same lock every change is published under, so a watcher sees each change
+//! exactly once: either inside its snapshot or as a later delta.
+//!
+//! Leases live in a [`LeaseTable`] with one expiry task, the shape
+//! mini-redis uses for key expiry.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::store::{
+    Grant, NewEndpoint, Position, ServiceCount, ServiceSnapshot, Store, UpdateStream,
+};
+use super::{RegistryConfig, RegistryError};
+use crate::discovery::{Delta, Endpoint, EndpointSet, EndpointState, Update, Versioned};
+
+/// The registry's state in this process.
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+    /// Aborts the expiry task when the store goes.
+    expiry: JoinHandle<()>,
+}
+
+struct Inner {
+    /// Identifies this store instance in every message.
+    epoch: u64,
+    /// Source of versions: bumped by every change of any service, so a
+    /// service's version keeps increasing even if its entry is dropped while
+    /// unused and created again.
+    revision: AtomicU64,
+    services: DashMap<Arc<str>, ServiceEntry>,
+    leases: LeaseTable,
+    /// Cap on endpoints in one service.
+    max_endpoints_per_service: usize,
+    /// Cap on services that have endpoints.
+    max_services: usize,
+    /// Services that have endpoints now (entries that are only watched do
+    /// not count, so watchers cannot use up the cap).
+    populated: AtomicUsize,
+    /// How many changes a watcher may lag before it is reset.
+    watch_buffer: usize,
+    /// Until when Watch holds back its first snapshot.
+    warm_until: Instant,
+}
+
+/// One service: its endpoints, the lease holding each, and its watchers'
+/// channel.
+struct ServiceEntry {
+    /// Version of the last change.
+    version: u64,
+    endpoints: EndpointSet,
+    leases: HashMap<Arc<str>, LeaseId>,
+    updates: broadcast::Sender<Arc<Versioned>>,
+}
+
+impl MemoryStore {
+    /// An empty store with a fresh random epoch, capped as `config` says.
+    /// Starts the lease expiry task, so it needs a tokio runtime.
+    pub fn new(config: &RegistryConfig) -> Self {
+        let epoch = loop {
+            let epoch: u64 = rand::random();
+            if epoch != 0 {
+                break epoch;
+            }
+        };
+        let inner = Arc::new(Inner {
+            epoch,
+            revision: AtomicU64::new(0),
+            services: DashMap::new(),
+            leases: LeaseTable::default(),
+            max_endpoints_per_service: config.max_endpoints_per_service,
+            max_services: config.max_services,
+            populated: AtomicUsize::new(0),
+            watch_buffer: config.watch_buffer.max(1),
+            warm_until: Instant::now() + config.warmup,
+        });
+        let expiry = tokio::spawn(expire_leases(inner.clone()));
+        Self { inner, expiry }
+    }
+}
+
+impl Drop for MemoryStore {
+    fn drop(&mut self) {
+        self.expiry.abort();
+    }
+}
+
+#[tonic::async_trait]
+impl Store for MemoryStore {
+    fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    async fn register(&self, new: NewEndpoint) -> Result<Grant, RegistryError> {
+        let inner = &self.inner;
+        let NewEndpoint {
+            service,
+            address,
+            metadata,
+            ttl,
+        } = new;
+        let id = LeaseId::random();
+        // The lease exists before the endpoint shows, so a concurrent
+        // takeover of the same address can always find and end it.
+        inner
+            .leases
+            .grant(id, service.clone(), address.clone(), ttl);
+        match inner.upsert(&service, &address, metadata, id) {
+            Ok(Some(previous)) => {
+                inner.leases.revoke(previous);
+                tracing::info!(%service, %address, "endpoint re-registered under a new lease");
+            }
+            Ok(None) => tracing::info!(%service, %address, ttl = ?ttl, "endpoint registered"),
+            Err(err) => {
+                inner.leases.revoke(id);
+                // A refused first endpoint may have left an empty entry.
+                inner.release(&service);
+                return Err(err);
+            }
+        }
+        Ok(Grant {
+            lease: id,
+            ttl,
+            epoch: inner.epoch,
+        })
+    }
+
+    async fn keep_alive(
+        &self,
+        lease: LeaseId,
+        stream: StreamId,
+    ) -> Result<Duration, RegistryError> {
+        self.inner.leases.refresh(lease, stream)
+    }
+
+    fn stream_ended(&self, stream: StreamId, leases: &HashSet<LeaseId>) {
+        for &id in leases {
+            if let Some(lease) = self.inner.leases.revoke_if_bound(id, stream) {
+                tracing::info!(service = %lease.service, address = %lease.address, "keepalive stream ended; endpoint removed");
+                self.inner.remove(&lease.service, &lease.address, id);
+            }
+        }
+    }
+
+    async fn drain(&self, id: LeaseId) -> Result<(), RegistryError> {
+        let lease = self.inner.leases.get(id)?;
+        if !self
+            .inner
+            .set_state(&lease.service, &lease.address, id, EndpointState::Draining)
+        {
+            return Err(RegistryError::LeaseNotFound(id.to_string()));
+        }
+        tracing::info!(service = %lease.service, address = %lease.address, "endpoint draining");
+        Ok(())
+    }
+
+    async fn deregister(&self, id: LeaseId) -> Result<(), RegistryError> {
+        let lease = self
+            .inner
+            .leases
+            .revoke(id)
+            .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))?;
+        tracing::info!(service = %lease.service, address = %lease.address, reason = "deregistered", "endpoint removed");
+        self.inner.remove(&lease.service, &lease.address, id);
+        Ok(())
+    }
+
+    /// This store keeps no history beyond its watchers' ring, so every
+    /// watch, resumed or not, opens with a reset.
+    async fn watch(
+        &self,
+        service: &str,
+        _from: Option<Position>,
+    ) -> Result<UpdateStream, RegistryError> {
+        Ok(watch_stream(self.inner.clone(), service.to_owned()))
+    }
+
+    async fn resolve(&self, service: &str) -> Result<ServiceSnapshot, RegistryError> {
+        let inner = &self.inner;
+        Ok(match inner.services.get(service) {
+            Some(entry) => ServiceSnapshot {
+                epoch: inner.epoch,
+                version: entry.version,
+                endpoints: entry.endpoints.iter().map(|e| (**e).clone()).collect(),
+            },
+            None => ServiceSnapshot {
+                epoch: inner.epoch,
+                version: inner.revision.load(Ordering::Acquire),
+                endpoints: Vec::new(),
+            },
+        })
+    }
+
+    async fn list(&self) -> Result<Vec<ServiceCount>, RegistryError> {
+        let mut services: Vec<ServiceCount> = self
+            .inner
+            .services
+            .iter()
+            .filter(|entry| !entry.endpoints.is_empty())
+            .map(|entry| ServiceCount {
+                service: entry.key().to_string(),
+                endpoints: entry.endpoints.len(),
+            })
+            .collect();
+        services.sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(services)
+    }
+
+    fn lease_count(&self) -> usize {
+        self.inner.leases.len()
+    }
+}
+
+impl Inner {
+    /// Adds or replaces the endpoint at `address`, held by `lease`. Returns
+    /// the lease that held the address before, if another one did.
+    fn upsert(
+        &self,
+        service: &Arc<str>,
+        address: &Arc<str>,
+        metadata: HashMap<String, String>,
+        lease: LeaseId,
+    ) -> Result<Option<LeaseId>, RegistryError> {
+        let mut entry = self
+            .services
+            .entry(service.clone())
+            .or_insert_with(|| self.new_entry());
+        let entry = &mut *entry;
+        let endpoint = Endpoint {
+            address: address.to_string(),
+            metadata,
+            state: EndpointState::Serving,
+        };
+        let present = entry.endpoints.contains(address);
+        if !present {
+            if entry.endpoints.is_empty() && !self.take_service_slot() {
+                return Err(RegistryError::ResourceExhausted {
+                    what: "services".into(),
+                    limit: self.max_services,
+                });
+            }
+            if entry.endpoints.len() >= self.max_endpoints_per_service {
+                return Err(RegistryError::ResourceExhausted {
+                    what: format!("endpoints per service ({service})"),
+                    limit: self.max_endpoints_per_service,
+                });
+            }
+        }
+        let delta = if present {
+            Delta {
+                updated: vec![endpoint],
+                ..Delta::default()
+            }
+        } else {
+            Delta {
+                added: vec![endpoint],
+                ..Delta::default()
+            }
+        };
+        let previous = entry.leases.insert(address.clone(), lease);
+        self.apply(entry, Update::Delta(delta));
+        Ok(previous.filter(|old| *old != lease))
+    }
+
+    /// Removes the endpoint at `address` if `lease` still holds it.
+    fn remove(&self, service: &str, address: &str, lease: LeaseId) -> bool {
+        let removed = match self.services.get_mut(service) {
+            Some(mut entry) => {
+                let entry = &mut *entry;
+                if entry.leases.get(address) == Some(&lease) {
+                    entry.leases.remove(address);
+                    let delta = Delta {
+                        removed: vec![address.to_owned()],
+                        ..Delta::default()
+                    };
+                    self.apply(entry, Update::Delta(delta));
+                    if entry.endpoints.is_empty() {
+                        self.populated.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    true
+                } else {
+                    false
+                }
+            }
+            None => false,
+        };
+        self.release(service);
+        removed
+    }
+
+    /// Sets the state of the endpoint at `address` if `lease` still holds it.
+    fn set_state(
+        &self,
+        service: &str,
+        address: &str,
+        lease: LeaseId,
+        state: EndpointState,
+    ) -> bool {
+        let Some(mut entry) = self.services.get_mut(service) else {
+            return false;
+        };
+        let entry = &mut *entry;
+        if entry.leases.get(address) != Some(&lease) {
+            return false;
+        }
+        let Some(current) = entry.endpoints.get(address) else {
+            return false;
+        };
+        if current.state != state {
+            let updated = (**current).clone().with_state(state);
+            let delta = Delta {
+                updated: vec![updated],
+                ..Delta::default()
+            };
+            self.apply(entry, Update::Delta(delta));
+        }
+        true
+    }
+
+    /// The current set of `service` as a reset, and a receiver of every
+    /// change after it.
+    fn subscribe(&self, service: &str) -> (Arc<Versioned>, broadcast::Receiver<Arc<Versioned>>) {
+        // Read the entry first: a write lock is only needed to create it.
+        if let Some(entry) = self.services.get(service) {
+            return (self.reset_of(&entry), entry.updates.subscribe());
+        }
+        let entry = self
+            .services
+            .entry(Arc::from(service))
+            .or_insert_with(|| self.new_entry())
+            .downgrade();
+        (self.reset_of(&entry), entry.updates.subscribe())
+    }
+
+    /// Drops the entry of `service` once it has neither endpoints nor
+    /// watchers, so names that come and go do not accumulate.
+    fn release(&self, service: &str) {
+        self.services.remove_if(service, |_, entry| {
+            entry.endpoints.is_empty() && entry.updates.receiver_count() == 0
+        });
+    }
+
+    /// Counts one more populated service, unless the cap is reached.
+    fn take_service_slot(&self) -> bool {
+        self.populated
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_services).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn new_entry(&self) -> ServiceEntry {
+        let mut endpoints = EndpointSet::new();
+        endpoints.apply(Update::Reset(Vec::new()));
+        ServiceEntry {
+            version: self.revision.load(Ordering::Acquire),
+            endpoints,
+            leases: HashMap::new(),
+            updates: broadcast::channel(self.watch_buffer).0,
+        }
+    }
+
+    fn reset_of(&self, entry: &ServiceEntry) -> Arc<Versioned> {
+        Arc::new(Versioned {
+            epoch: self.epoch,
+            version: entry.version,
+            update: entry.endpoints.to_reset(),
+        })
+    }
+
+    /// Applies `update` to the service's set and, if it changed anything,
+    /// stamps it with the next version and sends it to every watcher. Called
+    /// with the entry's lock held, which orders it against snapshots.
+    fn apply(&self, entry: &mut ServiceEntry, update: Update) {
+        let applied = entry.endpoints.apply(update.clone());
+        if applied.is_empty() {
+            return;
+        }
+        entry.version = self.revision.fetch_add(1, Ordering::AcqRel) + 1;
+        let update = Versioned {
+            epoch: self.epoch,
+            version: entry.version,
+            update,
+        };
+        // An error only means nobody is watching right now.
+        let _ = entry.updates.send(Arc::new(update));
+    }
+}
+
+/// The one task that ends leases whose heartbeats stopped.
+async fn expire_leases(inner: Arc<Inner>) {
+    loop {
+        let (expired, next) = inner.leases.take_expired(Instant::now());
+        for (id, lease) in expired {
+            tracing::info!(service = %lease.service, address = %lease.address, ttl = ?lease.ttl, "lease expired");
+            inner.remove(&lease.service, &lease.address, id);
+        }
+        match next {
+            Some(deadline) => tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = inner.leases.earlier_deadline() => {}
+            },
+            None => inner.leases.earlier_deadline().await,
+        }
+    }
+}
+
+/// The updates of one Watch call, in order. During warm-up the first
+/// snapshot waits until warm-up ends, so it holds the backends that
+/// re-registered meanwhile instead of an empty set.
+fn watch_stream(inner: Arc<Inner>, service: String) -> UpdateStream {
+    let watcher = if Instant::now() >= inner.warm_until {
+        // Subscribe before Watch answers, not when the body is first polled:
+        // then every change made after the answer arrives as a delta.
+        futures_util::future::Either::Left(futures_util::future::ready(Watcher::subscribe(
+            inner, service,
+        )))
+    } else {
+        futures_util::future::Either::Right(async move {
+            tokio::time::sleep_until(inner.warm_until).await;
+            Watcher::subscribe(inner, service)
+        })
+    };
+    Box::pin(futures_util::stream::once(watcher).flat_map(|watcher| {
+        futures_util::stream::unfold(watcher, |mut watcher| async move {
+            let update = watcher.next().await?;
+            Some((update, watcher))
+        })
+    }))
+}
+
+/// The state of one watch stream.
+struct Watcher {
+    /// Updates from the service. Declared before `release` so it is dropped
+    /// first: the entry is only released once nobody listens.
+    updates: broadcast::Receiver<Arc<Versioned>>,
+    /// An update to send before reading further ones.
+    pending: Option<Arc<Versioned>>,
+    /// Releases the service entry when the stream goes away.
+    release: Release,
+}
+
+impl Watcher {
+    /// Takes the snapshot of `service` and starts listening for its changes.
+    fn subscribe(inner: Arc<Inner>, service: String) -> Self {
+        let (reset, updates) = inner.subscribe(&service);
+        Self {
+            updates,
+            pending: Some(reset),
+            release: Release { inner, service },
+        }
+    }
+
+    async fn next(&mut self) -> Option<Arc<Versioned>> {
+        if let Some(update) = self.pending.take() {
+            return Some(update);
+        }
+        match self.updates.recv().await {
+            Ok(update) => Some(update),
+            Err(RecvError::Lagged(missed)) => {
+                tracing::debug!(
+                    service = %self.release.service,
+                    missed,
+                    "watcher fell behind; sending a fresh snapshot"
+                );
+                let (reset, updates) = self.release.inner.subscribe(&self.release.service);
+                self.updates = updates;
+                Some(reset)
+            }
+            Err(RecvError::Closed) => None,
+        }
+    }
+}
+
+/// Drops the service's entry, if unused, when its watch stream ends.
+struct Release {
+    inner: Arc<Inner>,
+    service: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.inner.release(&self.service);
+    }
+}
