@@ -1,8 +1,8 @@
 //! The echo backend against a real registry on 127.0.0.1: the `echo`
 //! binary as a real process (registration, every RPC shape, health and
 //! reflection, a SIGTERM drain during a long stream, registry restarts and
-//! outages, bad ports and bad flags), and the in-process
-//! [`EchoServerHandle`] that other tests start backends with.
+//! outages, a busy port), and the in-process [`EchoServerHandle`] that
+//! other tests start backends with. Bad flags are in `tests/cli.rs`.
 
 mod common;
 
@@ -596,36 +596,6 @@ async fn a_busy_port_fails_in_one_line_naming_it_and_registers_nothing() {
     ever_listed.retain(|a| *a != sentinel);
     assert!(ever_listed.is_empty(), "registered: {ever_listed:?}");
     drop(busy);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_flags_fail_in_one_line_before_anything_starts() {
-    let listen = local(free_port());
-    let (a, b) = (free_port().to_string(), free_port().to_string());
-    let cases: Vec<Vec<&str>> = vec![
-        vec!["--listen", "nonsense"],
-        vec!["--listen", "127.0.0.1:99999"],
-        vec!["--listen", &listen, "--advertise", "bad host:1"],
-        vec!["--listen", &listen, "--advertise", "h:0"],
-        vec![&a, &b, "--advertise", "h:1"],
-        vec!["--listen", &listen, "--meta", "novalue"],
-        vec!["--listen", &listen, "--meta", "=v"],
-        vec!["--listen", &listen, "--ttl-ms", "10"],
-        vec!["--listen", &listen, "--ttl-ms", "abc"],
-        vec!["--listen", &listen, "--service", "not a service"],
-        vec!["--listen", &listen, "--registry", "127.0.0.1"],
-        vec!["--listen", &listen, "--bogus"],
-        vec![&a, "--listen", &listen],
-    ];
-    for args in cases {
-        let mut echo = Proc::spawn(&bin("echo"), &args);
-        let code = echo.wait_exit(GENEROUS).await;
-        let error = echo.wait_line("error:", GENEROUS).await;
-        assert_eq!(code, Some(1), "{args:?}: {}", echo.dump());
-        assert_eq!(lines(&echo), vec![error.clone()], "{args:?}: not one line");
-        assert!(!echo.has_line("serving"), "{args:?} started serving");
-        eprintln!("{args:?} -> {error}");
-    }
 }
 
 // ---------------------------------------------------------------------------
