@@ -6,18 +6,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
+use switchboard::discovery::{EndpointSet, EndpointState, Versioned};
 use switchboard::echo::{EchoServerHandle, LeaseState, ServerConfig};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::{EchoRequest, EchoResponse};
-use switchboard::proto::registry::watch_response::Event;
-use switchboard::proto::registry::{Endpoint, EndpointState, RegisterRequest, WatchResponse};
+use switchboard::proto::registry::{RegisterRequest, WatchResponse};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
@@ -33,38 +32,22 @@ const GENEROUS: Duration = Duration::from_secs(20);
 // Harness
 // ---------------------------------------------------------------------------
 
-/// The endpoint set of a service as one watcher sees it.
+/// The endpoint set of a service as one watcher sees it, built by the
+/// library's own `EndpointSet::apply`.
 #[derive(Default)]
 struct WatchedSet {
-    endpoints: BTreeMap<String, Endpoint>,
+    endpoints: EndpointSet,
 }
 
 impl WatchedSet {
     fn apply(&mut self, update: &WatchResponse) {
-        match update.event.as_ref().expect("event") {
-            Event::Reset(snapshot) => {
-                self.endpoints = snapshot
-                    .endpoints
-                    .iter()
-                    .map(|e| (e.address.clone(), e.clone()))
-                    .collect();
-            }
-            Event::Delta(delta) => {
-                for endpoint in delta.added.iter().chain(&delta.updated) {
-                    self.endpoints
-                        .insert(endpoint.address.clone(), endpoint.clone());
-                }
-                for address in &delta.removed {
-                    self.endpoints.remove(address);
-                }
-            }
-        }
+        let versioned = Versioned::try_from(update.clone()).expect("event");
+        let changes = self.endpoints.apply(versioned.update);
+        assert!(changes.anomalies.is_empty(), "{:?}", changes.anomalies);
     }
 
     fn state(&self, address: &str) -> Option<EndpointState> {
-        self.endpoints
-            .get(address)
-            .map(|e| EndpointState::try_from(e.state).expect("known state"))
+        self.endpoints.get(address).map(|e| e.state)
     }
 
     /// Whether exactly `addresses` are listed, all serving.
@@ -91,7 +74,7 @@ async fn watch_until(
             Ok(other) => panic!("watch ended while waiting for {what}: {other:?}"),
             Err(_) => panic!(
                 "timed out after {timeout:?} waiting for {what}; set: {:?}",
-                set.endpoints.keys().collect::<Vec<_>>()
+                set.endpoints.addresses().collect::<Vec<_>>()
             ),
         }
     }
@@ -208,7 +191,7 @@ async fn two_servers_appear_in_a_registry_watch_with_their_addresses() {
     )
     .await;
     for address in &addresses {
-        let metadata = &set.endpoints[address].metadata;
+        let metadata = &set.endpoints.get(address).expect("listed").metadata;
         assert_eq!(metadata.get("zone").map(String::as_str), Some("a"));
         assert_eq!(metadata.get("version").map(String::as_str), Some("1"));
     }
@@ -397,7 +380,7 @@ async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream(
     // The endpoint turns DRAINING, then leaves the set...
     let mut saw_draining = false;
     let deadline = Instant::now() + GENEROUS;
-    while set.endpoints.contains_key(&address) {
+    while set.endpoints.contains(&address) {
         let update = tokio::time::timeout_at(deadline, watch.message())
             .await
             .expect("deregistration within the deadline")
@@ -584,14 +567,14 @@ async fn a_busy_port_fails_in_one_line_naming_it_and_registers_nothing() {
     let mut set = WatchedSet::default();
     let mut ever_listed = Vec::new();
     let deadline = Instant::now() + GENEROUS;
-    while !set.endpoints.contains_key(&sentinel) {
+    while !set.endpoints.contains(&sentinel) {
         let update = tokio::time::timeout_at(deadline, watch.message())
             .await
             .expect("the sentinel within the deadline")
             .unwrap()
             .expect("watch open");
         set.apply(&update);
-        ever_listed.extend(set.endpoints.keys().cloned());
+        ever_listed.extend(set.endpoints.addresses().map(str::to_owned));
     }
     ever_listed.retain(|a| *a != sentinel);
     assert!(ever_listed.is_empty(), "registered: {ever_listed:?}");
