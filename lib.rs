@@ -1,7 +1,10 @@
 //! switchboard: live service discovery and client-side load balancing for gRPC.
 //!
 //! - [`registry`]: the control plane backends register with and clients watch.
-//! - [`echo`]: the `grpc.examples.echo.Echo` backend that registers itself.
+//! - [`registration`]: keeping any tonic server registered, and draining
+//!   it on shutdown.
+//! - [`echo`]: the `grpc.examples.echo.Echo` backend, one user of
+//!   [`registration`].
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
 //! - [`tls`]: TLS and mutual TLS settings shared by all of the above.
 
@@ -9,6 +12,7 @@ pub mod client;
 pub mod echo;
 #[path = "proto/mod.rs"]
 pub mod proto;
+pub mod registration;
 pub mod registry;
 pub mod tls;
 
