@@ -59,6 +59,28 @@ fn greeter_bin() -> &'static str {
         if profile_dir.file_name().is_some_and(|name| name == "release") {
             build.arg("--release");
         }
+        // What cargo sets for a running test is not the shell's build
+        // environment: build scripts that watch such variables (ring's
+        // watches OUT_DIR) would otherwise rebuild, and the next
+        // `cargo test` rebuild again.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if name == "OUT_DIR"
+                || [
+                    "CARGO_PKG_",
+                    "CARGO_MANIFEST_",
+                    "CARGO_CRATE_",
+                    "CARGO_BIN_",
+                    "CARGO_PRIMARY_",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_",
+                ]
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+            {
+                build.env_remove(name.as_ref());
+            }
+        }
         let status = build.status().expect("run cargo build --example greeter");
         assert!(status.success(), "cargo build --example greeter failed");
         let bin = profile_dir.join("examples").join("greeter");
