@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use super::EchoError;
 use crate::client::backoff::BackoffConfig;
-pub use crate::registration::{DEFAULT_DRAIN_GRACE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL};
 use crate::registration::{self, registry_backoff};
+pub use crate::registration::{DEFAULT_DRAIN_GRACE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL};
 use crate::registry::auth::Token;
 use crate::registry::DEFAULT_SERVICE;
 use crate::tls::{ClientTls, ServerTls};

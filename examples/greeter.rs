@@ -81,7 +81,9 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), RegistrationError> {
     let listener = registration::bind(args.listen).await?;
-    let local = listener.local_addr().map_err(RegistrationError::LocalAddr)?;
+    let local = listener
+        .local_addr()
+        .map_err(RegistrationError::LocalAddr)?;
     let from = registration::advertised(args.advertise.as_deref(), local)?;
     let mut builder = Server::builder()
         .registry(args.registry)

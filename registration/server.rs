@@ -23,8 +23,7 @@ use tonic_health::ServingStatus;
 use super::kill_switch::KillSwitch;
 use super::lease_keeper::{LeaseKeeper, LeaseState, Registration};
 use super::{
-    registry_backoff, RegistrationError, DEFAULT_DRAIN_GRACE, DEFAULT_SHUTDOWN_TIMEOUT,
-    DEFAULT_TTL,
+    registry_backoff, RegistrationError, DEFAULT_DRAIN_GRACE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL,
 };
 use crate::client::backoff::BackoffConfig;
 use crate::client::error::source_chain;
@@ -231,11 +230,8 @@ impl Builder {
     /// reported SERVING on `grpc.health.v1` until the drain starts.
     pub fn add_service<S>(mut self, service: S) -> Self
     where
-        S: tower::Service<
-                http::Request<Body>,
-                Response = http::Response<Body>,
-                Error = Infallible,
-            > + NamedService
+        S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
             + Clone
             + Send
             + Sync

@@ -52,11 +52,20 @@ fn greeter_bin() -> &'static str {
         let target_dir = profile_dir.parent().expect("target dir");
         let mut build = Command::new(env!("CARGO"));
         build
-            .args(["build", "--quiet", "--example", "greeter", "--manifest-path"])
+            .args([
+                "build",
+                "--quiet",
+                "--example",
+                "greeter",
+                "--manifest-path",
+            ])
             .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
             .arg("--target-dir")
             .arg(target_dir);
-        if profile_dir.file_name().is_some_and(|name| name == "release") {
+        if profile_dir
+            .file_name()
+            .is_some_and(|name| name == "release")
+        {
             build.arg("--release");
         }
         // What cargo sets for a running test is not the shell's build
@@ -114,7 +123,10 @@ where
     let mut request = tonic::Request::new(HelloRequest { name: name.into() });
     request.set_timeout(RPC_TIMEOUT);
     let reply = client.say_hello(request).await?.into_inner().message;
-    assert!(reply.starts_with(&format!("Hello {name} (from ")), "{reply}");
+    assert!(
+        reply.starts_with(&format!("Hello {name} (from ")),
+        "{reply}"
+    );
     Ok(backend_of(&reply))
 }
 
@@ -355,7 +367,9 @@ async fn any_tonic_service_registers_under_its_name_and_drains() {
     // Gone from the registry, still serving for the grace, saying it leaves.
     assert_eq!(health(&address, "").await, ServingStatus::NotServing);
     assert_eq!(health(&address, GREETER).await, ServingStatus::NotServing);
-    say_hello(&mut client, "late").await.expect("served in the grace");
+    say_hello(&mut client, "late")
+        .await
+        .expect("served in the grace");
     let report = tokio::time::timeout(STARTUP, shutdown)
         .await
         .expect("shutdown finishes")
@@ -387,13 +401,13 @@ async fn settings_the_registry_would_refuse_stop_the_server_before_it_starts() {
             "service",
         ),
         (
-            Server::builder()
-                .registry("nope")
-                .add_service(greeter()),
+            Server::builder().registry("nope").add_service(greeter()),
             "registry address",
         ),
         (
-            Server::builder().add_service(greeter()).ttl(Duration::from_millis(10)),
+            Server::builder()
+                .add_service(greeter())
+                .ttl(Duration::from_millis(10)),
             "lease TTL",
         ),
         (
