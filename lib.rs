@@ -2,7 +2,10 @@
 //!
 //! - [`discovery`]: endpoints and updates, the vocabulary all of them speak;
 //! - [`registry`]: the control plane backends register with and clients watch.
-//! - [`echo`]: the `grpc.examples.echo.Echo` backend that registers itself.
+//! - [`registration`]: keeping any tonic server registered, and draining
+//!   it on shutdown.
+//! - [`echo`]: the `grpc.examples.echo.Echo` backend, one user of
+//!   [`registration`].
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
 //! - [`tls`]: TLS and mutual TLS settings shared by all of the above.
 //! - [`authority_repair`]: lets clients with a multi-address target (grpcio)
@@ -14,6 +17,7 @@ pub mod discovery;
 pub mod echo;
 #[path = "proto/mod.rs"]
 pub mod proto;
+pub mod registration;
 pub mod registry;
 pub mod tls;
 

@@ -437,7 +437,10 @@ async fn after_a_registry_restart_the_endpoints_are_back_within_2s_without_resta
         ],
         // The retries are debug events: counting them shows when the
         // backoff has grown to its cap.
-        &[("RUST_LOG", "info,switchboard::echo=debug")],
+        &[(
+            "RUST_LOG",
+            "info,switchboard::echo=debug,switchboard::registration=debug",
+        )],
     );
     for address in &addresses {
         echo.wait_line(&format!("echo serving on {address}"), GENEROUS)
