@@ -2,6 +2,9 @@
 //! readers without the right one (UNAUTHENTICATED, nothing changed), and the
 //! echo and client binaries and library present them from token files.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::path::PathBuf;

@@ -2,6 +2,9 @@
 //! files stop it before it serves anything, with exit status 1 and one line,
 //! `error: ...`, that says what is wrong.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::path::PathBuf;

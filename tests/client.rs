@@ -2,6 +2,9 @@
 //! 127.0.0.1: balancing, failover on real kills, discovery without traffic,
 //! registry outages, fail-fast and wait-for-ready.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::BTreeMap;

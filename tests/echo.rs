@@ -4,6 +4,9 @@
 //! outages, a busy port), and the in-process [`EchoServerHandle`] that
 //! other tests start backends with. Bad flags are in `tests/cli.rs`.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,6 +6,9 @@
 //! the flood's streams must be given back when it leaves, and nothing may
 //! panic.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::BTreeMap;

@@ -4,6 +4,9 @@
 //! and the module's `Server` in-process (health, lease, drain report,
 //! refused settings).
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::path::PathBuf;

@@ -1,6 +1,9 @@
 //! Caps: past a cap the registry answers RESOURCE_EXHAUSTED naming it, and
 //! keeps serving everyone else; closed streams give their slots back.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::time::Duration;

@@ -7,6 +7,9 @@
 //! choose its limits; the restart test runs the real binary. Nothing is
 //! mocked: every call crosses a real HTTP/2 connection.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

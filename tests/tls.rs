@@ -4,6 +4,9 @@
 //! certificate and key. Every certificate is made here, for this run, by a
 //! throwaway CA.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::path::PathBuf;
