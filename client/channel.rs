@@ -19,7 +19,7 @@ use tonic::Status;
 
 use super::backoff::BackoffConfig;
 use super::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
-use super::error::source_chain;
+use super::error::{source_chain, Error};
 use super::pick_first::PickFirst;
 use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
 use super::registry_resolver::RegistryResolver;
@@ -411,13 +411,7 @@ impl Shared {
         match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, attempt)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(Status::deadline_exceeded(format!(
-                        "deadline exceeded ({}; service {})",
-                        self.describe_wait(),
-                        self.service
-                    )))
-                }),
+                .unwrap_or_else(|_| Err(self.deadline_exceeded().into())),
             None => attempt.await,
         }
     }
@@ -442,9 +436,13 @@ impl Shared {
                     if published.connectivity == ConnectivityState::TransientFailure
                         && !wait_for_ready
                     {
-                        return Err(Status::unavailable(published.error.clone().unwrap_or_else(
-                            || format!("no ready endpoint for service {}", self.service),
-                        )));
+                        let error = published.error.clone().unwrap_or_else(|| {
+                            Arc::new(Error::NoReadyEndpoint {
+                                service: self.service.clone(),
+                                last: None,
+                            })
+                        });
+                        return Err(error.into_status());
                     }
                     // Subscribe, then look again, so a picker published in
                     // between is not missed.
@@ -461,7 +459,7 @@ impl Shared {
                     }
                     drop(published);
                     if waiter.changed().await.is_err() {
-                        return Err(Status::unavailable("the balancer stopped"));
+                        return Err(Error::BalancerStopped.into());
                     }
                     continue;
                 }
@@ -496,22 +494,24 @@ impl Shared {
                     }
                     None => {
                         outcome.finish(tonic::Code::Unavailable);
-                        return Err(Status::unavailable(format!(
-                            "RPC to {} failed: {}",
-                            connection.address,
-                            source_chain(error.error())
-                        )));
+                        return Err(Error::RpcFailed {
+                            address: connection.address.clone(),
+                            detail: source_chain(error.error()),
+                        }
+                        .into());
                     }
                 },
             }
         }
     }
 
-    fn describe_wait(&self) -> String {
+    /// What an RPC whose deadline passed gets: the state it was waiting in.
+    fn deadline_exceeded(&self) -> Error {
         let state = self.state.borrow();
-        match &state.last_error {
-            Some(error) => format!("{:?}: {error}", state.connectivity),
-            None => format!("{:?}", state.connectivity),
+        Error::DeadlineExceeded {
+            service: self.service.clone(),
+            connectivity: state.connectivity,
+            waiting_on: state.last_error.clone(),
         }
     }
 }
@@ -529,8 +529,10 @@ fn set_origin(
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
-    *request.uri_mut() = Uri::from_parts(parts)
-        .map_err(|e| Status::internal(format!("cannot address {authority}: {e}")))?;
+    *request.uri_mut() = Uri::from_parts(parts).map_err(|e| Error::InvalidUri {
+        authority: authority.to_string(),
+        detail: e.to_string(),
+    })?;
     Ok(())
 }
 

@@ -10,7 +10,9 @@
 //! - [`policy`], [`round_robin`], [`pick_first`]: who gets RPCs;
 //! - [`balancer`]: the task that turns all of the above into a picker;
 //! - [`channel`]: [`BalancedChannel`], the tower service;
-//! - [`backoff`]: gRPC's connection backoff.
+//! - [`backoff`]: gRPC's connection backoff;
+//! - [`error`]: [`Error`], [`ConnectError`] and [`ResolverError`], the causes
+//!   of failures.
 
 pub mod backoff;
 pub mod balancer;
@@ -28,6 +30,7 @@ pub mod transport;
 pub use backoff::BackoffConfig;
 pub use balancer::{BalancerState, BalancerStats};
 pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
+pub use error::{ConnectError, Error, ResolverError};
 pub use policy::{CallOutcome, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker};
 pub use registry_resolver::RegistryResolver;
 pub use resolver::{Endpoint, EndpointState, Resolver, ResolverSink, StaticResolver, Update};

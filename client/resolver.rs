@@ -12,6 +12,8 @@ use std::pin::Pin;
 
 use tokio::sync::mpsc;
 
+use super::error::ResolverError;
+
 pub use crate::discovery::{Endpoint, EndpointState, Update};
 
 /// What a resolver tells the balancer.
@@ -20,7 +22,7 @@ pub enum ResolverEvent {
     /// The endpoint set changed.
     Update(Update),
     /// The source cannot be reached; the last set stays in use.
-    Error(String),
+    Error(ResolverError),
 }
 
 /// Where a resolver publishes; handed to [`Resolver::resolve`].
@@ -47,7 +49,9 @@ impl ResolverSink {
     }
 
     /// Reports that the source cannot be reached; the last set stays in use.
-    pub fn error(&self, error: impl Into<String>) {
+    /// A custom resolver may pass its own text (it becomes
+    /// [`ResolverError::Other`]).
+    pub fn error(&self, error: impl Into<ResolverError>) {
         let _ = self.tx.send(ResolverEvent::Error(error.into()));
     }
 
