@@ -612,6 +612,15 @@ pub struct ResponseBody {
     outcome: Outcome,
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A trailers-only response said its status in the headers and may be
+        // dropped unread; without any status the caller gave up first.
+        self.outcome
+            .report(self.code.unwrap_or(tonic::Code::Cancelled));
+    }
+}
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -623,8 +632,10 @@ impl http_body::Body for ResponseBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // The trailers end the call: tonic may never poll again.
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
                     self.code = Some(code);
+                    self.outcome.report(code);
                 }
             }
             Poll::Ready(None) => {
