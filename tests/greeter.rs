@@ -11,7 +11,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::*;
@@ -134,64 +134,13 @@ where
 }
 
 /// Continuous SayHello load on `channel`, each outcome recorded.
-struct GreetLoad {
-    shots: Arc<Mutex<Vec<Shot>>>,
-    stop: tokio::sync::watch::Sender<bool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl GreetLoad {
-    fn start(channel: switchboard::client::BalancedChannel) -> Self {
-        let shots = Arc::new(Mutex::new(Vec::new()));
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let workers = (0..CONCURRENCY)
-            .map(|_| {
-                let mut client = GreeterClient::new(channel.clone());
-                let shots = shots.clone();
-                let stopped = stopped.clone();
-                tokio::spawn(async move {
-                    let mut pace = tokio::time::interval(PACE);
-                    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    while !*stopped.borrow() {
-                        pace.tick().await;
-                        let sent = Instant::now();
-                        let result = say_hello(&mut client, "load").await;
-                        shots.lock().unwrap().push(Shot {
-                            sent,
-                            done: Instant::now(),
-                            result,
-                        });
-                    }
-                })
-            })
-            .collect();
-        Self {
-            shots,
-            stop,
-            workers,
-        }
-    }
-
-    /// Waits until `n` more RPCs have finished after this call.
-    async fn wait_more(&self, n: usize) {
-        let target = self.shots.lock().unwrap().len() + n;
-        let shots = self.shots.clone();
-        wait_for(&format!("{n} more RPCs"), STARTUP, || {
-            let done = shots.lock().unwrap().len() >= target;
-            async move { done.then_some(()) }
-        })
-        .await
-    }
-
-    /// Stops the workers, lets in-flight RPCs finish, returns every outcome.
-    async fn stop(self) -> Vec<Shot> {
-        let _ = self.stop.send(true);
-        for worker in self.workers {
-            worker.await.expect("load worker");
-        }
-        let shots = self.shots.lock().unwrap().clone();
-        shots
-    }
+fn greet_load(channel: switchboard::client::BalancedChannel) -> Load {
+    Load::start_with(
+        CONCURRENCY,
+        PACE,
+        || GreeterClient::new(channel.clone()),
+        |client| Box::pin(say_hello(client, "load")),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -221,8 +170,8 @@ async fn two_greeters_share_the_load_and_a_sigterm_drain_fails_no_rpc() {
     }
     assert_eq!(answered.into_iter().collect::<Vec<_>>(), both);
 
-    let load = GreetLoad::start(channel.clone());
-    load.wait_more(200).await;
+    let load = greet_load(channel.clone());
+    load.wait_more(200, STARTUP).await;
     leaving_proc.signal(libc::SIGTERM);
     // The registry drops the endpoint first, so the channel moves away while
     // the greeter still serves.
@@ -240,7 +189,7 @@ async fn two_greeters_share_the_load_and_a_sigterm_drain_fails_no_rpc() {
         "{}",
         leaving_proc.dump()
     );
-    load.wait_more(200).await;
+    load.wait_more(200, STARTUP).await;
     let shots = load.stop().await;
 
     let failed = failures(&shots);

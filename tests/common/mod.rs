@@ -339,19 +339,53 @@ pub struct Load {
     workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// One load worker's RPC: its own client, and what one call does with it.
+pub type Call<T> = for<'a> fn(
+    &'a mut T,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<String, tonic::Status>> + Send + 'a>,
+>;
+
 impl Load {
-    /// Starts the workers on `channel`.
+    /// Starts unary echo workers on `channel`.
     pub fn start(
         channel: switchboard::client::BalancedChannel,
         concurrency: usize,
         per_worker_interval: Duration,
         rpc_timeout: Duration,
     ) -> Self {
+        Self::start_with(
+            concurrency,
+            per_worker_interval,
+            || (EchoClient::new(channel.clone()), rpc_timeout),
+            |(client, rpc_timeout)| {
+                Box::pin(async move {
+                    let mut request = tonic::Request::new(EchoRequest {
+                        message: "load".into(),
+                    });
+                    request.set_timeout(*rpc_timeout);
+                    client
+                        .unary_echo(request)
+                        .await
+                        .map(|r| backend_of(&r.into_inner().message))
+                })
+            },
+        )
+    }
+
+    /// Starts `concurrency` workers, each with a client from `client`,
+    /// making `call` one after another (paced to `per_worker_interval`).
+    pub fn start_with<T: Send + 'static>(
+        concurrency: usize,
+        per_worker_interval: Duration,
+        client: impl Fn() -> T,
+        call: Call<T>,
+    ) -> Self {
         let shots = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let workers = (0..concurrency)
             .map(|_| {
-                let mut client = EchoClient::new(channel.clone());
+                let mut client = client();
                 let shots = shots.clone();
                 let stopped = stopped.clone();
                 tokio::spawn(async move {
@@ -359,15 +393,8 @@ impl Load {
                     pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     while !*stopped.borrow() {
                         pace.tick().await;
-                        let mut request = tonic::Request::new(EchoRequest {
-                            message: "load".into(),
-                        });
-                        request.set_timeout(rpc_timeout);
                         let sent = Instant::now();
-                        let result = client
-                            .unary_echo(request)
-                            .await
-                            .map(|r| backend_of(&r.into_inner().message));
+                        let result = call(&mut client).await;
                         shots.lock().unwrap().push(Shot {
                             sent,
                             done: Instant::now(),
