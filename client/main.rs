@@ -42,7 +42,7 @@ struct Args {
     #[arg(long)]
     rate: Option<u32>,
     /// Live mode: stop after this long (e.g. 30s, 500ms); default: Ctrl-C.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = process::parse_duration)]
     duration: Option<Duration>,
     /// Classic mode: calls per policy.
     #[arg(long, default_value_t = 10)]
@@ -51,24 +51,24 @@ struct Args {
     #[arg(long, default_value = "this is examples/load_balancing")]
     message: String,
     /// Deadline of each RPC.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = process::parse_duration)]
     timeout: Duration,
     /// Exit with an error if no backend is reachable at startup, instead of
     /// waiting and retrying.
     #[arg(long)]
     fail_fast: bool,
     /// First reconnect delay to a failed backend (gRPC's default is 1s).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = process::parse_duration)]
     backoff_initial: Duration,
     /// Longest reconnect delay to a failed backend.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, default_value = "120s", value_parser = process::parse_duration)]
     backoff_max: Duration,
     /// HTTP/2 keepalive: with RPCs in flight, ping a backend after this much
     /// silence (idle connections are never pinged).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = process::parse_duration)]
     keepalive_interval: Duration,
     /// HTTP/2 keepalive: drop a backend whose ping goes unanswered this long.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = process::parse_duration)]
     keepalive_timeout: Duration,
     /// File whose first line is the registry's read token, when it demands
     /// one.
@@ -89,25 +89,6 @@ struct Args {
     /// instead of the host dialled; needs --ca.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
-}
-
-/// Parses `1500ms`, `2s`, `1m` or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: use e.g. 500ms, 2s or 1m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("invalid duration unit in {text:?}: use ms, s or m")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
 #[tokio::main]

@@ -36,7 +36,7 @@ pub mod lease_keeper;
 pub mod server;
 pub mod service;
 
-pub use config::{registry_backoff, ServerConfig};
+pub use config::{registry_backoff, Faults, ServerConfig};
 pub use error::EchoError;
 pub use lease_keeper::LeaseState;
 pub use server::{bind, EchoServerHandle, ShutdownReport};

@@ -118,7 +118,9 @@ impl EchoServerHandle {
             .add_service(health_service)
             .add_service(reflection_v1())
             .add_service(reflection_v1alpha())
-            .add_service(EchoServer::new(EchoService::new(address.as_str())));
+            .add_service(EchoServer::new(
+                EchoService::new(address.as_str()).with_faults(config.faults),
+            ));
         let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             // A dropped sender (the handle is gone) stops accepting too.
             let _ = stop_rx.await;
@@ -185,6 +187,20 @@ impl EchoServerHandle {
             Some(keeper) => keeper.state(),
             None => self.no_registry.clone(),
         }
+    }
+
+    /// Sets what `grpc.health.v1` answers for the server (`""`) and the Echo
+    /// service, for failure drills; the process stays up and keeps serving
+    /// RPCs. A drain sets NOT_SERVING by itself.
+    pub async fn set_serving(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
+        let echo = <EchoServer<EchoService> as NamedService>::NAME;
+        self.health.set_service_status(echo, status).await;
     }
 
     /// Drains the server (see the module docs for the order) and stops it.
