@@ -24,8 +24,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Where endpoints come from: registry://<host:port>/<service> or
-    /// static:///<host:port>,<host:port>. Defaults to --registry/--service.
+    /// Where endpoints come from: registry://<host:port>/<service>,
+    /// static:///<host:port>,<host:port> or dns:///<host:port>. Defaults to
+    /// --registry/--service.
     #[arg(long)]
     target: Option<String>,
     /// The registry to watch when --target is not given.
@@ -53,6 +54,15 @@ struct Args {
     /// Deadline of each RPC.
     #[arg(long, default_value = "1s", value_parser = process::parse_duration)]
     timeout: Duration,
+    /// Client-side health checking: watch grpc.health.v1 on every backend
+    /// and send no RPC to one that is not SERVING. The value is the service
+    /// to ask about; without one, the server as a whole ("").
+    #[arg(long, value_name = "SERVICE", num_args = 0..=1, default_missing_value = "")]
+    health_check: Option<String>,
+    /// How often a dns:/// target is resolved again (it is also resolved
+    /// again when a connection fails).
+    #[arg(long, value_name = "DURATION", value_parser = process::parse_duration)]
+    dns_refresh: Option<Duration>,
     /// Exit with an error if no backend is reachable at startup, instead of
     /// waiting and retrying.
     #[arg(long)]
@@ -166,6 +176,12 @@ async fn connect(
     }
     if let Some(tls) = tls {
         builder = builder.tls(tls.clone()).registry_tls(tls.clone());
+    }
+    if let Some(service) = &args.health_check {
+        builder = builder.health_check(service.clone());
+    }
+    if let Some(refresh) = args.dns_refresh {
+        builder = builder.dns_refresh(refresh);
     }
     let channel = builder
         .policy(policy)
