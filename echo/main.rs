@@ -72,7 +72,12 @@ struct Args {
     registry_key: Option<PathBuf>,
     /// Fault injection: the fraction of Echo calls (0 to 1) answered with
     /// --fail-code instead of a reply.
-    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    #[arg(
+        long,
+        value_name = "F",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     fail_rate: f64,
     /// Fault injection: the status of injected failures, by gRPC name
     /// (UNAVAILABLE, INTERNAL, ...) or number.
