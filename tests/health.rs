@@ -317,3 +317,39 @@ async fn dns_re_resolves_periodically_and_when_a_connection_fails() {
     let served: BTreeSet<String> = served_by(&mut client, 4).await;
     assert_eq!(served, BTreeSet::from([b]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cli_health_checks_a_dns_target() {
+    let (address, _echo) = lone_echo("health.test.cli", &[]).await;
+    let port = address.rsplit_once(':').unwrap().1;
+    let target = format!("dns:///localhost:{port}");
+    let mut client = Proc::spawn(
+        &bin("client"),
+        &[
+            "--target",
+            &target,
+            "--policy",
+            "round_robin",
+            "--health-check",
+            "--count",
+            "3",
+        ],
+    );
+    assert_eq!(
+        client.wait_exit(STARTUP).await,
+        Some(0),
+        "{}",
+        client.dump()
+    );
+    let replies = client
+        .output
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|line| line.ends_with(&format!("(from {address})")))
+        .count();
+    assert_eq!(replies, 3, "{}", client.dump());
+
+    let bad = ["--target".to_owned(), "dns://8.8.8.8/x:1".to_owned()];
+    refused_at_startup("client", &bad, "dns:///<host:port>").await;
+}
