@@ -353,3 +353,22 @@ async fn client_cli_health_checks_a_dns_target() {
     let bad = ["--target".to_owned(), "dns://8.8.8.8/x:1".to_owned()];
     refused_at_startup("client", &bad, "dns:///<host:port>").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pick_first_moves_off_a_not_serving_backend() {
+    let (a, echo_a) = lone_echo("health.test.pf", &[]).await;
+    let (b, _echo_b) = lone_echo("health.test.pf", &[]).await;
+    let channel = BalancedChannel::builder(&format!("static:///{a},{b}"))
+        .unwrap()
+        .policy(PolicyKind::PickFirst)
+        .backoff(BackoffConfig::fast())
+        .health_check("")
+        .build();
+    wait_ready_set(&channel, std::slice::from_ref(&a), STARTUP).await;
+    echo_a.signal(libc::SIGUSR1);
+    echo_a.wait_line("echo health NOT_SERVING", STARTUP).await;
+    wait_ready_set(&channel, std::slice::from_ref(&b), STARTUP).await;
+    let mut client = EchoClient::new(channel);
+    let served = served_by(&mut client, 3).await;
+    assert_eq!(served, BTreeSet::from([b]));
+}
