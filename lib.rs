@@ -2,23 +2,31 @@
 //!
 //! - [`discovery`]: endpoints and updates, the vocabulary all of them speak;
 //! - [`registry`]: the control plane backends register with and clients watch.
-//! - [`echo`]: the `grpc.examples.echo.Echo` backend that registers itself.
+//! - [`registration`]: keeping any tonic server registered, and draining
+//!   it on shutdown.
+//! - [`echo`]: the `grpc.examples.echo.Echo` backend, one user of
+//!   [`registration`].
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
 //! - [`tls`]: TLS and mutual TLS settings shared by all of the above.
 //! - [`authority_repair`]: lets clients with a multi-address target (grpcio)
 //!   past h2's `:authority` check, for every switchboard server.
 
+#[cfg(any(feature = "registry", feature = "registration"))]
 pub mod authority_repair;
 pub mod client;
 pub mod discovery;
+#[cfg(feature = "echo")]
 pub mod echo;
 #[path = "proto/mod.rs"]
 pub mod proto;
+#[cfg(feature = "registration")]
+pub mod registration;
 pub mod registry;
 pub mod tls;
 
 /// What every switchboard binary does at its edges: logging, signals and
 /// one-line fatal errors.
+#[cfg(feature = "cli")]
 pub mod process {
     /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
     pub fn init_tracing() {

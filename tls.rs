@@ -445,18 +445,19 @@ pub fn scheme(tls: bool) -> Scheme {
 
 /// The `--tls-cert`, `--tls-key` and `--tls-client-ca` flags of every
 /// server binary.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct ServerTlsFlags {
     /// PEM certificate chain to serve TLS with (the server's certificate
     /// first); needs --tls-key. Without it the server speaks plaintext.
-    #[arg(long, value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "PATH"))]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "PATH"))]
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificate that clients' certificates must be signed by
     /// (mutual TLS: clients without one are refused); needs --tls-cert.
-    #[arg(long, value_name = "PATH")]
+    #[cfg_attr(feature = "cli", arg(long, value_name = "PATH"))]
     pub tls_client_ca: Option<PathBuf>,
 }
 

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchboard::client::{BalancedChannel, PolicyKind};
+use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::watch_response::Event;
-use switchboard::proto::registry::{EndpointState, WatchRequest};
+use switchboard::proto::registry::WatchRequest;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -144,20 +144,20 @@ async fn watch_registry(
     let task = tokio::spawn({
         let saw = saw.clone();
         async move {
+            let mut set = EndpointSet::new();
             while let Ok(Some(message)) = stream.message().await {
-                let Some(Event::Delta(delta)) = message.event else {
+                let Ok(versioned) = Versioned::try_from(message) else {
                     continue;
                 };
                 let now = Instant::now();
+                let applied = set.apply(versioned.update);
                 let mut saw = saw.lock().unwrap();
-                if delta
-                    .updated
-                    .iter()
-                    .any(|e| e.address == victim && e.state == EndpointState::Draining as i32)
+                if applied.updated.contains(&victim)
+                    && set.get(&victim).is_some_and(|e| e.is_draining())
                 {
                     saw.draining.get_or_insert(now);
                 }
-                if delta.removed.contains(&victim) {
+                if applied.removed.contains(&victim) {
                     saw.removed.get_or_insert(now);
                 }
             }

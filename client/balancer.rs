@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::error::{Error, ResolverError};
 use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, Subchannels};
 use super::resolver::{Endpoint, ResolveNow, ResolverEvent};
 use super::subchannel::{ConnectConfig, ConnectivityState, ReadyConnection, SubchannelEvent};
@@ -31,10 +32,12 @@ pub struct BalancerState {
     pub endpoints: Arc<Vec<Endpoint>>,
     /// The addresses RPCs are being sent to.
     pub ready: Vec<Arc<str>>,
-    /// Why RPCs would fail now, if they would.
-    pub last_error: Option<String>,
+    /// Why RPCs would fail now, if they would: the error a fail-fast RPC
+    /// gets (its `Display` is the status message).
+    pub last_error: Option<Arc<Error>>,
     /// Why the resolver cannot reach its source (e.g. the registry is
-    /// down), while the last known endpoints stay in use.
+    /// down), while the last known endpoints stay in use; the text of a
+    /// [`ResolverError`].
     pub resolver_error: Option<String>,
 }
 
@@ -65,7 +68,7 @@ pub struct Published {
     /// The aggregate state when it was published.
     pub connectivity: ConnectivityState,
     /// Why no connection is ready, for the UNAVAILABLE status.
-    pub error: Option<String>,
+    pub error: Option<Arc<Error>>,
 }
 
 impl Published {
@@ -132,7 +135,7 @@ struct Balancer {
     endpoint_list: Arc<Vec<Endpoint>>,
     /// Whether no endpoint serves (none at all, or all draining).
     all_draining: bool,
-    resolver_error: Option<String>,
+    resolver_error: Option<ResolverError>,
     /// The policy's last picker.
     current: Option<PolicyPicker>,
     timer: Option<Instant>,
@@ -291,7 +294,7 @@ impl Balancer {
             endpoints: self.endpoint_list.clone(),
             ready: ready.iter().map(|c| c.address.clone()).collect(),
             last_error: error,
-            resolver_error: self.resolver_error.clone(),
+            resolver_error: self.resolver_error.as_ref().map(ToString::to_string),
         };
         outputs.state.send_if_modified(|current| {
             let changed = *current != state;
@@ -308,29 +311,30 @@ impl Balancer {
     }
 
     /// The channel's state and, when RPCs would fail, why.
-    fn aggregate(&self, any_ready: bool) -> (ConnectivityState, Option<String>) {
-        let service = &self.service;
+    fn aggregate(&self, any_ready: bool) -> (ConnectivityState, Option<Arc<Error>>) {
+        let service = self.service.clone();
         if any_ready {
             return (ConnectivityState::Ready, None);
         }
         if !self.endpoints.is_known() {
             return match &self.resolver_error {
-                Some(error) => (ConnectivityState::TransientFailure, Some(error.clone())),
+                Some(error) => (
+                    ConnectivityState::TransientFailure,
+                    Some(Arc::new(Error::Resolver(error.clone()))),
+                ),
                 None => (ConnectivityState::Connecting, None),
             };
         }
         if self.all_draining {
-            let mut error = format!("no endpoints available for service {service}");
-            if !self.endpoints.is_empty() {
-                error.push_str(" (all draining)");
-            }
-            if let Some(resolver_error) = &self.resolver_error {
-                error.push_str(&format!("; resolver: {resolver_error}"));
-            }
-            return (ConnectivityState::TransientFailure, Some(error));
+            let error = Error::NoEndpoints {
+                service,
+                all_draining: !self.endpoints.is_empty(),
+                resolver: self.resolver_error.clone(),
+            };
+            return (ConnectivityState::TransientFailure, Some(Arc::new(error)));
         }
-        let (connectivity, last_error) = match &self.current {
-            Some(current) => (current.connectivity, current.last_error.as_deref()),
+        let (connectivity, last) = match &self.current {
+            Some(current) => (current.connectivity, current.last_error.clone()),
             None => (ConnectivityState::Connecting, None),
         };
         let connectivity = match connectivity {
@@ -338,10 +342,7 @@ impl Balancer {
             ConnectivityState::Ready | ConnectivityState::Idle => ConnectivityState::Connecting,
             other => other,
         };
-        let error = match last_error {
-            Some(last) => format!("no ready endpoint for service {service}; last error: {last}"),
-            None => format!("no ready endpoint for service {service}"),
-        };
-        (connectivity, Some(error))
+        let error = Error::NoReadyEndpoint { service, last };
+        (connectivity, Some(Arc::new(error)))
     }
 }

@@ -20,7 +20,7 @@ use tonic::Status;
 use super::backoff::BackoffConfig;
 use super::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
 use super::dns_resolver::DnsResolver;
-use super::error::source_chain;
+use super::error::{source_chain, Error};
 use super::health::HealthCheck;
 use super::pick_first::PickFirst;
 use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
@@ -441,13 +441,7 @@ impl Shared {
         match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, attempt)
                 .await
-                .unwrap_or_else(|_| {
-                    Err(Status::deadline_exceeded(format!(
-                        "deadline exceeded ({}; service {})",
-                        self.describe_wait(),
-                        self.service
-                    )))
-                }),
+                .unwrap_or_else(|_| Err(self.deadline_exceeded().into())),
             None => attempt.await,
         }
     }
@@ -472,9 +466,13 @@ impl Shared {
                     if published.connectivity == ConnectivityState::TransientFailure
                         && !wait_for_ready
                     {
-                        return Err(Status::unavailable(published.error.clone().unwrap_or_else(
-                            || format!("no ready endpoint for service {}", self.service),
-                        )));
+                        let error = published.error.clone().unwrap_or_else(|| {
+                            Arc::new(Error::NoReadyEndpoint {
+                                service: self.service.clone(),
+                                last: None,
+                            })
+                        });
+                        return Err(error.into_status());
                     }
                     // Subscribe, then look again, so a picker published in
                     // between is not missed.
@@ -491,7 +489,7 @@ impl Shared {
                     }
                     drop(published);
                     if waiter.changed().await.is_err() {
-                        return Err(Status::unavailable("the balancer stopped"));
+                        return Err(Error::BalancerStopped.into());
                     }
                     continue;
                 }
@@ -526,22 +524,24 @@ impl Shared {
                     }
                     None => {
                         outcome.finish(tonic::Code::Unavailable);
-                        return Err(Status::unavailable(format!(
-                            "RPC to {} failed: {}",
-                            connection.address,
-                            source_chain(error.error())
-                        )));
+                        return Err(Error::RpcFailed {
+                            address: connection.address.clone(),
+                            detail: source_chain(error.error()),
+                        }
+                        .into());
                     }
                 },
             }
         }
     }
 
-    fn describe_wait(&self) -> String {
+    /// What an RPC whose deadline passed gets: the state it was waiting in.
+    fn deadline_exceeded(&self) -> Error {
         let state = self.state.borrow();
-        match &state.last_error {
-            Some(error) => format!("{:?}: {error}", state.connectivity),
-            None => format!("{:?}", state.connectivity),
+        Error::DeadlineExceeded {
+            service: self.service.clone(),
+            connectivity: state.connectivity,
+            waiting_on: state.last_error.clone(),
         }
     }
 }
@@ -559,8 +559,10 @@ fn set_origin(
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
-    *request.uri_mut() = Uri::from_parts(parts)
-        .map_err(|e| Status::internal(format!("cannot address {authority}: {e}")))?;
+    *request.uri_mut() = Uri::from_parts(parts).map_err(|e| Error::InvalidUri {
+        authority: authority.to_string(),
+        detail: e.to_string(),
+    })?;
     Ok(())
 }
 
@@ -640,6 +642,15 @@ pub struct ResponseBody {
     outcome: Outcome,
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // A trailers-only response said its status in the headers and may be
+        // dropped unread; without any status the caller gave up first.
+        self.outcome
+            .report(self.code.unwrap_or(tonic::Code::Cancelled));
+    }
+}
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -651,8 +662,10 @@ impl http_body::Body for ResponseBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // The trailers end the call: tonic may never poll again.
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
                     self.code = Some(code);
+                    self.outcome.report(code);
                 }
             }
             Poll::Ready(None) => {

@@ -13,10 +13,10 @@ use std::time::Duration;
 use clap::Parser;
 use futures_util::StreamExt;
 use switchboard::client::PolicyKind;
+use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::process;
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::watch_response::Event;
-use switchboard::proto::registry::{EndpointState, WatchRequest};
+use switchboard::proto::registry::WatchRequest;
 use switchboard::registry::DEFAULT_SERVICE;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -589,25 +589,27 @@ impl<'a> Scenario<'a> {
             .into_inner();
         let observations = self.observations.clone();
         self.watcher = Some(tokio::spawn(async move {
+            // The library's own applier turns each message into what changed.
+            let mut set = EndpointSet::new();
             while let Some(Ok(message)) = stream.next().await {
-                let changes = match message.event {
-                    Some(Event::Reset(snapshot)) => vec![RegistryChange::Snapshot(
-                        snapshot.endpoints.into_iter().map(|e| e.address).collect(),
-                    )],
-                    Some(Event::Delta(delta)) => delta
-                        .added
-                        .into_iter()
-                        .map(|e| RegistryChange::Added(e.address))
-                        .chain(delta.updated.into_iter().map(|e| {
-                            if e.state == EndpointState::Draining as i32 {
-                                RegistryChange::Draining(e.address)
-                            } else {
-                                RegistryChange::Added(e.address)
-                            }
-                        }))
-                        .chain(delta.removed.into_iter().map(RegistryChange::Removed))
-                        .collect(),
-                    None => Vec::new(),
+                let Ok(versioned) = Versioned::try_from(message) else {
+                    continue;
+                };
+                let first = !set.is_known();
+                let applied = set.apply(versioned.update);
+                let changes: Vec<RegistryChange> = if first {
+                    vec![RegistryChange::Snapshot(
+                        set.addresses().map(str::to_owned).collect(),
+                    )]
+                } else {
+                    let joined = applied.added.into_iter().chain(applied.updated);
+                    joined
+                        .map(|address| match set.get(&address) {
+                            Some(e) if e.is_draining() => RegistryChange::Draining(address),
+                            _ => RegistryChange::Added(address),
+                        })
+                        .chain(applied.removed.into_iter().map(RegistryChange::Removed))
+                        .collect()
                 };
                 for change in changes {
                     let _ = observations.send(Observation::Registry(change));

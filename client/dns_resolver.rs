@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::error::ResolverError;
 use super::resolver::{BoxFuture, Endpoint, Resolver, ResolverSink};
 
 /// A name service: turns `host:port` into socket addresses. The default is
@@ -104,7 +105,9 @@ impl DnsResolver {
                     }
                 }
                 if endpoints.is_empty() {
-                    sink.error(format!("DNS name {} has no addresses", self.name));
+                    sink.error(ResolverError::NoAddresses {
+                        name: self.name.clone(),
+                    });
                 } else {
                     tracing::debug!(name = %self.name, endpoints = endpoints.len(), "resolved");
                     sink.reset(endpoints);
@@ -112,7 +115,10 @@ impl DnsResolver {
             }
             Err(error) => {
                 tracing::warn!(name = %self.name, %error, "DNS lookup failed; keeping the last known endpoints");
-                sink.error(format!("cannot resolve {}: {error}", self.name));
+                sink.error(ResolverError::Lookup {
+                    name: self.name.clone(),
+                    detail: error.to_string(),
+                });
             }
         }
     }

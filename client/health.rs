@@ -24,7 +24,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::backoff::{Backoff, BackoffConfig};
-use super::error::status_chain;
+use super::error::{status_chain, ConnectError};
 use super::subchannel::{ReadyConnection, SubchannelState};
 
 /// Health checking settings of one channel (see the module docs).
@@ -89,7 +89,7 @@ pub(crate) async fn watch(
     let mut backoff = Backoff::new(backoff);
     // Whether the last report was Ready; `None` before the first.
     let mut last_ready: Option<bool> = None;
-    let mut set = |ready: bool, error: Option<String>| {
+    let mut set = |ready: bool, error: Option<ConnectError>| {
         // A TransientFailure with a new reason is reported again, so the
         // channel's last error says why now.
         if last_ready == Some(true) && ready {
@@ -99,7 +99,10 @@ pub(crate) async fn watch(
         match (ready, error) {
             (true, _) => report(SubchannelState::Ready(connection.clone())),
             (false, error) => report(SubchannelState::TransientFailure {
-                error: error.unwrap_or_default(),
+                error: Arc::new(error.unwrap_or_else(|| ConnectError::Unhealthy {
+                    address: address.clone(),
+                    status: "UNKNOWN",
+                })),
             }),
         }
     };
@@ -124,10 +127,10 @@ pub(crate) async fn watch(
                             } else {
                                 set(
                                     false,
-                                    Some(format!(
-                                        "{address} is connected but its health is {}",
-                                        status.as_str_name()
-                                    )),
+                                    Some(ConnectError::Unhealthy {
+                                        address: address.clone(),
+                                        status: status.as_str_name(),
+                                    }),
                                 );
                             }
                         }
@@ -144,10 +147,11 @@ pub(crate) async fn watch(
             set(true, None);
             return std::future::pending().await;
         }
-        let error = format!(
-            "{address} is connected but its health check failed: {}",
-            status_chain(&ended)
-        );
+        let error = ConnectError::HealthCheckFailed {
+            address: address.clone(),
+            code: ended.code(),
+            detail: status_chain(&ended),
+        };
         tracing::debug!(%address, %error, "health Watch ended");
         set(false, Some(error));
         if !heard {

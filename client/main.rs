@@ -197,7 +197,7 @@ async fn connect(
             ConnectivityState::TransientFailure => {
                 let why = current
                     .last_error
-                    .unwrap_or_else(|| "no backend is reachable".into());
+                    .map_or_else(|| "no backend is reachable".into(), |e| e.to_string());
                 if args.fail_fast {
                     process::exit_with(&format!("{why} (target {target})"));
                 }

@@ -12,7 +12,9 @@
 //! - [`policy`], [`round_robin`], [`pick_first`]: who gets RPCs;
 //! - [`balancer`]: the task that turns all of the above into a picker;
 //! - [`channel`]: [`BalancedChannel`], the tower service;
-//! - [`backoff`]: gRPC's connection backoff.
+//! - [`backoff`]: gRPC's connection backoff;
+//! - [`error`]: [`Error`], [`ConnectError`] and [`ResolverError`], the causes
+//!   of failures.
 
 pub mod backoff;
 pub mod balancer;
@@ -33,6 +35,7 @@ pub use backoff::BackoffConfig;
 pub use balancer::{BalancerState, BalancerStats};
 pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
 pub use dns_resolver::DnsResolver;
+pub use error::{ConnectError, Error, ResolverError};
 pub use health::HealthCheck;
 pub use policy::{CallOutcome, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker};
 pub use registry_resolver::RegistryResolver;

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use super::error::ConnectError;
 use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId};
 use super::subchannel::{ConnectivityState, ReadyConnection, SubchannelState};
 use crate::discovery::{Applied, EndpointSet};
@@ -16,7 +17,7 @@ pub struct PickFirst {
     addresses: Vec<Arc<str>>,
     /// Where pick_first stands.
     phase: Phase,
-    last_error: Option<String>,
+    last_error: Option<Arc<ConnectError>>,
     /// Whether the picker is out of date.
     dirty: bool,
 }
@@ -128,7 +129,7 @@ impl Policy for PickFirst {
         let state = subchannel.state().clone();
         let address = subchannel.address().clone();
         if let Some(error) = subchannel.last_error() {
-            self.last_error = Some(error.to_owned());
+            self.last_error = Some(error.clone());
         }
         self.dirty = true;
         match (&self.phase, state) {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::error::ConnectError;
 use super::subchannel::{
     ConnectConfig, ConnectivityState, ReadyConnection, Subchannel, SubchannelEvent,
 };
@@ -60,7 +61,7 @@ pub struct PolicyPicker {
     /// The policy's aggregate state (Ready when anything can be picked).
     pub connectivity: ConnectivityState,
     /// The most recent connection error, for the status of failing RPCs.
-    pub last_error: Option<String>,
+    pub last_error: Option<Arc<ConnectError>>,
 }
 
 /// Chooses a connection for each RPC. Built by the policy, read by RPCs.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use super::backoff::{Backoff, BackoffConfig};
-use super::error::status_chain;
+use super::error::{status_chain, ResolverError};
 use super::resolver::{BoxFuture, Resolver, ResolverSink};
 use super::transport;
 use crate::discovery::Versioned;
@@ -75,7 +75,7 @@ impl RegistryResolver {
 
     /// Runs one watch stream until it ends, publishing every set. Returns
     /// why it ended, and whether it delivered anything (to reset backoff).
-    async fn watch_once(&self, sink: &ResolverSink) -> (String, bool) {
+    async fn watch_once(&self, sink: &ResolverSink) -> (ResolverError, bool) {
         let channel = match transport::channel(
             &self.registry,
             self.tls.as_ref(),
@@ -84,9 +84,12 @@ impl RegistryResolver {
         .await
         {
             Ok(channel) => channel,
-            Err(err) => {
+            Err(detail) => {
                 return (
-                    format!("registry {} unreachable: {err}", self.registry),
+                    ResolverError::Unreachable {
+                        registry: self.registry.clone(),
+                        detail,
+                    },
                     false,
                 )
             }
@@ -100,7 +103,11 @@ impl RegistryResolver {
             Ok(response) => response.into_inner(),
             Err(status) => {
                 return (
-                    format!("watch {} failed: {}", self.service, status_chain(&status)),
+                    ResolverError::WatchFailed {
+                        service: self.service.clone(),
+                        code: status.code(),
+                        detail: status_chain(&status),
+                    },
                     false,
                 )
             }
@@ -112,7 +119,10 @@ impl RegistryResolver {
                 Ok(message) => message,
                 Err(status) => {
                     return (
-                        format!("watch stream broke: {}", status_chain(&status)),
+                        ResolverError::StreamBroke {
+                            code: status.code(),
+                            detail: status_chain(&status),
+                        },
                         delivered,
                     )
                 }
@@ -134,7 +144,7 @@ impl RegistryResolver {
             sink.update(update);
             delivered = true;
         }
-        ("watch stream closed by the registry".into(), delivered)
+        (ResolverError::StreamClosed, delivered)
     }
 }
 
@@ -142,7 +152,7 @@ impl Resolver for RegistryResolver {
     fn resolve(self: Box<Self>, sink: ResolverSink) -> BoxFuture {
         Box::pin(async move {
             let mut backoff = Backoff::new(self.backoff);
-            let mut last_reported: Option<String> = None;
+            let mut last_reported: Option<ResolverError> = None;
             loop {
                 let (why, delivered) = tokio::select! {
                     outcome = self.watch_once(&sink) => outcome,

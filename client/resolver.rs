@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
 
+use super::error::ResolverError;
+
 pub use crate::discovery::{Endpoint, EndpointState, Update};
 
 /// What a resolver tells the balancer.
@@ -21,7 +23,7 @@ pub enum ResolverEvent {
     /// The endpoint set changed.
     Update(Update),
     /// The source cannot be reached; the last set stays in use.
-    Error(String),
+    Error(ResolverError),
 }
 
 /// The balancer's way to ask its resolver for a fresh answer, as grpc-go's
@@ -81,7 +83,9 @@ impl ResolverSink {
     }
 
     /// Reports that the source cannot be reached; the last set stays in use.
-    pub fn error(&self, error: impl Into<String>) {
+    /// A custom resolver may pass its own text (it becomes
+    /// [`ResolverError::Other`]).
+    pub fn error(&self, error: impl Into<ResolverError>) {
         let _ = self.tx.send(ResolverEvent::Error(error.into()));
     }
 

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use super::error::ConnectError;
 use super::policy::{
     Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, StateCounts, SubchannelId,
 };
@@ -27,7 +28,7 @@ pub struct RoundRobin {
     /// The rotation position, shared by every picker so a rebuilt picker
     /// does not restart the rotation.
     cursor: Arc<AtomicUsize>,
-    last_error: Option<String>,
+    last_error: Option<Arc<ConnectError>>,
     /// Whether the picker is out of date.
     dirty: bool,
 }
@@ -116,7 +117,7 @@ impl Policy for RoundRobin {
         };
         let state = subchannel.state();
         if let Some(error) = subchannel.last_error() {
-            self.last_error = Some(error.to_owned());
+            self.last_error = Some(error.clone());
         }
         let previous = self.counts.get(id);
         self.counts.set(id, Some(state.connectivity()));

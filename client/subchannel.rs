@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::backoff::{Backoff, BackoffConfig};
-use super::error::source_chain;
+use super::error::{source_chain, ConnectError};
 use super::health::{self, HealthCheck};
 use super::transport::{self, Stream};
 use crate::tls::{self, ClientTls};
@@ -162,7 +162,7 @@ pub enum SubchannelState {
     /// Not connected; `last_error` says why a previous connection ended.
     Idle {
         /// Why the last connection ended, if it failed.
-        last_error: Option<String>,
+        last_error: Option<Arc<ConnectError>>,
     },
     /// Connecting.
     Connecting,
@@ -171,7 +171,7 @@ pub enum SubchannelState {
     /// The last attempt failed with `error`; retrying after a backoff.
     TransientFailure {
         /// Why the attempt failed.
-        error: String,
+        error: Arc<ConnectError>,
     },
 }
 
@@ -318,10 +318,11 @@ impl Subchannel {
         }
     }
 
-    /// The error behind the current state, if any.
-    pub fn last_error(&self) -> Option<&str> {
+    /// The error behind the current state, if any; its `Display` is the
+    /// one-line message.
+    pub fn last_error(&self) -> Option<&Arc<ConnectError>> {
         match &self.state {
-            SubchannelState::Idle { last_error } => last_error.as_deref(),
+            SubchannelState::Idle { last_error } => last_error.as_ref(),
             SubchannelState::TransientFailure { error } => Some(error),
             _ => None,
         }
@@ -357,7 +358,9 @@ async fn run(
                     ConnectionStats::count(&config.stats.failed);
                     let delay = backoff.next_delay();
                     tracing::debug!(%address, %error, retry_in = ?delay, "connect failed");
-                    emit(SubchannelState::TransientFailure { error });
+                    emit(SubchannelState::TransientFailure {
+                        error: Arc::new(error),
+                    });
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = closed(&mut requests) => return,
@@ -397,7 +400,12 @@ async fn run(
                         tracing::warn!(%address, ?interval, "server sent GOAWAY too_many_pings; keepalive interval doubled");
                     }
                 }
-                let last_error = ended.err().map(|e| format!("connection to {address} lost: {}", source_chain(&e)));
+                let last_error = ended.err().map(|e| {
+                    Arc::new(ConnectError::Lost {
+                        address: address.clone(),
+                        detail: source_chain(&e),
+                    })
+                });
                 tracing::debug!(%address, error = ?last_error, "connection ended");
                 emit(SubchannelState::Idle { last_error });
             }
@@ -449,10 +457,14 @@ type Connected = (
 /// Over TLS the first frame is read inside the encryption, so a server that
 /// finishes a handshake and then refuses the client's certificate never
 /// counts as Ready.
-async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, String> {
-    let authority: http::uri::Authority = address
-        .parse()
-        .map_err(|e| format!("invalid backend address {address:?}: {e}"))?;
+async fn connect(address: &Arc<str>, config: &ConnectConfig) -> Result<Connected, ConnectError> {
+    let authority: http::uri::Authority =
+        address
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| ConnectError::InvalidAddress {
+                address: address.clone(),
+                detail: e.to_string(),
+            })?;
     let timeout = config.backoff.min_connect_timeout;
     let attempt = async {
         let stream = transport::dial(address, config.tls.as_ref()).await?;
@@ -465,19 +477,19 @@ async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, Str
             .keep_alive_while_idle(false)
             .handshake(io)
             .await
-            .map_err(|e| {
-                format!(
-                    "HTTP/2 handshake with {address} failed: {}",
-                    source_chain(&e)
-                )
+            .map_err(|e| ConnectError::Handshake {
+                address: address.clone(),
+                detail: source_chain(&e),
             })?;
         let mut connection = Box::pin(connection);
         let failed = |ended: Result<(), hyper::Error>| match ended {
-            Ok(()) => format!("{address} closed the connection before sending HTTP/2 SETTINGS"),
-            Err(e) => format!(
-                "connection to {address} failed before HTTP/2 SETTINGS: {}",
-                source_chain(&e)
-            ),
+            Ok(()) => ConnectError::ClosedBeforeSettings {
+                address: address.clone(),
+            },
+            Err(e) => ConnectError::FailedBeforeSettings {
+                address: address.clone(),
+                detail: source_chain(&e),
+            },
         };
         tokio::select! {
             // A connection that ends in the same poll that read its first
@@ -486,9 +498,10 @@ async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, Str
             ended = &mut connection => Err(failed(ended)),
             first = &mut heard => match first {
                 Ok(Ok(())) => Ok((authority, sender, connection)),
-                Ok(Err(frame_type)) => Err(format!(
-                    "{address} is not an HTTP/2 server: its first frame has type {frame_type:#04x}, not SETTINGS"
-                )),
+                Ok(Err(frame_type)) => Err(ConnectError::NotHttp2 {
+                    address: address.clone(),
+                    frame_type,
+                }),
                 // The reader went away with the connection.
                 Err(_) => Err(failed((&mut connection).await)),
             },
@@ -496,7 +509,12 @@ async fn connect(address: &str, config: &ConnectConfig) -> Result<Connected, Str
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or_else(|_| Err(format!("connect to {address} timed out after {timeout:?}")))
+        .unwrap_or_else(|_| {
+            Err(ConnectError::Timeout {
+                address: address.clone(),
+                timeout,
+            })
+        })
 }
 
 /// The HTTP/2 frame type of SETTINGS (RFC 9113 §6.5).

@@ -24,7 +24,7 @@ pub enum Target {
 }
 
 /// Why a target string was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("invalid target {target:?}: {reason}; expected registry://<host:port>/<service>, static:///<host:port>,<host:port> or dns:///<host:port>")]
 pub struct TargetError {
     target: String,

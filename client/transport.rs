@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::error::source_chain;
+use super::error::{source_chain, ConnectError};
 use crate::tls::{self, ClientTls};
 
 /// A connection to a backend, plaintext or TLS.
@@ -42,29 +42,40 @@ pub enum Stream {
 }
 
 /// Connects to `address` (`host:port`) and, with `tls`, runs the TLS
-/// handshake. Errors are one line naming the address.
-pub async fn dial(address: &str, tls: Option<&ClientTls>) -> Result<Stream, String> {
+/// handshake. Errors name the address.
+pub async fn dial(address: &str, tls: Option<&ClientTls>) -> Result<Stream, ConnectError> {
     let tcp = TcpStream::connect(address)
         .await
-        .map_err(|e| format!("connect to {address} failed: {e}"))?;
+        .map_err(|e| ConnectError::Dial {
+            address: address.into(),
+            kind: e.kind(),
+            detail: e.to_string(),
+        })?;
     let _ = tcp.set_nodelay(true);
     let Some(tls) = tls else {
         return Ok(Stream::Plain(tcp));
     };
-    let mut stream = Box::new(tls.handshake(address, tcp).await?);
+    let stream = tls
+        .handshake(address, tcp)
+        .await
+        .map_err(|detail| ConnectError::Tls {
+            address: address.into(),
+            detail,
+        })?;
+    let mut stream = Box::new(stream);
     let mut first = vec![0; 4096];
-    let read = stream.read(&mut first).await.map_err(|e| {
-        let hint = if tls.presents_certificate() {
-            "; check that it trusts the CA of the client certificate"
-        } else {
-            "; it may demand a client certificate"
-        };
-        format!("{address} ended the TLS session after the handshake: {e}{hint}")
-    })?;
+    let read = stream
+        .read(&mut first)
+        .await
+        .map_err(|e| ConnectError::TlsRefused {
+            address: address.into(),
+            detail: e.to_string(),
+            presented_certificate: tls.presents_certificate(),
+        })?;
     if read == 0 {
-        return Err(format!(
-            "{address} closed the connection right after the TLS handshake"
-        ));
+        return Err(ConnectError::ClosedAfterTls {
+            address: address.into(),
+        });
     }
     first.truncate(read);
     Ok(Stream::Tls {

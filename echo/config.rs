@@ -1,40 +1,17 @@
 //! What one echo server needs to know: where it is reached, where and how
 //! it registers, and how long its drain may take.
 
-use crate::registry::auth::Token;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::EchoError;
 use crate::client::backoff::BackoffConfig;
-use crate::registry::{validate, DEFAULT_SERVICE};
+use crate::registration::{self, registry_backoff};
+pub use crate::registration::{DEFAULT_DRAIN_GRACE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL};
+use crate::registry::auth::Token;
+use crate::registry::DEFAULT_SERVICE;
 use crate::tls::{ClientTls, ServerTls};
-
-/// Lease TTL asked for when none is given: the registry's own default.
-pub const DEFAULT_TTL: Duration = validate::DEFAULT_TTL;
-/// How long a draining server keeps accepting RPCs after it left the
-/// registry, so that watchers have moved away before it sends GOAWAY.
-pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(1);
-/// How long in-flight RPCs get to finish once the server stops accepting.
-pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Backoff between attempts to reach the registry. Far shorter than gRPC's
-/// connection backoff because an endpoint must be back in the registry
-/// within 2 s of a registry restart: at most 500 ms (±20 %) between
-/// attempts, and a down registry refuses connections at once, so an attempt
-/// costs next to nothing. The jitter keeps a fleet of backends from
-/// reconnecting in lockstep. `min_connect_timeout` bounds one connect
-/// attempt, so a registry host that drops packets is retried soon too.
-pub fn registry_backoff() -> BackoffConfig {
-    BackoffConfig {
-        initial: Duration::from_millis(100),
-        multiplier: 1.6,
-        jitter: 0.2,
-        max: Duration::from_millis(500),
-        min_connect_timeout: Duration::from_secs(1),
-    }
-}
 
 /// The settings of one echo server.
 #[derive(Debug, Clone)]
@@ -171,27 +148,41 @@ impl ServerConfig {
     /// mistake stops the server before it starts rather than being retried
     /// forever.
     pub fn validate(&self) -> Result<(), EchoError> {
-        let invalid = |setting| move |error| EchoError::Invalid { setting, error };
-        if let Some(advertise) = &self.advertise {
-            validate::address(advertise).map_err(invalid("advertise address"))?;
-        }
-        if let Some(registry) = &self.registry {
-            validate::address(registry).map_err(invalid("registry address"))?;
-        }
-        validate::service_name(&self.service).map_err(invalid("service"))?;
-        validate::metadata(&self.metadata).map_err(invalid("metadata"))?;
-        let ttl_ms = u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX);
-        validate::ttl(ttl_ms).map_err(invalid("lease TTL"))?;
-        Ok(())
+        self.builder().validate()
     }
 
     /// The address to register for a server listening on `local`.
     pub fn advertised(&self, local: SocketAddr) -> Result<String, EchoError> {
-        match &self.advertise {
-            Some(advertise) => Ok(advertise.clone()),
-            None if local.ip().is_unspecified() => Err(EchoError::WildcardWithoutAdvertise(local)),
-            None => Ok(local.to_string()),
+        registration::advertised(self.advertise.as_deref(), local)
+    }
+
+    /// A [`registration::Builder`] with these settings and no services yet.
+    pub fn builder(&self) -> registration::Builder {
+        let mut builder = registration::Server::builder()
+            .service_name(self.service.clone())
+            .ttl(self.ttl)
+            .drain_grace(self.drain_grace)
+            .shutdown_timeout(self.shutdown_timeout)
+            .registry_backoff(self.registry_backoff);
+        if let Some(registry) = &self.registry {
+            builder = builder.registry(registry.clone());
         }
+        if let Some(advertise) = &self.advertise {
+            builder = builder.advertise(advertise.clone());
+        }
+        for (key, value) in &self.metadata {
+            builder = builder.metadata(key.clone(), value.clone());
+        }
+        if let Some(token) = &self.registry_token {
+            builder = builder.token(token.clone());
+        }
+        if let Some(tls) = &self.registry_tls {
+            builder = builder.registry_tls(tls.clone());
+        }
+        if let Some(tls) = &self.tls {
+            builder = builder.tls(tls.clone());
+        }
+        builder
     }
 }
 

@@ -6,10 +6,9 @@
 //! - [`service`]: the four Echo RPCs; each reply is
 //!   `"<message> (from <addr>)"`;
 //! - [`config`]: what one server needs to know;
-//! - [`lease_keeper`]: register, heartbeat, register again after an outage,
-//!   and Drain + Deregister on the way out;
-//! - [`kill_switch`]: cutting the connections a drain could not finish;
-//! - [`server`]: one server from a bound listener to a graceful drain.
+//! - [`server`]: one server from a bound listener to a graceful drain, with
+//!   reflection; staying registered and draining are
+//!   [`crate::registration`]'s work, as for any other service.
 //!
 //! To run a backend in-process (a test, a demo):
 //!
@@ -30,17 +29,17 @@
 //! ```
 
 pub mod config;
-pub mod error;
-pub mod kill_switch;
-pub mod lease_keeper;
 pub mod server;
 pub mod service;
 
-pub use config::{registry_backoff, Faults, ServerConfig};
-pub use error::EchoError;
-pub use lease_keeper::LeaseState;
-pub use server::{bind, EchoServerHandle, ShutdownReport};
+pub use crate::registration::{bind, registry_backoff, LeaseState, ShutdownReport};
+pub use config::{Faults, ServerConfig};
+pub use server::EchoServerHandle;
 pub use service::EchoService;
+
+/// Why an echo server could not start: the reasons any registered server
+/// has, see [`crate::registration::RegistrationError`].
+pub type EchoError = crate::registration::RegistrationError;
 
 /// The ports one `echo` process serves when given none, as in the grpc-go
 /// load-balancing example.

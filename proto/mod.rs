@@ -5,6 +5,11 @@ pub mod echo {
     tonic::include_proto!("grpc.examples.echo");
 }
 
+/// `helloworld`: grpc's greeter example, served by `examples/greeter.rs`.
+pub mod helloworld {
+    tonic::include_proto!("helloworld");
+}
+
 /// `switchboard.registry.v1`: the registry API.
 pub mod registry {
     tonic::include_proto!("switchboard.registry.v1");

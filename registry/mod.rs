@@ -5,6 +5,9 @@
 //! an address under a lease and keep it alive over a heartbeat stream;
 //! clients watch a service and receive the full set first, then every change.
 //!
+//! Without the `registry` feature only what clients share with it is
+//! built: [`auth`]'s tokens, [`validate`] and [`RegistryError`].
+//!
 //! - [`auth`]: bearer tokens for writers and readers;
 //! - [`validate`]: what a well-formed request looks like (shared with the CLIs);
 //! - [`limits`]: caps on what one client may hold open or do per second;
@@ -19,20 +22,32 @@
 
 pub mod auth;
 pub mod error;
+#[cfg(feature = "registry")]
 pub mod lease;
+#[cfg(feature = "registry")]
 pub mod limits;
+#[cfg(feature = "registry")]
 pub mod memory;
+#[cfg(feature = "registry")]
 pub mod message_size;
+#[cfg(feature = "registry")]
 pub mod server;
+#[cfg(feature = "registry")]
 pub mod service;
+#[cfg(feature = "registry")]
 pub mod store;
 pub mod validate;
+#[cfg(feature = "registry")]
 pub mod watch;
 
 pub use error::RegistryError;
+#[cfg(feature = "registry")]
 pub use memory::MemoryStore;
+#[cfg(feature = "registry")]
 pub use server::{serve, RegistryConfig};
+#[cfg(feature = "registry")]
 pub use service::Registry;
+#[cfg(feature = "registry")]
 pub use store::Store;
 
 /// The service name used when none is given.

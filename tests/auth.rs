@@ -2,11 +2,15 @@
 //! readers without the right one (UNAUTHENTICATED, nothing changed), and the
 //! echo and client binaries and library present them from token files.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::cases::{self, case, expect_status, Case};
 use common::*;
 use switchboard::client::{BalancedChannel, PolicyKind};
 use switchboard::proto::echo::echo_client::EchoClient;
@@ -41,16 +45,24 @@ async fn protected_registry() -> String {
     serve_registry(config).await
 }
 
-async fn client_with(
-    address: &str,
-    token: Option<&str>,
-) -> RegistryClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>> {
-    let channel = wait_for("registry", STARTUP, || {
+/// A connection to the registry at `address`, once it serves.
+async fn connect(address: &str) -> Channel {
+    wait_for("registry", STARTUP, || {
         let uri = format!("http://{address}");
         async move { Channel::from_shared(uri).unwrap().connect().await.ok() }
     })
-    .await;
-    RegistryClient::with_interceptor(channel, Bearer(token.map(|t| Token::new(t).unwrap())))
+    .await
+}
+
+/// A registry client on `channel` that presents `token`, if any.
+fn client_with(
+    channel: &Channel,
+    token: Option<&str>,
+) -> RegistryClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>> {
+    RegistryClient::with_interceptor(
+        channel.clone(),
+        Bearer(token.map(|t| Token::new(t).unwrap())),
+    )
 }
 
 fn register_request() -> RegisterRequest {
@@ -61,9 +73,9 @@ fn register_request() -> RegisterRequest {
     }
 }
 
-async fn registered(address: &str) -> usize {
-    let mut reader = client_with(address, Some(READ)).await;
-    reader
+/// How many endpoints of [`SERVICE`] the registry on `channel` holds.
+async fn registered(channel: &Channel) -> usize {
+    client_with(channel, Some(READ))
         .resolve(ResolveRequest {
             service: SERVICE.into(),
         })
@@ -74,66 +86,108 @@ async fn registered(address: &str) -> usize {
         .len()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn writes_need_the_write_token_and_refusals_change_nothing() {
-    let address = protected_registry().await;
-    for (token, case) in [
-        (None, "no token"),
-        (Some("guess"), "a wrong token"),
-        (Some(READ), "the read token"),
-    ] {
-        let status = client_with(&address, token)
-            .await
-            .register(register_request())
-            .await
-            .unwrap_err();
-        assert_eq!(status.code(), Code::Unauthenticated, "{case}: {status:?}");
-        assert!(status.message().contains("Register"), "{case}: {status:?}");
-        assert_eq!(registered(&address).await, 0, "{case} changed the registry");
-    }
-    client_with(&address, Some(WRITE))
-        .await
-        .register(register_request())
-        .await
-        .expect("the write token registers");
-    assert_eq!(registered(&address).await, 1);
+/// A call to the protected registry.
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Register,
+    Watch,
+    /// The health check, which must stay open to probes without tokens.
+    Health,
+}
+
+/// What a call must get: served, or UNAUTHENTICATED with a message that
+/// contains this.
+type Outcome = Result<(), &'static str>;
+
+/// Each RPC with each kind of token, in the order they are sent: the one
+/// Register that may succeed comes last, so every refusal before it is seen
+/// to have registered nothing.
+fn token_cases() -> Vec<Case<(Rpc, Option<&'static str>), Outcome>> {
+    vec![
+        case(
+            "Register without a token",
+            (Rpc::Register, None),
+            Err("Register needs the registry's write token"),
+        ),
+        case(
+            "Register with a wrong token",
+            (Rpc::Register, Some("guess")),
+            Err("Register: wrong write token"),
+        ),
+        case(
+            "Register with the read token",
+            (Rpc::Register, Some(READ)),
+            Err("Register: wrong write token"),
+        ),
+        case(
+            "Watch without a token",
+            (Rpc::Watch, None),
+            Err("Watch needs the registry's read token"),
+        ),
+        case(
+            "Watch with a wrong token",
+            (Rpc::Watch, Some("guess")),
+            Err("Watch: wrong read token"),
+        ),
+        case(
+            "Watch with the read token",
+            (Rpc::Watch, Some(READ)),
+            Ok(()),
+        ),
+        case(
+            "Watch with the write token",
+            (Rpc::Watch, Some(WRITE)),
+            Ok(()),
+        ),
+        case("Health without a token", (Rpc::Health, None), Ok(())),
+        case(
+            "Register with the write token",
+            (Rpc::Register, Some(WRITE)),
+            Ok(()),
+        ),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reads_need_the_read_token_and_health_stays_open() {
-    let address = protected_registry().await;
-    let watch = |token| {
-        let address = address.clone();
+async fn each_rpc_needs_its_token_and_refusals_change_nothing() {
+    let channel = connect(&protected_registry().await).await;
+    cases::in_turn(token_cases(), |call| {
+        let channel = channel.clone();
         async move {
-            client_with(&address, token)
-                .await
-                .watch(WatchRequest {
-                    service: SERVICE.into(),
-                })
-                .await
-                .map(|_| ())
+            let (rpc, token) = call.input;
+            let before = registered(&channel).await;
+            let mut client = client_with(&channel, token);
+            let outcome = match rpc {
+                Rpc::Register => client.register(register_request()).await.map(drop),
+                Rpc::Watch => client
+                    .watch(WatchRequest {
+                        service: SERVICE.into(),
+                    })
+                    .await
+                    .map(drop),
+                Rpc::Health => tonic_health::pb::health_client::HealthClient::new(channel.clone())
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await
+                    .map(|reply| {
+                        assert_eq!(reply.into_inner().status, 1, "not SERVING");
+                    }),
+            };
+            let registered_now = registered(&channel).await;
+            match call.expected {
+                Ok(()) => {
+                    outcome.unwrap_or_else(|status| panic!("refused: {status:?}"));
+                    let added = usize::from(matches!(rpc, Rpc::Register));
+                    assert_eq!(registered_now, before + added);
+                }
+                Err(fragment) => {
+                    expect_status(outcome, Code::Unauthenticated, fragment);
+                    assert_eq!(registered_now, before, "the refusal changed the registry");
+                }
+            }
         }
-    };
-    assert_eq!(watch(None).await.unwrap_err().code(), Code::Unauthenticated);
-    assert_eq!(
-        watch(Some("guess")).await.unwrap_err().code(),
-        Code::Unauthenticated
-    );
-    watch(Some(READ)).await.expect("the read token watches");
-    watch(Some(WRITE))
-        .await
-        .expect("the write token also reads");
-
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let reply = tonic_health::pb::health_client::HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .expect("health needs no token");
-    assert_eq!(reply.into_inner().status, 1);
+    })
+    .await;
+    assert_eq!(registered(&channel).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

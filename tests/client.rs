@@ -2,6 +2,9 @@
 //! 127.0.0.1: balancing, failover on real kills, discovery without traffic,
 //! registry outages, fail-fast and wait-for-ready.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -243,7 +246,12 @@ async fn a_hung_backend_with_rpcs_in_flight_leaves_the_ready_set_by_keepalive_be
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_targets_are_refused_with_a_clear_error() {
-    for bad in ["", "dns://8.8.8.8/x:1", "registry://127.0.0.1:50050", "static:///"] {
+    for bad in [
+        "",
+        "dns://8.8.8.8/x:1",
+        "registry://127.0.0.1:50050",
+        "static:///",
+    ] {
         let err = BalancedChannel::builder(bad)
             .err()
             .unwrap_or_else(|| panic!("{bad:?} accepted"));
@@ -611,4 +619,90 @@ async fn a_custom_policy_plugs_in_and_hears_every_call_outcome() {
         ]
     );
     assert!(seen.iter().all(|(_, o)| o.latency > Duration::ZERO));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_fast_status_carries_its_typed_cause() {
+    use std::error::Error as _;
+    use switchboard::client::resolver::BoxFuture;
+    use switchboard::client::{ConnectError, Endpoint, EndpointState, Error, Resolver};
+    use switchboard::client::{ResolverError, ResolverSink};
+
+    /// The cause a status carries, as the client library typed it.
+    fn cause(status: &tonic::Status) -> &Error {
+        status
+            .source()
+            .and_then(|e| e.downcast_ref::<Error>())
+            .unwrap_or_else(|| panic!("no typed cause: {status:?}"))
+    }
+
+    // Nothing listens: the last connection error says the dial was refused.
+    let dead = local(free_port());
+    let channel = channel(&format!("static:///{dead}"), PolicyKind::PickFirst);
+    wait_for("TransientFailure", STARTUP, || {
+        let state = channel.state();
+        async move { (state.connectivity == ConnectivityState::TransientFailure).then_some(()) }
+    })
+    .await;
+    let status = echo_once(&mut EchoClient::new(channel), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    match cause(&status) {
+        Error::NoReadyEndpoint {
+            service,
+            last: Some(last),
+        } => {
+            assert_eq!(service, &dead);
+            assert!(
+                matches!(&**last, ConnectError::Dial { .. }) && last.is_refused(),
+                "{last:?}"
+            );
+            assert_eq!(last.address(), dead);
+        }
+        other => panic!("unexpected cause {other:?}"),
+    }
+    assert_eq!(status.message(), cause(&status).to_string());
+
+    /// Lists one draining endpoint, then loses its source.
+    struct Draining(String);
+    impl Resolver for Draining {
+        fn resolve(self: Box<Self>, sink: ResolverSink) -> BoxFuture {
+            Box::pin(async move {
+                sink.reset(vec![
+                    Endpoint::new(self.0).with_state(EndpointState::Draining)
+                ]);
+                sink.error("source gone");
+                sink.closed().await;
+            })
+        }
+    }
+    let channel =
+        switchboard::client::Builder::with_resolver("drained", Box::new(Draining(local(1))))
+            .build();
+    wait_for("TransientFailure", STARTUP, || {
+        let state = channel.state();
+        async move {
+            (state.connectivity == ConnectivityState::TransientFailure
+                && state.resolver_error.is_some())
+            .then_some(())
+        }
+    })
+    .await;
+    let status = echo_once(&mut EchoClient::new(channel), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        cause(&status),
+        &Error::NoEndpoints {
+            service: "drained".into(),
+            all_draining: true,
+            resolver: Some(ResolverError::Other("source gone".into())),
+        }
+    );
+    assert_eq!(
+        status.message(),
+        "no endpoints available for service drained (all draining); resolver: source gone"
+    );
 }

@@ -1,23 +1,25 @@
 //! The echo backend against a real registry on 127.0.0.1: the `echo`
 //! binary as a real process (registration, every RPC shape, health and
 //! reflection, a SIGTERM drain during a long stream, registry restarts and
-//! outages, bad ports and bad flags), and the in-process
-//! [`EchoServerHandle`] that other tests start backends with.
+//! outages, a busy port), and the in-process [`EchoServerHandle`] that
+//! other tests start backends with. Bad flags are in `tests/cli.rs`.
+
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures_util::StreamExt;
+use switchboard::discovery::{EndpointSet, EndpointState, Versioned};
 use switchboard::echo::{EchoServerHandle, LeaseState, ServerConfig};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::{EchoRequest, EchoResponse};
-use switchboard::proto::registry::watch_response::Event;
-use switchboard::proto::registry::{Endpoint, EndpointState, RegisterRequest, WatchResponse};
+use switchboard::proto::registry::{RegisterRequest, WatchResponse};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
@@ -33,38 +35,22 @@ const GENEROUS: Duration = Duration::from_secs(20);
 // Harness
 // ---------------------------------------------------------------------------
 
-/// The endpoint set of a service as one watcher sees it.
+/// The endpoint set of a service as one watcher sees it, built by the
+/// library's own `EndpointSet::apply`.
 #[derive(Default)]
 struct WatchedSet {
-    endpoints: BTreeMap<String, Endpoint>,
+    endpoints: EndpointSet,
 }
 
 impl WatchedSet {
     fn apply(&mut self, update: &WatchResponse) {
-        match update.event.as_ref().expect("event") {
-            Event::Reset(snapshot) => {
-                self.endpoints = snapshot
-                    .endpoints
-                    .iter()
-                    .map(|e| (e.address.clone(), e.clone()))
-                    .collect();
-            }
-            Event::Delta(delta) => {
-                for endpoint in delta.added.iter().chain(&delta.updated) {
-                    self.endpoints
-                        .insert(endpoint.address.clone(), endpoint.clone());
-                }
-                for address in &delta.removed {
-                    self.endpoints.remove(address);
-                }
-            }
-        }
+        let versioned = Versioned::try_from(update.clone()).expect("event");
+        let changes = self.endpoints.apply(versioned.update);
+        assert!(changes.anomalies.is_empty(), "{:?}", changes.anomalies);
     }
 
     fn state(&self, address: &str) -> Option<EndpointState> {
-        self.endpoints
-            .get(address)
-            .map(|e| EndpointState::try_from(e.state).expect("known state"))
+        self.endpoints.get(address).map(|e| e.state)
     }
 
     /// Whether exactly `addresses` are listed, all serving.
@@ -91,7 +77,7 @@ async fn watch_until(
             Ok(other) => panic!("watch ended while waiting for {what}: {other:?}"),
             Err(_) => panic!(
                 "timed out after {timeout:?} waiting for {what}; set: {:?}",
-                set.endpoints.keys().collect::<Vec<_>>()
+                set.endpoints.addresses().collect::<Vec<_>>()
             ),
         }
     }
@@ -208,7 +194,7 @@ async fn two_servers_appear_in_a_registry_watch_with_their_addresses() {
     )
     .await;
     for address in &addresses {
-        let metadata = &set.endpoints[address].metadata;
+        let metadata = &set.endpoints.get(address).expect("listed").metadata;
         assert_eq!(metadata.get("zone").map(String::as_str), Some("a"));
         assert_eq!(metadata.get("version").map(String::as_str), Some("1"));
     }
@@ -397,7 +383,7 @@ async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream(
     // The endpoint turns DRAINING, then leaves the set...
     let mut saw_draining = false;
     let deadline = Instant::now() + GENEROUS;
-    while set.endpoints.contains_key(&address) {
+    while set.endpoints.contains(&address) {
         let update = tokio::time::timeout_at(deadline, watch.message())
             .await
             .expect("deregistration within the deadline")
@@ -454,7 +440,10 @@ async fn after_a_registry_restart_the_endpoints_are_back_within_2s_without_resta
         ],
         // The retries are debug events: counting them shows when the
         // backoff has grown to its cap.
-        &[("RUST_LOG", "info,switchboard::echo=debug")],
+        &[(
+            "RUST_LOG",
+            "info,switchboard::echo=debug,switchboard::registration=debug",
+        )],
     );
     for address in &addresses {
         echo.wait_line(&format!("echo serving on {address}"), GENEROUS)
@@ -584,48 +573,18 @@ async fn a_busy_port_fails_in_one_line_naming_it_and_registers_nothing() {
     let mut set = WatchedSet::default();
     let mut ever_listed = Vec::new();
     let deadline = Instant::now() + GENEROUS;
-    while !set.endpoints.contains_key(&sentinel) {
+    while !set.endpoints.contains(&sentinel) {
         let update = tokio::time::timeout_at(deadline, watch.message())
             .await
             .expect("the sentinel within the deadline")
             .unwrap()
             .expect("watch open");
         set.apply(&update);
-        ever_listed.extend(set.endpoints.keys().cloned());
+        ever_listed.extend(set.endpoints.addresses().map(str::to_owned));
     }
     ever_listed.retain(|a| *a != sentinel);
     assert!(ever_listed.is_empty(), "registered: {ever_listed:?}");
     drop(busy);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_flags_fail_in_one_line_before_anything_starts() {
-    let listen = local(free_port());
-    let (a, b) = (free_port().to_string(), free_port().to_string());
-    let cases: Vec<Vec<&str>> = vec![
-        vec!["--listen", "nonsense"],
-        vec!["--listen", "127.0.0.1:99999"],
-        vec!["--listen", &listen, "--advertise", "bad host:1"],
-        vec!["--listen", &listen, "--advertise", "h:0"],
-        vec![&a, &b, "--advertise", "h:1"],
-        vec!["--listen", &listen, "--meta", "novalue"],
-        vec!["--listen", &listen, "--meta", "=v"],
-        vec!["--listen", &listen, "--ttl-ms", "10"],
-        vec!["--listen", &listen, "--ttl-ms", "abc"],
-        vec!["--listen", &listen, "--service", "not a service"],
-        vec!["--listen", &listen, "--registry", "127.0.0.1"],
-        vec!["--listen", &listen, "--bogus"],
-        vec![&a, "--listen", &listen],
-    ];
-    for args in cases {
-        let mut echo = Proc::spawn(&bin("echo"), &args);
-        let code = echo.wait_exit(GENEROUS).await;
-        let error = echo.wait_line("error:", GENEROUS).await;
-        assert_eq!(code, Some(1), "{args:?}: {}", echo.dump());
-        assert_eq!(lines(&echo), vec![error.clone()], "{args:?}: not one line");
-        assert!(!echo.has_line("serving"), "{args:?} started serving");
-        eprintln!("{args:?} -> {error}");
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 //! with real registry and echo processes and real signals. Each test
 //! asserts how many RPCs failed.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::BTreeSet;

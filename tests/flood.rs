@@ -6,16 +6,19 @@
 //! the flood's streams must be given back when it leaves, and nothing may
 //! panic.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 use futures_util::{stream, StreamExt};
+use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::watch_response::Event;
 use switchboard::proto::registry::{
     DeregisterRequest, RegisterRequest, ResolveRequest, WatchRequest, WatchResponse,
 };
@@ -103,7 +106,8 @@ async fn bounded<T>(
 /// and went, and any protocol violation.
 #[derive(Default)]
 struct Legit {
-    present: BTreeSet<String>,
+    /// The set as the library's own `EndpointSet::apply` builds it.
+    set: EndpointSet,
     /// (arrival, address, present afterwards) for every change of a
     /// legitimate address.
     flips: Vec<(Instant, String, bool)>,
@@ -123,35 +127,20 @@ impl Legit {
             ));
         }
         self.version = Some(message.version);
-        let mut now = self.present.clone();
-        match message.event {
-            Some(Event::Reset(snapshot)) => {
-                now = snapshot
-                    .endpoints
-                    .into_iter()
-                    .map(|e| e.address)
-                    .filter(|a| a.starts_with(LEGIT_PREFIX))
-                    .collect();
-            }
-            Some(Event::Delta(delta)) => {
-                for e in delta.added {
-                    if e.address.starts_with(LEGIT_PREFIX) {
-                        now.insert(e.address);
-                    }
-                }
-                for address in delta.removed {
-                    now.remove(&address);
-                }
-            }
-            None => self.violations.push("a message without an event".into()),
-        }
-        for gone in self.present.difference(&now) {
+        let Ok(versioned) = Versioned::try_from(message) else {
+            self.violations.push("a message without an event".into());
+            return;
+        };
+        let changes = self.set.apply(versioned.update);
+        self.violations
+            .extend(changes.anomalies.iter().map(ToString::to_string));
+        let legit = |address: &&String| address.starts_with(LEGIT_PREFIX);
+        for gone in changes.removed.iter().filter(legit) {
             self.flips.push((at, gone.clone(), false));
         }
-        for came in now.difference(&self.present) {
+        for came in changes.added.iter().filter(legit) {
             self.flips.push((at, came.clone(), true));
         }
-        self.present = now;
     }
 }
 

@@ -117,8 +117,8 @@ async fn not_serving_from_the_start_and_unknown_services_are_never_picked() {
         STARTUP,
         state.wait_for(|s| {
             s.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("NOT_SERVING"))
+                .as_ref()
+                .is_some_and(|e| e.to_string().contains("NOT_SERVING"))
         }),
     )
     .await
@@ -146,8 +146,8 @@ async fn not_serving_from_the_start_and_unknown_services_are_never_picked() {
         STARTUP,
         state.wait_for(|s| {
             s.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("health check failed"))
+                .as_ref()
+                .is_some_and(|e| e.to_string().contains("health check failed"))
         }),
     )
     .await

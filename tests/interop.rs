@@ -11,6 +11,9 @@
 //! When grpcio is missing the tests install it (pinned) under the target
 //! directory, so nothing outside the checkout changes.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::BTreeSet;

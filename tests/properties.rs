@@ -13,6 +13,9 @@
 //! are also checked against every generated service name, so a generator bug
 //! cannot hide a registry bug.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::cell::RefCell;

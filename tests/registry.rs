@@ -7,13 +7,16 @@
 //! choose its limits; the restart test runs the real binary. Nothing is
 //! mocked: every call crosses a real HTTP/2 connection.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::cases::{self, case, expect_status, Case};
 use common::*;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::watch_response::Event;
@@ -1450,382 +1453,243 @@ async fn observe(client: &mut RegistryClient<Channel>) -> Observed {
     }
 }
 
-/// Serves a registry with `config` holding `prefill` endpoints of
-/// [`SERVICE`], runs `call`, and asserts it fails with `code`, with a message
-/// containing `names`, and leaves Resolve and ListServices unchanged.
-async fn assert_refused<F, Fut, T>(
-    case: &str,
-    config: RegistryConfig,
-    prefill: usize,
-    code: Code,
-    names: &str,
-    call: F,
-) where
-    F: FnOnce(RegistryClient<Channel>) -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
-    T: std::fmt::Debug,
-{
-    let registry = Registry::start(config).await;
-    let mut client = registry.client().await;
-    for i in 0..prefill {
-        register(&mut client, request(SERVICE, &addr(i))).await;
-    }
-    let before = observe(&mut client).await;
-    let status = match call(client.clone()).await {
-        Ok(reply) => panic!("{case}: accepted, answered {reply:?}"),
-        Err(status) => status,
-    };
-    eprintln!("refused {case}: {:?} {:?}", status.code(), status.message());
-    assert_eq!(
-        status.code(),
-        code,
-        "{case}: wrong code; message {:?}",
-        status.message()
-    );
-    assert!(
-        status.message().contains(names),
-        "{case}: the message {:?} does not name {names:?}",
-        status.message()
-    );
-    assert_eq!(observe(&mut client).await, before, "{case}: state changed");
-}
-
-/// [`assert_refused`] for a Register request against the default config.
-async fn assert_register_refused(case: &str, req: RegisterRequest, code: Code, names: &str) {
-    assert_refused(case, config(), 1, code, names, |mut client| async move {
-        client.register(req).await
-    })
-    .await;
-}
-
 /// A valid registration of a fresh address, to spoil one field of.
 fn good() -> RegisterRequest {
     request(SERVICE, "10.9.9.9:9000")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_an_empty_service_name() {
-    let req = RegisterRequest {
-        service: String::new(),
-        ..good()
-    };
-    assert_register_refused(
-        "empty service",
-        req,
-        Code::InvalidArgument,
-        "invalid service",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_a_254_byte_service_name() {
-    // Four valid labels, 63 + 63 + 63 + 62 bytes and three dots: 254 bytes.
-    let service = [63, 63, 63, 62].map(|n| "a".repeat(n)).join(".");
-    assert_eq!(service.len(), 254);
-    let req = RegisterRequest { service, ..good() };
-    assert_register_refused(
-        "254-byte service",
-        req,
-        Code::InvalidArgument,
-        "invalid service",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_invalid_characters_in_the_service_name() {
-    for (case, service) in [
-        ("space and bang", "bad service!"),
-        ("slash", "lb/example"),
-        ("double dot", "lb..example"),
-    ] {
-        let req = RegisterRequest {
-            service: service.into(),
-            ..good()
-        };
-        assert_register_refused(
-            &format!("service {case}"),
-            req,
-            Code::InvalidArgument,
-            "invalid service",
-        )
-        .await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_an_address_without_a_port() {
-    let req = RegisterRequest {
-        address: "10.9.9.9".into(),
-        ..good()
-    };
-    assert_register_refused(
-        "address without port",
-        req,
-        Code::InvalidArgument,
-        "invalid address",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_port_zero() {
-    let req = RegisterRequest {
-        address: "10.9.9.9:0".into(),
-        ..good()
-    };
-    assert_register_refused("port 0", req, Code::InvalidArgument, "invalid address").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_port_70000() {
-    let req = RegisterRequest {
-        address: "10.9.9.9:70000".into(),
-        ..good()
-    };
-    assert_register_refused("port 70000", req, Code::InvalidArgument, "invalid address").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_a_signed_or_zero_padded_port() {
-    for address in ["10.9.9.9:+80", "10.9.9.9:080"] {
-        let req = RegisterRequest {
-            address: address.into(),
-            ..good()
-        };
-        assert_register_refused(
-            &format!("port in {address}"),
-            req,
-            Code::InvalidArgument,
-            "invalid address",
-        )
-        .await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_a_bare_ipv6_address() {
-    let req = RegisterRequest {
-        address: "fe80::1:8080".into(),
-        ..good()
-    };
-    assert_register_refused(
-        "IPv6 without brackets",
-        req,
-        Code::InvalidArgument,
-        "invalid address",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_more_than_64_metadata_entries() {
-    let mut req = good();
-    req.metadata = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
-    assert_register_refused(
-        "65 metadata entries",
-        req,
-        Code::InvalidArgument,
-        "invalid metadata",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_metadata_over_4_kib() {
-    let mut req = good();
-    req.metadata.insert("blob".into(), "x".repeat(4096));
-    assert_register_refused(
-        "4100 bytes of metadata",
-        req,
-        Code::InvalidArgument,
-        "invalid metadata",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_an_empty_metadata_key() {
-    let mut req = good();
-    req.metadata.insert(String::new(), "v".into());
-    assert_register_refused(
-        "empty metadata key",
-        req,
-        Code::InvalidArgument,
-        "invalid metadata",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_a_500_ms_ttl() {
-    let req = RegisterRequest {
-        ttl_ms: 500,
-        ..good()
-    };
-    assert_register_refused("TTL 500 ms", req, Code::InvalidArgument, "invalid ttl_ms").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_a_301_s_ttl() {
-    let req = RegisterRequest {
-        ttl_ms: 301_000,
-        ..good()
-    };
-    assert_register_refused("TTL 301 s", req, Code::InvalidArgument, "invalid ttl_ms").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn register_refuses_an_endpoint_past_the_per_service_cap() {
-    let config = RegistryConfig {
-        max_endpoints_per_service: 3,
-        ..config()
-    };
-    assert_refused(
-        "fourth endpoint with a cap of 3",
-        config,
-        3,
-        Code::ResourceExhausted,
-        "endpoints per service",
-        |mut client| async move { client.register(good()).await },
-    )
-    .await;
-}
-
 /// Lease ids that are not 32 hex digits.
 const MALFORMED_LEASES: [&str; 4] = ["", "not-a-lease", "abc", "0123456789abcdef0123456789abcdeg"];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keepalive_refuses_a_malformed_lease_id() {
-    for lease in MALFORMED_LEASES {
-        assert_refused(
-            &format!("KeepAlive {lease:?}"),
-            config(),
-            1,
-            Code::InvalidArgument,
-            "invalid lease_id",
-            |client| async move { keep_alive_once(&client, lease).await },
-        )
-        .await;
+/// The registry a refused call is sent to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Holding {
+    /// The default limits, one endpoint of [`SERVICE`] registered.
+    OneEndpoint,
+    /// At most 3 endpoints per service, and [`SERVICE`] has 3.
+    AFullService,
+}
+
+/// One call of the registry API that must be refused.
+#[derive(Debug, Clone)]
+enum Call {
+    Register(RegisterRequest),
+    /// One heartbeat for this lease id, on a new KeepAlive stream.
+    KeepAlive(String),
+    Drain(String),
+    Deregister(String),
+    Watch(String),
+    Resolve(String),
+}
+
+impl Call {
+    /// Sends the call; an accepted one answers with its reply, as text.
+    async fn send(self, mut client: RegistryClient<Channel>) -> Result<String, Status> {
+        let reply = match self {
+            Call::Register(req) => format!("{:?}", client.register(req).await?.into_inner()),
+            Call::KeepAlive(lease) => format!("{:?}", keep_alive_once(&client, &lease).await?),
+            Call::Drain(lease) => format!("{:?}", drain(&mut client, &lease).await?),
+            Call::Deregister(lease) => format!("{:?}", deregister(&mut client, &lease).await?),
+            Call::Watch(service) => {
+                client.watch(WatchRequest { service }).await?;
+                "a watch stream".into()
+            }
+            Call::Resolve(service) => {
+                format!("{:?}", client.resolve(ResolveRequest { service }).await?)
+            }
+        };
+        Ok(reply)
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_refuses_a_malformed_lease_id() {
+/// A refusal: the registry and the call, then the code and a fragment of
+/// the message (which names the field or cap at fault).
+type Refusal = Case<(Holding, Call), (Code, String)>;
+
+/// A Register of [`good`] with one field spoiled, refused as `invalid
+/// <field>`.
+fn bad_register(name: &str, req: RegisterRequest, field: &str) -> Refusal {
+    case(
+        name,
+        (Holding::OneEndpoint, Call::Register(req)),
+        (Code::InvalidArgument, format!("invalid {field}")),
+    )
+}
+
+/// Every refused input of the registry API, against one registry per
+/// [`Holding`]: each answer has its code and a message naming the field or
+/// cap, and Resolve and ListServices are the same after the call as before.
+fn refusals() -> Vec<Refusal> {
+    let with = |edit: fn(&mut RegisterRequest)| {
+        let mut req = good();
+        edit(&mut req);
+        req
+    };
+    let mut cases = vec![
+        bad_register("empty service", with(|r| r.service.clear()), "service"),
+        bad_register(
+            "254-byte service",
+            // Four valid labels, 63 + 63 + 63 + 62 bytes and three dots.
+            with(|r| r.service = [63, 63, 63, 62].map(|n| "a".repeat(n)).join(".")),
+            "service",
+        ),
+        bad_register(
+            "service with a space and a bang",
+            with(|r| r.service = "bad service!".into()),
+            "service",
+        ),
+        bad_register(
+            "service with a slash",
+            with(|r| r.service = "lb/example".into()),
+            "service",
+        ),
+        bad_register(
+            "service with a double dot",
+            with(|r| r.service = "lb..example".into()),
+            "service",
+        ),
+        bad_register(
+            "address without port",
+            with(|r| r.address = "10.9.9.9".into()),
+            "address",
+        ),
+        bad_register(
+            "port 0",
+            with(|r| r.address = "10.9.9.9:0".into()),
+            "address",
+        ),
+        bad_register(
+            "port 70000",
+            with(|r| r.address = "10.9.9.9:70000".into()),
+            "address",
+        ),
+        bad_register(
+            "signed port",
+            with(|r| r.address = "10.9.9.9:+80".into()),
+            "address",
+        ),
+        bad_register(
+            "zero-padded port",
+            with(|r| r.address = "10.9.9.9:080".into()),
+            "address",
+        ),
+        bad_register(
+            "IPv6 without brackets",
+            with(|r| r.address = "fe80::1:8080".into()),
+            "address",
+        ),
+        bad_register(
+            "65 metadata entries",
+            with(|r| r.metadata = (0..65).map(|i| (format!("k{i}"), "v".into())).collect()),
+            "metadata",
+        ),
+        bad_register(
+            "4100 bytes of metadata",
+            with(|r| {
+                r.metadata.insert("blob".into(), "x".repeat(4096));
+            }),
+            "metadata",
+        ),
+        bad_register(
+            "empty metadata key",
+            with(|r| {
+                r.metadata.insert(String::new(), "v".into());
+            }),
+            "metadata",
+        ),
+        bad_register("TTL 500 ms", with(|r| r.ttl_ms = 500), "ttl_ms"),
+        bad_register("TTL 301 s", with(|r| r.ttl_ms = 301_000), "ttl_ms"),
+        case(
+            "fourth endpoint with a cap of 3",
+            (Holding::AFullService, Call::Register(good())),
+            (Code::ResourceExhausted, "endpoints per service".into()),
+        ),
+    ];
     for lease in MALFORMED_LEASES {
-        assert_refused(
-            &format!("Drain {lease:?}"),
-            config(),
-            1,
-            Code::InvalidArgument,
-            "invalid lease_id",
-            |mut client| async move { drain(&mut client, lease).await },
-        )
-        .await;
+        let invalid = || (Code::InvalidArgument, "invalid lease_id".to_owned());
+        let call = |rpc: fn(String) -> Call| (Holding::OneEndpoint, rpc(lease.into()));
+        cases.extend([
+            case(
+                format!("KeepAlive {lease:?}"),
+                call(Call::KeepAlive),
+                invalid(),
+            ),
+            case(format!("Drain {lease:?}"), call(Call::Drain), invalid()),
+            case(
+                format!("Deregister {lease:?}"),
+                call(Call::Deregister),
+                invalid(),
+            ),
+        ]);
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deregister_refuses_a_malformed_lease_id() {
-    for lease in MALFORMED_LEASES {
-        assert_refused(
-            &format!("Deregister {lease:?}"),
-            config(),
-            1,
-            Code::InvalidArgument,
-            "invalid lease_id",
-            |mut client| async move { deregister(&mut client, lease).await },
-        )
-        .await;
+    for (rpc, call) in [
+        ("KeepAlive", Call::KeepAlive as fn(String) -> Call),
+        ("Drain", Call::Drain),
+        ("Deregister", Call::Deregister),
+    ] {
+        let lease = random_lease_id();
+        cases.push(case(
+            format!("{rpc} unknown lease"),
+            (Holding::OneEndpoint, call(lease.clone())),
+            (Code::NotFound, format!("lease {lease}")),
+        ));
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keepalive_answers_not_found_for_an_unknown_lease_id() {
-    let lease = random_lease_id();
-    assert_refused(
-        "KeepAlive unknown lease",
-        config(),
-        1,
-        Code::NotFound,
-        &format!("lease {lease}"),
-        |client| async move { keep_alive_once(&client, &lease).await },
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_answers_not_found_for_an_unknown_lease_id() {
-    let lease = random_lease_id();
-    assert_refused(
-        "Drain unknown lease",
-        config(),
-        1,
-        Code::NotFound,
-        &format!("lease {lease}"),
-        |mut client| async move { drain(&mut client, &lease).await },
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deregister_answers_not_found_for_an_unknown_lease_id() {
-    let lease = random_lease_id();
-    assert_refused(
-        "Deregister unknown lease",
-        config(),
-        1,
-        Code::NotFound,
-        &format!("lease {lease}"),
-        |mut client| async move { deregister(&mut client, &lease).await },
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_refuses_an_invalid_service_name() {
     for service in ["", "bad service!"] {
-        assert_refused(
-            &format!("Watch {service:?}"),
-            config(),
-            1,
-            Code::InvalidArgument,
-            "invalid service",
-            |mut client| async move {
-                client
-                    .watch(WatchRequest {
-                        service: service.into(),
-                    })
-                    .await
-                    .map(drop)
-            },
-        )
-        .await;
+        let invalid = || (Code::InvalidArgument, "invalid service".to_owned());
+        cases.extend([
+            case(
+                format!("Watch {service:?}"),
+                (Holding::OneEndpoint, Call::Watch(service.into())),
+                invalid(),
+            ),
+            case(
+                format!("Resolve {service:?}"),
+                (Holding::OneEndpoint, Call::Resolve(service.into())),
+                invalid(),
+            ),
+        ]);
     }
+    cases
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resolve_refuses_an_invalid_service_name() {
-    for service in ["", "bad service!"] {
-        assert_refused(
-            &format!("Resolve {service:?}"),
-            config(),
-            1,
-            Code::InvalidArgument,
-            "invalid service",
-            |mut client| async move {
-                client
-                    .resolve(ResolveRequest {
-                        service: service.into(),
-                    })
-                    .await
-                    .map(drop)
-            },
-        )
-        .await;
+async fn refused_calls_get_their_code_and_a_message_naming_the_field_and_change_nothing() {
+    let one = Registry::start(config()).await;
+    let full = Registry::start(RegistryConfig {
+        max_endpoints_per_service: 3,
+        ..config()
+    })
+    .await;
+    let mut one_client = one.client().await;
+    register(&mut one_client, request(SERVICE, &addr(0))).await;
+    let mut full_client = full.client().await;
+    for i in 0..3 {
+        register(&mut full_client, request(SERVICE, &addr(i))).await;
     }
+    cases::in_turn(refusals(), |refusal| {
+        let mut client = match refusal.input.0 {
+            Holding::OneEndpoint => one_client.clone(),
+            Holding::AFullService => full_client.clone(),
+        };
+        async move {
+            let (code, names) = refusal.expected;
+            let before = observe(&mut client).await;
+            let status = expect_status(refusal.input.1.send(client.clone()).await, code, &names);
+            eprintln!(
+                "refused {}: {:?} {:?}",
+                refusal.name,
+                status.code(),
+                status.message()
+            );
+            assert_eq!(observe(&mut client).await, before, "state changed");
+        }
+    })
+    .await;
 }
+
+// ---------------------------------------------------------------------------
+// Shutdown
+// ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_registry_even_with_open_watch_and_keepalive_streams() {
@@ -1902,21 +1766,4 @@ async fn sigterm_stops_the_registry_even_when_a_watcher_never_reads() {
         signalled.elapsed()
     );
     assert_eq!(code, Some(0), "exit code after SIGTERM");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_flags_of_every_binary_fail_in_one_line() {
-    for (bin_name, args, expected) in [
-        ("registry", vec!["--bogus"], "unexpected argument '--bogus'"),
-        (
-            "registry",
-            vec!["--max-message-bytes", "lots"],
-            "invalid value 'lots' for '--max-message-bytes",
-        ),
-        ("client", vec!["--bogus"], "unexpected argument '--bogus'"),
-        ("demo", vec!["--bogus"], "see demo --help"),
-    ] {
-        let args: Vec<String> = args.into_iter().map(String::from).collect();
-        refused_at_startup(bin_name, &args, expected).await;
-    }
 }

@@ -4,12 +4,16 @@
 //! certificate and key. Every certificate is made here, for this run, by a
 //! throwaway CA.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::cases::{self, case, expect_status, Case};
 use common::*;
 use futures_util::StreamExt;
 use switchboard::client::error::status_chain;
@@ -170,7 +174,7 @@ fn names_certificate_problem(error: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tls_registry_serves_clients_that_trust_its_ca_and_no_others() {
+async fn a_tls_registry_serves_watch_and_register_to_clients_that_trust_its_ca() {
     let pki = Pki::new();
     let (address, _registry) = tls_registry(&pki, false).await;
     let trusting = pki.client("ca.crt", None);
@@ -205,32 +209,93 @@ async fn a_tls_registry_serves_clients_that_trust_its_ca_and_no_others() {
         }
         other => panic!("expected a delta, got {other:?}"),
     }
+}
 
-    // Plaintext is refused, and so is a client trusting another CA.
-    let plaintext = resolve_over(&address, None).await;
-    assert!(plaintext.is_err(), "plaintext was served: {plaintext:?}");
-    let error = resolve_over(&address, Some(&pki.client("wrong-ca.crt", None)))
-        .await
-        .expect_err("a client trusting another CA must not connect");
-    names_certificate_problem(&error);
+/// The client side of a TLS connection attempt.
+#[derive(Debug, Clone, Copy)]
+enum Client {
+    Plaintext,
+    /// Trusting this CA file, presenting this certificate (`client` or
+    /// `wrong-client`) if any.
+    Tls(&'static str, Option<&'static str>),
+}
+
+/// What a connection attempt must come to: served, refused, or refused
+/// with an error that names the certificate problem.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    Served,
+    Refused,
+    CertificateRefused,
+}
+
+/// Each kind of client against a TLS registry (`false`) and a mutual-TLS
+/// one (`true`).
+fn connection_cases() -> Vec<Case<(bool, Client), Verdict>> {
+    use Client::*;
+    use Verdict::*;
+    vec![
+        case("TLS: plaintext", (false, Plaintext), Refused),
+        case(
+            "TLS: trusting another CA",
+            (false, Tls("wrong-ca.crt", None)),
+            CertificateRefused,
+        ),
+        case("TLS: trusting its CA", (false, Tls("ca.crt", None)), Served),
+        case(
+            "mutual TLS: no client certificate",
+            (true, Tls("ca.crt", None)),
+            CertificateRefused,
+        ),
+        case(
+            "mutual TLS: a client certificate from another CA",
+            (true, Tls("ca.crt", Some("wrong-client"))),
+            CertificateRefused,
+        ),
+        case(
+            "mutual TLS: a client certificate from its CA",
+            (true, Tls("ca.crt", Some("client"))),
+            Served,
+        ),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_mutual_tls_registry_refuses_clients_without_a_certificate_from_its_ca() {
+async fn tls_registries_refuse_clients_without_the_right_certificates() {
     let pki = Pki::new();
-    let (address, _registry) = tls_registry(&pki, true).await;
-    let error = resolve_over(&address, Some(&pki.client("ca.crt", None)))
-        .await
-        .expect_err("no client certificate must be refused");
-    names_certificate_problem(&error);
-    let error = resolve_over(&address, Some(&pki.client("ca.crt", Some("wrong-client"))))
-        .await
-        .expect_err("a client certificate from another CA must be refused");
-    names_certificate_problem(&error);
-    assert_eq!(
-        resolve_over(&address, Some(&pki.good_client())).await,
-        Ok(Vec::new())
-    );
+    let mut registries = Vec::new();
+    for mutual in [false, true] {
+        let address = serve_registry(RegistryConfig {
+            tls: Some(pki.server(mutual)),
+            ..RegistryConfig::default()
+        })
+        .await;
+        let good = pki.good_client();
+        wait_for("the TLS registry to serve", STARTUP, || {
+            let (address, good) = (address.clone(), good.clone());
+            async move { resolve_over(&address, Some(&good)).await.ok() }
+        })
+        .await;
+        registries.push(address);
+    }
+    cases::together(connection_cases(), |attempt| {
+        let (mutual, client) = attempt.input;
+        let address = registries[usize::from(mutual)].clone();
+        let tls = match client {
+            Client::Plaintext => None,
+            Client::Tls(ca, identity) => Some(pki.client(ca, identity)),
+        };
+        async move {
+            let outcome = resolve_over(&address, tls.as_ref()).await;
+            match (attempt.expected, outcome) {
+                (Verdict::Served, outcome) => assert_eq!(outcome, Ok(Vec::new())),
+                (Verdict::Refused, outcome) => assert!(outcome.is_err(), "served: {outcome:?}"),
+                (Verdict::CertificateRefused, Ok(served)) => panic!("served: {served:?}"),
+                (Verdict::CertificateRefused, Err(error)) => names_certificate_problem(&error),
+            }
+        }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,9 +314,11 @@ async fn per_connection_caps_still_see_the_peer_over_tls() {
     })
     .await;
     let _held = open_watch(&mut client).await.expect("the first watch");
-    let status = open_watch(&mut client).await.expect_err("over the cap");
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains("per connection"), "{status:?}");
+    expect_status(
+        open_watch(&mut client).await,
+        Code::ResourceExhausted,
+        "per connection",
+    );
     // Another TLS connection is another peer.
     let mut other = connect(&address, Some(&tls)).await.unwrap();
     let _other = open_watch(&mut other).await.expect("another connection");
@@ -392,20 +459,28 @@ async fn clients_with_the_wrong_certificates_fail_fast_saying_why() {
     let cluster = TlsCluster::start().await;
     let pki = &cluster.pki;
     let good = pki.good_client();
-    // Backends whose certificate the client does not trust.
-    fails_fast_naming_the_certificate(
-        cluster.channel(pki.client("wrong-ca.crt", Some("client")), good.clone()),
-    )
-    .await;
-    // Backends that do not accept the client's certificate.
-    fails_fast_naming_the_certificate(
-        cluster.channel(pki.client("ca.crt", Some("wrong-client")), good.clone()),
-    )
-    .await;
-    // A registry whose certificate the client does not trust.
-    fails_fast_naming_the_certificate(
-        cluster.channel(good, pki.client("wrong-ca.crt", Some("client"))),
-    )
+    // The TLS settings a channel uses for the backends, then the registry.
+    let wrong_settings = vec![
+        case(
+            "backends whose certificate the client does not trust",
+            (pki.client("wrong-ca.crt", Some("client")), good.clone()),
+            (),
+        ),
+        case(
+            "backends that do not accept the client's certificate",
+            (pki.client("ca.crt", Some("wrong-client")), good.clone()),
+            (),
+        ),
+        case(
+            "a registry whose certificate the client does not trust",
+            (good, pki.client("wrong-ca.crt", Some("client"))),
+            (),
+        ),
+    ];
+    cases::together(wrong_settings, |wrong| {
+        let (backends, registry) = wrong.input;
+        fails_fast_naming_the_certificate(cluster.channel(backends, registry))
+    })
     .await;
 
     // The CLI says so in one line and exits.
@@ -426,91 +501,4 @@ async fn clients_with_the_wrong_certificates_fail_fast_saying_why() {
         .find(|l| l.starts_with("error: "))
         .unwrap_or_else(|| panic!("no error line: {output:#?}"));
     names_certificate_problem(error);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_certificate_files_stop_every_binary_with_one_line() {
-    let pki = Pki::new();
-    let missing = pki.arg("missing.crt");
-    let a = |items: &[&str]| -> Vec<String> {
-        items
-            .iter()
-            .map(|item| match *item {
-                "missing" => missing.clone(),
-                name if name.contains('.') => pki.arg(name),
-                flag => flag.to_owned(),
-            })
-            .collect()
-    };
-    let listen = |mut args: Vec<String>| {
-        args.extend(["--listen".into(), local(free_port())]);
-        args
-    };
-    for (bin_name, args, expected) in [
-        (
-            "registry",
-            listen(a(&["--tls-cert", "missing", "--tls-key", "server.key"])),
-            "cannot read the server certificate file",
-        ),
-        (
-            "registry",
-            listen(a(&["--tls-cert", "server.crt", "--tls-key", "client.key"])),
-            "does not fit the certificate",
-        ),
-        (
-            "registry",
-            listen(a(&["--tls-key", "server.key"])),
-            "--tls-key needs --tls-cert",
-        ),
-        (
-            "registry",
-            listen(a(&[
-                "--tls-cert",
-                "server.crt",
-                "--tls-key",
-                "server.key",
-                "--tls-client-ca",
-                "garbage.crt",
-            ])),
-            "holds no certificate",
-        ),
-        (
-            "echo",
-            listen(a(&["--tls-cert", "garbage.crt", "--tls-key", "server.key"])),
-            "holds no certificate",
-        ),
-        (
-            "echo",
-            listen(a(&["--tls-cert", "server.crt", "--tls-key", "server.crt"])),
-            "holds no private key",
-        ),
-        (
-            "echo",
-            listen(a(&[
-                "--registry-cert",
-                "client.crt",
-                "--registry-ca",
-                "ca.crt",
-            ])),
-            "--registry-cert needs --registry-key",
-        ),
-        (
-            "echo",
-            listen(a(&["--registry-ca", "missing"])),
-            "cannot read the CA file",
-        ),
-        ("client", a(&["--ca", "missing"]), "cannot read the CA file"),
-        (
-            "client",
-            a(&["--cert", "client.crt", "--key", "client.key"]),
-            "--cert needs --ca",
-        ),
-        (
-            "client",
-            a(&["--ca", "ca.crt", "--tls-server-name", "not a name"]),
-            "invalid TLS server name",
-        ),
-    ] {
-        refused_at_startup(bin_name, &args, expected).await;
-    }
 }

@@ -3,6 +3,7 @@
 //! waiting on conditions with deadlines instead of sleeps.
 #![allow(dead_code)]
 
+pub mod cases;
 pub mod pki;
 pub mod watcher;
 #[allow(unused_imports)]
@@ -615,7 +616,7 @@ pub async fn refused_at_startup(bin_name: &str, args: &[String], expected: &str)
     assert_eq!(output.len(), 1, "{bin_name} {args:?}: {output:#?}");
     assert!(
         line.starts_with("error: ") && line.contains(expected),
-        "{bin_name} {args:?}: {line}"
+        "{bin_name} {args:?}: {line:?} does not say {expected:?}"
     );
 }
 

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use switchboard::discovery::{EndpointSet, Update, Versioned};
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::watch_response::Event;
 use switchboard::proto::registry::{Endpoint, EndpointState, WatchRequest, WatchResponse};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,6 +22,8 @@ pub struct View {
     /// Version of the last message.
     pub version: Option<u64>,
     /// The endpoint set as the messages built it.
+    pub set: EndpointSet,
+    /// `set` in wire form, sorted by address.
     pub endpoints: BTreeMap<String, Endpoint>,
     /// Messages received.
     pub messages: usize,
@@ -38,6 +40,9 @@ pub struct View {
 }
 
 impl View {
+    /// Applies one message with the library's own [`EndpointSet::apply`]
+    /// (the one every consumer uses), noting each anomaly it reports and
+    /// keeping `endpoints` as a sorted projection of the set.
     pub fn apply(&mut self, at: Instant, message: WatchResponse) {
         self.log.push((at, message.clone()));
         self.messages += 1;
@@ -58,53 +63,28 @@ impl View {
             }
         }
         self.version = Some(message.version);
-        match message.event {
-            Some(Event::Reset(snapshot)) => {
-                self.resets += 1;
-                let fresh: BTreeMap<String, Endpoint> = snapshot
-                    .endpoints
-                    .into_iter()
-                    .map(|e| (e.address.clone(), e))
-                    .collect();
-                for gone in self.endpoints.keys().filter(|a| !fresh.contains_key(*a)) {
-                    self.removed_at.insert(gone.clone(), at);
-                }
-                self.endpoints = fresh;
+        let Ok(versioned) = Versioned::try_from(message) else {
+            self.violations
+                .push(format!("message {}: no event", self.messages));
+            return;
+        };
+        if matches!(versioned.update, Update::Reset(_)) {
+            self.resets += 1;
+        }
+        let changes = self.set.apply(versioned.update);
+        for anomaly in changes.anomalies {
+            self.violations
+                .push(format!("message {}: {anomaly}", self.messages));
+        }
+        for address in changes.added.iter().chain(&changes.updated) {
+            if let Some(endpoint) = self.set.get(address) {
+                self.endpoints
+                    .insert(address.clone(), Endpoint::from(&**endpoint));
             }
-            Some(Event::Delta(delta)) => {
-                if self.messages == 1 {
-                    self.violations
-                        .push("the first message is a delta, not a reset".into());
-                }
-                if delta.added.is_empty() && delta.updated.is_empty() && delta.removed.is_empty() {
-                    self.violations
-                        .push(format!("message {}: empty delta", self.messages));
-                }
-                for endpoint in delta.added {
-                    let address = endpoint.address.clone();
-                    if self.endpoints.insert(address.clone(), endpoint).is_some() {
-                        self.violations
-                            .push(format!("{address} added while already present"));
-                    }
-                }
-                for endpoint in delta.updated {
-                    let address = endpoint.address.clone();
-                    if self.endpoints.insert(address.clone(), endpoint).is_none() {
-                        self.violations
-                            .push(format!("{address} updated while absent"));
-                    }
-                }
-                for address in delta.removed {
-                    if self.endpoints.remove(&address).is_none() {
-                        self.violations
-                            .push(format!("{address} removed while absent"));
-                    }
-                    self.removed_at.insert(address, at);
-                }
-            }
-            None => self
-                .violations
-                .push(format!("message {}: no event", self.messages)),
+        }
+        for address in changes.removed {
+            self.endpoints.remove(&address);
+            self.removed_at.insert(address, at);
         }
     }
 

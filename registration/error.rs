@@ -1,14 +1,14 @@
-//! Why an echo server could not start. Each message is one line that says
-//! what to change, because the binary prints it as is.
+//! Why a registered server could not start. Each message is one line that
+//! says what to change, because binaries print it as is.
 
 use std::net::SocketAddr;
 
 use crate::registry::RegistryError;
 
-/// An echo server that could not start. Nothing was registered when one of
-/// these is returned.
+/// A server that could not start. Nothing was registered when one of these
+/// is returned.
 #[derive(Debug, thiserror::Error)]
-pub enum EchoError {
+pub enum RegistrationError {
     /// A setting breaks the registry's rules; it would be refused at
     /// Register time, so it is refused before anything starts.
     #[error("{setting}: {error}")]
@@ -18,6 +18,10 @@ pub enum EchoError {
         /// The rule it breaks.
         error: RegistryError,
     },
+    /// A registry is set but no service name to register under, and no
+    /// gRPC service was added to take the name from.
+    #[error("no service name to register under: set one, or add a gRPC service to take its name")]
+    NoServiceName,
     /// The server listens on 0.0.0.0 or [::] and was given no address to
     /// advertise: clients cannot connect to a wildcard.
     #[error("listening on {0} (a wildcard address) needs an address to advertise, e.g. --advertise <reachable-host>:{port}", port = .0.port())]
