@@ -81,6 +81,27 @@ pub mod process {
         )
     }
 
+    /// Parses a duration flag: `1500ms`, `2s`, `1m` or a bare number of
+    /// seconds.
+    pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+        let text = text.trim();
+        let split = text
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(split);
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("invalid duration {text:?}: use e.g. 500ms, 2s or 1m"))?;
+        let seconds = match unit {
+            "ms" => value / 1000.0,
+            "" | "s" => value,
+            "m" => value * 60.0,
+            _ => return Err(format!("invalid duration unit in {text:?}: use ms, s or m")),
+        };
+        std::time::Duration::try_from_secs_f64(seconds)
+            .map_err(|e| format!("invalid duration {text:?}: {e}"))
+    }
+
     /// Prints `error: <message>` on one line and exits with status 1.
     pub fn exit_with(message: &str) -> ! {
         eprintln!("error: {message}");

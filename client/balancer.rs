@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::error::{Error, ResolverError};
 use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, Subchannels};
-use super::resolver::{Endpoint, ResolverEvent};
+use super::resolver::{Endpoint, ResolveNow, ResolverEvent};
 use super::subchannel::{ConnectConfig, ConnectivityState, ReadyConnection, SubchannelEvent};
 use crate::discovery::EndpointSet;
 
@@ -139,6 +139,8 @@ struct Balancer {
     /// The policy's last picker.
     current: Option<PolicyPicker>,
     timer: Option<Instant>,
+    /// Asks the resolver to look again when a connection fails.
+    resolve_now: ResolveNow,
 }
 
 /// Runs the balancer until the channel is dropped (the task is aborted).
@@ -147,6 +149,7 @@ pub async fn run(
     policy: Box<dyn Policy>,
     config: Arc<ConnectConfig>,
     mut resolver: mpsc::UnboundedReceiver<ResolverEvent>,
+    resolve_now: ResolveNow,
     outputs: Outputs,
 ) {
     let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -160,6 +163,7 @@ pub async fn run(
         resolver_error: None,
         current: None,
         timer: None,
+        resolve_now,
     };
     let mut resolver_alive = true;
     loop {
@@ -252,6 +256,10 @@ impl Balancer {
             return;
         };
         subchannel.set_state(event.state);
+        // A failed attempt or a lost connection may mean the backend moved.
+        if subchannel.last_error().is_some() {
+            self.resolve_now.request();
+        }
         let Balancer {
             policy,
             subchannels,

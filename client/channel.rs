@@ -19,7 +19,9 @@ use tonic::Status;
 
 use super::backoff::BackoffConfig;
 use super::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
+use super::dns_resolver::DnsResolver;
 use super::error::{source_chain, Error};
+use super::health::HealthCheck;
 use super::pick_first::PickFirst;
 use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
 use super::registry_resolver::RegistryResolver;
@@ -96,11 +98,12 @@ pub struct Builder {
     connect: ConnectConfig,
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
+    dns_refresh: Option<Duration>,
 }
 
 impl Builder {
-    /// Starts from a target string (`registry://host:port/service` or
-    /// `static:///host:port,...`).
+    /// Starts from a target string (`registry://host:port/service`,
+    /// `static:///host:port,...` or `dns:///host:port`).
     pub fn new(target: &str) -> Result<Self, TargetError> {
         let target: Target = target.parse()?;
         Ok(Self::from_source(target.service(), Source::Target(target)))
@@ -122,6 +125,7 @@ impl Builder {
             connect: ConnectConfig::default(),
             wait_for_ready: false,
             default_timeout: None,
+            dns_refresh: None,
         }
     }
 
@@ -191,6 +195,23 @@ impl Builder {
         self
     }
 
+    /// Turns on client-side health checking (grpc-go's `healthCheckConfig`):
+    /// every subchannel watches `grpc.health.v1.Health/Watch` for `service`
+    /// (`""` for the whole server) on its own connection, and a backend that
+    /// is not SERVING is not picked until it is again. Backends without the
+    /// health service count as SERVING. Off by default.
+    pub fn health_check(mut self, service: impl Into<String>) -> Self {
+        self.connect.health_check = Some(Arc::new(HealthCheck::new(service)));
+        self
+    }
+
+    /// How often a `dns:///` target is resolved again (default 30 s); it is
+    /// also resolved again when a connection fails.
+    pub fn dns_refresh(mut self, refresh: Duration) -> Self {
+        self.dns_refresh = Some(refresh);
+        self
+    }
+
     /// Makes every RPC wait-for-ready (see [`WaitForReady`]).
     pub fn wait_for_ready(mut self, enabled: bool) -> Self {
         self.wait_for_ready = enabled;
@@ -200,6 +221,7 @@ impl Builder {
     /// Starts the resolver and balancer tasks. Needs a tokio runtime.
     pub fn build(self) -> BalancedChannel {
         let (sink, resolution) = ResolverSink::new();
+        let resolve_now = sink.resolve_now();
         let (picker_changed, picker_waiter) = watch::channel(());
         let (state_tx, state) = watch::channel(BalancerState::default());
         let picker = Arc::new(ArcSwap::from_pointee(Published::empty()));
@@ -213,6 +235,13 @@ impl Builder {
                     .with_tls(self.registry_tls),
             ),
             Source::Target(Target::Static(addresses)) => Box::new(StaticResolver::new(addresses)),
+            Source::Target(Target::Dns(name)) => {
+                let mut resolver = DnsResolver::new(name);
+                if let Some(refresh) = self.dns_refresh {
+                    resolver = resolver.with_refresh(refresh);
+                }
+                Box::new(resolver)
+            }
             Source::Custom(resolver) => resolver,
         };
         let connections = self.connect.stats.clone();
@@ -222,6 +251,7 @@ impl Builder {
             policy,
             Arc::new(self.connect),
             resolution,
+            resolve_now,
             Outputs {
                 picker: picker.clone(),
                 picker_changed,

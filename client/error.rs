@@ -250,6 +250,26 @@ pub enum ConnectError {
         /// The connection's error and its causes.
         detail: String,
     },
+    /// Health checking is on and the backend says it is not SERVING; its
+    /// connection stays open, unpicked, until it says SERVING again.
+    #[error("{address} is connected but its health is {status}")]
+    Unhealthy {
+        /// The backend address.
+        address: Arc<str>,
+        /// The status it reported, e.g. `NOT_SERVING`.
+        status: &'static str,
+    },
+    /// Health checking is on and the backend's health Watch failed (e.g.
+    /// NOT_FOUND for a service it does not know).
+    #[error("{address} is connected but its health check failed: {detail}")]
+    HealthCheckFailed {
+        /// The backend address.
+        address: Arc<str>,
+        /// The status code the Watch ended with.
+        code: tonic::Code,
+        /// The status's message and causes.
+        detail: String,
+    },
 }
 
 impl ConnectError {
@@ -266,7 +286,9 @@ impl ConnectError {
             | ConnectError::FailedBeforeSettings { address, .. }
             | ConnectError::NotHttp2 { address, .. }
             | ConnectError::Timeout { address, .. }
-            | ConnectError::Lost { address, .. } => address,
+            | ConnectError::Lost { address, .. }
+            | ConnectError::Unhealthy { address, .. }
+            | ConnectError::HealthCheckFailed { address, .. } => address,
         }
     }
 
@@ -317,6 +339,20 @@ pub enum ResolverError {
     /// The registry ended the watch stream.
     #[error("watch stream closed by the registry")]
     StreamClosed,
+    /// A DNS lookup failed.
+    #[error("cannot resolve {name}: {detail}")]
+    Lookup {
+        /// The `host:port` looked up.
+        name: String,
+        /// What the name service said.
+        detail: String,
+    },
+    /// A DNS name resolved to no address.
+    #[error("DNS name {name} has no addresses")]
+    NoAddresses {
+        /// The `host:port` looked up.
+        name: String,
+    },
     /// A custom resolver's own explanation.
     #[error("{0}")]
     Other(String),

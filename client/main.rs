@@ -24,8 +24,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
-    /// Where endpoints come from: registry://<host:port>/<service> or
-    /// static:///<host:port>,<host:port>. Defaults to --registry/--service.
+    /// Where endpoints come from: registry://<host:port>/<service>,
+    /// static:///<host:port>,<host:port> or dns:///<host:port>. Defaults to
+    /// --registry/--service.
     #[arg(long)]
     target: Option<String>,
     /// The registry to watch when --target is not given.
@@ -42,7 +43,7 @@ struct Args {
     #[arg(long)]
     rate: Option<u32>,
     /// Live mode: stop after this long (e.g. 30s, 500ms); default: Ctrl-C.
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, value_parser = process::parse_duration)]
     duration: Option<Duration>,
     /// Classic mode: calls per policy.
     #[arg(long, default_value_t = 10)]
@@ -51,24 +52,33 @@ struct Args {
     #[arg(long, default_value = "this is examples/load_balancing")]
     message: String,
     /// Deadline of each RPC.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = process::parse_duration)]
     timeout: Duration,
+    /// Client-side health checking: watch grpc.health.v1 on every backend
+    /// and send no RPC to one that is not SERVING. The value is the service
+    /// to ask about; without one, the server as a whole ("").
+    #[arg(long, value_name = "SERVICE", num_args = 0..=1, default_missing_value = "")]
+    health_check: Option<String>,
+    /// How often a dns:/// target is resolved again (it is also resolved
+    /// again when a connection fails).
+    #[arg(long, value_name = "DURATION", value_parser = process::parse_duration)]
+    dns_refresh: Option<Duration>,
     /// Exit with an error if no backend is reachable at startup, instead of
     /// waiting and retrying.
     #[arg(long)]
     fail_fast: bool,
     /// First reconnect delay to a failed backend (gRPC's default is 1s).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = process::parse_duration)]
     backoff_initial: Duration,
     /// Longest reconnect delay to a failed backend.
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, default_value = "120s", value_parser = process::parse_duration)]
     backoff_max: Duration,
     /// HTTP/2 keepalive: with RPCs in flight, ping a backend after this much
     /// silence (idle connections are never pinged).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = process::parse_duration)]
     keepalive_interval: Duration,
     /// HTTP/2 keepalive: drop a backend whose ping goes unanswered this long.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = process::parse_duration)]
     keepalive_timeout: Duration,
     /// File whose first line is the registry's read token, when it demands
     /// one.
@@ -89,25 +99,6 @@ struct Args {
     /// instead of the host dialled; needs --ca.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
-}
-
-/// Parses `1500ms`, `2s`, `1m` or a bare number of seconds.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: use e.g. 500ms, 2s or 1m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        _ => return Err(format!("invalid duration unit in {text:?}: use ms, s or m")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
 #[tokio::main]
@@ -185,6 +176,12 @@ async fn connect(
     }
     if let Some(tls) = tls {
         builder = builder.tls(tls.clone()).registry_tls(tls.clone());
+    }
+    if let Some(service) = &args.health_check {
+        builder = builder.health_check(service.clone());
+    }
+    if let Some(refresh) = args.dns_refresh {
+        builder = builder.dns_refresh(refresh);
     }
     let channel = builder
         .policy(policy)

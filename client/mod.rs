@@ -2,10 +2,12 @@
 //! `round_robin` balancers, behind a tower service that any tonic-generated
 //! client accepts.
 //!
-//! - [`target`]: `registry://` and `static:///` target strings;
+//! - [`target`]: `registry://`, `static:///` and `dns:///` target strings;
 //! - [`resolver`]: the [`Resolver`] trait and the static resolver;
 //! - [`registry_resolver`]: endpoints from a registry watch stream;
+//! - [`dns_resolver`]: endpoints from DNS, for `dns:///` targets;
 //! - [`subchannel`]: one backend connection and its state machine;
+//! - [`health`]: client-side health checking of each subchannel;
 //! - [`transport`]: dialling a backend, over TLS if configured;
 //! - [`policy`], [`round_robin`], [`pick_first`]: who gets RPCs;
 //! - [`balancer`]: the task that turns all of the above into a picker;
@@ -17,7 +19,9 @@
 pub mod backoff;
 pub mod balancer;
 pub mod channel;
+pub mod dns_resolver;
 pub mod error;
+pub mod health;
 pub mod pick_first;
 pub mod policy;
 pub mod registry_resolver;
@@ -30,9 +34,13 @@ pub mod transport;
 pub use backoff::BackoffConfig;
 pub use balancer::{BalancerState, BalancerStats};
 pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
+pub use dns_resolver::DnsResolver;
 pub use error::{ConnectError, Error, ResolverError};
+pub use health::HealthCheck;
 pub use policy::{CallOutcome, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker};
 pub use registry_resolver::RegistryResolver;
-pub use resolver::{Endpoint, EndpointState, Resolver, ResolverSink, StaticResolver, Update};
+pub use resolver::{
+    Endpoint, EndpointState, ResolveNow, Resolver, ResolverSink, StaticResolver, Update,
+};
 pub use subchannel::{ConnectionStats, ConnectivityState};
 pub use target::Target;

@@ -9,8 +9,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::error::ResolverError;
 
@@ -25,17 +26,50 @@ pub enum ResolverEvent {
     Error(ResolverError),
 }
 
+/// The balancer's way to ask its resolver for a fresh answer, as grpc-go's
+/// `ResolveNow`: a connection failed, so the set it came from may be stale.
+/// Requests made while the resolver is busy are kept (at most one), and a
+/// resolver may ignore them, as a watch-based one does since it is always
+/// up to date.
+#[derive(Debug, Clone, Default)]
+pub struct ResolveNow(Arc<Notify>);
+
+impl ResolveNow {
+    /// Asks for a resolution soon; cheap, and never blocks.
+    pub fn request(&self) {
+        self.0.notify_one();
+    }
+
+    /// Resolves once a resolution has been asked for since the last time.
+    pub async fn requested(&self) {
+        self.0.notified().await
+    }
+}
+
 /// Where a resolver publishes; handed to [`Resolver::resolve`].
 #[derive(Debug, Clone)]
 pub struct ResolverSink {
     tx: mpsc::UnboundedSender<ResolverEvent>,
+    /// Nudges from the balancer; see [`ResolveNow`].
+    resolve_now: ResolveNow,
 }
 
 impl ResolverSink {
     /// Creates a sink and the receiver the balancer reads.
     pub fn new() -> (Self, mpsc::UnboundedReceiver<ResolverEvent>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Self { tx }, rx)
+        let resolve_now = ResolveNow::default();
+        (Self { tx, resolve_now }, rx)
+    }
+
+    /// The handle the balancer nudges this sink's resolver with.
+    pub fn resolve_now(&self) -> ResolveNow {
+        self.resolve_now.clone()
+    }
+
+    /// Resolves when the balancer asks for a fresh resolution.
+    pub async fn resolve_now_requested(&self) {
+        self.resolve_now.requested().await
     }
 
     /// Publishes a change to the endpoint set.

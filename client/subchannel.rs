@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::backoff::{Backoff, BackoffConfig};
 use super::error::{source_chain, ConnectError};
+use super::health::{self, HealthCheck};
 use super::transport::{self, Stream};
 use crate::tls::{self, ClientTls};
 
@@ -58,6 +59,8 @@ pub struct ConnectConfig {
     pub tls: Option<ClientTls>,
     /// Connection counters, shared with the channel.
     pub stats: Arc<ConnectionStats>,
+    /// Client-side health checking; off if `None`.
+    pub health_check: Option<Arc<HealthCheck>>,
 }
 
 impl Default for ConnectConfig {
@@ -70,6 +73,7 @@ impl Default for ConnectConfig {
             )),
             tls: None,
             stats: Arc::default(),
+            health_check: None,
         }
     }
 }
@@ -369,15 +373,24 @@ async fn run(
         backoff.reset();
         ConnectionStats::count(&config.stats.succeeded);
         tracing::debug!(%address, "connected");
-        emit(SubchannelState::Ready(Arc::new(ReadyConnection {
+        let ready = Arc::new(ReadyConnection {
             address: address.clone(),
             authority,
             scheme: tls::scheme(config.tls.is_some()),
             sender,
             in_flight: in_flight.clone(),
-        })));
-        // Ready until the connection ends or the balancer lets go.
+        });
+        // Ready (or, with health checking, as healthy as the backend says)
+        // until the connection ends or the balancer lets go.
+        let serving = async {
+            match &config.health_check {
+                Some(check) => health::watch(check, ready, config.backoff, &emit).await,
+                None => emit(SubchannelState::Ready(ready)),
+            }
+            std::future::pending::<()>().await
+        };
         tokio::select! {
+            _ = serving => {}
             ended = &mut connection => {
                 ConnectionStats::count(&config.stats.disconnections);
                 if let Err(error) = &ended {

@@ -18,11 +18,14 @@ pub enum Target {
     },
     /// `static:///host1:port,host2:port`: a fixed list of addresses.
     Static(Vec<String>),
+    /// `dns:///host:port`: every address `host` resolves to, looked up
+    /// again periodically and when a connection fails.
+    Dns(String),
 }
 
 /// Why a target string was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("invalid target {target:?}: {reason}; expected registry://<host:port>/<service> or static:///<host:port>,<host:port>")]
+#[error("invalid target {target:?}: {reason}; expected registry://<host:port>/<service>, static:///<host:port>,<host:port> or dns:///<host:port>")]
 pub struct TargetError {
     target: String,
     reason: String,
@@ -34,6 +37,7 @@ impl Target {
         match self {
             Target::Registry { service, .. } => service.clone(),
             Target::Static(addresses) => addresses.join(","),
+            Target::Dns(name) => name.clone(),
         }
     }
 }
@@ -71,6 +75,12 @@ impl FromStr for Target {
                 validate::address(address).map_err(|e| fail(e.to_string()))?;
             }
             Ok(Target::Static(addresses))
+        } else if let Some(rest) = target.strip_prefix("dns://") {
+            let name = rest.strip_prefix('/').ok_or_else(|| {
+                fail("a DNS server authority is not supported: use dns:///<host:port> (three slashes)".into())
+            })?;
+            validate::address(name).map_err(|e| fail(e.to_string()))?;
+            Ok(Target::Dns(name.to_owned()))
         } else {
             Err(fail("unknown scheme".into()))
         }
@@ -82,6 +92,7 @@ impl fmt::Display for Target {
         match self {
             Target::Registry { registry, service } => write!(f, "registry://{registry}/{service}"),
             Target::Static(addresses) => write!(f, "static:///{}", addresses.join(",")),
+            Target::Dns(name) => write!(f, "dns:///{name}"),
         }
     }
 }
@@ -91,7 +102,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_both_schemes() {
+    fn parses_every_scheme() {
         assert_eq!(
             "registry://127.0.0.1:50050/lb.example.grpc.io"
                 .parse::<Target>()
@@ -107,13 +118,18 @@ mod tests {
                 .unwrap(),
             Target::Static(vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()])
         );
+        let dns: Target = "dns:///localhost:50051".parse().unwrap();
+        assert_eq!(dns, Target::Dns("localhost:50051".into()));
+        assert_eq!(dns.to_string(), "dns:///localhost:50051");
     }
 
     #[test]
     fn refuses_bad_targets() {
         for bad in [
             "",
-            "dns:///x:1",
+            "dns://8.8.8.8/x:1",
+            "dns:///x",
+            "dns:///",
             "registry://127.0.0.1:50050",
             "registry://127.0.0.1/svc",
             "registry://127.0.0.1:1/bad name",

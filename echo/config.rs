@@ -40,6 +40,88 @@ pub struct ServerConfig {
     pub tls: Option<ServerTls>,
     /// Reach the registry over TLS with these settings; plaintext if `None`.
     pub registry_tls: Option<ClientTls>,
+    /// Failures and latency injected into every Echo call.
+    pub faults: Faults,
+}
+
+/// Faults an echo server injects on purpose, for tests, demos and failure
+/// drills: a backend that is up but not well. The default injects nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Faults {
+    /// Fraction of Echo calls (0 to 1) answered with `fail_code` instead of
+    /// a reply.
+    pub fail_rate: f64,
+    /// The status injected failures carry.
+    pub fail_code: tonic::Code,
+    /// Latency added to every Echo call, failed ones included, so a slow
+    /// and failing backend can be simulated at once.
+    pub delay: Duration,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            fail_rate: 0.0,
+            fail_code: tonic::Code::Unavailable,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// The status codes `--fail-code` accepts, by their gRPC names. OK is not
+/// among them: it is no failure.
+const FAIL_CODES: [(&str, tonic::Code); 16] = [
+    ("CANCELLED", tonic::Code::Cancelled),
+    ("UNKNOWN", tonic::Code::Unknown),
+    ("INVALID_ARGUMENT", tonic::Code::InvalidArgument),
+    ("DEADLINE_EXCEEDED", tonic::Code::DeadlineExceeded),
+    ("NOT_FOUND", tonic::Code::NotFound),
+    ("ALREADY_EXISTS", tonic::Code::AlreadyExists),
+    ("PERMISSION_DENIED", tonic::Code::PermissionDenied),
+    ("RESOURCE_EXHAUSTED", tonic::Code::ResourceExhausted),
+    ("FAILED_PRECONDITION", tonic::Code::FailedPrecondition),
+    ("ABORTED", tonic::Code::Aborted),
+    ("OUT_OF_RANGE", tonic::Code::OutOfRange),
+    ("UNIMPLEMENTED", tonic::Code::Unimplemented),
+    ("INTERNAL", tonic::Code::Internal),
+    ("UNAVAILABLE", tonic::Code::Unavailable),
+    ("DATA_LOSS", tonic::Code::DataLoss),
+    ("UNAUTHENTICATED", tonic::Code::Unauthenticated),
+];
+
+impl Faults {
+    /// Checks the settings, naming the flag a mistake belongs to.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.fail_rate) {
+            return Err(format!(
+                "--fail-rate {}: must be a fraction from 0 to 1, e.g. 0.25",
+                self.fail_rate
+            ));
+        }
+        if self.fail_code == tonic::Code::Ok {
+            return Err("--fail-code OK is no failure: use e.g. UNAVAILABLE or INTERNAL".into());
+        }
+        Ok(())
+    }
+
+    /// Parses a gRPC status code given by name (`UNAVAILABLE`, any case) or
+    /// number (`14`); OK is refused.
+    pub fn parse_code(text: &str) -> Result<tonic::Code, String> {
+        let wanted = text.trim().to_ascii_uppercase();
+        let by_number = wanted.parse::<i32>().ok();
+        FAIL_CODES
+            .iter()
+            .find(|(name, code)| *name == wanted || by_number == Some(*code as i32))
+            .map(|(_, code)| *code)
+            .ok_or_else(|| {
+                format!("invalid --fail-code {text:?}: use a gRPC status name such as UNAVAILABLE, INTERNAL or DEADLINE_EXCEEDED, or its number 1-16")
+            })
+    }
+
+    /// Whether this call should fail, drawn at random at `fail_rate`.
+    pub fn should_fail(&self) -> bool {
+        self.fail_rate > 0.0 && rand::random::<f64>() < self.fail_rate
+    }
 }
 
 impl Default for ServerConfig {
@@ -56,6 +138,7 @@ impl Default for ServerConfig {
             registry_token: None,
             tls: None,
             registry_tls: None,
+            faults: Faults::default(),
         }
     }
 }
@@ -158,5 +241,31 @@ mod tests {
             ..config
         };
         assert_eq!(config.advertised(wildcard).unwrap(), "backend:7");
+    }
+
+    #[test]
+    fn fault_settings_parse_and_refuse_nonsense() {
+        assert_eq!(
+            Faults::parse_code("unavailable").unwrap(),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(Faults::parse_code("13").unwrap(), tonic::Code::Internal);
+        for bad in ["OK", "0", "17", "nope", ""] {
+            assert!(Faults::parse_code(bad).is_err(), "{bad:?}");
+        }
+        Faults::default().validate().unwrap();
+        for rate in [-0.1, 1.5, f64::NAN] {
+            let faults = Faults {
+                fail_rate: rate,
+                ..Faults::default()
+            };
+            assert!(faults.validate().is_err(), "{rate}");
+        }
+        let always = Faults {
+            fail_rate: 1.0,
+            ..Faults::default()
+        };
+        assert!((0..100).all(|_| always.should_fail()));
+        assert!((0..100).all(|_| !Faults::default().should_fail()));
     }
 }

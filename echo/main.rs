@@ -1,5 +1,7 @@
 //! The `echo` binary: one process running several echo servers, each
-//! registered with the registry and drained on SIGTERM or SIGINT.
+//! registered with the registry and drained on SIGTERM or SIGINT. For
+//! failure drills it can inject errors and latency into every call, and
+//! SIGUSR1 flips its health between SERVING and NOT_SERVING.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -7,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use switchboard::echo::{self, EchoServerHandle, ServerConfig};
+use switchboard::echo::{self, EchoServerHandle, Faults, ServerConfig};
 use switchboard::process;
 use switchboard::registry::auth::Token;
 use switchboard::registry::{self, validate};
@@ -68,6 +70,27 @@ struct Args {
     /// PEM private key of --registry-cert.
     #[arg(long, value_name = "PATH")]
     registry_key: Option<PathBuf>,
+    /// Fault injection: the fraction of Echo calls (0 to 1) answered with
+    /// --fail-code instead of a reply.
+    #[arg(
+        long,
+        value_name = "F",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
+    fail_rate: f64,
+    /// Fault injection: the status of injected failures, by gRPC name
+    /// (UNAVAILABLE, INTERNAL, ...) or number.
+    #[arg(long, value_name = "CODE", default_value = "UNAVAILABLE", value_parser = Faults::parse_code)]
+    fail_code: tonic::Code,
+    /// Fault injection: latency added to every Echo call (e.g. 50ms).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = process::parse_duration)]
+    delay: Duration,
+    /// Fault injection: turn grpc.health.v1 NOT_SERVING this long after
+    /// start (e.g. 10s), while still serving RPCs. SIGUSR1 flips health
+    /// between SERVING and NOT_SERVING at any time.
+    #[arg(long, value_name = "DURATION", value_parser = process::parse_duration)]
+    not_serving_after: Option<Duration>,
 }
 
 /// The servers to start, checked before anything starts.
@@ -129,6 +152,12 @@ fn plan(args: &Args) -> Result<Plan, String> {
     let metadata = parse_meta(&args.meta)?;
     validate::metadata(&metadata).map_err(|e| format!("--meta: {e}"))?;
     let ttl = validate::ttl(args.ttl_ms).map_err(|e| format!("--ttl-ms: {e}"))?;
+    let faults = Faults {
+        fail_rate: args.fail_rate,
+        fail_code: args.fail_code,
+        delay: args.delay,
+    };
+    faults.validate()?;
     let registry_token = args
         .token_file
         .as_deref()
@@ -163,6 +192,7 @@ fn plan(args: &Args) -> Result<Plan, String> {
             registry_token: registry_token.clone(),
             tls: tls.clone(),
             registry_tls: registry_tls.clone(),
+            faults,
         };
         config.validate().map_err(|e| e.to_string())?;
         configs.push(config);
@@ -194,6 +224,10 @@ async fn main() {
     let args: Args = process::parse_args();
     let plan = plan(&args).unwrap_or_else(|error| process::exit_with(&error));
     process::init_tracing();
+    // Before any server announces itself, so a drill's first SIGUSR1 cannot
+    // meet the default action (terminate).
+    let flip = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .unwrap_or_else(|e| process::exit_with(&format!("cannot handle SIGUSR1: {e}")));
 
     // Every listener first: a busy port must stop the process before any
     // server has registered.
@@ -215,7 +249,7 @@ async fn main() {
         }
     }
 
-    process::shutdown_signal().await;
+    serve_until_shutdown(&servers, flip, args.not_serving_after).await;
     tracing::info!(servers = servers.len(), "shutdown signal; draining");
     let drains =
         futures_util::future::join_all(servers.into_iter().map(EchoServerHandle::shutdown));
@@ -231,6 +265,42 @@ async fn main() {
         }
     }
     tracing::info!("echo stopped");
+}
+
+/// Waits for SIGINT or SIGTERM, meanwhile switching health as asked: NOT_SERVING
+/// once `not_serving_after` has passed, and flipped on every SIGUSR1.
+async fn serve_until_shutdown(
+    servers: &[EchoServerHandle],
+    mut flip: tokio::signal::unix::Signal,
+    not_serving_after: Option<Duration>,
+) {
+    let timed = async {
+        match not_serving_after {
+            Some(after) => tokio::time::sleep(after).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timed);
+    let mut timed_done = false;
+    let shutdown = process::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = flip.recv() => serving = !serving,
+            _ = &mut timed, if !timed_done => {
+                timed_done = true;
+                serving = false;
+            }
+        }
+        for server in servers {
+            server.set_serving(serving).await;
+        }
+        let status = if serving { "SERVING" } else { "NOT_SERVING" };
+        tracing::info!(servers = servers.len(), "health {status}");
+        println!("echo health {status}");
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +377,8 @@ mod tests {
             &["--tls-client-ca", "/nonexistent.crt"],
             &["--registry-cert", "/c.crt", "--registry-key", "/c.key"],
             &["--registry-ca", "/nonexistent.crt"],
+            &["--fail-rate", "1.5"],
+            &["--fail-rate", "-0.5"],
         ] {
             let err = plan(&args(argv)).unwrap_err();
             assert!(!err.contains('\n'), "{argv:?}: {err}");
@@ -319,5 +391,35 @@ mod tests {
         let line = process::flag_error(&err, "echo");
         assert!(!line.contains('\n') && line.contains("--ttl-ms"), "{line}");
         assert!(Args::try_parse_from(["echo", "1", "--listen", "127.0.0.1:2"]).is_err());
+        for argv in [
+            &["echo", "--fail-code", "OK"][..],
+            &["echo", "--fail-code", "SOMETIMES"],
+            &["echo", "--delay", "fast"],
+            &["echo", "--fail-rate", "half"],
+            &["echo", "--not-serving-after", "soon"],
+        ] {
+            let err = Args::try_parse_from(argv).unwrap_err();
+            let line = process::flag_error(&err, "echo");
+            assert!(!line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn fault_flags_reach_every_server() {
+        let plan = plan_of(&[
+            "1",
+            "2",
+            "--fail-rate",
+            "0.5",
+            "--fail-code",
+            "internal",
+            "--delay",
+            "50ms",
+        ]);
+        for config in &plan.configs {
+            assert_eq!(config.faults.fail_rate, 0.5);
+            assert_eq!(config.faults.fail_code, tonic::Code::Internal);
+            assert_eq!(config.faults.delay, Duration::from_millis(50));
+        }
     }
 }

@@ -33,7 +33,7 @@ pub mod server;
 pub mod service;
 
 pub use crate::registration::{bind, registry_backoff, LeaseState, ShutdownReport};
-pub use config::ServerConfig;
+pub use config::{Faults, ServerConfig};
 pub use server::EchoServerHandle;
 pub use service::EchoService;
 

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::server::NamedService;
 use tonic::service::Routes;
+use tonic_health::ServingStatus;
 
 use super::{EchoError, EchoService, LeaseState, ServerConfig, ShutdownReport};
 use crate::proto::echo::echo_server::EchoServer;
@@ -38,7 +39,9 @@ impl EchoServerHandle {
         let server = config
             .builder()
             .routes(Routes::new(reflection_v1()).add_service(reflection_v1alpha()))
-            .add_service(EchoServer::new(EchoService::new(address.as_str())))
+            .add_service(EchoServer::new(
+                EchoService::new(address.as_str()).with_faults(config.faults),
+            ))
             .serve(listener)
             .await?;
         Ok(Self { server })
@@ -66,6 +69,21 @@ impl EchoServerHandle {
     /// Follows the endpoint's lease, e.g. to wait until it is registered.
     pub fn lease_state(&self) -> watch::Receiver<LeaseState> {
         self.server.lease_state()
+    }
+
+    /// Sets what `grpc.health.v1` answers for the server (`""`) and the Echo
+    /// service, for failure drills; the process stays up and keeps serving
+    /// RPCs. A drain sets NOT_SERVING by itself.
+    pub async fn set_serving(&self, serving: bool) {
+        let health = self.server.health_reporter();
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        let echo = <EchoServer<EchoService> as NamedService>::NAME;
+        health.set_service_status(echo, status).await;
     }
 
     /// Drains the server (see [`crate::registration`] for the order) and

@@ -1,6 +1,8 @@
 //! The `grpc.examples.echo.Echo` RPCs. Every reply is
 //! `"<message> (from <addr>)"`, where addr is the address the server
 //! advertises, so a client can tell which backend the balancer picked.
+//! Every call first goes through the server's [`Faults`]: added latency,
+//! then a failure at the configured rate.
 
 use std::pin::Pin;
 use std::str::FromStr;
@@ -11,6 +13,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::config::Faults;
 use crate::proto::echo::echo_server::Echo;
 use crate::proto::echo::{EchoRequest, EchoResponse};
 
@@ -32,6 +35,8 @@ pub const MAX_STREAM_INTERVAL_MS: u64 = 60_000;
 pub struct EchoService {
     /// The advertised address every reply names.
     address: Arc<str>,
+    /// What to inject into each call.
+    faults: Faults,
 }
 
 impl EchoService {
@@ -39,7 +44,28 @@ impl EchoService {
     pub fn new(address: impl Into<Arc<str>>) -> Self {
         Self {
             address: address.into(),
+            faults: Faults::default(),
         }
+    }
+
+    /// The same service, injecting `faults` into every call.
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Applies the faults to one call: the delay, then maybe a failure.
+    async fn inject(&self) -> Result<(), Status> {
+        if !self.faults.delay.is_zero() {
+            tokio::time::sleep(self.faults.delay).await;
+        }
+        if self.faults.should_fail() {
+            return Err(Status::new(
+                self.faults.fail_code,
+                format!("injected failure (from {})", self.address),
+            ));
+        }
+        Ok(())
     }
 
     /// The reply to `message`.
@@ -59,6 +85,7 @@ impl Echo for EchoService {
         &self,
         request: Request<EchoRequest>,
     ) -> Result<Response<EchoResponse>, Status> {
+        self.inject().await?;
         Ok(Response::new(self.reply(&request.into_inner().message)))
     }
 
@@ -68,6 +95,7 @@ impl Echo for EchoService {
         &self,
         request: Request<EchoRequest>,
     ) -> Result<Response<Self::ServerStreamingEchoStream>, Status> {
+        self.inject().await?;
         let count = header(
             request.metadata(),
             COUNT_HEADER,
@@ -102,6 +130,7 @@ impl Echo for EchoService {
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<EchoResponse>, Status> {
+        self.inject().await?;
         let mut inbound = request.into_inner();
         let mut messages = Vec::new();
         while let Some(request) = inbound.message().await? {
@@ -116,6 +145,7 @@ impl Echo for EchoService {
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<Self::BidirectionalStreamingEchoStream>, Status> {
+        self.inject().await?;
         let service = self.clone();
         let replies = request
             .into_inner()
@@ -194,5 +224,20 @@ mod tests {
         for reply in replies {
             assert_eq!(reply.unwrap().message, "m (from h:1)");
         }
+    }
+
+    #[tokio::test]
+    async fn injected_failures_carry_the_configured_code() {
+        let service = EchoService::new("h:1").with_faults(Faults {
+            fail_rate: 1.0,
+            fail_code: Code::Internal,
+            delay: Duration::ZERO,
+        });
+        let request = Request::new(EchoRequest {
+            message: "m".into(),
+        });
+        let err = service.unary_echo(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+        assert!(err.message().contains("injected"), "{err}");
     }
 }
