@@ -15,6 +15,8 @@
 //! - [`memory`]: the in-memory store, the default;
 //! - [`watch`]: one Watch call's messages on the wire;
 //! - [`service`]: the gRPC service over any store;
+//! - [`xds`]: the same state served to stock gRPC clients and Envoy over
+//!   xDS (ADS);
 //! - [`server`]: the process around it (health, reflection, shutdown).
 
 pub mod auth;
@@ -28,6 +30,7 @@ pub mod service;
 pub mod store;
 pub mod validate;
 pub mod watch;
+pub mod xds;
 
 pub use error::RegistryError;
 pub use memory::MemoryStore;
