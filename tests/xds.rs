@@ -495,7 +495,7 @@ async fn ads_needs_the_read_token_and_delta_is_refused() {
         .await;
     // Unauthenticated first: the token check runs before anything else.
     assert_eq!(
-        delta.err().expect("refused").code(),
+        delta.expect_err("refused").code(),
         tonic::Code::Unauthenticated
     );
     let mut request = tonic::Request::new(tokio_stream::iter([DeltaDiscoveryRequest::default()]));
@@ -504,7 +504,7 @@ async fn ads_needs_the_read_token_and_delta_is_refused() {
         .insert("authorization", "Bearer r".parse().unwrap());
     let delta = ads.clone().delta_aggregated_resources(request).await;
     assert_eq!(
-        delta.err().expect("refused").code(),
+        delta.expect_err("refused").code(),
         tonic::Code::Unimplemented
     );
 }

@@ -332,7 +332,8 @@ impl AdsStream {
 
 /// What one turn of the stream got.
 enum Event {
-    Request(Option<Result<DiscoveryRequest, Status>>),
+    /// Boxed: a request is large next to the other events.
+    Request(Box<Option<Result<DiscoveryRequest, Status>>>),
     Update(String, Arc<Versioned>),
     Closing,
 }
@@ -369,7 +370,7 @@ pub(super) fn responses(
             let event = tokio::select! {
                 biased;
                 _ = state.closing.wait_for(|closed| *closed) => Event::Closing,
-                request = state.inbound.next() => Event::Request(request),
+                request = state.inbound.next() => Event::Request(Box::new(request)),
                 Some((service, update)) = state.stream.watches.next(),
                     if !state.stream.watches.is_empty() => Event::Update(service, update),
             };
@@ -383,19 +384,21 @@ pub(super) fn responses(
                         state,
                     ));
                 }
-                // The client closed its side: it wants nothing more.
-                Event::Request(None) => return None,
-                Event::Request(Some(Err(status))) => {
-                    tracing::debug!(%status, "ADS stream broke");
-                    state.ended = true;
-                    return Some((Err(status), state));
-                }
-                Event::Request(Some(Ok(request))) => {
-                    if let Err(status) = state.stream.on_request(request).await {
+                Event::Request(request) => match *request {
+                    // The client closed its side: it wants nothing more.
+                    None => return None,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "ADS stream broke");
                         state.ended = true;
                         return Some((Err(status), state));
                     }
-                }
+                    Some(Ok(request)) => {
+                        if let Err(status) = state.stream.on_request(request).await {
+                            state.ended = true;
+                            return Some((Err(status), state));
+                        }
+                    }
+                },
                 Event::Update(service, update) => {
                     state.stream.on_update(&service, &update);
                     // Takes in every change already waiting, so a burst
