@@ -13,6 +13,8 @@
 //!    registry?
 //! 5. [`balancer`]: what does a client pay when 1,000 endpoints appear at
 //!    once, and what does the endpoint count add to each RPC?
+//! 6. [`xds`]: how quickly does a change reach xDS subscribers, next to
+//!    native watchers at the same count?
 //!
 //! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
 //! just finish). Name sections (`-- fanout churn`) to run only those.
@@ -26,13 +28,14 @@ mod fanout;
 mod pki;
 mod procs;
 mod stats;
+mod xds;
 
 use std::time::Duration;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sections, in order, by the name that selects them.
-const SECTIONS: [&str; 5] = ["datapath", "failover", "fanout", "churn", "balancer"];
+const SECTIONS: [&str; 6] = ["datapath", "failover", "fanout", "churn", "balancer", "xds"];
 
 fn main() {
     // `cargo bench` adds `--bench`; it means nothing here.
@@ -99,6 +102,9 @@ fn main() {
         }
         if runs("balancer") {
             balancer::run(&balancer_config(smoke)).await?;
+        }
+        if runs("xds") {
+            xds::run(&xds_config(smoke)).await?;
         }
         Ok(())
     });
@@ -179,5 +185,13 @@ fn balancer_config(smoke: bool) -> balancer::Config {
             rounds: 10,
             calls_per_round: 2_000,
         }
+    }
+}
+
+fn xds_config(smoke: bool) -> xds::Config {
+    xds::Config {
+        subscribers: if smoke { vec![10] } else { vec![1_000] },
+        connections: 8,
+        changes: if smoke { 2 } else { 10 },
     }
 }

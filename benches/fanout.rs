@@ -30,10 +30,10 @@ pub struct Config {
     pub changes: usize,
 }
 
-const SERVICE: &str = "bench.fanout";
+pub(crate) const SERVICE: &str = "bench.fanout";
 
 /// What a watcher tells the harness.
-enum Seen {
+pub(crate) enum Seen {
     /// Its first message (the snapshot) arrived.
     Snapshot,
     /// A delta added this address.
@@ -41,7 +41,10 @@ enum Seen {
 }
 
 /// Opens a watch and reports what it sees until aborted.
-async fn watcher(mut client: RegistryClient<Channel>, seen: mpsc::UnboundedSender<Seen>) {
+pub(crate) async fn watcher(
+    mut client: RegistryClient<Channel>,
+    seen: mpsc::UnboundedSender<Seen>,
+) {
     let Ok(response) = client
         .watch(WatchRequest {
             service: SERVICE.into(),
@@ -67,7 +70,7 @@ async fn watcher(mut client: RegistryClient<Channel>, seen: mpsc::UnboundedSende
     }
 }
 
-async fn connect(registry: &str) -> Result<Channel, BoxError> {
+pub(crate) async fn connect(registry: &str) -> Result<Channel, BoxError> {
     Ok(Endpoint::from_shared(format!("http://{registry}"))?
         .connect()
         .await?)

@@ -2,8 +2,8 @@
 //!
 //! With a write token configured, Register, KeepAlive, Drain and Deregister
 //! need `authorization: Bearer <token>`; with a read token, so do Watch,
-//! Resolve and ListServices (the write token also reads). Health and
-//! reflection stay open. Tokens come from files, never the command line
+//! Resolve and ListServices (the write token also reads), and so do xDS
+//! (ADS) streams, which only read. Health and reflection stay open. Tokens come from files, never the command line
 //! where `ps` shows them, and are compared in constant time.
 
 use std::fmt;
@@ -83,10 +83,13 @@ pub struct AccessTokens {
 impl AccessTokens {
     /// Checks the request for `path` against the tokens.
     fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<(), Status> {
-        let Some(method) = path.strip_prefix(REGISTRY_PATH) else {
+        let (method, write) = if let Some(method) = path.strip_prefix(REGISTRY_PATH) {
+            (method, WRITE_METHODS.contains(&method))
+        } else if let Some(method) = path.strip_prefix(super::xds::ADS_PATH) {
+            (method, false)
+        } else {
             return Ok(());
         };
-        let write = WRITE_METHODS.contains(&method);
         let accepted: Vec<&Token> = if write {
             self.write.iter().collect()
         } else {
@@ -217,6 +220,11 @@ mod tests {
         assert!(tokens
             .check("/grpc.health.v1.Health/Check", &headers(None))
             .is_ok());
+        let ads =
+            "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+        assert!(tokens.check(ads, &headers(None)).is_err());
+        assert!(tokens.check(ads, &headers(Some("r"))).is_ok());
+        assert!(tokens.check(ads, &headers(Some("w"))).is_ok());
     }
 
     #[test]

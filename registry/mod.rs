@@ -18,6 +18,8 @@
 //! - [`memory`]: the in-memory store, the default;
 //! - [`watch`]: one Watch call's messages on the wire;
 //! - [`service`]: the gRPC service over any store;
+//! - [`xds`]: the same state served to stock gRPC clients and Envoy over
+//!   xDS (ADS);
 //! - [`server`]: the process around it (health, reflection, shutdown).
 
 pub mod auth;
@@ -39,6 +41,8 @@ pub mod store;
 pub mod validate;
 #[cfg(feature = "registry")]
 pub mod watch;
+#[cfg(feature = "registry")]
+pub mod xds;
 
 pub use error::RegistryError;
 #[cfg(feature = "registry")]

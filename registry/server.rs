@@ -1,5 +1,5 @@
-//! The registry process around the gRPC service: health, reflection,
-//! HTTP/2 keepalive and graceful shutdown.
+//! The registry process around the gRPC service: health, reflection, the
+//! xDS (ADS) service, HTTP/2 keepalive and graceful shutdown.
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -11,6 +11,7 @@ use tonic::transport::Server;
 
 use super::auth::{AccessTokens, RequireTokensLayer};
 use super::message_size::MessageSizeLayer;
+use super::xds::AdsService;
 use super::Registry;
 use crate::authority_repair::repair_authorities;
 use crate::proto::registry::registry_server::RegistryServer;
@@ -97,6 +98,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let registry = Registry::new(&config);
+    // xDS clients read the same store, through the same layers (tokens,
+    // message size) and TLS as Watch.
+    let ads = AdsService::new(registry.store().clone(), &config);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RegistryServer<Registry>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -106,11 +110,13 @@ pub async fn serve(
         .expect("the compiled-in descriptor sets are valid");
     tracing::info!(epoch = registry.epoch(), "registry started");
     let closer = registry.clone();
+    let ads_closer = ads.clone();
     let (began, shutdown_began) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down: ending watch and keepalive streams");
         closer.close_streams();
+        ads_closer.close_streams();
         let _ = began.send(());
     };
     let mut server = Server::builder();
@@ -144,6 +150,7 @@ pub async fn serve(
             RegistryServer::new(registry)
                 .max_decoding_message_size(config.max_message_bytes.saturating_add(1)),
         )
+        .add_service(ads.into_server(config.max_message_bytes))
         .serve_with_incoming_shutdown(
             repair_authorities(TcpIncoming::from(listener), config.tls.is_none()),
             shutdown,

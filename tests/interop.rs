@@ -15,14 +15,16 @@
 #![cfg(feature = "cli")]
 
 mod common;
+#[path = "common/python.rs"]
+mod python;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
+use python::python_with_grpcio;
 use switchboard::client::{BalancedChannel, PolicyKind};
 use switchboard::proto::echo::echo_client::EchoClient;
 use tokio::time::Instant;
@@ -62,52 +64,6 @@ async fn python_grpcio_calls_every_rpc_shape() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines, expected, "python client output:\n{stdout}");
 }
-
-/// The PYTHONPATH under which `python3` imports grpcio and grpc_tools,
-/// installing them under the target directory if needed; `None` without
-/// python3 at all.
-fn python_with_grpcio() -> Option<PathBuf> {
-    let imports = |path: &PathBuf| {
-        Command::new("python3")
-            .args([
-                "-c",
-                &format!("import grpc, grpc_tools, sys; sys.exit(grpc.__version__ != '{GRPCIO}')"),
-            ])
-            .env("PYTHONPATH", path)
-            .status()
-    };
-    let local = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pydeps");
-    match imports(&local) {
-        Err(_) => return None,
-        Ok(status) if status.success() => return Some(local),
-        Ok(_) => {}
-    }
-    let install = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--upgrade",
-            "--target",
-        ])
-        .arg(&local)
-        .arg(format!("grpcio=={GRPCIO}"))
-        .arg("grpcio-tools==1.85.1")
-        .output()
-        .expect("run pip");
-    assert!(
-        install.status.success(),
-        "installing grpcio-tools under {} failed:\n{}",
-        local.display(),
-        String::from_utf8_lossy(&install.stderr)
-    );
-    Some(local)
-}
-
-/// The grpcio version the tests pin (with grpcio-tools 1.85.1).
-const GRPCIO: &str = "1.85.3";
 
 /// Path of a Python script under `tests/interop/`.
 fn script(name: &str) -> String {

@@ -1,0 +1,416 @@
+//! One ADS stream, state-of-the-world.
+//!
+//! The client subscribes per type URL by naming resources; every request
+//! of a type carries its whole name list. The stream answers a type when
+//! the client first asks for it, when its name list changes, and when what
+//! the registry holds for those names changes, and at no other time: an
+//! ACK or a NACK alone is never answered, so a client that rejects a
+//! version is not sent it again in a loop (the next change brings a new
+//! one).
+//!
+//! Each response carries a fresh nonce. A request whose nonce is not the
+//! latest one sent for its type answers an older response and is ignored:
+//! the client will answer the latest one too, with its current names.
+//!
+//! A response's version is the registry version of its services, in name
+//! order and joined by commas (a single service's version for the usual
+//! one-name subscription). A response waits until every name of its type
+//! has its first snapshot from the store, so a subscriber is never told
+//! that a service which exists does not.
+//!
+//! No task: the response stream reads the request stream and the store
+//! watches itself, so everything of a stream goes when hyper drops it.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use futures_util::{FutureExt, Stream, StreamExt};
+use tokio_stream::StreamMap;
+use tonic::{Status, Streaming};
+
+use super::resources::{resource, Kind};
+use super::Shared;
+use crate::discovery::{EndpointSet, Update, Versioned};
+use crate::registry::limits::WatchSlot;
+use crate::registry::store::UpdateStream;
+use crate::registry::validate;
+
+/// Most distinct service names one stream may subscribe to, over all types:
+/// each is a store watch.
+pub const MAX_NAMES_PER_STREAM: usize = 1024;
+
+/// One ADS stream's state.
+pub struct AdsStream {
+    shared: Arc<Shared>,
+    /// The stream's share of the ADS stream cap, given back on drop.
+    _slot: WatchSlot,
+    /// For logs.
+    peer: Option<SocketAddr>,
+    /// The client's node id, from its first request that names one.
+    node: String,
+    /// By type URL.
+    subscriptions: HashMap<String, Subscription>,
+    /// Every service some served type names.
+    services: HashMap<String, ServiceView>,
+    /// The store's changes of each of `services` with a valid name.
+    watches: StreamMap<String, UpdateStream>,
+    /// Numbers responses; a nonce is unique within the stream.
+    next_nonce: u64,
+}
+
+/// What the client asked of one type, and what it was last sent.
+struct Subscription {
+    kind: Kind,
+    /// The names of the client's latest request.
+    names: BTreeSet<String>,
+    /// The latest response of this type.
+    sent: Option<Sent>,
+    /// A response is due whatever the registry holds: the client's first
+    /// request of the type, or its names changed.
+    owed: bool,
+    /// The version last NACKed, so each rejection is logged once.
+    nacked: Option<String>,
+}
+
+/// A response as sent.
+struct Sent {
+    nonce: String,
+    version: String,
+    /// What it said of each name; the type is answered again when this
+    /// changes.
+    facts: Vec<(String, Fact)>,
+}
+
+/// What a response said of one name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fact {
+    /// LDS, RDS, CDS: whether the resource exists (its content depends on
+    /// nothing else, so endpoint changes do not resend it).
+    Exists(bool),
+    /// EDS: the version of the endpoints sent.
+    Version(u64),
+}
+
+/// One service as this stream follows it.
+struct ServiceView {
+    set: EndpointSet,
+    /// The version of `set`; `None` until the store's first snapshot.
+    version: Option<u64>,
+}
+
+impl AdsStream {
+    /// A stream with no subscriptions yet.
+    pub(super) fn new(shared: Arc<Shared>, slot: WatchSlot, peer: Option<SocketAddr>) -> Self {
+        Self {
+            shared,
+            _slot: slot,
+            peer,
+            node: String::new(),
+            subscriptions: HashMap::new(),
+            services: HashMap::new(),
+            watches: StreamMap::new(),
+            next_nonce: 1,
+        }
+    }
+
+    /// Takes one request: an ACK, a NACK, a first request of a type or a
+    /// change of its names.
+    async fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+        if self.node.is_empty() {
+            if let Some(node) = &request.node {
+                self.node = node.id.clone();
+            }
+        }
+        if request.type_url.is_empty() {
+            return Err(Status::invalid_argument(
+                "DiscoveryRequest without a type_url: name the resource type to subscribe to",
+            ));
+        }
+        let kind = Kind::of(&request.type_url);
+        let subscription = self
+            .subscriptions
+            .entry(request.type_url.clone())
+            .or_insert_with(|| Subscription {
+                kind,
+                names: BTreeSet::new(),
+                sent: None,
+                owed: false,
+                nacked: None,
+            });
+        if request.response_nonce.is_empty() {
+            // The first request of this type on this stream.
+            subscription.owed = true;
+        } else {
+            let Some(sent) = subscription
+                .sent
+                .as_ref()
+                .filter(|sent| sent.nonce == request.response_nonce)
+            else {
+                tracing::debug!(type_url = %request.type_url, nonce = %request.response_nonce, "request answers an older response; ignored");
+                return Ok(());
+            };
+            match &request.error_detail {
+                Some(error) => {
+                    if subscription.nacked.as_ref() != Some(&sent.version) {
+                        tracing::warn!(
+                            node = %self.node,
+                            peer = ?self.peer,
+                            type_url = %request.type_url,
+                            version = %sent.version,
+                            error = %error.message,
+                            "xDS client rejected (NACKed) a response; it is not resent, the next change sends a new version"
+                        );
+                        subscription.nacked = Some(sent.version.clone());
+                    }
+                }
+                None => {
+                    tracing::trace!(type_url = %request.type_url, version = %request.version_info, "ACK");
+                }
+            }
+        }
+        let names: BTreeSet<String> = request.resource_names.into_iter().collect();
+        if names != subscription.names {
+            subscription.names = names;
+            subscription.owed = true;
+            if kind.is_served() {
+                self.follow_named_services().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens a store watch for each newly named service and drops those no
+    /// type names any more.
+    async fn follow_named_services(&mut self) -> Result<(), Status> {
+        let wanted: BTreeSet<&String> = self
+            .subscriptions
+            .values()
+            .filter(|s| s.kind.is_served())
+            .flat_map(|s| s.names.iter())
+            .collect();
+        if wanted.len() > MAX_NAMES_PER_STREAM {
+            return Err(Status::resource_exhausted(format!(
+                "an ADS stream may name at most {MAX_NAMES_PER_STREAM} services; open another stream"
+            )));
+        }
+        let gone: Vec<String> = self
+            .services
+            .keys()
+            .filter(|name| !wanted.contains(name))
+            .cloned()
+            .collect();
+        let new: Vec<String> = wanted
+            .into_iter()
+            .filter(|name| !self.services.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.services.remove(&name);
+            self.watches.remove(&name);
+        }
+        for name in new {
+            if validate::service_name(&name).is_err() {
+                // No service can have this name: it exists never, at once.
+                let mut set = EndpointSet::new();
+                set.apply(Update::Reset(Vec::new()));
+                self.services.insert(
+                    name,
+                    ServiceView {
+                        set,
+                        version: Some(0),
+                    },
+                );
+                continue;
+            }
+            let updates = self.shared.store.watch(&name, None).await?;
+            self.watches.insert(name.clone(), updates);
+            self.services.insert(
+                name,
+                ServiceView {
+                    set: EndpointSet::new(),
+                    version: None,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies one store update of `service`.
+    fn on_update(&mut self, service: &str, update: &Versioned) {
+        let Some(view) = self.services.get_mut(service) else {
+            return;
+        };
+        let applied = view.set.apply_versioned(update.clone());
+        if !applied.anomalies.is_empty() {
+            tracing::debug!(%service, anomalies = ?applied.anomalies, "store update did not fit");
+        }
+        view.version = Some(update.version);
+    }
+
+    /// Queues a response for every type that is owed one or whose services
+    /// changed, once all its services have their first snapshot.
+    fn respond(&mut self, out: &mut VecDeque<DiscoveryResponse>) {
+        for (type_url, subscription) in &mut self.subscriptions {
+            let kind = subscription.kind;
+            let mut facts = Vec::with_capacity(subscription.names.len());
+            for name in &subscription.names {
+                let fact = if kind.is_served() {
+                    let Some((view, version)) = self
+                        .services
+                        .get(name)
+                        .and_then(|view| Some((view, view.version?)))
+                    else {
+                        // Still waiting for the store's first snapshot.
+                        break;
+                    };
+                    match kind {
+                        Kind::Endpoints => Fact::Version(version),
+                        _ => Fact::Exists(!view.set.is_empty()),
+                    }
+                } else {
+                    Fact::Exists(false)
+                };
+                facts.push((name.clone(), fact));
+            }
+            if facts.len() != subscription.names.len() {
+                continue;
+            }
+            let changed = subscription
+                .sent
+                .as_ref()
+                .is_none_or(|sent| sent.facts != facts);
+            if !subscription.owed && !changed {
+                continue;
+            }
+            let versions: Vec<String> = subscription
+                .names
+                .iter()
+                .map(|name| {
+                    self.services
+                        .get(name)
+                        .and_then(|view| view.version)
+                        .unwrap_or(0)
+                        .to_string()
+                })
+                .collect();
+            let version = if versions.is_empty() {
+                "0".to_owned()
+            } else {
+                versions.join(",")
+            };
+            let shared = &self.shared;
+            let resources = subscription
+                .names
+                .iter()
+                .filter_map(|name| {
+                    let view = self.services.get(name)?;
+                    resource(kind, name, &view.set, &mut |endpoint| {
+                        shared.refuse(endpoint)
+                    })
+                })
+                .collect();
+            let nonce = self.next_nonce.to_string();
+            self.next_nonce += 1;
+            out.push_back(DiscoveryResponse {
+                version_info: version.clone(),
+                resources,
+                type_url: type_url.clone(),
+                nonce: nonce.clone(),
+                ..Default::default()
+            });
+            subscription.sent = Some(Sent {
+                nonce,
+                version,
+                facts,
+            });
+            subscription.owed = false;
+        }
+    }
+}
+
+/// What one turn of the stream got.
+enum Event {
+    /// Boxed: a request is large next to the other events.
+    Request(Box<Option<Result<DiscoveryRequest, Status>>>),
+    Update(String, Arc<Versioned>),
+    Closing,
+}
+
+/// The responses of one ADS stream: reads `inbound` and the store, until
+/// the client ends its side, the stream breaks, or `closing` turns true.
+pub(super) fn responses(
+    stream: AdsStream,
+    inbound: Streaming<DiscoveryRequest>,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> impl Stream<Item = Result<DiscoveryResponse, Status>> + Send + 'static {
+    struct State {
+        stream: AdsStream,
+        inbound: Streaming<DiscoveryRequest>,
+        closing: tokio::sync::watch::Receiver<bool>,
+        queued: VecDeque<DiscoveryResponse>,
+        ended: bool,
+    }
+    let state = State {
+        stream,
+        inbound,
+        closing,
+        queued: VecDeque::new(),
+        ended: false,
+    };
+    futures_util::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(response) = state.queued.pop_front() {
+                return Some((Ok(response), state));
+            }
+            if state.ended {
+                return None;
+            }
+            let event = tokio::select! {
+                biased;
+                _ = state.closing.wait_for(|closed| *closed) => Event::Closing,
+                request = state.inbound.next() => Event::Request(Box::new(request)),
+                Some((service, update)) = state.stream.watches.next(),
+                    if !state.stream.watches.is_empty() => Event::Update(service, update),
+            };
+            match event {
+                Event::Closing => {
+                    state.ended = true;
+                    return Some((
+                        Err(Status::unavailable(
+                            "registry shutting down; reconnect to another instance",
+                        )),
+                        state,
+                    ));
+                }
+                Event::Request(request) => match *request {
+                    // The client closed its side: it wants nothing more.
+                    None => return None,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "ADS stream broke");
+                        state.ended = true;
+                        return Some((Err(status), state));
+                    }
+                    Some(Ok(request)) => {
+                        if let Err(status) = state.stream.on_request(request).await {
+                            state.ended = true;
+                            return Some((Err(status), state));
+                        }
+                    }
+                },
+                Event::Update(service, update) => {
+                    state.stream.on_update(&service, &update);
+                    // Takes in every change already waiting, so a burst
+                    // becomes one response per type.
+                    while let Some(Some((service, update))) =
+                        state.stream.watches.next().now_or_never()
+                    {
+                        state.stream.on_update(&service, &update);
+                    }
+                }
+            }
+            state.stream.respond(&mut state.queued);
+        }
+    })
+}

@@ -1,0 +1,818 @@
+//! The registry as an xDS server (issue 13).
+//!
+//! - A minimal ADS client (tonic, envoy-types) against an in-process
+//!   registry checks the protocol: resources per type, versions that follow
+//!   the registry, nonces, ACK and NACK, stale nonces, unknown resources and
+//!   types, the read token.
+//! - A stock grpcio client (Python, pinned) with an `xds:///` target against
+//!   the registry and echo processes checks what users see: calls spread
+//!   over the backends, a SIGKILLed backend loses only its in-flight RPCs, a
+//!   new backend gets traffic within a second, a SIGTERM drain fails nothing.
+
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
+mod common;
+#[path = "common/python.rs"]
+mod python;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
+use envoy_types::pb::envoy::config::core::v3::{address, HealthStatus, Node};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
+use switchboard::proto::registry::registry_client::RegistryClient;
+use switchboard::proto::registry::{
+    DeregisterRequest, DrainRequest, RegisterRequest, ResolveRequest,
+};
+use switchboard::registry::auth::{AccessTokens, Token};
+use switchboard::registry::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
+use switchboard::registry::RegistryConfig;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// How long a response may take before the test fails (never waited out
+/// when the server keeps the protocol).
+const RESPONSE: Duration = Duration::from_secs(10);
+
+/// A minimal ADS client: one stream, requests in, responses out.
+struct Ads {
+    requests: mpsc::Sender<DiscoveryRequest>,
+    responses: tonic::Streaming<DiscoveryResponse>,
+}
+
+impl Ads {
+    async fn open(registry: &str) -> Result<Self, tonic::Status> {
+        let channel = Channel::from_shared(format!("http://{registry}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        Self::open_on(AggregatedDiscoveryServiceClient::new(channel), None).await
+    }
+
+    async fn open_on(
+        mut client: AggregatedDiscoveryServiceClient<Channel>,
+        token: Option<&str>,
+    ) -> Result<Self, tonic::Status> {
+        let (requests, outbound) = mpsc::channel(16);
+        let mut request = tonic::Request::new(ReceiverStream::new(outbound));
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        // The first request goes out with the call, so a refused call
+        // reports its status here.
+        requests
+            .send(subscribe(LISTENER, &[], "", ""))
+            .await
+            .unwrap();
+        let responses = client
+            .stream_aggregated_resources(request)
+            .await?
+            .into_inner();
+        Ok(Self {
+            requests,
+            responses,
+        })
+    }
+
+    async fn send(&self, request: DiscoveryRequest) {
+        self.requests.send(request).await.expect("stream open");
+    }
+
+    async fn next(&mut self) -> DiscoveryResponse {
+        tokio::time::timeout(RESPONSE, self.responses.message())
+            .await
+            .expect("a response in time")
+            .expect("stream healthy")
+            .expect("stream open")
+    }
+}
+
+/// A request of `type_url` for `names`, answering `nonce` at `version`.
+fn subscribe(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version.into(),
+        node: Some(Node {
+            id: "xds-test".into(),
+            ..Default::default()
+        }),
+        resource_names: names.iter().map(|n| n.to_string()).collect(),
+        type_url: type_url.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+/// `request` turned into a NACK.
+fn nack(mut request: DiscoveryRequest) -> DiscoveryRequest {
+    request.error_detail = Some(RpcStatus {
+        code: 3,
+        message: "test rejects this".into(),
+        details: Vec::new(),
+    });
+    request
+}
+
+fn decode<T: Message + Default>(response: &DiscoveryResponse) -> Vec<T> {
+    response
+        .resources
+        .iter()
+        .map(|any| T::decode(&*any.value).expect("decodes"))
+        .collect()
+}
+
+/// The (address, health, weight) of every endpoint of an assignment.
+fn endpoints_of(assignment: &ClusterLoadAssignment) -> Vec<(String, i32, Option<u32>)> {
+    let mut out = Vec::new();
+    for locality in &assignment.endpoints {
+        for lb in &locality.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &lb.host_identifier else {
+                panic!("an endpoint: {lb:?}");
+            };
+            let Some(address::Address::SocketAddress(socket)) =
+                endpoint.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
+                panic!("a socket address: {endpoint:?}");
+            };
+            let port = match socket.port_specifier {
+                Some(
+                    envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                        port,
+                    ),
+                ) => port,
+                _ => panic!("a port: {socket:?}"),
+            };
+            out.push((
+                format!("{}:{port}", socket.address),
+                lb.health_status,
+                lb.load_balancing_weight.as_ref().map(|w| w.value),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Registers `address` under `service` for a minute; returns the lease.
+async fn register(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+    address: &str,
+    metadata: &[(&str, &str)],
+) -> String {
+    client
+        .register(RegisterRequest {
+            service: service.into(),
+            address: address.into(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+            ttl_ms: 60_000,
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .lease_id
+}
+
+/// The registry's version of `service` now.
+async fn version_of(client: &mut RegistryClient<Channel>, service: &str) -> String {
+    client
+        .resolve(ResolveRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("resolve")
+        .into_inner()
+        .version
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ads_protocol_resources_versions_nonces_ack_and_nack() {
+    const OTHER: &str = "other.example.grpc.io";
+    let registry = serve_registry(RegistryConfig::default()).await;
+    let mut client = registry_client(&registry, STARTUP).await;
+    let a = register(&mut client, SERVICE, "127.0.0.1:1001", &[("weight", "3")]).await;
+    // A host name cannot be sent to gRPC clients: it is left out.
+    register(&mut client, SERVICE, "backend.internal:1003", &[]).await;
+    let mut ads = Ads::open(&registry).await.expect("open");
+
+    // The opening request names no listener: an empty LDS answer.
+    let empty = ads.next().await;
+    assert_eq!(empty.type_url, LISTENER);
+    assert!(empty.resources.is_empty());
+
+    // LDS: the service exists, OTHER does not and is left out (A27).
+    ads.send(subscribe(
+        LISTENER,
+        &[SERVICE, OTHER],
+        &empty.version_info,
+        &empty.nonce,
+    ))
+    .await;
+    let lds = ads.next().await;
+    assert_eq!(lds.type_url, LISTENER);
+    let listeners: Vec<Listener> = decode(&lds);
+    assert_eq!(
+        listeners
+            .iter()
+            .map(|l| l.name.as_str())
+            .collect::<Vec<_>>(),
+        [SERVICE]
+    );
+    assert!(listeners[0].api_listener.is_some());
+    assert_ne!(lds.nonce, empty.nonce, "every response has a fresh nonce");
+    let service_version = version_of(&mut client, SERVICE).await;
+    assert!(
+        lds.version_info.split(',').any(|v| v == service_version),
+        "version {} follows the registry's {service_version}",
+        lds.version_info
+    );
+    // ACK: answered by nothing. The CDS request after it is answered next,
+    // which proves the ACK drew no response.
+    ads.send(subscribe(
+        LISTENER,
+        &[SERVICE, OTHER],
+        &lds.version_info,
+        &lds.nonce,
+    ))
+    .await;
+    ads.send(subscribe(CLUSTER, &[SERVICE], "", "")).await;
+    let cds = ads.next().await;
+    assert_eq!(cds.type_url, CLUSTER);
+    let clusters: Vec<XdsCluster> = decode(&cds);
+    assert_eq!(clusters.len(), 1);
+    assert_eq!(clusters[0].name, SERVICE);
+    assert_eq!(
+        clusters[0].cluster_discovery_type,
+        Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32))
+    );
+    assert_eq!(cds.version_info, service_version);
+    ads.send(subscribe(
+        CLUSTER,
+        &[SERVICE],
+        &cds.version_info,
+        &cds.nonce,
+    ))
+    .await;
+
+    // EDS: the version is the registry's; weight and health carried.
+    ads.send(subscribe(ENDPOINTS, &[SERVICE], "", "")).await;
+    let eds = ads.next().await;
+    assert_eq!(eds.type_url, ENDPOINTS);
+    assert_eq!(eds.version_info, service_version);
+    let assignments: Vec<ClusterLoadAssignment> = decode(&eds);
+    assert_eq!(assignments.len(), 1);
+    assert_eq!(
+        endpoints_of(&assignments[0]),
+        [(
+            "127.0.0.1:1001".to_string(),
+            HealthStatus::Healthy as i32,
+            Some(3)
+        )]
+    );
+
+    // NACK: logged, not resent. The LDS change after it is answered next.
+    ads.send(nack(subscribe(ENDPOINTS, &[SERVICE], "", &eds.nonce)))
+        .await;
+    ads.send(subscribe(
+        LISTENER,
+        &[SERVICE],
+        &lds.version_info,
+        &lds.nonce,
+    ))
+    .await;
+    let lds2 = ads.next().await;
+    assert_eq!(lds2.type_url, LISTENER, "the NACKed EDS was not resent");
+    assert_eq!(decode::<Listener>(&lds2).len(), 1);
+
+    // A change of the registry brings a new EDS version within the stream.
+    let b = register(&mut client, SERVICE, "127.0.0.1:1002", &[]).await;
+    let eds2 = ads.next().await;
+    assert_eq!(eds2.type_url, ENDPOINTS, "only EDS changes with endpoints");
+    assert_eq!(eds2.version_info, version_of(&mut client, SERVICE).await);
+    assert_ne!(eds2.version_info, eds.version_info);
+    assert_eq!(
+        endpoints_of(&decode::<ClusterLoadAssignment>(&eds2)[0]).len(),
+        2
+    );
+
+    // A request answering an older response is ignored: this one would
+    // subscribe OTHER, but its nonce is stale. The LDS change after it is
+    // answered next, and EDS still covers one name.
+    ads.send(subscribe(ENDPOINTS, &[SERVICE, OTHER], "", &eds.nonce))
+        .await;
+    ads.send(subscribe(
+        LISTENER,
+        &[SERVICE, OTHER],
+        &lds2.version_info,
+        &lds2.nonce,
+    ))
+    .await;
+    let lds3 = ads.next().await;
+    assert_eq!(lds3.type_url, LISTENER, "the stale EDS request was ignored");
+    ads.send(subscribe(
+        LISTENER,
+        &[SERVICE, OTHER],
+        &lds3.version_info,
+        &lds3.nonce,
+    ))
+    .await;
+
+    // EDS of a service that does not exist: an empty assignment.
+    ads.send(subscribe(
+        ENDPOINTS,
+        &[SERVICE, OTHER],
+        &eds2.version_info,
+        &eds2.nonce,
+    ))
+    .await;
+    let eds3 = ads.next().await;
+    assert_eq!(eds3.type_url, ENDPOINTS);
+    let assignments: BTreeMap<String, ClusterLoadAssignment> = decode(&eds3)
+        .into_iter()
+        .map(|a: ClusterLoadAssignment| (a.cluster_name.clone(), a))
+        .collect();
+    assert!(assignments[OTHER].endpoints.is_empty());
+    assert_eq!(endpoints_of(&assignments[SERVICE]).len(), 2);
+    ads.send(subscribe(
+        ENDPOINTS,
+        &[SERVICE, OTHER],
+        &eds3.version_info,
+        &eds3.nonce,
+    ))
+    .await;
+
+    // OTHER comes into existence: its listener appears (and its EDS).
+    register(&mut client, OTHER, "127.0.0.1:2001", &[]).await;
+    let mut seen = BTreeMap::new();
+    while seen.len() < 2 {
+        let response = ads.next().await;
+        seen.insert(response.type_url.clone(), response);
+    }
+    assert_eq!(decode::<Listener>(&seen[LISTENER]).len(), 2);
+    for response in seen.values() {
+        ads.send(subscribe(
+            &response.type_url,
+            &[SERVICE, OTHER],
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await;
+    }
+
+    // Drain: DRAINING in EDS, nothing else resent.
+    client
+        .drain(DrainRequest {
+            lease_id: b.clone(),
+        })
+        .await
+        .expect("drain");
+    let eds4 = ads.next().await;
+    assert_eq!(eds4.type_url, ENDPOINTS);
+    let assignments: BTreeMap<String, ClusterLoadAssignment> = decode(&eds4)
+        .into_iter()
+        .map(|a: ClusterLoadAssignment| (a.cluster_name.clone(), a))
+        .collect();
+    assert!(endpoints_of(&assignments[SERVICE]).contains(&(
+        "127.0.0.1:1002".to_string(),
+        HealthStatus::Draining as i32,
+        None
+    )));
+    ads.send(subscribe(
+        ENDPOINTS,
+        &[SERVICE, OTHER],
+        &eds4.version_info,
+        &eds4.nonce,
+    ))
+    .await;
+
+    // Leaving IP endpoints change EDS only: the host-name endpoint keeps
+    // the service in existence.
+    for lease in [a, b] {
+        client
+            .deregister(DeregisterRequest { lease_id: lease })
+            .await
+            .expect("deregister");
+    }
+    // Unknown type URLs get an answer with no resources.
+    let secrets = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    ads.send(subscribe(secrets, &["x"], "", "")).await;
+    let mut secret = None;
+    while secret.is_none() {
+        let response = ads.next().await;
+        if response.type_url == secrets {
+            secret = Some(response);
+        }
+    }
+    assert!(secret.unwrap().resources.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_endpoints_loses_its_listener_and_cluster() {
+    let registry = serve_registry(RegistryConfig::default()).await;
+    let mut client = registry_client(&registry, STARTUP).await;
+    let lease = register(&mut client, SERVICE, "127.0.0.1:1001", &[]).await;
+    let mut ads = Ads::open(&registry).await.expect("open");
+    let first = ads.next().await;
+    ads.send(subscribe(
+        LISTENER,
+        &[SERVICE],
+        &first.version_info,
+        &first.nonce,
+    ))
+    .await;
+    let lds = ads.next().await;
+    assert_eq!(decode::<Listener>(&lds).len(), 1);
+    ads.send(subscribe(
+        LISTENER,
+        &[SERVICE],
+        &lds.version_info,
+        &lds.nonce,
+    ))
+    .await;
+    client
+        .deregister(DeregisterRequest { lease_id: lease })
+        .await
+        .expect("deregister");
+    let gone = ads.next().await;
+    assert_eq!(gone.type_url, LISTENER);
+    assert!(
+        gone.resources.is_empty(),
+        "a missing listener means deleted"
+    );
+    assert_eq!(gone.version_info, version_of(&mut client, SERVICE).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ads_needs_the_read_token_and_delta_is_refused() {
+    let registry = serve_registry(RegistryConfig {
+        tokens: AccessTokens {
+            write: Some(Token::new("w").unwrap()),
+            read: Some(Token::new("r").unwrap()),
+        },
+        ..Default::default()
+    })
+    .await;
+    let channel = Channel::from_shared(format!("http://{registry}"))
+        .unwrap()
+        .connect_lazy();
+    let ads = AggregatedDiscoveryServiceClient::new(channel);
+    let refused = Ads::open_on(ads.clone(), None)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let wrong = Ads::open_on(ads.clone(), Some("nope"))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(wrong.code(), tonic::Code::Unauthenticated, "{wrong:?}");
+    let mut open = Ads::open_on(ads.clone(), Some("r"))
+        .await
+        .expect("read token");
+    assert_eq!(open.next().await.type_url, LISTENER);
+
+    let delta = ads
+        .clone()
+        .delta_aggregated_resources(tonic::Request::new(tokio_stream::iter([
+            DeltaDiscoveryRequest::default(),
+        ])))
+        .await;
+    // Unauthenticated first: the token check runs before anything else.
+    assert_eq!(
+        delta.expect_err("refused").code(),
+        tonic::Code::Unauthenticated
+    );
+    let mut request = tonic::Request::new(tokio_stream::iter([DeltaDiscoveryRequest::default()]));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer r".parse().unwrap());
+    let delta = ads.clone().delta_aggregated_resources(request).await;
+    assert_eq!(
+        delta.expect_err("refused").code(),
+        tonic::Code::Unimplemented
+    );
+}
+
+// --- A stock grpcio client over xDS, against real processes. ---
+
+/// Python xDS tests measure in milliseconds; run them one at a time so they
+/// do not compete for the two cores with each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Concurrent RPCs the grpcio client keeps going.
+const WORKERS: usize = 4;
+
+/// CLOCK_MONOTONIC in milliseconds, the clock the Python client stamps its
+/// RPCs with.
+fn now_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as f64 * 1000.0 + ts.tv_nsec as f64 / 1e6
+}
+
+/// One RPC of the grpcio client.
+#[derive(Debug, Clone)]
+struct PyShot {
+    sent: f64,
+    done: f64,
+    /// The backend, or the failure.
+    result: Result<String, String>,
+}
+
+/// The grpcio client process (`tests/xds/xds_client.py`).
+struct XdsClient {
+    proc: Proc,
+}
+
+impl XdsClient {
+    /// Starts the client on `xds:///SERVICE` with a bootstrap naming
+    /// `registry`, and waits until its channel is ready.
+    async fn start(python_path: &Path, registry: &str) -> Self {
+        let bootstrap = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "xds-bootstrap-{}.json",
+            registry.replace([':', '.'], "-")
+        ));
+        std::fs::write(&bootstrap, bootstrap_json(registry)).expect("write bootstrap");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xds/xds_client.py");
+        let target = format!("xds:///{SERVICE}");
+        let workers = WORKERS.to_string();
+        let proc = Proc::spawn_env(
+            "python3",
+            &[script, &target, &workers, "5"],
+            &[
+                ("PYTHONPATH", &python_path.to_string_lossy()),
+                ("GRPC_XDS_BOOTSTRAP", &bootstrap.to_string_lossy()),
+            ],
+        );
+        proc.wait_line("started", STARTUP).await;
+        Self { proc }
+    }
+
+    /// Every RPC so far.
+    fn shots(&self) -> Vec<PyShot> {
+        self.proc
+            .output
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|line| parse_shot(line))
+            .collect()
+    }
+
+    /// Waits until `done` holds for the RPCs so far.
+    async fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&[PyShot]) -> bool) {
+        wait_for(what, timeout, || {
+            let reached = done(&self.shots());
+            async move { reached.then_some(()) }
+        })
+        .await
+    }
+
+    /// Stops the workers (SIGTERM), lets in-flight RPCs finish, returns
+    /// every RPC.
+    async fn stop(mut self) -> Vec<PyShot> {
+        self.proc.signal(libc::SIGTERM);
+        self.proc.wait_line("stopped", STARTUP).await;
+        let code = self.proc.wait_exit(STARTUP).await;
+        assert_eq!(code, Some(0), "{}", self.proc.dump());
+        self.shots()
+    }
+}
+
+/// A bootstrap pointing grpc's xDS client at `registry`.
+fn bootstrap_json(registry: &str) -> String {
+    format!(
+        r#"{{
+  "xds_servers": [{{
+    "server_uri": "{registry}",
+    "channel_creds": [{{"type": "insecure"}}],
+    "server_features": ["xds_v3"]
+  }}],
+  "node": {{"id": "xds-test-client", "locality": {{}}}}
+}}"#
+    )
+}
+
+fn parse_shot(line: &str) -> Option<PyShot> {
+    let mut parts = line.splitn(4, ' ');
+    let kind = parts.next()?;
+    let sent = parts.next()?.parse().ok()?;
+    let done = parts.next()?.parse().ok()?;
+    let rest = parts.next().unwrap_or_default().to_owned();
+    let result = match kind {
+        "ok" => Ok(backend_of(&rest)),
+        "fail" => Err(rest),
+        _ => return None,
+    };
+    Some(PyShot { sent, done, result })
+}
+
+fn served(shots: &[PyShot], backend: &str) -> usize {
+    shots
+        .iter()
+        .filter(|s| s.result.as_deref() == Ok(backend))
+        .count()
+}
+
+fn failed(shots: &[PyShot]) -> Vec<&PyShot> {
+    shots.iter().filter(|s| s.result.is_err()).collect()
+}
+
+/// A registry, two echo backends and the grpcio client using both.
+async fn xds_cluster(python_path: &Path) -> (Cluster, XdsClient) {
+    let cluster = Cluster::start(2).await;
+    let client = XdsClient::start(python_path, &cluster.registry).await;
+    let addresses = cluster.addresses();
+    client
+        .wait_until("calls on both backends", STARTUP, |shots| {
+            addresses.iter().all(|a| served(shots, a) >= 10)
+        })
+        .await;
+    (cluster, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_spreads_calls_over_both_backends() {
+    let Some(python_path) = python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, client) = xds_cluster(&python_path).await;
+    let from = client.shots().len();
+    client
+        .wait_until("200 more calls", STARTUP, |shots| shots.len() >= from + 200)
+        .await;
+    let shots = client.stop().await;
+    assert!(failed(&shots).is_empty(), "{:?}", failed(&shots));
+    let later = &shots[from..];
+    for address in cluster.addresses() {
+        let share = served(later, &address);
+        eprintln!("{address}: {share} of {}", later.len());
+        assert!(
+            share * 4 >= later.len(),
+            "round_robin gives {address} a fair share: {share} of {}",
+            later.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_moves_off_a_killed_backend_within_a_second() {
+    let Some(python_path) = python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = xds_cluster(&python_path).await;
+    let addresses = cluster.addresses();
+    let (victim, survivor) = (addresses[0].clone(), addresses[1].clone());
+    let killed = now_ms();
+    cluster.kill(&victim);
+    let settled = killed + 1000.0;
+    client
+        .wait_until("200 calls a second after the kill", STARTUP, |shots| {
+            shots.iter().filter(|s| s.sent >= settled).count() >= 200
+        })
+        .await;
+    let shots = client.stop().await;
+
+    let failures = failed(&shots);
+    eprintln!("kill -9: {} failed of {}", failures.len(), shots.len());
+    assert!(
+        failures.len() <= WORKERS,
+        "at most the {WORKERS} RPCs in flight on the victim fail: {failures:?}"
+    );
+    for shot in &failures {
+        assert!(
+            shot.done >= killed && shot.sent < settled,
+            "only RPCs caught by the kill fail: {shot:?} (killed at {killed})"
+        );
+    }
+    for shot in shots.iter().filter(|s| s.sent >= settled) {
+        assert_eq!(
+            shot.result.as_deref(),
+            Ok(survivor.as_str()),
+            "a second after the kill all traffic is on {survivor}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_sends_to_a_new_backend_within_a_second() {
+    let Some(python_path) = python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = xds_cluster(&python_path).await;
+    let registry = registry_client(&cluster.registry, STARTUP).await;
+    let mut watcher = Watcher::start(&registry, SERVICE).await;
+    let added = cluster.add_backend().await;
+    watcher
+        .wait_until("the new backend registered", STARTUP, |view| {
+            view.endpoints.contains_key(&added)
+        })
+        .await;
+    let registered = now_ms();
+    client
+        .wait_until("a call on the new backend", STARTUP, |shots| {
+            served(shots, &added) > 0
+        })
+        .await;
+    let shots = client.stop().await;
+    let first = shots
+        .iter()
+        .filter(|s| s.result.as_deref() == Ok(added.as_str()))
+        .map(|s| s.done)
+        .fold(f64::INFINITY, f64::min);
+    eprintln!(
+        "new backend: first call {:.0} ms after registration",
+        first - registered
+    );
+    assert!(
+        first - registered <= 1000.0,
+        "the new backend got its first call {:.0} ms after it registered",
+        first - registered
+    );
+    assert!(failed(&shots).is_empty(), "{:?}", failed(&shots));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_loses_nothing_to_a_sigterm_drain() {
+    /// How long the client may take to hear of the drain: a push on
+    /// loopback, well inside echo's one-second drain grace.
+    const NOTICE_MS: f64 = 500.0;
+    let Some(python_path) = python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (mut cluster, client) = xds_cluster(&python_path).await;
+    let registry = registry_client(&cluster.registry, STARTUP).await;
+    let mut watcher = Watcher::start(&registry, SERVICE).await;
+    let addresses = cluster.addresses();
+    watcher.wait_for_set(&addresses, STARTUP).await;
+    let victim = addresses[0].clone();
+    let index = cluster
+        .backends
+        .iter()
+        .position(|(a, _)| *a == victim)
+        .unwrap();
+    let (_, mut proc) = cluster.backends.remove(index);
+    proc.signal(libc::SIGTERM);
+    watcher
+        .wait_until("the victim draining or gone", STARTUP, |view| {
+            view.endpoints.get(&victim).is_none_or(|e| {
+                e.state == switchboard::proto::registry::EndpointState::Draining as i32
+            })
+        })
+        .await;
+    let draining = now_ms();
+    assert_eq!(proc.wait_exit(STARTUP).await, Some(0), "{}", proc.dump());
+    let exited = now_ms();
+    client
+        .wait_until("100 calls after the drain", STARTUP, |shots| {
+            shots.iter().filter(|s| s.sent >= exited).count() >= 100
+        })
+        .await;
+    let shots = client.stop().await;
+    assert!(
+        failed(&shots).is_empty(),
+        "a drain fails no RPC: {:?}",
+        failed(&shots)
+    );
+    let late: Vec<&PyShot> = shots
+        .iter()
+        .filter(|s| s.sent >= draining + NOTICE_MS && s.result.as_deref() == Ok(victim.as_str()))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "no new RPC reaches the draining backend: {late:?}"
+    );
+}
