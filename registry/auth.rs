@@ -80,12 +80,16 @@ pub struct AccessTokens {
     pub read: Option<Token>,
 }
 
+/// The path prefix of xDS ADS calls: reads, guarded by the read token like
+/// Watch.
+pub const ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/";
+
 impl AccessTokens {
     /// Checks the request for `path` against the tokens.
     fn check(&self, path: &str, headers: &http::HeaderMap) -> Result<(), Status> {
         let (method, write) = if let Some(method) = path.strip_prefix(REGISTRY_PATH) {
             (method, WRITE_METHODS.contains(&method))
-        } else if let Some(method) = path.strip_prefix(super::xds::ADS_PATH) {
+        } else if let Some(method) = path.strip_prefix(ADS_PATH) {
             (method, false)
         } else {
             return Ok(());

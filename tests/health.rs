@@ -2,6 +2,9 @@
 //! latency, a health switch), client-side health checking against real echo
 //! processes, and `dns:///` targets with their re-resolution.
 
+// These suites drive the binaries and servers: the default build only.
+#![cfg(feature = "cli")]
+
 mod common;
 
 use std::collections::BTreeSet;

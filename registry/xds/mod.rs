@@ -34,7 +34,7 @@ use super::RegistryConfig;
 use crate::discovery::Endpoint;
 
 /// The gRPC path prefix of the ADS methods, for the token check.
-pub const ADS_PATH: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/";
+pub use super::auth::ADS_PATH;
 
 /// Host-name endpoints remembered so each is warned about once; past this
 /// many the set is cleared and warnings start over.
