@@ -660,6 +660,16 @@ pub struct ResponseBody {
     outcome: Outcome,
 }
 
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // tonic drops a trailers-only response's body unread: its status,
+        // from the headers, is the call's outcome, not a cancellation.
+        if let Some(code) = self.code {
+            self.outcome.report(code);
+        }
+    }
+}
+
 impl http_body::Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;

@@ -22,8 +22,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::policy::{
-    CallOutcome, OnDone, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker,
-    SubchannelId,
+    CallOutcome, OnDone, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
 };
 use super::ready_set::ReadySet;
 use super::subchannel::ReadyConnection;

@@ -39,8 +39,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::policy::{
-    CallOutcome, OnDone, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker,
-    SubchannelId,
+    CallOutcome, OnDone, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
 };
 use super::subchannel::{ReadyConnection, SubchannelState};
 use crate::discovery::{Applied, EndpointSet};
@@ -511,9 +510,12 @@ impl Policy for OutlierDetection {
                 self.dirty = true;
             }
         }
-        self.with_child(cx, |child, cx| child.endpoints_changed(endpoints, changes, cx));
+        self.with_child(cx, |child, cx| {
+            child.endpoints_changed(endpoints, changes, cx)
+        });
         // Subchannels the child removed no longer need hiding.
-        self.hidden.retain(|id, _| cx.subchannels().get(*id).is_some());
+        self.hidden
+            .retain(|id, _| cx.subchannels().get(*id).is_some());
         if self.counting() && self.next_sweep.is_none() && !self.addresses.is_empty() {
             self.next_sweep = Some(Instant::now() + self.config.interval);
             self.arm(cx);

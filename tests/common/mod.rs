@@ -3,6 +3,7 @@
 //! waiting on conditions with deadlines instead of sleeps.
 #![allow(dead_code)]
 
+pub mod faulty;
 pub mod pki;
 pub mod watcher;
 #[allow(unused_imports)]
