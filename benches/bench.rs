@@ -13,6 +13,8 @@
 //!    registry?
 //! 5. [`balancer`]: what does a client pay when 1,000 endpoints appear at
 //!    once, and what does the endpoint count add to each RPC?
+//! 6. [`gray`]: what do hung, failing, slow and weighted backends do to
+//!    each policy, side by side with round_robin?
 //!
 //! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
 //! just finish). Name sections (`-- fanout churn`) to run only those.
@@ -22,6 +24,9 @@ mod churn;
 mod datapath;
 mod failover;
 mod fanout;
+#[path = "../tests/common/faulty.rs"]
+mod faulty;
+mod gray;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 mod procs;
@@ -32,7 +37,9 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sections, in order, by the name that selects them.
-const SECTIONS: [&str; 5] = ["datapath", "failover", "fanout", "churn", "balancer"];
+const SECTIONS: [&str; 6] = [
+    "datapath", "failover", "fanout", "churn", "balancer", "gray",
+];
 
 fn main() {
     // `cargo bench` adds `--bench`; it means nothing here.
@@ -99,6 +106,9 @@ fn main() {
         }
         if runs("balancer") {
             balancer::run(&balancer_config(smoke)).await?;
+        }
+        if runs("gray") {
+            gray::run(&gray_config(smoke)).await?;
         }
         Ok(())
     });
@@ -179,5 +189,13 @@ fn balancer_config(smoke: bool) -> balancer::Config {
             rounds: 10,
             calls_per_round: 2_000,
         }
+    }
+}
+
+fn gray_config(smoke: bool) -> gray::Config {
+    gray::Config {
+        rate: if smoke { 200.0 } else { 2000.0 },
+        warmup: Duration::from_millis(if smoke { 300 } else { 2000 }),
+        window: Duration::from_millis(if smoke { 1500 } else { 4000 }),
     }
 }
