@@ -67,6 +67,15 @@ impl Lb {
         }
     }
 
+    /// The name as a service name may spell it.
+    fn slug(self) -> String {
+        self.name()
+            .chars()
+            .filter(|c| *c != ' ')
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' })
+            .collect()
+    }
+
     fn channel(self, target: &str) -> Result<BalancedChannel, BoxError> {
         let policy = match self {
             Lb::RoundRobin | Lb::RoundRobinOutlier => PolicyKind::RoundRobin,
@@ -241,7 +250,7 @@ fn failed(shots: &[&Shot]) -> usize {
 }
 
 async fn hung(config: &Config, registry: &str, lb: Lb, table: &mut Table) -> Result<(), BoxError> {
-    let service = format!("bench.gray-stop-{}", lb.name().replace(' ', ""));
+    let service = format!("bench.gray-stop-{}", lb.slug());
     let mut backends: Vec<(Proc, String)> = (0..3)
         .map(|_| Proc::echo(registry, &service, &[]))
         .collect();
@@ -274,7 +283,7 @@ async fn failing(
     lb: Lb,
     table: &mut Table,
 ) -> Result<(), BoxError> {
-    let service = format!("bench.gray-fail-{}", lb.name().replace(' ', ""));
+    let service = format!("bench.gray-fail-{}", lb.slug());
     let (backends, addresses, target) = backends(registry, &service, Fault::Fail, processes).await;
     let victim = addresses[0].clone();
     let channel = lb.channel(&target)?;
@@ -336,7 +345,7 @@ async fn slow(
     lb: Lb,
     table: &mut Table,
 ) -> Result<(), BoxError> {
-    let service = format!("bench.gray-slow-{}", lb.name().replace(' ', ""));
+    let service = format!("bench.gray-slow-{}", lb.slug());
     let (backends, addresses, target) = backends(registry, &service, Fault::Slow, processes).await;
     let channel = lb.channel(&target)?;
     all_ready(&channel, 3).await?;
@@ -379,7 +388,7 @@ async fn weighted(
     lb: Lb,
     table: &mut Table,
 ) -> Result<(), BoxError> {
-    let service = format!("bench.gray-weights-{}", lb.name().replace(' ', ""));
+    let service = format!("bench.gray-weights-{}", lb.slug());
     let backends: Vec<(Proc, String)> = [1, 2, 3]
         .iter()
         .map(|w| Proc::echo(registry, &service, &["--meta", &format!("weight={w}")]))
