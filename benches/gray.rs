@@ -72,7 +72,13 @@ impl Lb {
         self.name()
             .chars()
             .filter(|c| *c != ' ')
-            .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '-'
+                }
+            })
             .collect()
     }
 
