@@ -15,6 +15,8 @@
 //!    once, and what does the endpoint count add to each RPC?
 //! 6. [`xds`]: how quickly does a change reach xDS subscribers, next to
 //!    native watchers at the same count?
+//! 7. [`gray`]: what do hung, failing, slow and weighted backends do to
+//!    each policy, side by side with round_robin?
 //!
 //! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
 //! just finish). Name sections (`-- fanout churn`) to run only those.
@@ -24,6 +26,9 @@ mod churn;
 mod datapath;
 mod failover;
 mod fanout;
+#[path = "../tests/common/faulty.rs"]
+mod faulty;
+mod gray;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 mod procs;
@@ -35,7 +40,9 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sections, in order, by the name that selects them.
-const SECTIONS: [&str; 6] = ["datapath", "failover", "fanout", "churn", "balancer", "xds"];
+const SECTIONS: [&str; 7] = [
+    "datapath", "failover", "fanout", "churn", "balancer", "xds", "gray",
+];
 
 fn main() {
     // `cargo bench` adds `--bench`; it means nothing here.
@@ -105,6 +112,9 @@ fn main() {
         }
         if runs("xds") {
             xds::run(&xds_config(smoke)).await?;
+        }
+        if runs("gray") {
+            gray::run(&gray_config(smoke)).await?;
         }
         Ok(())
     });
@@ -193,5 +203,13 @@ fn xds_config(smoke: bool) -> xds::Config {
         subscribers: if smoke { vec![10] } else { vec![1_000] },
         connections: 8,
         changes: if smoke { 2 } else { 10 },
+    }
+}
+
+fn gray_config(smoke: bool) -> gray::Config {
+    gray::Config {
+        rate: if smoke { 200.0 } else { 2000.0 },
+        warmup: Duration::from_millis(if smoke { 300 } else { 2000 }),
+        window: Duration::from_millis(if smoke { 1500 } else { 4000 }),
     }
 }

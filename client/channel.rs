@@ -22,6 +22,8 @@ use super::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
 use super::dns_resolver::DnsResolver;
 use super::error::{source_chain, Error};
 use super::health::HealthCheck;
+use super::least_request::{LeastRequest, LeastRequestConfig};
+use super::outlier_detection::{OutlierDetection, OutlierDetectionConfig};
 use super::pick_first::PickFirst;
 use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
 use super::registry_resolver::RegistryResolver;
@@ -31,10 +33,11 @@ use super::subchannel::{
     ConnectConfig, ConnectionStats, ConnectivityState, InFlightGuard, Keepalive,
 };
 use super::target::{Target, TargetError};
+use super::weighted_round_robin::WeightedRoundRobin;
 use crate::registry::auth::Token;
 use crate::tls::ClientTls;
 
-/// The balancing policies.
+/// The built-in balancing policies, by the names grpc gives them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PolicyKind {
     /// Stick to the first address that connects.
@@ -42,21 +45,39 @@ pub enum PolicyKind {
     PickFirst,
     /// Rotate over every Ready address.
     RoundRobin,
+    /// The less loaded of two random Ready addresses (power of two
+    /// choices), optionally weighted by latency.
+    LeastRequest(LeastRequestConfig),
+    /// Rotate over every Ready address in proportion to its `weight`
+    /// metadata, smoothly interleaved.
+    WeightedRoundRobin,
 }
 
 impl PolicyKind {
+    /// Every name [`PolicyKind::from_str`] accepts.
+    pub const NAMES: [&'static str; 4] = [
+        "pick_first",
+        "round_robin",
+        "least_request",
+        "weighted_round_robin",
+    ];
+
     fn build(self) -> Box<dyn Policy> {
         match self {
             PolicyKind::PickFirst => Box::new(PickFirst::default()),
             PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
+            PolicyKind::LeastRequest(config) => Box::new(LeastRequest::new(config)),
+            PolicyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::default()),
         }
     }
 
-    /// The name as grpc-go spells it.
+    /// The name as grpc spells it.
     pub fn name(self) -> &'static str {
         match self {
             PolicyKind::PickFirst => "pick_first",
             PolicyKind::RoundRobin => "round_robin",
+            PolicyKind::LeastRequest(_) => "least_request",
+            PolicyKind::WeightedRoundRobin => "weighted_round_robin",
         }
     }
 }
@@ -64,12 +85,16 @@ impl PolicyKind {
 impl FromStr for PolicyKind {
     type Err = String;
 
+    /// A policy by name, with its default settings.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "pick_first" => Ok(PolicyKind::PickFirst),
             "round_robin" => Ok(PolicyKind::RoundRobin),
+            "least_request" => Ok(PolicyKind::LeastRequest(LeastRequestConfig::default())),
+            "weighted_round_robin" => Ok(PolicyKind::WeightedRoundRobin),
             other => Err(format!(
-                "unknown policy {other:?}: use pick_first or round_robin"
+                "unknown policy {other:?}: use one of {}",
+                PolicyKind::NAMES.join(", ")
             )),
         }
     }
@@ -95,6 +120,7 @@ pub struct Builder {
     registry_tls: Option<ClientTls>,
     policy: PolicyKind,
     custom_policy: Option<Box<dyn Policy>>,
+    outlier_detection: Option<OutlierDetectionConfig>,
     connect: ConnectConfig,
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
@@ -122,6 +148,7 @@ impl Builder {
             registry_tls: None,
             policy: PolicyKind::default(),
             custom_policy: None,
+            outlier_detection: None,
             connect: ConnectConfig::default(),
             wait_for_ready: false,
             default_timeout: None,
@@ -140,6 +167,15 @@ impl Builder {
     /// [`Policy`](super::policy::Policy)).
     pub fn custom_policy(mut self, policy: impl Policy) -> Self {
         self.custom_policy = Some(Box::new(policy));
+        self
+    }
+
+    /// Wraps the policy (built-in or custom) in outlier detection: backends
+    /// whose calls fail far more than they should are ejected for a while
+    /// (see [`outlier_detection`](super::outlier_detection)). Off by
+    /// default, as in gRPC.
+    pub fn outlier_detection(mut self, config: OutlierDetectionConfig) -> Self {
+        self.outlier_detection = Some(config);
         self
     }
 
@@ -225,7 +261,10 @@ impl Builder {
         let (picker_changed, picker_waiter) = watch::channel(());
         let (state_tx, state) = watch::channel(BalancerState::default());
         let picker = Arc::new(ArcSwap::from_pointee(Published::empty()));
-        let policy = self.custom_policy.unwrap_or_else(|| self.policy.build());
+        let mut policy = self.custom_policy.unwrap_or_else(|| self.policy.build());
+        if let Some(config) = self.outlier_detection {
+            policy = Box::new(OutlierDetection::new(policy, config));
+        }
         let policy_name = policy.name();
         let balancer_stats = Arc::new(BalancerStats::default());
         let resolver: Box<dyn Resolver> = match self.source {
@@ -338,8 +377,9 @@ impl BalancedChannel {
         Builder::new(target)
     }
 
-    /// The name of the policy in use (`pick_first`, `round_robin`, or a
-    /// custom policy's).
+    /// The name of the policy in use (`pick_first`, `round_robin`,
+    /// `least_request`, `weighted_round_robin`, a custom policy's, or
+    /// `outlier_detection` around any of them).
     pub fn policy(&self) -> &'static str {
         self.shared.policy
     }
@@ -437,7 +477,7 @@ impl Shared {
         let deadline = timeout.map(|t| Instant::now() + t);
         let wait_for_ready =
             self.wait_for_ready || request.extensions().get::<WaitForReady>().is_some();
-        let attempt = self.send_to_ready(request, wait_for_ready);
+        let attempt = self.send_to_ready(request, wait_for_ready, deadline);
         match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, attempt)
                 .await
@@ -452,6 +492,7 @@ impl Shared {
         &self,
         mut request: http::Request<tonic::body::Body>,
         wait_for_ready: bool,
+        deadline: Option<Instant>,
     ) -> Result<http::Response<ResponseBody>, Status> {
         let mut waiter = None;
         loop {
@@ -496,7 +537,7 @@ impl Shared {
             };
             drop(published);
             set_origin(&mut request, &connection.scheme, &connection.authority)?;
-            let outcome = Outcome::new(connection.in_flight.start(), done);
+            let outcome = Outcome::new(connection.in_flight.start(), done, deadline);
             let mut sender = connection.sender.clone();
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -594,14 +635,18 @@ struct Outcome {
     _in_flight: InFlightGuard,
     done: Option<OnDone>,
     started: Instant,
+    /// The call's deadline: a call dropped after it timed out, which
+    /// policies must tell from one the caller abandoned.
+    deadline: Option<Instant>,
 }
 
 impl Outcome {
-    fn new(in_flight: InFlightGuard, done: Option<OnDone>) -> Self {
+    fn new(in_flight: InFlightGuard, done: Option<OnDone>, deadline: Option<Instant>) -> Self {
         Self {
             _in_flight: in_flight,
             done,
             started: Instant::now(),
+            deadline,
         }
     }
 
@@ -627,8 +672,13 @@ impl Outcome {
 
 impl Drop for Outcome {
     fn drop(&mut self) {
-        // Dropped before the status arrived: the caller gave up.
-        self.report(tonic::Code::Cancelled);
+        // Dropped before the status arrived: the deadline passed, or the
+        // caller gave up.
+        let code = match self.deadline {
+            Some(deadline) if Instant::now() >= deadline => tonic::Code::DeadlineExceeded,
+            _ => tonic::Code::Cancelled,
+        };
+        self.report(code);
     }
 }
 
@@ -644,10 +694,11 @@ pub struct ResponseBody {
 
 impl Drop for ResponseBody {
     fn drop(&mut self) {
-        // A trailers-only response said its status in the headers and may be
-        // dropped unread; without any status the caller gave up first.
-        self.outcome
-            .report(self.code.unwrap_or(tonic::Code::Cancelled));
+        // tonic drops a trailers-only response's body unread: its status,
+        // from the headers, is the call's outcome, not a cancellation.
+        if let Some(code) = self.code {
+            self.outcome.report(code);
+        }
     }
 }
 

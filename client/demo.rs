@@ -287,8 +287,9 @@ impl<'a> Scenario<'a> {
 
         // 1. SIGKILL the backend the client uses (the middle one for round_robin).
         let victim = match self.policy {
-            PolicyKind::RoundRobin => backends[1].clone(),
             PolicyKind::PickFirst => self.client_ready[0].clone(),
+            // Every other policy uses every backend.
+            _ => backends[1].clone(),
         };
         self.kill_backend(&victim, libc::SIGKILL, "SIGKILL").await?;
         self.steady().await;
@@ -304,7 +305,7 @@ impl<'a> Scenario<'a> {
         })
         .await?;
         let registered = since.elapsed();
-        let client = if self.policy == PolicyKind::RoundRobin {
+        let client = if self.policy != PolicyKind::PickFirst {
             let v = victim.clone();
             self.wait("the client to use it again", |s| {
                 s.client_ready.contains(&v)

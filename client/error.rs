@@ -250,6 +250,13 @@ pub enum ConnectError {
         /// The connection's error and its causes.
         detail: String,
     },
+    /// Outlier detection ejected the backend for failing too many calls;
+    /// its connection stays open for its return.
+    #[error("ejected by outlier detection ({address})")]
+    Ejected {
+        /// The backend address.
+        address: Arc<str>,
+    },
     /// Health checking is on and the backend says it is not SERVING; its
     /// connection stays open, unpicked, until it says SERVING again.
     #[error("{address} is connected but its health is {status}")]
@@ -288,6 +295,7 @@ impl ConnectError {
             | ConnectError::Timeout { address, .. }
             | ConnectError::Lost { address, .. }
             | ConnectError::Unhealthy { address, .. }
+            | ConnectError::Ejected { address }
             | ConnectError::HealthCheckFailed { address, .. } => address,
         }
     }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use switchboard::client::{BackoffConfig, BalancedChannel, ConnectivityState, PolicyKind};
+use switchboard::client::{
+    BackoffConfig, BalancedChannel, ConnectivityState, LeastRequestConfig, OutlierDetectionConfig,
+    PolicyKind,
+};
 use switchboard::process;
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
@@ -35,10 +38,20 @@ struct Args {
     /// The service to watch when --target is not given.
     #[arg(long, default_value = DEFAULT_SERVICE)]
     service: String,
-    /// Balancing policy: pick_first or round_robin. The classic run uses
-    /// both in turn unless this is given.
+    /// Balancing policy: pick_first, round_robin, least_request or
+    /// weighted_round_robin. The classic run uses pick_first then
+    /// round_robin unless this is given.
     #[arg(long)]
     policy: Option<PolicyKind>,
+    /// With --policy least_request: weigh each backend's outstanding RPCs
+    /// by a peak-EWMA of its latency (linkerd's balancer), so slow backends
+    /// are avoided too, not only hung ones.
+    #[arg(long)]
+    peak_ewma: bool,
+    /// Wrap the policy in outlier detection (gRFC A50, default settings):
+    /// backends that fail most of their calls are ejected for 30 s and more.
+    #[arg(long)]
+    outlier_detection: bool,
     /// Live mode: RPCs per second.
     #[arg(long)]
     rate: Option<u32>,
@@ -114,15 +127,22 @@ async fn main() {
         process::exit_with(&err.to_string());
     }
     let tls = load_tls(&args).unwrap_or_else(|err| process::exit_with(&err));
+    let policy = match (args.policy, args.peak_ewma) {
+        (Some(PolicyKind::LeastRequest(_)), true) => {
+            Some(PolicyKind::LeastRequest(LeastRequestConfig::peak_ewma()))
+        }
+        (_, true) => process::exit_with("--peak-ewma needs --policy least_request"),
+        (policy, false) => policy,
+    };
     match args.rate {
         Some(0) => process::exit_with("--rate must be at least 1"),
         Some(rate) => {
-            let policy = args.policy.unwrap_or(PolicyKind::RoundRobin);
+            let policy = policy.unwrap_or(PolicyKind::RoundRobin);
             let channel = connect(&args, &target, policy, tls.as_ref()).await;
             live(&args, channel, rate).await;
         }
         None => {
-            let policies = match args.policy {
+            let policies = match policy {
                 Some(policy) => vec![policy],
                 None => vec![PolicyKind::PickFirst, PolicyKind::RoundRobin],
             };
@@ -182,6 +202,9 @@ async fn connect(
     }
     if let Some(refresh) = args.dns_refresh {
         builder = builder.dns_refresh(refresh);
+    }
+    if args.outlier_detection {
+        builder = builder.outlier_detection(OutlierDetectionConfig::default());
     }
     let channel = builder
         .policy(policy)
@@ -247,8 +270,13 @@ enum Outcome {
 async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
     let started = Instant::now();
     println!(
-        "live: {rate} RPC/s with {} to {}; Ctrl-C to stop",
-        channel.policy(),
+        "live: {rate} RPC/s with {}{} to {}; Ctrl-C to stop",
+        args.policy.map_or("round_robin", PolicyKind::name),
+        if args.outlier_detection {
+            " and outlier_detection"
+        } else {
+            ""
+        },
         args.target
             .clone()
             .unwrap_or_else(|| format!("registry://{}/{}", args.registry, args.service))

@@ -10,6 +10,9 @@
 //! - [`health`]: client-side health checking of each subchannel;
 //! - [`transport`]: dialling a backend, over TLS if configured;
 //! - [`policy`], [`round_robin`], [`pick_first`]: who gets RPCs;
+//! - [`least_request`], [`weighted_round_robin`]: policies for backends
+//!   that are unequal or unwell (built on [`ready_set`]);
+//! - [`outlier_detection`]: ejects failing backends, around any policy;
 //! - [`balancer`]: the task that turns all of the above into a picker;
 //! - [`channel`]: [`BalancedChannel`], the tower service;
 //! - [`backoff`]: gRPC's connection backoff;
@@ -22,14 +25,18 @@ pub mod channel;
 pub mod dns_resolver;
 pub mod error;
 pub mod health;
+pub mod least_request;
+pub mod outlier_detection;
 pub mod pick_first;
 pub mod policy;
+pub mod ready_set;
 pub mod registry_resolver;
 pub mod resolver;
 pub mod round_robin;
 pub mod subchannel;
 pub mod target;
 pub mod transport;
+pub mod weighted_round_robin;
 
 pub use backoff::BackoffConfig;
 pub use balancer::{BalancerState, BalancerStats};
@@ -37,6 +44,8 @@ pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
 pub use dns_resolver::DnsResolver;
 pub use error::{ConnectError, Error, ResolverError};
 pub use health::HealthCheck;
+pub use least_request::LeastRequestConfig;
+pub use outlier_detection::OutlierDetectionConfig;
 pub use policy::{CallOutcome, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker};
 pub use registry_resolver::RegistryResolver;
 pub use resolver::{

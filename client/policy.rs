@@ -117,7 +117,8 @@ pub type OnDone = Box<dyn FnOnce(&CallOutcome) + Send + Sync>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallOutcome {
     /// The gRPC status code: from the server's trailers, UNAVAILABLE when
-    /// the connection failed, CANCELLED when the caller gave up first.
+    /// the connection failed, DEADLINE_EXCEEDED when the call's deadline
+    /// passed first, CANCELLED when the caller gave up before that.
     pub code: tonic::Code,
     /// From the pick until the end of the response (or the failure).
     pub latency: Duration,
@@ -146,7 +147,12 @@ impl<'a> PolicyContext<'a> {
     /// Calls [`Policy::timer_fired`] after `after` (the earliest request
     /// wins while one is pending).
     pub fn schedule(&mut self, after: Duration) {
-        let at = tokio::time::Instant::now() + after;
+        self.schedule_at(tokio::time::Instant::now() + after);
+    }
+
+    /// Calls [`Policy::timer_fired`] at `at` (the earliest request wins
+    /// while one is pending).
+    pub fn schedule_at(&mut self, at: tokio::time::Instant) {
         if self.timer.is_none_or(|due| at < due) {
             *self.timer = Some(at);
         }

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cases;
+pub mod faulty;
 pub mod pki;
 pub mod watcher;
 #[allow(unused_imports)]
