@@ -60,14 +60,25 @@ pub mod process {
                     error.exit()
                 }
                 _ => {
-                    let binary = std::env::args_os()
-                        .next()
-                        .map(std::path::PathBuf::from)
-                        .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
-                        .unwrap_or_else(|| A::command().get_name().to_owned());
-                    exit_with(&flag_error(&error, &binary))
+                    exit_with(&flag_error(&error, &invoked::<A>()))
                 }
             },
+        }
+    }
+
+    /// How the user invoked the command, for "see ... --help": the binary's
+    /// name and, when the first argument names a subcommand, that too.
+    fn invoked<A: clap::Parser>() -> String {
+        let mut argv = std::env::args_os();
+        let binary = argv
+            .next()
+            .map(std::path::PathBuf::from)
+            .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| A::command().get_name().to_owned());
+        let command = A::command();
+        match argv.next().and_then(|a| a.into_string().ok()) {
+            Some(sub) if command.find_subcommand(&sub).is_some() => format!("{binary} {sub}"),
+            _ => binary,
         }
     }
 

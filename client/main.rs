@@ -1,4 +1,4 @@
-//! The `client` binary: the classic load-balancing example, and a live mode
+//! `switchboard client`: the classic load-balancing example, and a live mode
 //! that shows traffic moving between backends as they come and go.
 
 use std::collections::BTreeMap;
@@ -23,7 +23,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 /// the traffic per backend every second until --duration or Ctrl-C.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {
+pub struct Args {
     /// Where endpoints come from: registry://<host:port>/<service> or
     /// static:///<host:port>,<host:port>. Defaults to --registry/--service.
     #[arg(long)]
@@ -110,9 +110,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Args = process::parse_args();
+/// Runs this subcommand until it is told to stop.
+pub async fn run(args: Args) {
     process::init_tracing();
     let target = args
         .target

@@ -1,4 +1,4 @@
-//! The `echo` binary: one process running several echo servers, each
+//! `switchboard echo`: one process running several echo servers, each
 //! registered with the registry and drained on SIGTERM or SIGINT.
 
 use std::collections::{HashMap, HashSet};
@@ -17,7 +17,7 @@ use switchboard::tls::{self, ServerTlsFlags};
 /// themselves, stay registered, and drain gracefully.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {
+pub struct Args {
     /// Ports to serve on 127.0.0.1, one server each [default: 50051 50052].
     #[arg(value_name = "PORT", conflicts_with = "listen")]
     ports: Vec<u16>,
@@ -189,9 +189,8 @@ fn parse_meta(flags: &[String]) -> Result<HashMap<String, String>, String> {
     Ok(metadata)
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Args = process::parse_args();
+/// Runs this subcommand until it is told to stop.
+pub async fn run(args: Args) {
     let plan = plan(&args).unwrap_or_else(|error| process::exit_with(&error));
     process::init_tracing();
 

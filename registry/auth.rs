@@ -19,7 +19,14 @@ use tonic::Status;
 const REGISTRY_PATH: &str = "/switchboard.registry.v1.Registry/";
 
 /// Methods that change state and need the write token.
-const WRITE_METHODS: [&str; 4] = ["Register", "KeepAlive", "Drain", "Deregister"];
+const WRITE_METHODS: [&str; 6] = [
+    "Register",
+    "KeepAlive",
+    "Drain",
+    "Deregister",
+    "DrainEndpoint",
+    "DeregisterEndpoint",
+];
 
 /// A secret bearer token. Its `Debug` output never shows the secret.
 #[derive(Clone, PartialEq, Eq)]

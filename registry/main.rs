@@ -1,4 +1,4 @@
-//! The `registry` binary: runs the switchboard control plane.
+//! `switchboard registry`: runs the switchboard control plane.
 
 use clap::Parser;
 use switchboard::process;
@@ -9,7 +9,7 @@ use switchboard::tls::ServerTlsFlags;
 /// switchboard registry: leased endpoint registrations and live watches.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {
+pub struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = registry::DEFAULT_LISTEN)]
     listen: std::net::SocketAddr,
@@ -51,9 +51,8 @@ struct Args {
     tls: ServerTlsFlags,
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Args = process::parse_args();
+/// Runs this subcommand until it is told to stop.
+pub async fn run(args: Args) {
     process::init_tracing();
     let load = |path: &Option<std::path::PathBuf>| {
         path.as_deref()

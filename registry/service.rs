@@ -18,9 +18,11 @@ use super::watch::watch_stream;
 use super::{validate, RegistryConfig};
 use crate::proto::registry::registry_server::Registry as RegistryApi;
 use crate::proto::registry::{
-    DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse, KeepAliveRequest,
-    KeepAliveResponse, ListServicesRequest, ListServicesResponse, RegisterRequest,
-    RegisterResponse, ResolveRequest, ResolveResponse, ServiceSummary, WatchRequest, WatchResponse,
+    DeregisterEndpointRequest, DeregisterEndpointResponse, DeregisterRequest, DeregisterResponse,
+    DrainEndpointRequest, DrainEndpointResponse, DrainRequest, DrainResponse, KeepAliveRequest,
+    KeepAliveResponse, LeasedEndpoint, ListEndpointsRequest, ListEndpointsResponse,
+    ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest,
+    ResolveResponse, ServiceSummary, WatchRequest, WatchResponse,
 };
 
 /// The registry's gRPC service over a [`Store`]. Cheap to clone.
@@ -289,4 +291,65 @@ impl RegistryApi for Registry {
                 .collect(),
         }))
     }
+
+    async fn list_endpoints(
+        &self,
+        request: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let service = request.into_inner().service;
+        validate::service_name(&service)?;
+        let snapshot = self.shared.store.leased_endpoints(&service).await?;
+        Ok(Response::new(ListEndpointsResponse {
+            epoch: snapshot.epoch,
+            version: snapshot.version,
+            endpoints: snapshot
+                .endpoints
+                .iter()
+                .map(|leased| LeasedEndpoint {
+                    endpoint: Some((&leased.endpoint).into()),
+                    lease_age_ms: leased.lease_age.as_millis() as u64,
+                    ttl_ms: leased.ttl.as_millis() as u64,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn drain_endpoint(
+        &self,
+        request: Request<DrainEndpointRequest>,
+    ) -> Result<Response<DrainEndpointResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        validate::service_name(&req.service)?;
+        validate::address(&req.address)?;
+        self.shared
+            .store
+            .drain_address(&req.service, &req.address)
+            .await?;
+        tracing::info!(service = %req.service, address = %req.address, %peer, "operator drained endpoint");
+        Ok(Response::new(DrainEndpointResponse {}))
+    }
+
+    async fn deregister_endpoint(
+        &self,
+        request: Request<DeregisterEndpointRequest>,
+    ) -> Result<Response<DeregisterEndpointResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        validate::service_name(&req.service)?;
+        validate::address(&req.address)?;
+        self.shared
+            .store
+            .deregister_address(&req.service, &req.address)
+            .await?;
+        tracing::info!(service = %req.service, address = %req.address, %peer, "operator deregistered endpoint");
+        Ok(Response::new(DeregisterEndpointResponse {}))
+    }
+}
+
+/// The caller's address for the audit log, or `unknown`.
+fn peer_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string())
 }
