@@ -49,11 +49,18 @@ pub struct Args {
     read_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     tls: ServerTlsFlags,
+    /// Serve the status page, /metrics and /healthz on this HOST:PORT
+    /// (port 0 picks a free port); off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
+    log_format: process::LogFormat,
 }
 
 /// Runs this subcommand until it is told to stop.
 pub async fn run(args: Args) {
-    process::init_tracing();
+    process::init_logging(args.log_format);
     let load = |path: &Option<std::path::PathBuf>| {
         path.as_deref()
             .map(Token::from_file)
@@ -85,8 +92,27 @@ pub async fn run(args: Args) {
         max_watch_streams_per_connection: args.max_watch_streams_per_connection,
         max_registrations_per_second: std::num::NonZeroU32::new(args.max_registrations_per_second),
         max_message_bytes: args.max_message_bytes,
+        metrics: registry::RegistryMetrics::default(),
     };
-    if let Err(err) = registry::serve(listener, config, process::shutdown_signal()).await {
+    let service = registry::Registry::new(&config);
+    let status = match args.metrics_listen {
+        Some(addr) => {
+            let listener = process::bind_metrics(addr).await;
+            Some(tokio::spawn(registry::status::serve(
+                listener,
+                service.store().clone(),
+                config.metrics.clone(),
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
+    let served =
+        registry::serve_registry(listener, service, config, process::shutdown_signal()).await;
+    if let Some(status) = status {
+        status.abort();
+    }
+    if let Err(err) = served {
         process::exit_with(&format!("registry failed: {err}"));
     }
     tracing::info!("registry stopped");

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
     Store, UpdateStream,
@@ -64,6 +65,8 @@ struct Inner {
     /// Leases an operator removed, and when: their holders' heartbeats are
     /// refused as removed rather than unknown, so they do not re-register.
     removed: std::sync::Mutex<HashMap<LeaseId, Instant>>,
+    /// Counts registrations, removals and watcher resets.
+    metrics: RegistryMetrics,
 }
 
 /// How long a removed lease is remembered: far longer than any TTL, so its
@@ -101,6 +104,7 @@ impl MemoryStore {
             watch_buffer: config.watch_buffer.max(1),
             warm_until: Instant::now() + config.warmup,
             removed: std::sync::Mutex::new(HashMap::new()),
+            metrics: config.metrics.clone(),
         });
         let expiry = tokio::spawn(expire_leases(inner.clone()));
         Self { inner, expiry }
@@ -146,6 +150,7 @@ impl Store for MemoryStore {
                 return Err(err);
             }
         }
+        inner.metrics.registrations.inc();
         Ok(Grant {
             lease: id,
             ttl,
@@ -171,7 +176,9 @@ impl Store for MemoryStore {
         for &id in leases {
             if let Some(lease) = self.inner.leases.revoke_if_bound(id, stream) {
                 tracing::info!(service = %lease.service, address = %lease.address, "keepalive stream ended; endpoint removed");
-                self.inner.remove(&lease.service, &lease.address, id);
+                if self.inner.remove(&lease.service, &lease.address, id) {
+                    self.inner.metrics.stream_breaks.inc();
+                }
             }
         }
     }
@@ -185,6 +192,7 @@ impl Store for MemoryStore {
             return Err(RegistryError::LeaseNotFound(id.to_string()));
         }
         tracing::info!(service = %lease.service, address = %lease.address, "endpoint draining");
+        self.inner.metrics.drains.inc();
         Ok(())
     }
 
@@ -196,6 +204,7 @@ impl Store for MemoryStore {
             .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))?;
         tracing::info!(service = %lease.service, address = %lease.address, reason = "deregistered", "endpoint removed");
         self.inner.remove(&lease.service, &lease.address, id);
+        self.inner.metrics.deregistrations.inc();
         Ok(())
     }
 
@@ -289,6 +298,7 @@ impl Store for MemoryStore {
                 address: address.to_owned(),
             });
         }
+        self.inner.metrics.drains.inc();
         Ok(())
     }
 
@@ -308,6 +318,7 @@ impl Store for MemoryStore {
                 address: address.to_owned(),
             });
         }
+        self.inner.metrics.deregistrations.inc();
         Ok(())
     }
 }
@@ -522,7 +533,9 @@ async fn expire_leases(inner: Arc<Inner>) {
         let (expired, next) = inner.leases.take_expired(Instant::now());
         for (id, lease) in expired {
             tracing::info!(service = %lease.service, address = %lease.address, ttl = ?lease.ttl, "lease expired");
-            inner.remove(&lease.service, &lease.address, id);
+            if inner.remove(&lease.service, &lease.address, id) {
+                inner.metrics.expiries.inc();
+            }
         }
         match next {
             Some(deadline) => tokio::select! {
@@ -592,6 +605,7 @@ impl Watcher {
                     missed,
                     "watcher fell behind; sending a fresh snapshot"
                 );
+                self.release.inner.metrics.watcher_resets.inc();
                 let (reset, updates) = self.release.inner.subscribe(&self.release.service);
                 self.updates = updates;
                 Some(reset)

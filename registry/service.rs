@@ -41,6 +41,8 @@ struct Shared {
     watch_slots: Arc<WatchSlots>,
     /// Cap on Register calls per second per connection.
     registration_rate: RegistrationRate,
+    /// Counts open watchers.
+    metrics: super::metrics::RegistryMetrics,
 }
 
 impl Registry {
@@ -63,6 +65,7 @@ impl Registry {
                     config.max_watch_streams_per_connection,
                 ),
                 registration_rate: RegistrationRate::new(config.max_registrations_per_second),
+                metrics: config.metrics.clone(),
             }),
         }
     }
@@ -252,8 +255,10 @@ impl RegistryApi for Registry {
         validate::service_name(&service)?;
         // The slot lives as long as the stream does.
         let updates = self.shared.store.watch(&service, None).await?;
+        let watcher = OpenWatcher::new(self.shared.metrics.watchers.clone());
         let stream = watch_stream(updates).map(move |message| {
             let _slot = &slot;
+            let _watcher = &watcher;
             message
         });
         Ok(Response::new(until_closed(
@@ -344,6 +349,22 @@ impl RegistryApi for Registry {
             .await?;
         tracing::info!(service = %req.service, address = %req.address, %peer, "operator deregistered endpoint");
         Ok(Response::new(DeregisterEndpointResponse {}))
+    }
+}
+
+/// Counts one open Watch stream in the watchers gauge while it lives.
+struct OpenWatcher(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenWatcher {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenWatcher {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
