@@ -94,9 +94,7 @@ pub mod process {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                     error.exit()
                 }
-                _ => {
-                    exit_with(&flag_error(&error, &invoked::<A>()))
-                }
+                _ => exit_with(&flag_error(&error, &invoked::<A>())),
             },
         }
     }

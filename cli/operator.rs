@@ -44,7 +44,11 @@ pub enum Output {
 pub struct Connection {
     /// The registry's HOST:PORT; a comma-separated list is tried in order
     /// and the first reachable one is used.
-    #[arg(long, value_name = "HOST:PORT[,...]", default_value = "127.0.0.1:50050")]
+    #[arg(
+        long,
+        value_name = "HOST:PORT[,...]",
+        default_value = "127.0.0.1:50050"
+    )]
     registry: String,
     /// File whose first line is the registry token (the read token, or the
     /// write token for drain and deregister).

@@ -92,8 +92,8 @@ struct Binaries {
 impl Binaries {
     /// Finds this executable.
     fn find_or_build() -> Result<Self, String> {
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot locate the switchboard binary: {e}"))?;
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot locate the switchboard binary: {e}"))?;
         Ok(Self { exe })
     }
 }

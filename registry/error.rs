@@ -26,7 +26,9 @@ pub enum RegistryError {
     },
     /// An operator removed the lease's endpoint: its holder must not
     /// register it again until it restarts (see docs/operations.md).
-    #[error("lease {0} was removed by an operator; not registering again until this backend restarts")]
+    #[error(
+        "lease {0} was removed by an operator; not registering again until this backend restarts"
+    )]
     RemovedByOperator(String),
     /// The store cannot be reached (a distributed store's cluster is down).
     #[error("{0}")]

@@ -163,13 +163,12 @@ impl Store for MemoryStore {
         lease: LeaseId,
         stream: StreamId,
     ) -> Result<Duration, RegistryError> {
-        self.inner
-            .leases
-            .refresh(lease, stream)
-            .map_err(|err| match self.inner.was_removed(lease) {
+        self.inner.leases.refresh(lease, stream).map_err(|err| {
+            match self.inner.was_removed(lease) {
                 true => RegistryError::RemovedByOperator(lease.to_string()),
                 false => err,
-            })
+            }
+        })
     }
 
     fn stream_ended(&self, stream: StreamId, leases: &HashSet<LeaseId>) {
@@ -302,11 +301,7 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn deregister_address(
-        &self,
-        service: &str,
-        address: &str,
-    ) -> Result<(), RegistryError> {
+    async fn deregister_address(&self, service: &str, address: &str) -> Result<(), RegistryError> {
         let id = self.inner.lease_at(service, address)?;
         // Remembered before the lease ends, so no heartbeat in between can
         // be told "not found" and re-register.

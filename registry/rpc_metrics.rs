@@ -124,7 +124,7 @@ where
             .rpcs
             .get_or_create(&vec![
                 ("method", self.method.clone()),
-                ("code", format!("{code:?}")),
+                ("code", code_name(code)),
             ])
             .inc();
         match code {
@@ -136,6 +136,18 @@ where
         }
         Poll::Ready(output)
     }
+}
+
+/// gRPC's canonical name of `code`, e.g. `RESOURCE_EXHAUSTED`.
+fn code_name(code: tonic::Code) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if i > 0 && c.is_ascii_uppercase() {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
 }
 
 /// The cap a RESOURCE_EXHAUSTED message names: every cap's message starts
@@ -152,7 +164,16 @@ fn cap_of(message: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::cap_of;
+    use super::{cap_of, code_name};
+
+    #[test]
+    fn codes_have_their_grpc_names() {
+        assert_eq!(code_name(tonic::Code::Ok), "OK");
+        assert_eq!(
+            code_name(tonic::Code::ResourceExhausted),
+            "RESOURCE_EXHAUSTED"
+        );
+    }
 
     #[test]
     fn caps_are_named_by_their_message() {
@@ -161,7 +182,10 @@ mod tests {
             cap_of("endpoints per service (a.b) limit of 2 reached"),
             "endpoints per service"
         );
-        assert_eq!(cap_of("message size limit of 10 bytes reached: x"), "message size");
+        assert_eq!(
+            cap_of("message size limit of 10 bytes reached: x"),
+            "message size"
+        );
         assert_eq!(cap_of(""), "other");
     }
 }

@@ -45,12 +45,13 @@ pub async fn serve(
                 ),
                 "/metrics" => {
                     metrics.refresh(&store).await;
-                    let text = crate::metrics::render(
-                        &registry.lock().unwrap_or_else(|p| p.into_inner()),
-                    );
+                    let text =
+                        crate::metrics::render(&registry.lock().unwrap_or_else(|p| p.into_inner()));
                     http::reply(StatusCode::OK, crate::metrics::CONTENT_TYPE, text)
                 }
-                "/healthz" => http::reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+                "/healthz" => {
+                    http::reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
+                }
                 _ => http::not_found(),
             }
         })

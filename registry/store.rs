@@ -161,6 +161,5 @@ pub trait Store: Send + Sync + 'static {
     /// remembered as removed, so the holder's next heartbeat is refused with
     /// [`RegistryError::RemovedByOperator`] rather than "not found" (which
     /// would have it register again).
-    async fn deregister_address(&self, service: &str, address: &str)
-        -> Result<(), RegistryError>;
+    async fn deregister_address(&self, service: &str, address: &str) -> Result<(), RegistryError>;
 }
