@@ -1,8 +1,9 @@
 //! Bearer tokens: who may change the registry, and who may read it.
 //!
-//! With a write token configured, Register, KeepAlive, Drain and Deregister
-//! need `authorization: Bearer <token>`; with a read token, so do Watch,
-//! Resolve and ListServices (the write token also reads). Health and
+//! With a write token configured, Register, KeepAlive, Drain, Deregister,
+//! DrainEndpoint and DeregisterEndpoint need `authorization: Bearer
+//! <token>`; with a read token, so do Watch, Resolve, ListServices and
+//! ListEndpoints (the write token also reads). Health and
 //! reflection stay open. Tokens come from files, never the command line
 //! where `ps` shows them, and are compared in constant time.
 

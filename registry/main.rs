@@ -40,11 +40,11 @@ pub struct Args {
     #[arg(long, default_value_t = RegistryConfig::default().max_message_bytes)]
     max_message_bytes: usize,
     /// File whose first line is the token writers (Register, KeepAlive,
-    /// Drain, Deregister) must present; without it anyone may write.
+    /// Drain, Deregister and their by-address forms) must present; without it anyone may write.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
     /// File whose first line is the token readers (Watch, Resolve,
-    /// ListServices) must present; without it anyone may read.
+    /// ListServices, ListEndpoints) must present; without it anyone may read.
     #[arg(long, value_name = "PATH")]
     read_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]

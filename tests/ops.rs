@@ -15,7 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A registry process with its status port.
 struct Registry {
-    proc: Proc,
+    /// The process, killed when the test ends.
+    _proc: Proc,
     /// Its gRPC address.
     address: String,
     /// Its status page / metrics address.
@@ -39,7 +40,7 @@ async fn start(extra: &[&str]) -> Registry {
     let line = proc.wait_line("metrics listening on ", STARTUP).await;
     let status = line.trim_start_matches("metrics listening on ").to_owned();
     Registry {
-        proc,
+        _proc: proc,
         address,
         status,
     }
@@ -356,7 +357,7 @@ async fn bad_operator_input_gets_one_error_line() {
         ),
         (
             vec!["services", "--registry", &reg, "--cert", "x.crt"],
-            "--cert needs --ca",
+            "--cert needs --key",
         ),
         (
             vec![
