@@ -89,6 +89,9 @@ pub struct Args {
     /// instead of the host dialled; needs --ca.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
+    log_format: process::LogFormat,
 }
 
 /// Parses `1500ms`, `2s`, `1m` or a bare number of seconds.
@@ -112,7 +115,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 /// Runs this subcommand until it is told to stop.
 pub async fn run(args: Args) {
-    process::init_tracing();
+    process::init_logging(args.log_format);
     let target = args
         .target
         .clone()

@@ -68,6 +68,9 @@ pub struct Args {
     /// PEM private key of --registry-cert.
     #[arg(long, value_name = "PATH")]
     registry_key: Option<PathBuf>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
+    log_format: process::LogFormat,
 }
 
 /// The servers to start, checked before anything starts.
@@ -192,7 +195,7 @@ fn parse_meta(flags: &[String]) -> Result<HashMap<String, String>, String> {
 /// Runs this subcommand until it is told to stop.
 pub async fn run(args: Args) {
     let plan = plan(&args).unwrap_or_else(|error| process::exit_with(&error));
-    process::init_tracing();
+    process::init_logging(args.log_format);
 
     // Every listener first: a busy port must stop the process before any
     // server has registered.

@@ -1,11 +1,10 @@
 //! Metrics in the Prometheus text format.
 //!
-//! The library never opens a port for them: the client library registers
-//! its metrics into a [`prometheus_client::registry::Registry`] its
-//! application owns ([`crate::client::ClientMetrics`]), and the
-//! application serves it where it wants. The `switchboard` subcommands do
-//! so with [`http`], a small HTTP/1 server for `/metrics` (and, on the
-//! registry, its status page).
+//! The library never opens a port by itself: metrics are registered into a
+//! [`prometheus_client::registry::Registry`] that the application owns and
+//! serves where it wants. The `switchboard` subcommands do so with `http`,
+//! a small HTTP/1 server for `/metrics` (and, on the registry, its status
+//! page).
 
 #[cfg(any(feature = "registry", feature = "registration"))]
 pub mod http;
