@@ -7,6 +7,7 @@
 //! - [`echo`]: the `grpc.examples.echo.Echo` backend, one user of
 //!   [`registration`].
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
+//! - [`metrics`]: Prometheus metrics and the small server exposing them.
 //! - [`tls`]: TLS and mutual TLS settings shared by all of the above.
 //! - [`authority_repair`]: lets clients with a multi-address target (grpcio)
 //!   past h2's `:authority` check, for every switchboard server.
@@ -17,6 +18,7 @@ pub mod client;
 pub mod discovery;
 #[cfg(feature = "echo")]
 pub mod echo;
+pub mod metrics;
 #[path = "proto/mod.rs"]
 pub mod proto;
 #[cfg(feature = "registration")]
@@ -28,15 +30,48 @@ pub mod tls;
 /// one-line fatal errors.
 #[cfg(feature = "cli")]
 pub mod process {
-    /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+    /// How log lines are written.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+    pub enum LogFormat {
+        /// One human-readable line per event.
+        #[default]
+        Text,
+        /// One JSON object per line, for log shippers.
+        Json,
+    }
+
+    /// Logs text lines to stderr, filtered by `RUST_LOG` (default `info`).
     pub fn init_tracing() {
+        init_logging(LogFormat::Text)
+    }
+
+    /// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`).
+    pub fn init_logging(format: LogFormat) {
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        tracing_subscriber::fmt()
+        let builder = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
+            .with_writer(std::io::stderr);
+        match format {
+            LogFormat::Text => builder
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init(),
+            LogFormat::Json => builder.json().with_current_span(false).init(),
+        }
+    }
+
+    /// Binds the `--metrics-listen` address, or exits with one line.
+    pub async fn bind_metrics(addr: std::net::SocketAddr) -> tokio::net::TcpListener {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let local = listener.local_addr().map_or(addr, |a| a);
+                println!("metrics listening on {local}");
+                listener
+            }
+            Err(err) => exit_with(&format!(
+                "cannot listen on {addr}: {err}; pick another --metrics-listen address"
+            )),
+        }
     }
 
     /// Resolves on the first SIGINT or SIGTERM.
@@ -59,15 +94,24 @@ pub mod process {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                     error.exit()
                 }
-                _ => {
-                    let binary = std::env::args_os()
-                        .next()
-                        .map(std::path::PathBuf::from)
-                        .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
-                        .unwrap_or_else(|| A::command().get_name().to_owned());
-                    exit_with(&flag_error(&error, &binary))
-                }
+                _ => exit_with(&flag_error(&error, &invoked::<A>())),
             },
+        }
+    }
+
+    /// How the user invoked the command, for "see ... --help": the binary's
+    /// name and, when the first argument names a subcommand, that too.
+    fn invoked<A: clap::Parser>() -> String {
+        let mut argv = std::env::args_os();
+        let binary = argv
+            .next()
+            .map(std::path::PathBuf::from)
+            .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| A::command().get_name().to_owned());
+        let command = A::command();
+        match argv.next().and_then(|a| a.into_string().ok()) {
+            Some(sub) if command.find_subcommand(&sub).is_some() => format!("{binary} {sub}"),
+            _ => binary,
         }
     }
 

@@ -431,8 +431,8 @@ async fn weighted(
 
 /// Whether the echo binary has `--fail-rate` and `--delay`.
 fn echo_has_fault_flags() -> bool {
-    std::process::Command::new(env!("CARGO_BIN_EXE_echo"))
-        .arg("--help")
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["echo", "--help"])
         .output()
         .is_ok_and(|o| {
             let help = String::from_utf8_lossy(&o.stdout);
@@ -441,7 +441,7 @@ fn echo_has_fault_flags() -> bool {
 }
 
 pub async fn run(config: &Config) -> Result<(), BoxError> {
-    println!("## 6. Grey failures: hung, failing, slow and weighted backends\n");
+    println!("## 7. Grey failures: hung, failing, slow and weighted backends\n");
     let (_registry, registry) = Proc::registry();
     let processes = echo_has_fault_flags();
 

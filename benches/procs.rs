@@ -22,14 +22,16 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `bin` with `args`. Stdout is read line by line (for the
+    /// Starts `switchboard <name> <args>`. Stdout is read line by line (for the
     /// "listening" line); stderr goes to a log file under the target
     /// directory, so a failed run can be diagnosed.
-    fn spawn(name: &'static str, bin: &str, args: &[String]) -> Self {
+    fn spawn(name: &'static str, args: &[String]) -> Self {
+        let bin = env!("CARGO_BIN_EXE_switchboard");
         let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-logs");
         let _ = std::fs::create_dir_all(&logs);
         let mut command = Command::new(bin);
         command
+            .arg(name)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
@@ -79,7 +81,7 @@ impl Proc {
             "0",
         ]
         .map(String::from);
-        let mut proc = Self::spawn("registry", env!("CARGO_BIN_EXE_registry"), &args);
+        let mut proc = Self::spawn("registry", &args);
         let address = proc.wait_line("registry listening on ");
         (proc, address)
     }
@@ -96,7 +98,7 @@ impl Proc {
             service.to_owned(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut proc = Self::spawn("echo", env!("CARGO_BIN_EXE_echo"), &args);
+        let mut proc = Self::spawn("echo", &args);
         let address = proc.wait_line("echo serving on ");
         (proc, address)
     }

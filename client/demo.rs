@@ -1,4 +1,4 @@
-//! The `demo` binary: the failover scenario end to end, with real
+//! `switchboard demo`: the failover scenario end to end, with real
 //! processes. It starts a registry, one echo process per backend and the
 //! client in live mode; kills a backend with SIGKILL, starts it again, then
 //! stops one with SIGTERM, for round_robin and for pick_first; and prints a
@@ -6,7 +6,7 @@
 //! ends, Ctrl-C included.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ use tokio::time::Instant;
 /// Runs the failover scenario with real processes and prints what happens.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {
+pub struct Args {
     /// Only this policy (default: round_robin, then pick_first).
     #[arg(long)]
     policy: Option<PolicyKind>,
@@ -44,9 +44,8 @@ struct Args {
 /// How long any one expected event may take before the demo gives up on it.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
-#[tokio::main]
-async fn main() {
-    let args: Args = process::parse_args();
+/// Runs `switchboard demo`.
+pub async fn run(args: Args) {
     if args.backends < 2 {
         process::exit_with("--backends must be at least 2 to show a failover");
     }
@@ -82,53 +81,20 @@ async fn main() {
     print_summary(&rows);
 }
 
-/// The registry, echo and client executables.
+/// The `switchboard` executable this demo runs as: every process the
+/// demo starts is one of its subcommands, so a fresh checkout needs no
+/// separate build step.
 struct Binaries {
-    registry: PathBuf,
-    echo: PathBuf,
-    client: PathBuf,
+    /// Path of this very executable.
+    exe: PathBuf,
 }
 
 impl Binaries {
-    /// Finds the binaries beside this one, building them first when run
-    /// through cargo on a fresh checkout.
+    /// Finds this executable.
     fn find_or_build() -> Result<Self, String> {
-        let exe =
-            std::env::current_exe().map_err(|e| format!("cannot locate the demo binary: {e}"))?;
-        let dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let bins = Self {
-            registry: dir.join("registry"),
-            echo: dir.join("echo"),
-            client: dir.join("client"),
-        };
-        if let Some(cargo) = std::env::var_os("CARGO") {
-            // Always rebuild through cargo so stale binaries never run; it is
-            // a no-op when they are fresh.
-            let release = dir.file_name().is_some_and(|n| n == "release");
-            println!("building registry, echo and client...");
-            let mut build = std::process::Command::new(cargo);
-            build.args([
-                "build", "--bin", "registry", "--bin", "echo", "--bin", "client",
-            ]);
-            if release {
-                build.arg("--release");
-            }
-            let status = build
-                .status()
-                .map_err(|e| format!("cannot run cargo build: {e}"))?;
-            if !status.success() {
-                return Err("cargo build of registry, echo and client failed".into());
-            }
-        }
-        for bin in [&bins.registry, &bins.echo, &bins.client] {
-            if !bin.exists() {
-                return Err(format!(
-                    "{} not found: run `cargo build --release --bins` first",
-                    bin.display()
-                ));
-            }
-        }
-        Ok(bins)
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot locate the switchboard binary: {e}"))?;
+        Ok(Self { exe })
     }
 }
 
@@ -232,10 +198,7 @@ impl<'a> Scenario<'a> {
         let backends: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
 
         self.log("demo", &format!("starting the registry on {registry}"));
-        let registry_bin = self.bins.registry.clone();
-        self.spawn("registry", &registry_bin, &["--listen", &registry], |_| {
-            None
-        })?;
+        self.spawn("registry", "registry", &["--listen", &registry], |_| None)?;
         self.watch_registry(&registry).await?;
 
         for backend in &backends {
@@ -255,12 +218,11 @@ impl<'a> Scenario<'a> {
                 self.policy, self.args.rate
             ),
         );
-        let client_bin = self.bins.client.clone();
         let rate = self.args.rate.to_string();
         let policy = self.policy.to_string();
         self.spawn(
             "client",
-            &client_bin,
+            "client",
             &[
                 "--target",
                 &target,
@@ -439,10 +401,9 @@ impl<'a> Scenario<'a> {
     fn start_backend(&mut self, registry: &str, backend: &str) -> Result<(), String> {
         let label = format!("backend-{}", backend.rsplit(':').next().unwrap_or(backend));
         self.log("demo", &format!("starting echo backend {backend}"));
-        let echo_bin = self.bins.echo.clone();
         self.spawn(
             &label,
-            &echo_bin,
+            "echo",
             &[
                 "--registry",
                 registry,
@@ -538,11 +499,13 @@ impl<'a> Scenario<'a> {
     fn spawn(
         &mut self,
         name: &str,
-        bin: &Path,
+        subcommand: &str,
         args: &[&str],
         observe: impl Fn(String) -> Option<Observation> + Send + 'static,
     ) -> Result<(), String> {
+        let bin = &self.bins.exe;
         let mut child = Command::new(bin)
+            .arg(subcommand)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,4 +1,4 @@
-//! The `client` binary: the classic load-balancing example, and a live mode
+//! `switchboard client`: the classic load-balancing example, and a live mode
 //! that shows traffic moving between backends as they come and go.
 
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 /// the traffic per backend every second until --duration or Ctrl-C.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {
+pub struct Args {
     /// Where endpoints come from: registry://<host:port>/<service>,
     /// static:///<host:port>,<host:port> or dns:///<host:port>. Defaults to
     /// --registry/--service.
@@ -112,12 +112,14 @@ struct Args {
     /// instead of the host dialled; needs --ca.
     #[arg(long, value_name = "NAME")]
     tls_server_name: Option<String>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
+    log_format: process::LogFormat,
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Args = process::parse_args();
-    process::init_tracing();
+/// Runs this subcommand until it is told to stop.
+pub async fn run(args: Args) {
+    process::init_logging(args.log_format);
     let target = args
         .target
         .clone()

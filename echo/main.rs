@@ -1,4 +1,4 @@
-//! The `echo` binary: one process running several echo servers, each
+//! `switchboard echo`: one process running several echo servers, each
 //! registered with the registry and drained on SIGTERM or SIGINT. For
 //! failure drills it can inject errors and latency into every call, and
 //! SIGUSR1 flips its health between SERVING and NOT_SERVING.
@@ -19,7 +19,7 @@ use switchboard::tls::{self, ServerTlsFlags};
 /// themselves, stay registered, and drain gracefully.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {
+pub struct Args {
     /// Ports to serve on 127.0.0.1, one server each [default: 50051 50052].
     #[arg(value_name = "PORT", conflicts_with = "listen")]
     ports: Vec<u16>,
@@ -91,6 +91,9 @@ struct Args {
     /// between SERVING and NOT_SERVING at any time.
     #[arg(long, value_name = "DURATION", value_parser = process::parse_duration)]
     not_serving_after: Option<Duration>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
+    log_format: process::LogFormat,
 }
 
 /// The servers to start, checked before anything starts.
@@ -219,11 +222,10 @@ fn parse_meta(flags: &[String]) -> Result<HashMap<String, String>, String> {
     Ok(metadata)
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Args = process::parse_args();
+/// Runs this subcommand until it is told to stop.
+pub async fn run(args: Args) {
     let plan = plan(&args).unwrap_or_else(|error| process::exit_with(&error));
-    process::init_tracing();
+    process::init_logging(args.log_format);
     // Before any server announces itself, so a drill's first SIGUSR1 cannot
     // meet the default action (terminate).
     let flip = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())

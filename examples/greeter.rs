@@ -4,7 +4,7 @@
 //! `main` from `bind` to `shutdown`; the rest is an ordinary tonic service.
 //!
 //! ```text
-//! cargo run --release --bin registry &
+//! cargo run --release -- registry &
 //! cargo run --release --example greeter -- --listen 127.0.0.1:50061 &
 //! cargo run --release --example greeter -- --listen 127.0.0.1:50062 &
 //! ```

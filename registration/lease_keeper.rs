@@ -10,6 +10,11 @@
 //! to resume: every session registers afresh, after a short jittered
 //! backoff.
 //!
+//! An operator may remove the endpoint (`switchboard deregister`): the
+//! registry then refuses its heartbeat with FAILED_PRECONDITION, and the
+//! keeper stops, serving on unregistered, until the process restarts. An
+//! operator's removal stands; it is not undone behind their back.
+//!
 //! Leaving is the first step of a drain: Drain (watchers stop picking the
 //! endpoint), Deregister (it leaves their sets), and only then the stream
 //! closes, so the endpoint never vanishes without first being DRAINING.
@@ -57,6 +62,9 @@ pub enum LeaseState {
         /// The registry instance that granted it.
         epoch: u64,
     },
+    /// An operator removed the endpoint; the keeper does not register it
+    /// again until the process restarts.
+    RemovedByOperator,
     /// The keeper stopped; it drained and deregistered the endpoint first if
     /// it held a lease.
     Stopped,
@@ -148,6 +156,8 @@ enum SessionError {
     Register(Status),
     #[error("the registry no longer knows the lease: {}", .0.message())]
     LeaseLost(Status),
+    #[error("{}", .0.message())]
+    RemovedByOperator(Status),
     #[error("keepalive stream failed: {} {}", .0.code(), status_chain(.0))]
     KeepAlive(Status),
     #[error("the registry closed the keepalive stream")]
@@ -193,6 +203,17 @@ async fn keep(
             Ok(deregistered) => {
                 state.send_replace(LeaseState::Stopped);
                 return deregistered;
+            }
+            Err(SessionError::RemovedByOperator(status)) => {
+                state.send_replace(LeaseState::RemovedByOperator);
+                tracing::warn!(
+                    address = %registration.address,
+                    reason = status.message(),
+                    "an operator removed this endpoint; serving unregistered until restarted"
+                );
+                told_to_leave(&mut leave).await;
+                state.send_replace(LeaseState::Stopped);
+                return false;
             }
             Err(error) => {
                 let previous = state.send_replace(LeaseState::Unregistered);
@@ -339,6 +360,9 @@ fn answered(reply: Result<Option<KeepAliveResponse>, Status>) -> Result<(), Sess
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(SessionError::StreamEnded),
         Err(status) if status.code() == Code::NotFound => Err(SessionError::LeaseLost(status)),
+        Err(status) if status.code() == Code::FailedPrecondition => {
+            Err(SessionError::RemovedByOperator(status))
+        }
         Err(status) => Err(SessionError::KeepAlive(status)),
     }
 }

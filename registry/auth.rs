@@ -1,9 +1,11 @@
 //! Bearer tokens: who may change the registry, and who may read it.
 //!
-//! With a write token configured, Register, KeepAlive, Drain and Deregister
-//! need `authorization: Bearer <token>`; with a read token, so do Watch,
-//! Resolve and ListServices (the write token also reads), and so do xDS
-//! (ADS) streams, which only read. Health and reflection stay open. Tokens come from files, never the command line
+//! With a write token configured, Register, KeepAlive, Drain, Deregister,
+//! DrainEndpoint and DeregisterEndpoint need `authorization: Bearer
+//! <token>`; with a read token, so do Watch, Resolve, ListServices and
+//! ListEndpoints (the write token also reads), and so do xDS (ADS) streams,
+//! which only read. Health and reflection stay open. Tokens come from files,
+//! never the command line
 //! where `ps` shows them, and are compared in constant time.
 
 use std::fmt;
@@ -19,7 +21,14 @@ use tonic::Status;
 const REGISTRY_PATH: &str = "/switchboard.registry.v1.Registry/";
 
 /// Methods that change state and need the write token.
-const WRITE_METHODS: [&str; 4] = ["Register", "KeepAlive", "Drain", "Deregister"];
+const WRITE_METHODS: [&str; 6] = [
+    "Register",
+    "KeepAlive",
+    "Drain",
+    "Deregister",
+    "DrainEndpoint",
+    "DeregisterEndpoint",
+];
 
 /// A secret bearer token. Its `Debug` output never shows the secret.
 #[derive(Clone, PartialEq, Eq)]

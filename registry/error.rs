@@ -16,6 +16,20 @@ pub enum RegistryError {
     /// The lease does not exist: it expired, was revoked, or was never granted.
     #[error("lease {0} not found: it expired, was deregistered or belongs to another registry instance; register again")]
     LeaseNotFound(String),
+    /// No endpoint has this address in this service.
+    #[error("no endpoint {address} in service {service}")]
+    EndpointNotFound {
+        /// The service named.
+        service: String,
+        /// The address named.
+        address: String,
+    },
+    /// An operator removed the lease's endpoint: its holder must not
+    /// register it again until it restarts (see docs/operations.md).
+    #[error(
+        "lease {0} was removed by an operator; not registering again until this backend restarts"
+    )]
+    RemovedByOperator(String),
     /// The store cannot be reached (a distributed store's cluster is down).
     #[error("{0}")]
     Unavailable(String),
@@ -43,7 +57,10 @@ impl From<RegistryError> for Status {
     fn from(err: RegistryError) -> Self {
         let code = match err {
             RegistryError::InvalidArgument { .. } => Code::InvalidArgument,
-            RegistryError::LeaseNotFound(_) => Code::NotFound,
+            RegistryError::LeaseNotFound(_) | RegistryError::EndpointNotFound { .. } => {
+                Code::NotFound
+            }
+            RegistryError::RemovedByOperator(_) => Code::FailedPrecondition,
             RegistryError::ResourceExhausted { .. } => Code::ResourceExhausted,
             RegistryError::Unavailable(_) => Code::Unavailable,
         };

@@ -69,6 +69,8 @@ pub struct Lease {
     pub address: Arc<str>,
     /// Time to live after each heartbeat.
     pub ttl: Duration,
+    /// When the lease was granted, so operators can see its age.
+    pub granted: Instant,
     /// When the lease ends unless refreshed.
     deadline: Instant,
     /// The KeepAlive stream the lease is bound to, once it has heartbeated.
@@ -104,6 +106,7 @@ impl LeaseTable {
                 service,
                 address,
                 ttl,
+                granted: Instant::now(),
                 deadline,
                 stream: None,
             },

@@ -1,4 +1,4 @@
-//! The `registry` binary: runs the switchboard control plane.
+//! `switchboard registry`: runs the switchboard control plane.
 
 use clap::Parser;
 use switchboard::process;
@@ -9,7 +9,7 @@ use switchboard::tls::ServerTlsFlags;
 /// switchboard registry: leased endpoint registrations and live watches.
 #[derive(Parser, Debug)]
 #[command(version)]
-struct Args {
+pub struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, default_value = registry::DEFAULT_LISTEN)]
     listen: std::net::SocketAddr,
@@ -40,21 +40,27 @@ struct Args {
     #[arg(long, default_value_t = RegistryConfig::default().max_message_bytes)]
     max_message_bytes: usize,
     /// File whose first line is the token writers (Register, KeepAlive,
-    /// Drain, Deregister) must present; without it anyone may write.
+    /// Drain, Deregister and their by-address forms) must present; without it anyone may write.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
     /// File whose first line is the token readers (Watch, Resolve,
-    /// ListServices) must present; without it anyone may read.
+    /// ListServices, ListEndpoints) must present; without it anyone may read.
     #[arg(long, value_name = "PATH")]
     read_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     tls: ServerTlsFlags,
+    /// Serve the status page, /metrics and /healthz on this HOST:PORT
+    /// (port 0 picks a free port); off by default.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Log lines as text or as JSON objects.
+    #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
+    log_format: process::LogFormat,
 }
 
-#[tokio::main]
-async fn main() {
-    let args: Args = process::parse_args();
-    process::init_tracing();
+/// Runs this subcommand until it is told to stop.
+pub async fn run(args: Args) {
+    process::init_logging(args.log_format);
     let load = |path: &Option<std::path::PathBuf>| {
         path.as_deref()
             .map(Token::from_file)
@@ -86,8 +92,27 @@ async fn main() {
         max_watch_streams_per_connection: args.max_watch_streams_per_connection,
         max_registrations_per_second: std::num::NonZeroU32::new(args.max_registrations_per_second),
         max_message_bytes: args.max_message_bytes,
+        metrics: registry::RegistryMetrics::default(),
     };
-    if let Err(err) = registry::serve(listener, config, process::shutdown_signal()).await {
+    let service = registry::Registry::new(&config);
+    let status = match args.metrics_listen {
+        Some(addr) => {
+            let listener = process::bind_metrics(addr).await;
+            Some(tokio::spawn(registry::status::serve(
+                listener,
+                service.store().clone(),
+                config.metrics.clone(),
+                std::future::pending(),
+            )))
+        }
+        None => None,
+    };
+    let served =
+        registry::serve_registry(listener, service, config, process::shutdown_signal()).await;
+    if let Some(status) = status {
+        status.abort();
+    }
+    if let Err(err) = served {
         process::exit_with(&format!("registry failed: {err}"));
     }
     tracing::info!("registry stopped");

@@ -27,8 +27,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::metrics::RegistryMetrics;
 use super::store::{
-    Grant, NewEndpoint, Position, ServiceCount, ServiceSnapshot, Store, UpdateStream,
+    Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
+    Store, UpdateStream,
 };
 use super::{RegistryConfig, RegistryError};
 use crate::discovery::{Delta, Endpoint, EndpointSet, EndpointState, Update, Versioned};
@@ -60,7 +62,16 @@ struct Inner {
     watch_buffer: usize,
     /// Until when Watch holds back its first snapshot.
     warm_until: Instant,
+    /// Leases an operator removed, and when: their holders' heartbeats are
+    /// refused as removed rather than unknown, so they do not re-register.
+    removed: std::sync::Mutex<HashMap<LeaseId, Instant>>,
+    /// Counts registrations, removals and watcher resets.
+    metrics: RegistryMetrics,
 }
+
+/// How long a removed lease is remembered: far longer than any TTL, so its
+/// holder has heartbeated (and been told) long before it is forgotten.
+const REMOVED_MEMORY: Duration = Duration::from_secs(3600);
 
 /// One service: its endpoints, the lease holding each, and its watchers'
 /// channel.
@@ -92,6 +103,8 @@ impl MemoryStore {
             populated: AtomicUsize::new(0),
             watch_buffer: config.watch_buffer.max(1),
             warm_until: Instant::now() + config.warmup,
+            removed: std::sync::Mutex::new(HashMap::new()),
+            metrics: config.metrics.clone(),
         });
         let expiry = tokio::spawn(expire_leases(inner.clone()));
         Self { inner, expiry }
@@ -137,6 +150,7 @@ impl Store for MemoryStore {
                 return Err(err);
             }
         }
+        inner.metrics.registrations.inc();
         Ok(Grant {
             lease: id,
             ttl,
@@ -149,14 +163,21 @@ impl Store for MemoryStore {
         lease: LeaseId,
         stream: StreamId,
     ) -> Result<Duration, RegistryError> {
-        self.inner.leases.refresh(lease, stream)
+        self.inner.leases.refresh(lease, stream).map_err(|err| {
+            match self.inner.was_removed(lease) {
+                true => RegistryError::RemovedByOperator(lease.to_string()),
+                false => err,
+            }
+        })
     }
 
     fn stream_ended(&self, stream: StreamId, leases: &HashSet<LeaseId>) {
         for &id in leases {
             if let Some(lease) = self.inner.leases.revoke_if_bound(id, stream) {
                 tracing::info!(service = %lease.service, address = %lease.address, "keepalive stream ended; endpoint removed");
-                self.inner.remove(&lease.service, &lease.address, id);
+                if self.inner.remove(&lease.service, &lease.address, id) {
+                    self.inner.metrics.stream_breaks.inc();
+                }
             }
         }
     }
@@ -170,6 +191,7 @@ impl Store for MemoryStore {
             return Err(RegistryError::LeaseNotFound(id.to_string()));
         }
         tracing::info!(service = %lease.service, address = %lease.address, "endpoint draining");
+        self.inner.metrics.drains.inc();
         Ok(())
     }
 
@@ -181,6 +203,7 @@ impl Store for MemoryStore {
             .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))?;
         tracing::info!(service = %lease.service, address = %lease.address, reason = "deregistered", "endpoint removed");
         self.inner.remove(&lease.service, &lease.address, id);
+        self.inner.metrics.deregistrations.inc();
         Ok(())
     }
 
@@ -228,9 +251,102 @@ impl Store for MemoryStore {
     fn lease_count(&self) -> usize {
         self.inner.leases.len()
     }
+
+    async fn leased_endpoints(&self, service: &str) -> Result<LeasedSnapshot, RegistryError> {
+        let inner = &self.inner;
+        let Some(entry) = inner.services.get(service) else {
+            return Ok(LeasedSnapshot {
+                epoch: inner.epoch,
+                version: inner.revision.load(Ordering::Acquire),
+                endpoints: Vec::new(),
+            });
+        };
+        let now = Instant::now();
+        let endpoints = entry
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                let lease = entry
+                    .leases
+                    .get(endpoint.address.as_str())
+                    .and_then(|id| inner.leases.get(*id).ok());
+                LeasedEndpoint {
+                    endpoint: (**endpoint).clone(),
+                    lease_age: lease
+                        .as_ref()
+                        .map_or(Duration::ZERO, |l| now.saturating_duration_since(l.granted)),
+                    ttl: lease.map_or(Duration::ZERO, |l| l.ttl),
+                }
+            })
+            .collect();
+        Ok(LeasedSnapshot {
+            epoch: inner.epoch,
+            version: entry.version,
+            endpoints,
+        })
+    }
+
+    async fn drain_address(&self, service: &str, address: &str) -> Result<(), RegistryError> {
+        let id = self.inner.lease_at(service, address)?;
+        if !self
+            .inner
+            .set_state(service, address, id, EndpointState::Draining)
+        {
+            return Err(RegistryError::EndpointNotFound {
+                service: service.to_owned(),
+                address: address.to_owned(),
+            });
+        }
+        self.inner.metrics.drains.inc();
+        Ok(())
+    }
+
+    async fn deregister_address(&self, service: &str, address: &str) -> Result<(), RegistryError> {
+        let id = self.inner.lease_at(service, address)?;
+        // Remembered before the lease ends, so no heartbeat in between can
+        // be told "not found" and re-register.
+        self.inner.remember_removed(id);
+        self.inner.leases.revoke(id);
+        if !self.inner.remove(service, address, id) {
+            return Err(RegistryError::EndpointNotFound {
+                service: service.to_owned(),
+                address: address.to_owned(),
+            });
+        }
+        self.inner.metrics.deregistrations.inc();
+        Ok(())
+    }
 }
 
 impl Inner {
+    /// The lease holding the endpoint at `address` of `service`.
+    fn lease_at(&self, service: &str, address: &str) -> Result<LeaseId, RegistryError> {
+        self.services
+            .get(service)
+            .and_then(|entry| entry.leases.get(address).copied())
+            .ok_or_else(|| RegistryError::EndpointNotFound {
+                service: service.to_owned(),
+                address: address.to_owned(),
+            })
+    }
+
+    /// Records that an operator removed `lease`, forgetting removals older
+    /// than [`REMOVED_MEMORY`].
+    fn remember_removed(&self, lease: LeaseId) {
+        let now = Instant::now();
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        removed.retain(|_, at| now.saturating_duration_since(*at) < REMOVED_MEMORY);
+        removed.insert(lease, now);
+    }
+
+    /// Whether an operator removed `lease`.
+    fn was_removed(&self, lease: LeaseId) -> bool {
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&lease)
+    }
+
     /// Adds or replaces the endpoint at `address`, held by `lease`. Returns
     /// the lease that held the address before, if another one did.
     fn upsert(
@@ -412,7 +528,9 @@ async fn expire_leases(inner: Arc<Inner>) {
         let (expired, next) = inner.leases.take_expired(Instant::now());
         for (id, lease) in expired {
             tracing::info!(service = %lease.service, address = %lease.address, ttl = ?lease.ttl, "lease expired");
-            inner.remove(&lease.service, &lease.address, id);
+            if inner.remove(&lease.service, &lease.address, id) {
+                inner.metrics.expiries.inc();
+            }
         }
         match next {
             Some(deadline) => tokio::select! {
@@ -482,6 +600,7 @@ impl Watcher {
                     missed,
                     "watcher fell behind; sending a fresh snapshot"
                 );
+                self.release.inner.metrics.watcher_resets.inc();
                 let (reset, updates) = self.release.inner.subscribe(&self.release.service);
                 self.updates = updates;
                 Some(reset)

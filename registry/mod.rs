@@ -20,7 +20,10 @@
 //! - [`service`]: the gRPC service over any store;
 //! - [`xds`]: the same state served to stock gRPC clients and Envoy over
 //!   xDS (ADS);
-//! - [`server`]: the process around it (health, reflection, shutdown).
+//! - [`server`]: the process around it (health, reflection, shutdown);
+//! - [`metrics`] and [`rpc_metrics`]: Prometheus metrics, and the tower
+//!   layer counting RPCs;
+//! - [`status`]: the status page, `/metrics` and `/healthz`.
 
 pub mod auth;
 pub mod error;
@@ -33,9 +36,15 @@ pub mod memory;
 #[cfg(feature = "registry")]
 pub mod message_size;
 #[cfg(feature = "registry")]
+pub mod metrics;
+#[cfg(feature = "registry")]
+pub mod rpc_metrics;
+#[cfg(feature = "registry")]
 pub mod server;
 #[cfg(feature = "registry")]
 pub mod service;
+#[cfg(feature = "registry")]
+pub mod status;
 #[cfg(feature = "registry")]
 pub mod store;
 pub mod validate;
@@ -48,7 +57,9 @@ pub use error::RegistryError;
 #[cfg(feature = "registry")]
 pub use memory::MemoryStore;
 #[cfg(feature = "registry")]
-pub use server::{serve, RegistryConfig};
+pub use metrics::RegistryMetrics;
+#[cfg(feature = "registry")]
+pub use server::{serve, serve_registry, RegistryConfig};
 #[cfg(feature = "registry")]
 pub use service::Registry;
 #[cfg(feature = "registry")]

@@ -11,6 +11,8 @@ use tonic::transport::Server;
 
 use super::auth::{AccessTokens, RequireTokensLayer};
 use super::message_size::MessageSizeLayer;
+use super::metrics::RegistryMetrics;
+use super::rpc_metrics::RpcMetricsLayer;
 use super::xds::AdsService;
 use super::Registry;
 use crate::authority_repair::repair_authorities;
@@ -69,6 +71,9 @@ pub struct RegistryConfig {
     /// Largest request message, in bytes; a larger one gets
     /// RESOURCE_EXHAUSTED before it is read.
     pub max_message_bytes: usize,
+    /// Where the registry counts what it does; shared with whoever serves
+    /// them (the status page's `/metrics`).
+    pub metrics: RegistryMetrics,
 }
 
 impl Default for RegistryConfig {
@@ -86,6 +91,7 @@ impl Default for RegistryConfig {
             max_watch_streams_per_connection: 10_000,
             max_registrations_per_second: NonZeroU32::new(DEFAULT_REGISTRATIONS_PER_SECOND),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            metrics: RegistryMetrics::default(),
         }
     }
 }
@@ -97,7 +103,18 @@ pub async fn serve(
     config: RegistryConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
-    let registry = Registry::new(&config);
+    serve_registry(listener, Registry::new(&config), config, shutdown).await
+}
+
+/// Serves `registry` (made from `config`, and perhaps shared with a status
+/// page) on `listener` until `shutdown` resolves, then closes connections
+/// gracefully.
+pub async fn serve_registry(
+    listener: TcpListener,
+    registry: Registry,
+    config: RegistryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     // xDS clients read the same store, through the same layers (tokens,
     // message size) and TLS as Watch.
     let ads = AdsService::new(registry.store().clone(), &config);
@@ -141,6 +158,7 @@ pub async fn serve(
         )
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .layer(RpcMetricsLayer::new(config.metrics.clone()))
         .layer(RequireTokensLayer::new(config.tokens.clone()))
         .layer(MessageSizeLayer::new(config.max_message_bytes))
         .add_service(health_service)

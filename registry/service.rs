@@ -18,9 +18,11 @@ use super::watch::watch_stream;
 use super::{validate, RegistryConfig};
 use crate::proto::registry::registry_server::Registry as RegistryApi;
 use crate::proto::registry::{
-    DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse, KeepAliveRequest,
-    KeepAliveResponse, ListServicesRequest, ListServicesResponse, RegisterRequest,
-    RegisterResponse, ResolveRequest, ResolveResponse, ServiceSummary, WatchRequest, WatchResponse,
+    DeregisterEndpointRequest, DeregisterEndpointResponse, DeregisterRequest, DeregisterResponse,
+    DrainEndpointRequest, DrainEndpointResponse, DrainRequest, DrainResponse, KeepAliveRequest,
+    KeepAliveResponse, LeasedEndpoint, ListEndpointsRequest, ListEndpointsResponse,
+    ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest,
+    ResolveResponse, ServiceSummary, WatchRequest, WatchResponse,
 };
 
 /// The registry's gRPC service over a [`Store`]. Cheap to clone.
@@ -39,6 +41,8 @@ struct Shared {
     watch_slots: Arc<WatchSlots>,
     /// Cap on Register calls per second per connection.
     registration_rate: RegistrationRate,
+    /// Counts open watchers.
+    metrics: super::metrics::RegistryMetrics,
 }
 
 impl Registry {
@@ -61,6 +65,7 @@ impl Registry {
                     config.max_watch_streams_per_connection,
                 ),
                 registration_rate: RegistrationRate::new(config.max_registrations_per_second),
+                metrics: config.metrics.clone(),
             }),
         }
     }
@@ -250,8 +255,10 @@ impl RegistryApi for Registry {
         validate::service_name(&service)?;
         // The slot lives as long as the stream does.
         let updates = self.shared.store.watch(&service, None).await?;
+        let watcher = OpenWatcher::new(self.shared.metrics.watchers.clone());
         let stream = watch_stream(updates).map(move |message| {
             let _slot = &slot;
+            let _watcher = &watcher;
             message
         });
         Ok(Response::new(until_closed(
@@ -289,4 +296,81 @@ impl RegistryApi for Registry {
                 .collect(),
         }))
     }
+
+    async fn list_endpoints(
+        &self,
+        request: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let service = request.into_inner().service;
+        validate::service_name(&service)?;
+        let snapshot = self.shared.store.leased_endpoints(&service).await?;
+        Ok(Response::new(ListEndpointsResponse {
+            epoch: snapshot.epoch,
+            version: snapshot.version,
+            endpoints: snapshot
+                .endpoints
+                .iter()
+                .map(|leased| LeasedEndpoint {
+                    endpoint: Some((&leased.endpoint).into()),
+                    lease_age_ms: leased.lease_age.as_millis() as u64,
+                    ttl_ms: leased.ttl.as_millis() as u64,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn drain_endpoint(
+        &self,
+        request: Request<DrainEndpointRequest>,
+    ) -> Result<Response<DrainEndpointResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        validate::service_name(&req.service)?;
+        validate::address(&req.address)?;
+        self.shared
+            .store
+            .drain_address(&req.service, &req.address)
+            .await?;
+        tracing::info!(service = %req.service, address = %req.address, %peer, "operator drained endpoint");
+        Ok(Response::new(DrainEndpointResponse {}))
+    }
+
+    async fn deregister_endpoint(
+        &self,
+        request: Request<DeregisterEndpointRequest>,
+    ) -> Result<Response<DeregisterEndpointResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        validate::service_name(&req.service)?;
+        validate::address(&req.address)?;
+        self.shared
+            .store
+            .deregister_address(&req.service, &req.address)
+            .await?;
+        tracing::info!(service = %req.service, address = %req.address, %peer, "operator deregistered endpoint");
+        Ok(Response::new(DeregisterEndpointResponse {}))
+    }
+}
+
+/// Counts one open Watch stream in the watchers gauge while it lives.
+struct OpenWatcher(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenWatcher {
+    fn new(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenWatcher {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The caller's address for the audit log, or `unknown`.
+fn peer_of<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_owned(), |addr| addr.to_string())
 }

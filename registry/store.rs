@@ -80,6 +80,28 @@ pub struct ServiceCount {
     pub endpoints: usize,
 }
 
+/// One endpoint with its lease, as operators inspect it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedEndpoint {
+    /// The endpoint as watchers see it.
+    pub endpoint: Endpoint,
+    /// How long ago its lease was granted.
+    pub lease_age: Duration,
+    /// Its lease's time to live.
+    pub ttl: Duration,
+}
+
+/// One service's endpoints with their leases, at one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedSnapshot {
+    /// The store history.
+    pub epoch: u64,
+    /// The version of the set.
+    pub version: u64,
+    /// The endpoints, by address.
+    pub endpoints: Vec<LeasedEndpoint>,
+}
+
 /// Holds the registry's state. Every method changes nothing when it
 /// returns an error.
 #[tonic::async_trait]
@@ -126,4 +148,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many leases this store holds now.
     fn lease_count(&self) -> usize;
+
+    /// The endpoints of `service` with their leases' age and TTL (empty if
+    /// unknown).
+    async fn leased_endpoints(&self, service: &str) -> Result<LeasedSnapshot, RegistryError>;
+
+    /// An operator marks the endpoint at `address` DRAINING, whichever
+    /// lease holds it.
+    async fn drain_address(&self, service: &str, address: &str) -> Result<(), RegistryError>;
+
+    /// An operator removes the endpoint at `address`. Its lease ends and is
+    /// remembered as removed, so the holder's next heartbeat is refused with
+    /// [`RegistryError::RemovedByOperator`] rather than "not found" (which
+    /// would have it register again).
+    async fn deregister_address(&self, service: &str, address: &str) -> Result<(), RegistryError>;
 }

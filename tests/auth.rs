@@ -196,8 +196,8 @@ async fn binaries_present_their_token_files() {
     let read = token_file("read", READ);
     let port = free_port();
     let registry = local(port);
-    let registry_proc = Proc::spawn(
-        &bin("registry"),
+    let registry_proc = Proc::sub(
+        "registry",
         &[
             "--listen",
             &registry,

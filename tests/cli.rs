@@ -68,7 +68,7 @@ fn command_lines(pki: &std::path::Path) -> Vec<Case<CommandLine, &'static str>> 
         case(
             "demo: unknown flag",
             ("demo", args(&["--bogus"])),
-            "see demo --help",
+            "see switchboard demo --help",
         ),
         case(
             "echo: --listen not IP:PORT",

@@ -139,7 +139,7 @@ async fn health(addr: &str, service: &str) -> ServingStatus {
 /// Starts the echo binary with `args` (the registry and ports are up to the
 /// caller) and waits until each of `serving` is announced.
 async fn spawn_echo(args: &[&str], serving: &[String]) -> Proc {
-    let proc = Proc::spawn(&bin("echo"), args);
+    let proc = Proc::sub("echo", args);
     for address in serving {
         proc.wait_line(&format!("echo serving on {address}"), GENEROUS)
             .await;
@@ -428,8 +428,8 @@ async fn after_a_registry_restart_the_endpoints_are_back_within_2s_without_resta
     let mut registry_proc = start_registry(registry_port).await;
     let registry = local(registry_port);
     let addresses = vec![local(free_port()), local(free_port())];
-    let echo = Proc::spawn_env(
-        &bin("echo"),
+    let echo = Proc::sub_env(
+        "echo",
         &[
             "--registry",
             &registry,
@@ -538,8 +538,8 @@ async fn a_busy_port_fails_in_one_line_naming_it_and_registers_nothing() {
     let busy_port = busy.local_addr().unwrap().port();
     // The free port comes first: it binds, and must still not register.
     let free = local(free_port());
-    let mut echo = Proc::spawn(
-        &bin("echo"),
+    let mut echo = Proc::sub(
+        "echo",
         &[
             "--registry",
             &registry,

@@ -534,8 +534,8 @@ async fn a_flood_from_one_client_leaves_legitimate_watchers_served_and_memory_bo
     let port = free_port();
     let address = local(port);
     let max_watch_streams = MAX_WATCH_STREAMS.to_string();
-    let registry = Proc::spawn(
-        &bin("registry"),
+    let registry = Proc::sub(
+        "registry",
         &[
             "--listen",
             &address,

@@ -55,16 +55,6 @@ fn split(shots: &[Shot]) -> BTreeMap<String, usize> {
     served
 }
 
-/// Whether the echo binary has the fault-injection flags (another branch
-/// adds them); tests that need them say so and pass without them.
-fn echo_has_fault_flags() -> bool {
-    let help = std::process::Command::new(bin("echo"))
-        .arg("--help")
-        .output()
-        .expect("run echo --help");
-    String::from_utf8_lossy(&help.stdout).contains("--fail-rate")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_request_moves_traffic_off_a_hung_backend() {
     let cluster = Cluster::start(3).await;
@@ -319,10 +309,6 @@ async fn peak_ewma_avoids_a_slow_backend_that_plain_least_request_would_use() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_failing_every_call_is_ejected_with_real_processes() {
-    if !echo_has_fault_flags() {
-        eprintln!("skipped: this echo binary has no --fail-rate yet");
-        return;
-    }
     let cluster = Cluster::start(2).await;
     let port = free_port();
     let bad = local(port);

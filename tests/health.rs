@@ -326,8 +326,8 @@ async fn client_cli_health_checks_a_dns_target() {
     let (address, _echo) = lone_echo("health.test.cli", &[]).await;
     let port = address.rsplit_once(':').unwrap().1;
     let target = format!("dns:///localhost:{port}");
-    let mut client = Proc::spawn(
-        &bin("client"),
+    let mut client = Proc::sub(
+        "client",
         &[
             "--target",
             &target,

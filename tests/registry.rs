@@ -60,7 +60,7 @@ async fn start_registry_with(port: u16, args: &[&str]) -> Proc {
     let listen = local(port);
     let mut all = vec!["--listen", listen.as_str()];
     all.extend_from_slice(args);
-    let proc = Proc::spawn(&bin("registry"), &all);
+    let proc = Proc::sub("registry", &all);
     proc.wait_line("registry listening on", STARTUP).await;
     proc
 }

@@ -128,7 +128,7 @@ async fn tls_registry(pki: &Pki, mutual: bool) -> (String, Proc) {
     ];
     args.extend(pki.server_flags(mutual));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let proc = Proc::spawn(&bin("registry"), &args);
+    let proc = Proc::sub("registry", &args);
     proc.wait_line("registry listening on", STARTUP).await;
     (address, proc)
 }
@@ -383,7 +383,7 @@ impl TlsCluster {
         let mut all = vec!["--target".to_owned(), registry_target(&self.registry)];
         all.extend(args.iter().cloned());
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let mut client = Proc::spawn(&bin("client"), &all);
+        let mut client = Proc::sub("client", &all);
         let code = client.wait_exit(STARTUP).await;
         // The output readers may still be draining the pipes.
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -196,21 +196,34 @@ impl Drop for Proc {
     }
 }
 
-/// Path of a binary of this package.
-pub fn bin(name: &str) -> String {
-    match name {
-        "registry" => env!("CARGO_BIN_EXE_registry").to_owned(),
-        "echo" => env!("CARGO_BIN_EXE_echo").to_owned(),
-        "client" => env!("CARGO_BIN_EXE_client").to_owned(),
-        "demo" => env!("CARGO_BIN_EXE_demo").to_owned(),
-        other => panic!("unknown binary {other}"),
+/// Path of the `switchboard` binary; every process is one of its
+/// subcommands.
+pub fn switchboard() -> &'static str {
+    env!("CARGO_BIN_EXE_switchboard")
+}
+
+impl Proc {
+    /// Starts `switchboard <subcommand> <args>`, named after the subcommand.
+    pub fn sub(subcommand: &str, args: &[&str]) -> Self {
+        Self::sub_env(subcommand, args, &[])
+    }
+
+    /// Starts `switchboard <subcommand> <args>` with extra environment
+    /// variables.
+    pub fn sub_env(subcommand: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let all: Vec<&str> = std::iter::once(subcommand)
+            .chain(args.iter().copied())
+            .collect();
+        let mut proc = Self::spawn_env(switchboard(), &all, env);
+        proc.name = subcommand.to_owned();
+        proc
     }
 }
 
 /// Starts the registry binary on `port` and waits until it serves.
 pub async fn start_registry(port: u16) -> Proc {
     let listen = local(port);
-    let proc = Proc::spawn(&bin("registry"), &["--listen", &listen]);
+    let proc = Proc::sub("registry", &["--listen", &listen]);
     proc.wait_line("registry listening on", Duration::from_secs(20))
         .await;
     proc
@@ -301,7 +314,7 @@ pub async fn start_echo(registry: &str, service: &str, ports: &[u16], extra: &[&
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let proc = Proc::spawn(&bin("echo"), &args);
+    let proc = Proc::sub("echo", &args);
     for port in ports {
         proc.wait_line(
             &format!("echo serving on {}", local(*port)),
@@ -632,11 +645,11 @@ pub async fn serve_registry(config: switchboard::registry::RegistryConfig) -> St
     address
 }
 
-/// Runs `bin` with `args`, which must fail at startup: exit status 1 and
+/// Runs `switchboard <bin_name> <args>`, which must fail at startup: exit status 1 and
 /// one line, `error: ...` containing `expected`.
 pub async fn refused_at_startup(bin_name: &str, args: &[String], expected: &str) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut proc = Proc::spawn(&bin(bin_name), &args);
+    let mut proc = Proc::sub(bin_name, &args);
     let code = proc.wait_exit(STARTUP).await;
     let line = proc.wait_line("error: ", Duration::from_secs(5)).await;
     let output = proc.output.lock().unwrap().clone();

@@ -1,0 +1,64 @@
+//! The `switchboard` command: every process of the system and the
+//! operator's tools, as subcommands of one binary (so `cargo install`
+//! puts one unambiguous name on the PATH).
+
+#[path = "../client/main.rs"]
+mod client_cmd;
+#[path = "../client/demo.rs"]
+mod demo_cmd;
+#[path = "../echo/main.rs"]
+mod echo_cmd;
+mod operator;
+#[path = "../registry/main.rs"]
+mod registry_cmd;
+
+use clap::{Parser, Subcommand};
+use switchboard::process;
+
+/// switchboard: live service discovery and client-side load balancing for
+/// gRPC.
+#[derive(Parser, Debug)]
+#[command(name = "switchboard", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// What to run.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the registry: leased endpoint registrations and live watches.
+    Registry(registry_cmd::Args),
+    /// Run echo backends that register themselves and drain on shutdown.
+    Echo(echo_cmd::Args),
+    /// Call the echo service through a balanced channel.
+    Client(client_cmd::Args),
+    /// Run the failover scenario end to end with real processes.
+    Demo(demo_cmd::Args),
+    /// List the services a registry holds.
+    Services(operator::ServicesArgs),
+    /// List one service's endpoints: state, metadata, lease age and TTL.
+    Endpoints(operator::ServiceArgs),
+    /// Print one line per change of a service's endpoints.
+    Watch(operator::ServiceArgs),
+    /// Mark one endpoint DRAINING by address.
+    Drain(operator::EndpointArgs),
+    /// Remove one endpoint by address.
+    Deregister(operator::EndpointArgs),
+}
+
+#[tokio::main]
+async fn main() {
+    let cli: Cli = process::parse_args();
+    match cli.command {
+        Command::Registry(args) => registry_cmd::run(args).await,
+        Command::Echo(args) => echo_cmd::run(args).await,
+        Command::Client(args) => client_cmd::run(args).await,
+        Command::Demo(args) => demo_cmd::run(args).await,
+        Command::Services(args) => operator::services(args).await,
+        Command::Endpoints(args) => operator::endpoints(args).await,
+        Command::Watch(args) => operator::watch(args).await,
+        Command::Drain(args) => operator::drain(args).await,
+        Command::Deregister(args) => operator::deregister(args).await,
+    }
+}

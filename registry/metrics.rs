@@ -1,0 +1,161 @@
+//! The registry's metrics: what it holds (gauges refreshed at each scrape),
+//! what happened to it (counters), and how its RPCs went (by method and
+//! code, with latency, from [`rpc_metrics`](super::rpc_metrics)).
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry as PromRegistry;
+
+use super::store::Store;
+use crate::discovery::EndpointState;
+use crate::metrics::Labels;
+
+/// Builds RPC latency histograms: 0.1 ms to about 3 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Handles to every registry metric. Cheap to clone; all clones count into
+/// the same metrics.
+#[derive(Clone, Debug)]
+pub struct RegistryMetrics {
+    /// Endpoints now, by service and state (refreshed at each scrape).
+    pub endpoints: Family<Labels, Gauge>,
+    /// Live leases (refreshed at each scrape).
+    pub leases: Gauge,
+    /// Open Watch streams.
+    pub watchers: Gauge,
+    /// Endpoints registered (takeovers included).
+    pub registrations: Counter,
+    /// Leases that ran out without a heartbeat.
+    pub expiries: Counter,
+    /// Endpoints removed because their KeepAlive stream broke.
+    pub stream_breaks: Counter,
+    /// Endpoints marked DRAINING (by their backend or an operator).
+    pub drains: Counter,
+    /// Endpoints deregistered (by their backend or an operator).
+    pub deregistrations: Counter,
+    /// Watchers that fell behind and were sent a fresh snapshot.
+    pub watcher_resets: Counter,
+    /// Requests refused, by `reason` (`cap` with the cap's name, or `auth`).
+    pub refusals: Family<Labels, Counter>,
+    /// RPCs by `method` and `code`.
+    pub rpcs: Family<Labels, Counter>,
+    /// RPC latency in seconds by `method` (streams: until they open).
+    pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
+}
+
+impl Default for RegistryMetrics {
+    fn default() -> Self {
+        Self {
+            endpoints: Family::default(),
+            leases: Gauge::default(),
+            watchers: Gauge::default(),
+            registrations: Counter::default(),
+            expiries: Counter::default(),
+            stream_breaks: Counter::default(),
+            drains: Counter::default(),
+            deregistrations: Counter::default(),
+            watcher_resets: Counter::default(),
+            refusals: Family::default(),
+            rpcs: Family::default(),
+            rpc_duration: Family::new_with_constructor(latency_histogram),
+        }
+    }
+}
+
+impl RegistryMetrics {
+    /// Registers every metric under `switchboard_registry_*` in `registry`.
+    pub fn register(&self, registry: &mut PromRegistry) {
+        let r = registry.sub_registry_with_prefix("switchboard_registry");
+        r.register(
+            "endpoints",
+            "Endpoints registered now, by service and state",
+            self.endpoints.clone(),
+        );
+        r.register("leases", "Live leases", self.leases.clone());
+        r.register("watchers", "Open Watch streams", self.watchers.clone());
+        r.register(
+            "registrations",
+            "Endpoints registered",
+            self.registrations.clone(),
+        );
+        r.register(
+            "lease_expiries",
+            "Leases that ran out without a heartbeat",
+            self.expiries.clone(),
+        );
+        r.register(
+            "stream_break_removals",
+            "Endpoints removed because their KeepAlive stream broke",
+            self.stream_breaks.clone(),
+        );
+        r.register("drains", "Endpoints marked DRAINING", self.drains.clone());
+        r.register(
+            "deregistrations",
+            "Endpoints deregistered",
+            self.deregistrations.clone(),
+        );
+        r.register(
+            "watcher_resets",
+            "Watchers that fell behind and were sent a fresh snapshot",
+            self.watcher_resets.clone(),
+        );
+        r.register(
+            "refusals",
+            "Requests refused by a cap or for lack of a valid token",
+            self.refusals.clone(),
+        );
+        r.register("rpcs", "RPCs by method and status code", self.rpcs.clone());
+        r.register(
+            "rpc_duration_seconds",
+            "RPC latency by method (streams: until they open)",
+            self.rpc_duration.clone(),
+        );
+    }
+
+    /// Sets the gauges of what `store` holds now.
+    pub async fn refresh(&self, store: &Arc<dyn Store>) {
+        self.leases.set(store.lease_count() as i64);
+        let Ok(services) = store.list().await else {
+            return;
+        };
+        self.endpoints.clear();
+        for service in services {
+            let Ok(snapshot) = store.resolve(&service.service).await else {
+                continue;
+            };
+            for state in [EndpointState::Serving, EndpointState::Draining] {
+                let count = snapshot
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.state == state)
+                    .count();
+                self.endpoints
+                    .get_or_create(&vec![
+                        ("service", service.service.clone()),
+                        ("state", state.to_string()),
+                    ])
+                    .set(count as i64);
+            }
+        }
+    }
+
+    /// Counts one refusal by a cap, named as in its error message.
+    pub fn refused_by_cap(&self, cap: &str) {
+        self.refusals
+            .get_or_create(&vec![("reason", "cap".into()), ("cap", cap.to_owned())])
+            .inc();
+    }
+
+    /// Counts one refusal for a missing or wrong token.
+    pub fn refused_by_auth(&self) {
+        self.refusals
+            .get_or_create(&vec![("reason", "auth".into())])
+            .inc();
+    }
+}
