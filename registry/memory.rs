@@ -13,7 +13,8 @@
 //! exactly once: either inside its snapshot or as a later delta.
 //!
 //! Leases live in a [`LeaseTable`] with one expiry task, the shape
-//! mini-redis uses for key expiry.
+//! mini-redis uses for key expiry, and a stall watch that keeps a paused
+//! registry from taking its own pause for its backends' death.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -38,6 +39,8 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
     /// Aborts the expiry task when the store goes.
     expiry: JoinHandle<()>,
+    /// Aborts the stall watch when the store goes.
+    stalls: JoinHandle<()>,
 }
 
 struct Inner {
@@ -94,13 +97,20 @@ impl MemoryStore {
             warm_until: Instant::now() + config.warmup,
         });
         let expiry = tokio::spawn(expire_leases(inner.clone()));
-        Self { inner, expiry }
+        let watched = inner.clone();
+        let stalls = tokio::spawn(async move { watched.leases.watch_for_stalls().await });
+        Self {
+            inner,
+            expiry,
+            stalls,
+        }
     }
 }
 
 impl Drop for MemoryStore {
     fn drop(&mut self) {
         self.expiry.abort();
+        self.stalls.abort();
     }
 }
 
