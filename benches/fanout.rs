@@ -45,6 +45,7 @@ async fn watcher(mut client: RegistryClient<Channel>, seen: mpsc::UnboundedSende
     let Ok(response) = client
         .watch(WatchRequest {
             service: SERVICE.into(),
+            ..Default::default()
         })
         .await
     else {

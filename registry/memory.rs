@@ -194,14 +194,15 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    /// This store keeps no history beyond its watchers' ring, so every
-    /// watch, resumed or not, opens with a reset.
+    /// This store keeps no history beyond its watchers' ring, so a resumed
+    /// watch skips its reset only when it missed nothing (same epoch, same
+    /// version: a connection blip); otherwise it opens with a reset.
     async fn watch(
         &self,
         service: &str,
-        _from: Option<Position>,
+        from: Option<Position>,
     ) -> Result<UpdateStream, RegistryError> {
-        Ok(watch_stream(self.inner.clone(), service.to_owned()))
+        Ok(watch_stream(self.inner.clone(), service.to_owned(), from))
     }
 
     async fn resolve(&self, service: &str) -> Result<ServiceSnapshot, RegistryError> {
@@ -437,17 +438,17 @@ async fn expire_leases(inner: Arc<Inner>) {
 /// The updates of one Watch call, in order. During warm-up the first
 /// snapshot waits until warm-up ends, so it holds the backends that
 /// re-registered meanwhile instead of an empty set.
-fn watch_stream(inner: Arc<Inner>, service: String) -> UpdateStream {
+fn watch_stream(inner: Arc<Inner>, service: String, from: Option<Position>) -> UpdateStream {
     let watcher = if Instant::now() >= inner.warm_until {
         // Subscribe before Watch answers, not when the body is first polled:
         // then every change made after the answer arrives as a delta.
         futures_util::future::Either::Left(futures_util::future::ready(Watcher::subscribe(
-            inner, service,
+            inner, service, from,
         )))
     } else {
         futures_util::future::Either::Right(async move {
             tokio::time::sleep_until(inner.warm_until).await;
-            Watcher::subscribe(inner, service)
+            Watcher::subscribe(inner, service, from)
         })
     };
     Box::pin(futures_util::stream::once(watcher).flat_map(|watcher| {
@@ -470,12 +471,18 @@ struct Watcher {
 }
 
 impl Watcher {
-    /// Takes the snapshot of `service` and starts listening for its changes.
-    fn subscribe(inner: Arc<Inner>, service: String) -> Self {
+    /// Takes the snapshot of `service` and starts listening for its changes;
+    /// the snapshot is not sent to a watcher that already holds it.
+    fn subscribe(inner: Arc<Inner>, service: String, from: Option<Position>) -> Self {
         let (reset, updates) = inner.subscribe(&service);
+        let holds_it = from
+            == Some(Position {
+                epoch: reset.epoch,
+                version: reset.version,
+            });
         Self {
             updates,
-            pending: Some(reset),
+            pending: (!holds_it).then_some(reset),
             release: Release { inner, service },
         }
     }
