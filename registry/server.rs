@@ -97,6 +97,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
     let registry = Registry::new(&config);
+    serve_registry(listener, registry, config, shutdown).await
+}
+
+/// Serves `registry` (on whichever store) on `listener` until `shutdown`
+/// resolves, then closes connections gracefully.
+pub async fn serve_registry(
+    listener: TcpListener,
+    registry: Registry,
+    config: RegistryConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RegistryServer<Registry>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

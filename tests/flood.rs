@@ -419,10 +419,8 @@ async fn probe_watches(
             bounded(async move {
                 let mut stream = client
                     .watch(WatchRequest {
-                        service: format!(
-                            "probe-{i,
-                        ..Default::default()}.flood"
-                        ),
+                        service: format!("probe-{i}.flood"),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();

@@ -79,10 +79,8 @@ async fn services_are_capped_and_watchers_do_not_use_up_the_cap() {
     for i in 0..5 {
         let stream = client
             .watch(WatchRequest {
-                service: format!(
-                    "watched-{i,
-                ..Default::default()}.example"
-                ),
+                service: format!("watched-{i}.example"),
+                ..Default::default()
             })
             .await
             .unwrap()
