@@ -137,6 +137,7 @@ async fn watch_registry(
     let mut stream = client
         .watch(WatchRequest {
             service: service.into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

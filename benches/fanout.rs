@@ -48,6 +48,7 @@ pub(crate) async fn watcher(
     let Ok(response) = client
         .watch(WatchRequest {
             service: SERVICE.into(),
+            ..Default::default()
         })
         .await
     else {

@@ -288,6 +288,7 @@ pub async fn watch(args: ServiceArgs) {
         let mut stream = client
             .watch(WatchRequest {
                 service: args.service.clone(),
+                ..Default::default()
             })
             .await
             .map_err(|s| refused(&registry, &s))?

@@ -547,6 +547,7 @@ impl<'a> Scenario<'a> {
         let mut stream = client
             .watch(WatchRequest {
                 service: DEFAULT_SERVICE.into(),
+                ..Default::default()
             })
             .await
             .map_err(|s| format!("watch failed: {}", s.message()))?

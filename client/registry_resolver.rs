@@ -4,8 +4,14 @@
 //! on to the balancer as the [`Update`](crate::discovery::Update) it is, a
 //! reset or a delta, which the balancer applies to its set. When the
 //! registry is unreachable or the stream breaks, the last set stays in use,
-//! the resolver reconnects with backoff, and the reset that opens every new
-//! stream is applied as the difference it makes.
+//! the resolver reconnects with backoff (to the next replica, when it was
+//! given several), and the reset that opens every new stream is applied as
+//! the difference it makes.
+//!
+//! The resolver remembers the epoch and version of the last message it
+//! applied and names them when it reconnects: a registry that can continue
+//! from there (a replica of the same shared store, or the same in-memory
+//! registry after a blip) sends only what was missed.
 
 use std::time::Duration;
 
@@ -19,11 +25,13 @@ use crate::discovery::Versioned;
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::proto::registry::WatchRequest;
 use crate::registry::auth::{Bearer, Token};
+use crate::registry::validate;
 use crate::tls::ClientTls;
 
 /// Watches `service` in the registry at `registry`.
 #[derive(Debug, Clone)]
 pub struct RegistryResolver {
+    /// `host:port`, or several replicas' as `host:port,host:port`.
     registry: String,
     service: String,
     backoff: BackoffConfig,
@@ -44,7 +52,8 @@ impl RegistryResolver {
         }
     }
 
-    /// A resolver for `service` at the registry `host:port`.
+    /// A resolver for `service` at the registry `host:port` (or any of the
+    /// replicas `host:port,host:port`).
     pub fn new(registry: impl Into<String>, service: impl Into<String>) -> Self {
         Self {
             registry: registry.into(),
@@ -73,11 +82,18 @@ impl RegistryResolver {
         self
     }
 
-    /// Runs one watch stream until it ends, publishing every set. Returns
-    /// why it ended, and whether it delivered anything (to reset backoff).
-    async fn watch_once(&self, sink: &ResolverSink) -> (ResolverError, bool) {
+    /// Runs one watch stream at `registry` until it ends, publishing every
+    /// set, resuming from and keeping `position` (the epoch and version of
+    /// the last message applied). Returns why it ended, and whether it
+    /// delivered anything (to reset backoff).
+    async fn watch_once(
+        &self,
+        registry: &str,
+        position: &mut Option<(u64, u64)>,
+        sink: &ResolverSink,
+    ) -> (ResolverError, bool) {
         let channel = match transport::channel(
-            &self.registry,
+            registry,
             self.tls.as_ref(),
             self.backoff.min_connect_timeout,
         )
@@ -87,7 +103,7 @@ impl RegistryResolver {
             Err(detail) => {
                 return (
                     ResolverError::Unreachable {
-                        registry: self.registry.clone(),
+                        registry: registry.to_owned(),
                         detail,
                     },
                     false,
@@ -97,6 +113,8 @@ impl RegistryResolver {
         let mut stream = match RegistryClient::with_interceptor(channel, Bearer(self.token.clone()))
             .watch(WatchRequest {
                 service: self.service.clone(),
+                epoch: position.map(|(epoch, _)| epoch),
+                version: position.map(|(_, version)| version),
             })
             .await
         {
@@ -112,7 +130,6 @@ impl RegistryResolver {
                 )
             }
         };
-        let mut epoch = None;
         let mut delivered = false;
         while let Some(message) = stream.next().await {
             let message = match message {
@@ -136,10 +153,10 @@ impl RegistryResolver {
             else {
                 continue;
             };
-            if epoch.is_some_and(|e| e != received) {
+            if position.is_some_and(|(e, _)| e != received) {
                 tracing::info!(service = %self.service, "registry restarted (new epoch)");
             }
-            epoch = Some(received);
+            *position = Some((received, version));
             tracing::debug!(service = %self.service, version, "endpoint update");
             sink.update(update);
             delivered = true;
@@ -153,11 +170,21 @@ impl Resolver for RegistryResolver {
         Box::pin(async move {
             let mut backoff = Backoff::new(self.backoff);
             let mut last_reported: Option<ResolverError> = None;
+            // The target was checked when parsed; an unchecked list is tried
+            // as one address and fails as an unreachable registry.
+            let replicas: Vec<String> = validate::registry_addresses(&self.registry)
+                .map(|list| list.into_iter().map(str::to_owned).collect())
+                .unwrap_or_else(|_| vec![self.registry.clone()]);
+            let mut replica = 0;
+            let mut position = None;
             loop {
+                let registry = &replicas[replica];
                 let (why, delivered) = tokio::select! {
-                    outcome = self.watch_once(&sink) => outcome,
+                    outcome = self.watch_once(registry, &mut position, &sink) => outcome,
                     _ = sink.closed() => return,
                 };
+                // The next attempt goes to the next replica.
+                replica = (replica + 1) % replicas.len();
                 if delivered {
                     // A stream that worked starts a new run of failures.
                     backoff.reset();

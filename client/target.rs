@@ -8,10 +8,10 @@ use crate::registry::validate;
 /// Where a balanced channel learns its endpoints.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// `registry://<registry host:port>/<service>`: watch the service in a
-    /// switchboard registry.
+    /// `registry://<registry host:port>[,<host:port>...]/<service>`: watch
+    /// the service in a switchboard registry, or in any of its replicas.
     Registry {
-        /// The registry's `host:port`.
+        /// The registry's `host:port`, or several replicas' joined by `,`.
         registry: String,
         /// The service name to watch.
         service: String,
@@ -25,7 +25,7 @@ pub enum Target {
 
 /// Why a target string was refused.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("invalid target {target:?}: {reason}; expected registry://<host:port>/<service>, static:///<host:port>,<host:port> or dns:///<host:port>")]
+#[error("invalid target {target:?}: {reason}; expected registry://<host:port>[,<host:port>]/<service>, static:///<host:port>,<host:port> or dns:///<host:port>")]
 pub struct TargetError {
     target: String,
     reason: String,
@@ -54,10 +54,11 @@ impl FromStr for Target {
             let (registry, service) = rest
                 .split_once('/')
                 .ok_or_else(|| fail("no /<service> after the registry address".into()))?;
-            validate::address(registry).map_err(|e| fail(format!("registry {e}")))?;
+            let replicas = validate::registry_addresses(registry)
+                .map_err(|e| fail(format!("registry {e}")))?;
             validate::service_name(service).map_err(|e| fail(e.to_string()))?;
             Ok(Target::Registry {
-                registry: registry.to_owned(),
+                registry: replicas.join(","),
                 service: service.to_owned(),
             })
         } else if let Some(rest) = target.strip_prefix("static://") {
@@ -113,6 +114,15 @@ mod tests {
             }
         );
         assert_eq!(
+            "registry://127.0.0.1:50050,127.0.0.1:50051/lb.example.grpc.io"
+                .parse::<Target>()
+                .unwrap(),
+            Target::Registry {
+                registry: "127.0.0.1:50050,127.0.0.1:50051".into(),
+                service: "lb.example.grpc.io".into()
+            }
+        );
+        assert_eq!(
             "static:///127.0.0.1:1,127.0.0.1:2"
                 .parse::<Target>()
                 .unwrap(),
@@ -133,6 +143,8 @@ mod tests {
             "registry://127.0.0.1:50050",
             "registry://127.0.0.1/svc",
             "registry://127.0.0.1:1/bad name",
+            "registry://127.0.0.1:1,nope/svc",
+            "registry://,/svc",
             "static:///",
             "static:///nope",
         ] {

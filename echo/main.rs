@@ -33,8 +33,9 @@ pub struct Args {
     /// reach it at another address than it listens on.
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Vec<String>,
-    /// The registry's HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", default_value = echo::DEFAULT_REGISTRY)]
+    /// The registry's HOST:PORT, or several replicas' as HOST:PORT,HOST:PORT
+    /// (a broken stream moves to the next one, keeping the lease).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]", default_value = echo::DEFAULT_REGISTRY)]
     registry: String,
     /// The service to register under.
     #[arg(long, default_value = registry::DEFAULT_SERVICE)]
@@ -150,7 +151,7 @@ fn plan(args: &Args) -> Result<Plan, String> {
             "--advertise {twice} is given twice: each server needs its own address"
         ));
     }
-    validate::address(&args.registry).map_err(|e| format!("--registry: {e}"))?;
+    validate::registry_addresses(&args.registry).map_err(|e| format!("--registry: {e}"))?;
     validate::service_name(&args.service).map_err(|e| format!("--service: {e}"))?;
     let metadata = parse_meta(&args.meta)?;
     validate::metadata(&metadata).map_err(|e| format!("--meta: {e}"))?;

@@ -32,8 +32,9 @@ struct Args {
     /// address than it listens on [default: the listener's address].
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Option<String>,
-    /// The registry's HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", default_value = switchboard::registry::DEFAULT_LISTEN)]
+    /// The registry's HOST:PORT, or several replicas' as HOST:PORT,HOST:PORT
+    /// (a broken stream moves to the next one, keeping the lease).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]", default_value = switchboard::registry::DEFAULT_LISTEN)]
     registry: String,
     /// The service to register under.
     #[arg(long, default_value = "helloworld.Greeter")]

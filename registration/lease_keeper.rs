@@ -1,14 +1,19 @@
 //! Keeping one endpoint in the registry for as long as its server serves.
 //!
-//! One task per server. Its life is a loop of *sessions*: connect to the
-//! registry, Register, then hold one KeepAlive stream and heartbeat on it
-//! every TTL/3. A session ends when the stream breaks or ends (the registry
-//! restarted or is unreachable), when the registry no longer knows the lease
-//! (NOT_FOUND, e.g. after this process was paused longer than the TTL), or
-//! when no heartbeat was answered for a whole TTL (a hung registry). The
-//! registry ends a lease together with its stream, so there is never a lease
-//! to resume: every session registers afresh, after a short jittered
-//! backoff.
+//! One task per server. Its life is a loop of *sessions*: connect to a
+//! registry replica, bind the lease to one KeepAlive stream and heartbeat on
+//! it every TTL/3. The first session Registers; later ones resume the lease
+//! they hold (KeepAlive with its id first), so a backend that moves to
+//! another replica of a shared store keeps its endpoint without a removal
+//! and re-add, and Register again only when the registry answers NOT_FOUND
+//! (a restarted in-memory registry, or a pause longer than the TTL).
+//!
+//! A session ends when the stream breaks or ends (the replica died or is
+//! unreachable) or the registry no longer knows the lease. The next session
+//! goes to the next replica of the list, after a short jittered backoff.
+//! A stream that merely goes silent is kept: closing it is what ends the
+//! lease, and a silent registry is most likely stalled, which it makes up
+//! for itself when it runs again (see `registry::lease`).
 //!
 //! An operator may remove the endpoint (`switchboard deregister`): the
 //! registry then refuses its heartbeat with FAILED_PRECONDITION, and the
@@ -34,6 +39,7 @@ use crate::client::error::status_chain;
 use crate::client::transport;
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::registry::auth::{Bearer, Token};
+use crate::registry::validate;
 use crate::tls::ClientTls;
 
 /// A registry client that presents the write token, if any.
@@ -80,7 +86,8 @@ impl LeaseState {
 /// What to register, and where.
 #[derive(Debug, Clone)]
 pub struct Registration {
-    /// The registry's `host:port`.
+    /// The registry's `host:port`, or several replicas' as
+    /// `host:port,host:port`, tried in turn.
     pub registry: String,
     /// The service to register under.
     pub service: String,
@@ -166,6 +173,21 @@ enum SessionError {
     Silent(Duration),
 }
 
+/// The lease a keeper holds, kept across sessions so that the next one
+/// resumes it instead of registering again.
+#[derive(Debug, Clone)]
+struct Held {
+    lease_id: String,
+    ttl: Duration,
+    epoch: u64,
+}
+
+/// The two halves of one KeepAlive stream: heartbeats to send, replies.
+type Bound = (
+    mpsc::Sender<KeepAliveRequest>,
+    tonic::Streaming<KeepAliveResponse>,
+);
+
 impl SessionError {
     /// Whether the registry answered and said no (a full service, a
     /// registry with other rules), rather than not answering at all.
@@ -191,15 +213,29 @@ async fn keep(
     // Whether the failures since the last registration were already logged
     // as a warning; the retries after that are only debug noise.
     let mut reported = false;
+    // Checked when the server was built; a bad list is tried as one address
+    // and its error reported like an unreachable registry.
+    let replicas: Vec<String> = validate::registry_addresses(&registration.registry)
+        .map(|list| list.into_iter().map(str::to_owned).collect())
+        .unwrap_or_else(|_| vec![registration.registry.clone()]);
+    let mut replica = 0;
+    let mut held: Option<Held> = None;
     loop {
-        match session(
+        let outcome = session(
+            &replicas[replica % replicas.len()],
             &registration,
+            &mut held,
             &state,
             &mut leave,
             backoff.config().min_connect_timeout,
         )
-        .await
-        {
+        .await;
+        if let Err(SessionError::LeaseLost(_)) = &outcome {
+            held = None;
+        }
+        // A failed replica's turn is over; the next session tries another.
+        replica = (replica + 1) % replicas.len();
+        match outcome {
             Ok(deregistered) => {
                 state.send_replace(LeaseState::Stopped);
                 return deregistered;
@@ -256,63 +292,68 @@ async fn told_to_leave(leave: &mut watch::Receiver<bool>) {
     let _ = leave.wait_for(|leave| *leave).await;
 }
 
-/// One connection's worth of registration: register, heartbeat until
-/// something breaks, or leave when told. `Ok` says whether it deregistered.
+/// One connection's worth of registration at `registry`: resume the `held`
+/// lease or register, heartbeat until something breaks, or leave when told.
+/// `Ok` says whether it deregistered.
 async fn session(
+    registry: &str,
     registration: &Registration,
+    held: &mut Option<Held>,
     state: &watch::Sender<LeaseState>,
     leave: &mut watch::Receiver<bool>,
     connect_timeout: Duration,
 ) -> Result<bool, SessionError> {
-    let connecting = transport::channel(
-        &registration.registry,
-        registration.tls.as_ref(),
-        connect_timeout,
-    );
+    let connecting = transport::channel(registry, registration.tls.as_ref(), connect_timeout);
     let channel = tokio::select! {
         channel = connecting => channel.map_err(SessionError::Connect)?,
         _ = told_to_leave(leave) => return Ok(false),
     };
     let mut client = RegistryClient::with_interceptor(channel, Bearer(registration.token.clone()));
 
-    // Not interrupted by a leave: a Register cut short could still create a
-    // lease nobody deregisters, so let it finish and leave properly below.
-    let granted = client
-        .register(timed(RegisterRequest {
-            service: registration.service.clone(),
-            address: registration.address.clone(),
-            metadata: registration.metadata.clone(),
-            ttl_ms: u64::try_from(registration.ttl.as_millis()).unwrap_or(u64::MAX),
-        }))
-        .await
-        .map_err(SessionError::Register)?
-        .into_inner();
-    let ttl = match granted.ttl_ms {
-        0 => registration.ttl,
-        ms => Duration::from_millis(ms),
+    let mut resumed = None;
+    if let Some(lease) = held.clone() {
+        match bind(&mut client, &lease.lease_id).await {
+            Ok(bound) => resumed = Some((lease, bound)),
+            // Gone (a restarted registry, or a pause past the TTL):
+            // register afresh below.
+            Err(SessionError::LeaseLost(_)) => *held = None,
+            Err(other) => return Err(other),
+        }
+    }
+    let was_resumed = resumed.is_some();
+    let (granted, (heartbeats, mut replies)) = match resumed {
+        Some(resumed) => resumed,
+        None => {
+            // Not interrupted by a leave: a Register cut short could still
+            // create a lease nobody deregisters, so let it finish and leave
+            // properly below.
+            let reply = client
+                .register(timed(RegisterRequest {
+                    service: registration.service.clone(),
+                    address: registration.address.clone(),
+                    metadata: registration.metadata.clone(),
+                    ttl_ms: u64::try_from(registration.ttl.as_millis()).unwrap_or(u64::MAX),
+                }))
+                .await
+                .map_err(SessionError::Register)?
+                .into_inner();
+            let lease = Held {
+                ttl: match reply.ttl_ms {
+                    0 => registration.ttl,
+                    ms => Duration::from_millis(ms),
+                },
+                lease_id: reply.lease_id,
+                epoch: reply.epoch,
+            };
+            *held = Some(lease.clone());
+            let bound = bind(&mut client, &lease.lease_id).await?;
+            (lease, bound)
+        }
     };
+    let ttl = granted.ttl;
     let heartbeat = KeepAliveRequest {
         lease_id: granted.lease_id.clone(),
     };
-    // Capacity 1: when a heartbeat is still queued the connection is stuck,
-    // and the silence check below ends the session.
-    let (heartbeats, outgoing) = mpsc::channel(1);
-    // The first heartbeat binds the lease to this stream at once.
-    let _ = heartbeats.try_send(heartbeat.clone());
-    let mut replies = tokio::time::timeout(
-        CALL_TIMEOUT,
-        client.keep_alive(ReceiverStream::new(outgoing)),
-    )
-    .await
-    .map_err(|_| SessionError::Silent(CALL_TIMEOUT))?
-    .map_err(SessionError::KeepAlive)?
-    .into_inner();
-    // Registered means bound to this stream: until the first reply a crash
-    // would leave the lease to expire by TTL instead of ending at once.
-    let first = tokio::time::timeout(CALL_TIMEOUT, replies.message())
-        .await
-        .map_err(|_| SessionError::Silent(CALL_TIMEOUT))?;
-    answered(first)?;
 
     state.send_replace(LeaseState::Registered {
         lease_id: granted.lease_id.clone(),
@@ -321,9 +362,10 @@ async fn session(
     tracing::info!(
         address = %registration.address,
         service = %registration.service,
-        registry = %registration.registry,
+        %registry,
         epoch = granted.epoch,
         ttl = ?ttl,
+        resumed = was_resumed,
         "registered"
     );
 
@@ -331,6 +373,7 @@ async fn session(
     let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_reply = Instant::now();
+    let mut silent_since: Option<Instant> = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {
@@ -339,9 +382,15 @@ async fn session(
             reply = replies.message() => {
                 answered(reply)?;
                 last_reply = Instant::now();
+                if let Some(since) = silent_since.take() {
+                    tracing::info!(%registry, silent_for = ?since.elapsed() + ttl, "the registry answers again");
+                }
             }
-            _ = tokio::time::sleep_until(last_reply + ttl) => {
-                return Err(SessionError::Silent(ttl));
+            // Closing the stream would end the lease, so a silent registry
+            // (most likely stalled) is waited for, not left.
+            _ = tokio::time::sleep_until(last_reply + ttl), if silent_since.is_none() => {
+                tracing::warn!(%registry, silent = ?ttl, "no heartbeat answered; keeping the stream, which holds the lease");
+                silent_since = Some(Instant::now());
             }
             _ = told_to_leave(leave) => break,
         }
@@ -352,6 +401,30 @@ async fn session(
     drop(heartbeats);
     drop(replies);
     Ok(deregistered)
+}
+
+/// Opens a KeepAlive stream and binds `lease_id` to it: the first
+/// heartbeat's answer proves the lease is bound (until then a crash would
+/// leave it to expire by TTL instead of ending at once).
+async fn bind(client: &mut Client, lease_id: &str) -> Result<Bound, SessionError> {
+    // Capacity 1: when a heartbeat is still queued the connection is stuck.
+    let (heartbeats, outgoing) = mpsc::channel(1);
+    let _ = heartbeats.try_send(KeepAliveRequest {
+        lease_id: lease_id.to_owned(),
+    });
+    let mut replies = tokio::time::timeout(
+        CALL_TIMEOUT,
+        client.keep_alive(ReceiverStream::new(outgoing)),
+    )
+    .await
+    .map_err(|_| SessionError::Silent(CALL_TIMEOUT))?
+    .map_err(SessionError::KeepAlive)?
+    .into_inner();
+    let first = tokio::time::timeout(CALL_TIMEOUT, replies.message())
+        .await
+        .map_err(|_| SessionError::Silent(CALL_TIMEOUT))?;
+    answered(first)?;
+    Ok((heartbeats, replies))
 }
 
 /// Whether a KeepAlive read was an answer, or why the session is over.

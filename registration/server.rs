@@ -154,7 +154,9 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// Registers with the registry at `host:port`.
+    /// Registers with the registry at `host:port`, or with any of several
+    /// replicas given as `host:port,host:port` (on a broken stream the
+    /// keeper moves to the next one, keeping its lease).
     pub fn registry(mut self, registry: impl Into<String>) -> Self {
         self.registry = Some(registry.into());
         self
@@ -270,7 +272,7 @@ impl Builder {
             validate::address(advertise).map_err(invalid("advertise address"))?;
         }
         if let Some(registry) = &self.registry {
-            validate::address(registry).map_err(invalid("registry address"))?;
+            validate::registry_addresses(registry).map_err(invalid("registry address"))?;
         }
         match self.registered_service() {
             Some(service) => validate::service_name(service).map_err(invalid("service"))?,

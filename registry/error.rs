@@ -33,6 +33,9 @@ pub enum RegistryError {
     /// The store cannot be reached (a distributed store's cluster is down).
     #[error("{0}")]
     Unavailable(String),
+    /// The store in use does not offer this operation (yet).
+    #[error("{0}")]
+    Unsupported(String),
     /// A configured cap was reached.
     #[error("{what} limit of {limit} reached")]
     ResourceExhausted {
@@ -63,6 +66,7 @@ impl From<RegistryError> for Status {
             RegistryError::RemovedByOperator(_) => Code::FailedPrecondition,
             RegistryError::ResourceExhausted { .. } => Code::ResourceExhausted,
             RegistryError::Unavailable(_) => Code::Unavailable,
+            RegistryError::Unsupported(_) => Code::Unimplemented,
         };
         Status::new(code, err.to_string())
     }

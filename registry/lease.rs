@@ -5,6 +5,19 @@
 //! for key expiry: one timer task asks for everything past its deadline and
 //! sleeps until the next one. A std mutex suffices because nothing awaits
 //! while holding it and every critical section is a few map operations.
+//!
+//! # Stalls
+//!
+//! A registry that could not run (SIGSTOP, a VM pause, a long GC-like
+//! pause) read no heartbeat meanwhile, through no fault of its backends. So
+//! the table notes when the registry was last seen running
+//! ([`LeaseTable::observe`], called by a 100 ms ticker and by the expiry
+//! task itself, on the monotonic clock); a gap longer than
+//! [`STALL_THRESHOLD`] is a stall, and every deadline moves forward by the
+//! gap plus [`STALL_GRACE`], time to read the heartbeats queued in the
+//! sockets meanwhile. A backend that really died still goes: its stream
+//! was closed (that ends its lease at once), or its heartbeats stay missing
+//! past the moved deadline.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -56,6 +69,17 @@ impl FromStr for LeaseId {
     }
 }
 
+/// A gap in the registry's own running longer than this is a stall, not
+/// scheduling noise: 5 ticks of the 100 ms ticker missed.
+pub const STALL_THRESHOLD: Duration = Duration::from_millis(500);
+
+/// Time given after a stall, on top of its length, for the heartbeats that
+/// queued up in the sockets to be read before anything expires.
+pub const STALL_GRACE: Duration = Duration::from_secs(1);
+
+/// How often the registry notes that it runs; see [`LeaseTable::observe`].
+pub const STALL_TICK: Duration = Duration::from_millis(100);
+
 /// Identifies one KeepAlive stream, so that a stream which ends only revokes
 /// the leases it still carries (a lease may move to a newer stream).
 pub type StreamId = u64;
@@ -78,7 +102,6 @@ pub struct Lease {
 }
 
 /// Every live lease, ordered by deadline for the expiry task.
-#[derive(Default)]
 pub struct LeaseTable {
     /// The leases and their deadline index.
     state: Mutex<State>,
@@ -87,10 +110,35 @@ pub struct LeaseTable {
     earlier_deadline: Notify,
 }
 
-#[derive(Default)]
 struct State {
     leases: HashMap<LeaseId, Lease>,
     deadlines: BTreeSet<(Instant, LeaseId)>,
+    /// When the registry was last seen running, for stall detection.
+    awake_at: Instant,
+}
+
+impl Default for LeaseTable {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(State {
+                leases: HashMap::new(),
+                deadlines: BTreeSet::new(),
+                awake_at: Instant::now(),
+            }),
+            earlier_deadline: Notify::new(),
+        }
+    }
+}
+
+/// A stall of the registry that [`LeaseTable::observe`] made up for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    /// How long the registry did not run.
+    pub length: Duration,
+    /// How far every deadline moved.
+    pub extended_by: Duration,
+    /// How many leases were extended.
+    pub leases: usize,
 }
 
 impl LeaseTable {
@@ -120,7 +168,9 @@ impl LeaseTable {
     /// Pushes a lease's deadline one TTL ahead and binds it to `stream`.
     pub fn refresh(&self, id: LeaseId, stream: StreamId) -> Result<Duration, RegistryError> {
         let mut state = self.lock();
-        let State { leases, deadlines } = &mut *state;
+        let State {
+            leases, deadlines, ..
+        } = &mut *state;
         let lease = leases
             .get_mut(&id)
             .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))?;
@@ -159,10 +209,37 @@ impl LeaseTable {
         Some(lease)
     }
 
+    /// Notes that the registry runs at `now`. If it was last seen running
+    /// more than [`STALL_THRESHOLD`] ago it was stalled: every deadline
+    /// moves forward by the stall plus [`STALL_GRACE`], and the stall is
+    /// returned.
+    pub fn observe(&self, now: Instant) -> Option<Stall> {
+        let mut state = self.lock();
+        state.observe(now)
+    }
+
+    /// Notes every [`STALL_TICK`] that the registry runs, so a stall is
+    /// seen (and made up for) as soon as it ends, even with no lease due.
+    /// Runs until dropped.
+    pub async fn watch_for_stalls(&self) {
+        let mut ticks = tokio::time::interval(STALL_TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Some(stall) = self.observe(Instant::now()) {
+                log_stall(stall);
+            }
+        }
+    }
+
     /// Removes every lease whose deadline has passed and returns them, with
-    /// the next deadline still pending.
+    /// the next deadline still pending. A stall noticed here (the expiry
+    /// task may be the first to run after one) is made up for first.
     pub fn take_expired(&self, now: Instant) -> (Vec<(LeaseId, Lease)>, Option<Instant>) {
         let mut state = self.lock();
+        if let Some(stall) = state.observe(now) {
+            log_stall(stall);
+        }
         let mut expired = Vec::new();
         while let Some(&(deadline, id)) = state.deadlines.first() {
             if deadline > now {
@@ -199,6 +276,43 @@ impl LeaseTable {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+impl State {
+    fn observe(&mut self, now: Instant) -> Option<Stall> {
+        let gap = now.saturating_duration_since(self.awake_at);
+        self.awake_at = self.awake_at.max(now);
+        if gap <= STALL_THRESHOLD {
+            return None;
+        }
+        let extended_by = gap + STALL_GRACE;
+        let deadlines = std::mem::take(&mut self.deadlines);
+        self.deadlines = deadlines
+            .into_iter()
+            .map(|(deadline, id)| {
+                let deadline = deadline + extended_by;
+                if let Some(lease) = self.leases.get_mut(&id) {
+                    lease.deadline = deadline;
+                }
+                (deadline, id)
+            })
+            .collect();
+        Some(Stall {
+            length: gap,
+            extended_by,
+            leases: self.leases.len(),
+        })
+    }
+}
+
+/// Says, once per stall, that the registry made up for it.
+pub fn log_stall(stall: Stall) {
+    tracing::warn!(
+        stalled = ?stall.length,
+        extended_by = ?stall.extended_by,
+        leases = stall.leases,
+        "registry stalled; extending every lease instead of expiring it"
+    );
 }
 
 #[cfg(test)]
@@ -243,5 +357,28 @@ mod tests {
         );
         assert!(table.revoke_if_bound(b, 7).is_some());
         assert!(table.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_extends_every_lease_instead_of_expiring_it() {
+        let table = LeaseTable::default();
+        let ttl = Duration::from_secs(1);
+        let id = LeaseId::random();
+        table.grant(id, "s".into(), "h:1".into(), ttl);
+        // Scheduling noise below the threshold is no stall.
+        tokio::time::advance(STALL_THRESHOLD / 2).await;
+        assert_eq!(table.observe(Instant::now()), None);
+        // The registry does not run for two TTLs: on its first look after,
+        // the lease is extended rather than expired.
+        let stalled = 2 * ttl;
+        tokio::time::advance(stalled).await;
+        let (expired, next) = table.take_expired(Instant::now());
+        assert!(expired.is_empty(), "expired after a stall: {expired:?}");
+        let left = next.unwrap() - Instant::now();
+        assert_eq!(left, ttl - STALL_THRESHOLD / 2 + STALL_GRACE);
+        // Without a heartbeat it still ends once the grace is over.
+        tokio::time::advance(left).await;
+        let (expired, _) = table.take_expired(Instant::now());
+        assert_eq!(expired.len(), 1);
     }
 }

@@ -56,6 +56,21 @@ pub struct Args {
     /// Log lines as text or as JSON objects.
     #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
     log_format: process::LogFormat,
+    /// Where the state lives: `memory` (this process, the default) or
+    /// `etcd` (shared by every replica on the same etcd; needs a build with
+    /// `--features etcd`).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "etcd"])]
+    store: String,
+    /// etcd client URLs, comma-separated, for `--store etcd`.
+    #[arg(
+        long,
+        value_name = "URL[,URL]",
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: String,
+    /// Key prefix of this registry's state in etcd.
+    #[arg(long, default_value = "/switchboard/")]
+    etcd_prefix: String,
 }
 
 /// Runs this subcommand until it is told to stop.
@@ -94,7 +109,10 @@ pub async fn run(args: Args) {
         max_message_bytes: args.max_message_bytes,
         metrics: registry::RegistryMetrics::default(),
     };
-    let service = registry::Registry::new(&config);
+    let service = match args.store.as_str() {
+        "etcd" => etcd_registry(&args, &config).await,
+        _ => registry::Registry::new(&config),
+    };
     let status = match args.metrics_listen {
         Some(addr) => {
             let listener = process::bind_metrics(addr).await;
@@ -116,4 +134,31 @@ pub async fn run(args: Args) {
         process::exit_with(&format!("registry failed: {err}"));
     }
     tracing::info!("registry stopped");
+}
+
+/// A registry on the etcd store, or a one-line error and exit.
+#[cfg(feature = "etcd")]
+async fn etcd_registry(args: &Args, config: &RegistryConfig) -> registry::Registry {
+    let endpoints: Vec<String> = args
+        .etcd_endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    match registry::etcd::EtcdStore::connect(&endpoints, &args.etcd_prefix).await {
+        Ok(store) => registry::Registry::with_store(std::sync::Arc::new(store), config),
+        Err(err) => process::exit_with(&format!(
+            "{err} (--etcd-endpoints {}); start etcd or point at it",
+            args.etcd_endpoints
+        )),
+    }
+}
+
+/// Without the feature, `--store etcd` is a one-line error.
+#[cfg(not(feature = "etcd"))]
+async fn etcd_registry(_args: &Args, _config: &RegistryConfig) -> registry::Registry {
+    process::exit_with(
+        "--store etcd needs a registry built with `cargo build --release --features etcd` (and protoc installed)",
+    )
 }

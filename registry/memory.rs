@@ -13,7 +13,8 @@
 //! exactly once: either inside its snapshot or as a later delta.
 //!
 //! Leases live in a [`LeaseTable`] with one expiry task, the shape
-//! mini-redis uses for key expiry.
+//! mini-redis uses for key expiry, and a stall watch that keeps a paused
+//! registry from taking its own pause for its backends' death.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -40,6 +41,8 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
     /// Aborts the expiry task when the store goes.
     expiry: JoinHandle<()>,
+    /// Aborts the stall watch when the store goes.
+    stalls: JoinHandle<()>,
 }
 
 struct Inner {
@@ -107,13 +110,20 @@ impl MemoryStore {
             metrics: config.metrics.clone(),
         });
         let expiry = tokio::spawn(expire_leases(inner.clone()));
-        Self { inner, expiry }
+        let watched = inner.clone();
+        let stalls = tokio::spawn(async move { watched.leases.watch_for_stalls().await });
+        Self {
+            inner,
+            expiry,
+            stalls,
+        }
     }
 }
 
 impl Drop for MemoryStore {
     fn drop(&mut self) {
         self.expiry.abort();
+        self.stalls.abort();
     }
 }
 
@@ -207,14 +217,15 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    /// This store keeps no history beyond its watchers' ring, so every
-    /// watch, resumed or not, opens with a reset.
+    /// This store keeps no history beyond its watchers' ring, so a resumed
+    /// watch skips its reset only when it missed nothing (same epoch, same
+    /// version: a connection blip); otherwise it opens with a reset.
     async fn watch(
         &self,
         service: &str,
-        _from: Option<Position>,
+        from: Option<Position>,
     ) -> Result<UpdateStream, RegistryError> {
-        Ok(watch_stream(self.inner.clone(), service.to_owned()))
+        Ok(watch_stream(self.inner.clone(), service.to_owned(), from))
     }
 
     async fn resolve(&self, service: &str) -> Result<ServiceSnapshot, RegistryError> {
@@ -545,17 +556,17 @@ async fn expire_leases(inner: Arc<Inner>) {
 /// The updates of one Watch call, in order. During warm-up the first
 /// snapshot waits until warm-up ends, so it holds the backends that
 /// re-registered meanwhile instead of an empty set.
-fn watch_stream(inner: Arc<Inner>, service: String) -> UpdateStream {
+fn watch_stream(inner: Arc<Inner>, service: String, from: Option<Position>) -> UpdateStream {
     let watcher = if Instant::now() >= inner.warm_until {
         // Subscribe before Watch answers, not when the body is first polled:
         // then every change made after the answer arrives as a delta.
         futures_util::future::Either::Left(futures_util::future::ready(Watcher::subscribe(
-            inner, service,
+            inner, service, from,
         )))
     } else {
         futures_util::future::Either::Right(async move {
             tokio::time::sleep_until(inner.warm_until).await;
-            Watcher::subscribe(inner, service)
+            Watcher::subscribe(inner, service, from)
         })
     };
     Box::pin(futures_util::stream::once(watcher).flat_map(|watcher| {
@@ -578,12 +589,18 @@ struct Watcher {
 }
 
 impl Watcher {
-    /// Takes the snapshot of `service` and starts listening for its changes.
-    fn subscribe(inner: Arc<Inner>, service: String) -> Self {
+    /// Takes the snapshot of `service` and starts listening for its changes;
+    /// the snapshot is not sent to a watcher that already holds it.
+    fn subscribe(inner: Arc<Inner>, service: String, from: Option<Position>) -> Self {
         let (reset, updates) = inner.subscribe(&service);
+        let holds_it = from
+            == Some(Position {
+                epoch: reset.epoch,
+                version: reset.version,
+            });
         Self {
             updates,
-            pending: Some(reset),
+            pending: (!holds_it).then_some(reset),
             release: Release { inner, service },
         }
     }

@@ -16,6 +16,7 @@
 //! - [`store`]: the [`Store`] seam: leases, endpoint sets, versions, epoch
 //!   and change streams, whatever holds them;
 //! - [`memory`]: the in-memory store, the default;
+//! - `etcd` (feature `etcd`): replicas sharing one etcd cluster;
 //! - [`watch`]: one Watch call's messages on the wire;
 //! - [`service`]: the gRPC service over any store;
 //! - [`xds`]: the same state served to stock gRPC clients and Envoy over
@@ -27,6 +28,8 @@
 
 pub mod auth;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "registry")]
 pub mod lease;
 #[cfg(feature = "registry")]

@@ -106,7 +106,7 @@ pub async fn serve(
     serve_registry(listener, Registry::new(&config), config, shutdown).await
 }
 
-/// Serves `registry` (made from `config`, and perhaps shared with a status
+/// Serves `registry` (on whichever store, perhaps shared with a status
 /// page) on `listener` until `shutdown` resolves, then closes connections
 /// gracefully.
 pub async fn serve_registry(

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::lease::{LeaseId, StreamId};
 use super::limits::{RegistrationRate, WatchSlots};
 use super::memory::MemoryStore;
-use super::store::{NewEndpoint, Store};
+use super::store::{NewEndpoint, Position, Store};
 use super::watch::watch_stream;
 use super::{validate, RegistryConfig};
 use crate::proto::registry::registry_server::Registry as RegistryApi;
@@ -251,10 +251,23 @@ impl RegistryApi for Registry {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let slot = self.shared.watch_slots.acquire(request.remote_addr())?;
-        let service = request.into_inner().service;
+        let WatchRequest {
+            service,
+            epoch,
+            version,
+        } = request.into_inner();
         validate::service_name(&service)?;
+        let from = match (epoch, version) {
+            (Some(epoch), Some(version)) => Some(Position { epoch, version }),
+            (None, None) => None,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "invalid epoch/version: a resumed watch names both or neither",
+                ))
+            }
+        };
         // The slot lives as long as the stream does.
-        let updates = self.shared.store.watch(&service, None).await?;
+        let updates = self.shared.store.watch(&service, from).await?;
         let watcher = OpenWatcher::new(self.shared.metrics.watchers.clone());
         let stream = watch_stream(updates).map(move |message| {
             let _slot = &slot;

@@ -45,6 +45,29 @@ pub fn service_name(name: &str) -> Result<(), RegistryError> {
 /// Checks `host:port` where host is an IPv4 address, a bracketed IPv6
 /// address or a DNS host name, and port is 1-65535.
 pub fn address(addr: &str) -> Result<(), RegistryError> {
+    address_checked(addr)
+}
+
+/// Splits a list of registry replicas, `host:port[,host:port...]`, and
+/// checks each address. Clients, backends and tools take such a list
+/// wherever they take a registry, and move to the next replica when one
+/// fails.
+pub fn registry_addresses(list: &str) -> Result<Vec<&str>, RegistryError> {
+    let addresses: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addresses.is_empty() {
+        return Err(RegistryError::invalid("address", "must not be empty"));
+    }
+    for address in &addresses {
+        address_checked(address)?;
+    }
+    Ok(addresses)
+}
+
+fn address_checked(addr: &str) -> Result<(), RegistryError> {
     const FIELD: &str = "address";
     let bad = |reason: String| RegistryError::invalid(FIELD, format!("{addr:?} {reason}"));
     if addr.is_empty() {

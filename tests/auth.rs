@@ -162,6 +162,7 @@ async fn each_rpc_needs_its_token_and_refusals_change_nothing() {
                 Rpc::Watch => client
                     .watch(WatchRequest {
                         service: SERVICE.into(),
+                        ..Default::default()
                     })
                     .await
                     .map(drop),

@@ -150,6 +150,7 @@ async fn legit_watcher(address: &str) -> Arc<Mutex<Legit>> {
         .await
         .watch(WatchRequest {
             service: LEGIT.into(),
+            ..Default::default()
         })
         .await
         .expect("legitimate watch")
@@ -332,7 +333,13 @@ fn flood(
                         format!("idle-{i}.flood")
                     };
                     bounded(async move {
-                        let mut stream = client.watch(WatchRequest { service }).await?.into_inner();
+                        let mut stream = client
+                            .watch(WatchRequest {
+                                service,
+                                ..Default::default()
+                            })
+                            .await?
+                            .into_inner();
                         // Read the reset, then never again.
                         match stream.message().await? {
                             Some(_) => Ok(stream),
@@ -413,6 +420,7 @@ async fn probe_watches(
                 let mut stream = client
                     .watch(WatchRequest {
                         service: format!("probe-{i}.flood"),
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();

@@ -80,6 +80,7 @@ async fn services_are_capped_and_watchers_do_not_use_up_the_cap() {
         let stream = client
             .watch(WatchRequest {
                 service: format!("watched-{i}.example"),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -970,6 +970,7 @@ impl Harness {
     async fn watch(&self, service: Field<String>) -> Result<(), TestCaseError> {
         let request = WatchRequest {
             service: service.value.clone(),
+            ..Default::default()
         };
         let expect = self.expect_for_service(&service, request.encoded_len());
         let what = format!("Watch {}", short(&service.value));

@@ -404,6 +404,7 @@ async fn a_change_made_after_watch_returns_arrives_as_a_delta() {
             let mut stream = client
                 .watch(WatchRequest {
                     service: service.clone(),
+                    ..Default::default()
                 })
                 .await
                 .expect("watch")
@@ -1298,6 +1299,7 @@ async fn a_watcher_that_never_reads_blocks_nobody_and_then_gets_a_current_reset(
     let mut slow = RegistryClient::new(slow_channel)
         .watch(WatchRequest {
             service: SERVICE.into(),
+            ..Default::default()
         })
         .await
         .expect("slow watch")
@@ -1491,7 +1493,12 @@ impl Call {
             Call::Drain(lease) => format!("{:?}", drain(&mut client, &lease).await?),
             Call::Deregister(lease) => format!("{:?}", deregister(&mut client, &lease).await?),
             Call::Watch(service) => {
-                client.watch(WatchRequest { service }).await?;
+                client
+                    .watch(WatchRequest {
+                        service,
+                        ..Default::default()
+                    })
+                    .await?;
                 "a watch stream".into()
             }
             Call::Resolve(service) => {
@@ -1750,6 +1757,7 @@ async fn sigterm_stops_the_registry_even_when_a_watcher_never_reads() {
     let _unread = RegistryClient::new(stuck)
         .watch(WatchRequest {
             service: SERVICE.into(),
+            ..Default::default()
         })
         .await
         .expect("watch");

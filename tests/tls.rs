@@ -184,6 +184,7 @@ async fn a_tls_registry_serves_watch_and_register_to_clients_that_trust_its_ca()
     let mut watch = client
         .watch(WatchRequest {
             service: SERVICE.into(),
+            ..Default::default()
         })
         .await
         .expect("watch")

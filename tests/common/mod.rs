@@ -288,6 +288,7 @@ pub async fn watch(
     client
         .watch(WatchRequest {
             service: service.into(),
+            ..Default::default()
         })
         .await
         .expect("watch")
@@ -669,6 +670,7 @@ pub async fn open_watch(
     let mut stream = client
         .watch(WatchRequest {
             service: SERVICE.into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

@@ -136,6 +136,7 @@ impl Watcher {
             .clone()
             .watch(WatchRequest {
                 service: service.into(),
+                ..Default::default()
             })
             .await
             .expect("watch")
