@@ -1,9 +1,9 @@
 //! The bookkeeping every "use all backends" policy shares: connect to each
 //! serving endpoint, redial lost connections, and keep the Ready ones in a
-//! list a picker can copy. round_robin's rules, reusable by
+//! list a picker can copy. [`round_robin`](super::round_robin),
 //! [`least_request`](super::least_request) and
-//! [`weighted_round_robin`](super::weighted_round_robin), which differ only
-//! in how their pickers choose.
+//! [`weighted_round_robin`](super::weighted_round_robin) all stand on it and
+//! differ only in how their pickers choose.
 //!
 //! Every event costs O(1): the Ready list is kept incrementally and the
 //! aggregate state comes from counters.
