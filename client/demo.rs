@@ -2,15 +2,17 @@
 //! processes. It starts a registry, one echo process per backend and the
 //! client in live mode; kills a backend with SIGKILL, starts it again, then
 //! stops one with SIGTERM, for round_robin and for pick_first; and prints a
-//! timeline and a summary table. Every process it started is killed when it
-//! ends, Ctrl-C included.
+//! timeline and a summary table. `--scenario gray` instead makes one backend
+//! go bad without dying (hung by SIGSTOP, then failing every call) and
+//! compares round_robin with least_request plus outlier detection. Every
+//! process it started is killed when it ends, Ctrl-C included.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures_util::StreamExt;
 use switchboard::client::PolicyKind;
 use switchboard::discovery::{EndpointSet, Versioned};
@@ -27,7 +29,13 @@ use tokio::time::Instant;
 #[derive(Parser, Debug)]
 #[command(version)]
 pub struct Args {
-    /// Only this policy (default: round_robin, then pick_first).
+    /// What to show: `failover` (kill, restart, drain) or `gray` (a backend
+    /// that hangs, then fails every call, without dying).
+    #[arg(long, value_enum, default_value_t = DemoScenario::Failover)]
+    scenario: DemoScenario,
+    /// Only this policy (default: round_robin, then pick_first; with
+    /// `--scenario gray`: round_robin, then least_request with outlier
+    /// detection).
     #[arg(long)]
     policy: Option<PolicyKind>,
     /// Client RPCs per second.
@@ -39,6 +47,33 @@ pub struct Args {
     /// How long each phase of steady traffic lasts, in seconds.
     #[arg(long, default_value_t = 3.0)]
     phase_secs: f64,
+}
+
+/// The demo's scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DemoScenario {
+    /// A backend killed, restarted and drained.
+    Failover,
+    /// A backend that is up but not well: hung, then failing every call.
+    Gray,
+}
+
+/// One client configuration the demo runs the scenario with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Contender {
+    policy: PolicyKind,
+    /// Wrap the policy in outlier detection.
+    outlier_detection: bool,
+}
+
+impl std::fmt::Display for Contender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.policy)?;
+        if self.outlier_detection {
+            f.write_str("+od")?;
+        }
+        Ok(())
+    }
 }
 
 /// How long any one expected event may take before the demo gives up on it.
@@ -56,13 +91,30 @@ pub async fn run(args: Args) {
         Ok(bins) => bins,
         Err(err) => process::exit_with(&err),
     };
-    let policies = match args.policy {
-        Some(policy) => vec![policy],
-        None => vec![PolicyKind::RoundRobin, PolicyKind::PickFirst],
+    let plain = |policy| Contender {
+        policy,
+        outlier_detection: false,
+    };
+    let contenders = match (args.policy, args.scenario) {
+        (Some(policy), DemoScenario::Failover) => vec![plain(policy)],
+        (Some(policy), DemoScenario::Gray) => vec![Contender {
+            policy,
+            outlier_detection: policy != PolicyKind::RoundRobin,
+        }],
+        (None, DemoScenario::Failover) => {
+            vec![plain(PolicyKind::RoundRobin), plain(PolicyKind::PickFirst)]
+        }
+        (None, DemoScenario::Gray) => vec![
+            plain(PolicyKind::RoundRobin),
+            Contender {
+                policy: "least_request".parse().expect("a built-in policy"),
+                outlier_detection: true,
+            },
+        ],
     };
     let mut rows = Vec::new();
-    for policy in policies {
-        let mut scenario = Scenario::new(&bins, &args, policy);
+    for contender in contenders {
+        let mut scenario = Scenario::new(&bins, &args, contender);
         let outcome = tokio::select! {
             outcome = scenario.run() => outcome,
             _ = process::shutdown_signal() => {
@@ -120,7 +172,7 @@ enum RegistryChange {
 
 /// One line of the summary table.
 struct Row {
-    policy: PolicyKind,
+    policy: Contender,
     event: String,
     failed: u64,
     registry: String,
@@ -132,6 +184,7 @@ struct Scenario<'a> {
     bins: &'a Binaries,
     args: &'a Args,
     policy: PolicyKind,
+    contender: Contender,
     started: Instant,
     /// Every child process; killed when the scenario is dropped.
     children: Vec<(String, Child)>,
@@ -162,12 +215,13 @@ impl Drop for Scenario<'_> {
 }
 
 impl<'a> Scenario<'a> {
-    fn new(bins: &'a Binaries, args: &'a Args, policy: PolicyKind) -> Self {
+    fn new(bins: &'a Binaries, args: &'a Args, contender: Contender) -> Self {
         let (observations, observed) = mpsc::unbounded_channel();
         Self {
             bins,
             args,
-            policy,
+            policy: contender.policy,
+            contender,
             started: Instant::now(),
             children: Vec::new(),
             observations,
@@ -190,7 +244,7 @@ impl<'a> Scenario<'a> {
     }
 
     async fn run(&mut self) -> Result<(), String> {
-        println!("\n######## {} ########", self.policy);
+        println!("\n######## {} ########", self.contender);
         let registry = format!("127.0.0.1:{}", free_port()?);
         let ports: Vec<u16> = (0..self.args.backends)
             .map(|_| free_port())
@@ -220,32 +274,42 @@ impl<'a> Scenario<'a> {
         );
         let rate = self.args.rate.to_string();
         let policy = self.policy.to_string();
-        self.spawn(
-            "client",
-            "client",
-            &[
-                "--target",
-                &target,
-                "--policy",
-                &policy,
-                "--rate",
-                &rate,
-                "--timeout",
-                "1s",
-                "--backoff-initial",
-                "200ms",
-                "--backoff-max",
-                "2s",
-                "--keepalive-interval",
-                "1s",
-                "--keepalive-timeout",
-                "1s",
-            ],
-            |line| Some(Observation::Client(line)),
-        )?;
+        let outlier: &[&str] = if self.contender.outlier_detection {
+            &["--outlier-detection"]
+        } else {
+            &[]
+        };
+        let client_args: Vec<&str> = [
+            "--target",
+            &target,
+            "--policy",
+            &policy,
+            "--rate",
+            &rate,
+            "--timeout",
+            "1s",
+            "--backoff-initial",
+            "200ms",
+            "--backoff-max",
+            "2s",
+            "--keepalive-interval",
+            "1s",
+            "--keepalive-timeout",
+            "1s",
+        ]
+        .into_iter()
+        .chain(outlier.iter().copied())
+        .collect();
+        self.spawn("client", "client", &client_args, |line| {
+            Some(Observation::Client(line))
+        })?;
         self.wait("the client to send traffic", |s| !s.client_ready.is_empty())
             .await?;
         self.steady().await;
+        if self.args.scenario == DemoScenario::Gray {
+            self.gray(&registry, &backends[1]).await?;
+            return self.stop_client().await;
+        }
 
         // 1. SIGKILL the backend the client uses (the middle one for round_robin).
         let victim = match self.policy {
@@ -290,7 +354,54 @@ impl<'a> Scenario<'a> {
             .await?;
         self.steady().await;
 
-        // Stop the client: it prints its summary.
+        self.stop_client().await
+    }
+
+    /// One backend goes bad without dying: hung (SIGSTOP) for a phase, back
+    /// (SIGCONT), then restarted failing every call. The rows show what
+    /// each cost the client.
+    async fn gray(&mut self, registry: &str, victim: &str) -> Result<(), String> {
+        let label = format!("backend-{}", victim.rsplit(':').next().unwrap_or(victim));
+        let pid = self
+            .children
+            .iter()
+            .find(|(n, _)| *n == label)
+            .and_then(|(_, c)| c.id())
+            .ok_or_else(|| format!("{victim} is not running"))?;
+        let event = format!("SIGSTOP {victim} (hung)");
+        self.event(&event);
+        signal(pid, libc::SIGSTOP);
+        self.steady().await;
+        self.row(event, "still registered".into(), "-".into());
+
+        let event = format!("SIGCONT {victim}");
+        self.event(&event);
+        signal(pid, libc::SIGCONT);
+        self.steady().await;
+        self.row(event, "-".into(), "-".into());
+
+        let event = format!("{victim} fails every call");
+        self.event(&format!("{event}: restarted with --fail-rate 1"));
+        signal(pid, libc::SIGKILL);
+        self.children.retain(|(n, _)| *n != label);
+        let v = victim.to_owned();
+        self.wait("the old backend to leave", |s| {
+            !s.registry_set.contains_key(&v)
+        })
+        .await?;
+        self.start_echo(registry, victim, &["--fail-rate", "1"])?;
+        self.wait("the failing backend to register", |s| {
+            s.registry_set.get(&v) == Some(&false)
+        })
+        .await?;
+        self.steady().await;
+        self.steady().await;
+        self.row(event, "registered, serving errors".into(), "-".into());
+        Ok(())
+    }
+
+    /// Stops the client, which prints its summary, and records it.
+    async fn stop_client(&mut self) -> Result<(), String> {
         self.event("stop the client");
         if let Some((_, child)) = self.children.iter().find(|(n, _)| n == "client") {
             if let Some(pid) = child.id() {
@@ -300,7 +411,7 @@ impl<'a> Scenario<'a> {
         self.wait("the client's summary", |s| s.client_done).await?;
         let (ok, failed) = self.client_total.unwrap_or_default();
         self.rows.push(Row {
-            policy: self.policy,
+            policy: self.contender,
             event: "whole run (client summary)".into(),
             failed,
             registry: "-".into(),
@@ -381,7 +492,7 @@ impl<'a> Scenario<'a> {
         // Failures counted since this event started are filled in by the
         // next event; remember this row and settle its count then.
         self.rows.push(Row {
-            policy: self.policy,
+            policy: self.contender,
             event,
             failed: 0,
             registry,
@@ -391,7 +502,12 @@ impl<'a> Scenario<'a> {
 
     /// Marks a new event: failures since the previous one belong to it.
     fn event(&mut self, text: &str) {
-        if let Some(last) = self.rows.iter_mut().rev().find(|r| r.policy == self.policy) {
+        if let Some(last) = self
+            .rows
+            .iter_mut()
+            .rev()
+            .find(|r| r.policy == self.contender)
+        {
             last.failed = self.failed_since_event;
         }
         self.failed_since_event = 0;
@@ -399,21 +515,30 @@ impl<'a> Scenario<'a> {
     }
 
     fn start_backend(&mut self, registry: &str, backend: &str) -> Result<(), String> {
+        self.start_echo(registry, backend, &[])
+    }
+
+    /// Starts an echo backend at `backend` with `extra` flags.
+    fn start_echo(&mut self, registry: &str, backend: &str, extra: &[&str]) -> Result<(), String> {
         let label = format!("backend-{}", backend.rsplit(':').next().unwrap_or(backend));
-        self.log("demo", &format!("starting echo backend {backend}"));
-        self.spawn(
-            &label,
-            "echo",
-            &[
-                "--registry",
-                registry,
-                "--listen",
-                backend,
-                "--drain-grace-ms",
-                "500",
-            ],
-            |line| line.contains("serving").then_some(Observation::Echo(line)),
-        )
+        self.log(
+            "demo",
+            &format!("starting echo backend {backend} {}", extra.join(" ")),
+        );
+        let args: Vec<&str> = [
+            "--registry",
+            registry,
+            "--listen",
+            backend,
+            "--drain-grace-ms",
+            "500",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+        self.spawn(&label, "echo", &args, |line| {
+            line.contains("serving").then_some(Observation::Echo(line))
+        })
     }
 
     /// Pumps observations for one phase of steady traffic.
@@ -589,12 +714,12 @@ fn print_summary(rows: &[Row]) {
     println!("\n==== summary ====");
     let header = ["policy", "event", "failed RPCs", "registry", "client"];
     println!(
-        "{:<12} {:<28} {:>11}  {:<26} {}",
+        "{:<17} {:<32} {:>11}  {:<26} {}",
         header[0], header[1], header[2], header[3], header[4]
     );
     for row in rows {
         println!(
-            "{:<12} {:<28} {:>11}  {:<26} {}",
+            "{:<17} {:<32} {:>11}  {:<26} {}",
             row.policy.to_string(),
             row.event,
             row.failed,
