@@ -192,9 +192,11 @@ impl fmt::Display for Anomaly {
     }
 }
 
-/// An endpoint set as a stream of updates builds it, in the source's order
-/// (a reset's order, then additions in turn): pick_first tries endpoints in
-/// that order.
+/// An endpoint set as a stream of updates builds it, in the source's order:
+/// a reset's order, with endpoints added later by a delta placed in address
+/// order (so a set built from deltas alone, like the registry's, is sorted
+/// by address, as its snapshots are). pick_first tries endpoints in that
+/// order.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointSet {
     endpoints: IndexMap<String, Arc<Endpoint>>,
@@ -332,7 +334,7 @@ impl EndpointSet {
             None => {
                 applied.added.push(endpoint.address.clone());
                 self.endpoints
-                    .insert(endpoint.address.clone(), Arc::new(endpoint));
+                    .insert_sorted(endpoint.address.clone(), Arc::new(endpoint));
             }
         }
     }
@@ -529,6 +531,22 @@ mod tests {
         assert!(same.is_empty(), "an unchanged endpoint counted: {same:?}");
         let empty = set.apply(delta(&[], &[], &[]));
         assert_eq!(empty.anomalies, [Anomaly::EmptyDelta]);
+    }
+
+    #[test]
+    fn a_reset_keeps_its_order_and_deltas_insert_in_address_order() {
+        let mut set = EndpointSet::new();
+        set.apply(Update::Reset(vec![
+            Endpoint::new("c:1"),
+            Endpoint::new("a:1"),
+        ]));
+        assert_eq!(set.addresses().collect::<Vec<_>>(), ["c:1", "a:1"]);
+        let mut built = EndpointSet::new();
+        built.apply(Update::Reset(vec![]));
+        built.apply(delta(&["z:1"], &[], &[]));
+        built.apply(delta(&["b:1"], &[], &[]));
+        built.apply(delta(&["m:1"], &[], &[]));
+        assert_eq!(built.addresses().collect::<Vec<_>>(), ["b:1", "m:1", "z:1"]);
     }
 
     #[test]
