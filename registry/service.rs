@@ -336,10 +336,7 @@ impl RegistryApi for Registry {
         &self,
         request: Request<DrainEndpointRequest>,
     ) -> Result<Response<DrainEndpointResponse>, Status> {
-        let peer = peer_of(&request);
-        let req = request.into_inner();
-        validate::service_name(&req.service)?;
-        validate::address(&req.address)?;
+        let (peer, req) = operator_request(request, |r| (&r.service, &r.address))?;
         self.shared
             .store
             .drain_address(&req.service, &req.address)
@@ -352,10 +349,7 @@ impl RegistryApi for Registry {
         &self,
         request: Request<DeregisterEndpointRequest>,
     ) -> Result<Response<DeregisterEndpointResponse>, Status> {
-        let peer = peer_of(&request);
-        let req = request.into_inner();
-        validate::service_name(&req.service)?;
-        validate::address(&req.address)?;
+        let (peer, req) = operator_request(request, |r| (&r.service, &r.address))?;
         self.shared
             .store
             .deregister_address(&req.service, &req.address)
@@ -382,6 +376,20 @@ impl Drop for OpenWatcher {
 }
 
 /// The caller's address for the audit log, or `unknown`.
+/// An operator's call naming one endpoint: who sent it (for the log) and
+/// the request, once its service and address are valid.
+fn operator_request<T>(
+    request: Request<T>,
+    endpoint: impl Fn(&T) -> (&String, &String),
+) -> Result<(String, T), Status> {
+    let peer = peer_of(&request);
+    let req = request.into_inner();
+    let (service, address) = endpoint(&req);
+    validate::service_name(service)?;
+    validate::address(address)?;
+    Ok((peer, req))
+}
+
 fn peer_of<T>(request: &Request<T>) -> String {
     request
         .remote_addr()
