@@ -23,6 +23,8 @@
 //! a re-list whose difference is sent as a delta: never an empty reset.
 //! Hubs stay once created (a service watched once is likely watched again).
 
+pub mod local;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
