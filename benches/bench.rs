@@ -17,6 +17,11 @@
 //!    native watchers at the same count?
 //! 7. [`gray`]: what do hung, failing, slow and weighted backends do to
 //!    each policy, side by side with round_robin?
+//! 8. `ha` (built with `--features etcd`, and `etcd` on PATH): what do
+//!    registry replicas on etcd cost etcd and the watchers, and do they
+//!    survive their own deaths? Its parts are `ha-fanout`, `ha-removal`,
+//!    `ha-leases` and `ha-replicas`; without the feature or etcd they are
+//!    skipped with a note.
 //!
 //! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
 //! just finish). Name sections (`-- fanout churn`) to run only those.
@@ -29,6 +34,8 @@ mod fanout;
 #[path = "../tests/common/faulty.rs"]
 mod faulty;
 mod gray;
+#[cfg(feature = "etcd")]
+mod ha;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 mod procs;
@@ -40,9 +47,21 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sections, in order, by the name that selects them.
-const SECTIONS: [&str; 7] = [
-    "datapath", "failover", "fanout", "churn", "balancer", "xds", "gray",
+const SECTIONS: [&str; 11] = [
+    "datapath",
+    "failover",
+    "fanout",
+    "churn",
+    "balancer",
+    "xds",
+    "gray",
+    "ha-fanout",
+    "ha-removal",
+    "ha-leases",
+    "ha-replicas",
 ];
+/// Section 8's parts, which need etcd.
+const HA_SECTIONS: [&str; 4] = ["ha-fanout", "ha-removal", "ha-leases", "ha-replicas"];
 
 fn main() {
     // `cargo bench` adds `--bench`; it means nothing here.
@@ -116,6 +135,10 @@ fn main() {
         if runs("gray") {
             gray::run(&gray_config(smoke)).await?;
         }
+        let ha: Vec<&str> = HA_SECTIONS.into_iter().filter(|s| runs(s)).collect();
+        if !ha.is_empty() {
+            run_ha(&ha, smoke).await?;
+        }
         Ok(())
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -126,6 +149,39 @@ fn main() {
     if let Err(error) = result {
         eprintln!("error: benchmark failed: {error}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(feature = "etcd")]
+async fn run_ha(sections: &[&str], smoke: bool) -> Result<(), BoxError> {
+    ha::run(sections, &ha_config(smoke)).await
+}
+
+/// Without the feature there is no etcd store to measure.
+#[cfg(not(feature = "etcd"))]
+async fn run_ha(_sections: &[&str], _smoke: bool) -> Result<(), BoxError> {
+    println!("## 8. HA on etcd\n");
+    println!(
+        "_Skipped: built without `--features etcd` \
+         (`cargo bench --features etcd --bench bench -- ha-fanout ...`)._\n"
+    );
+    Ok(())
+}
+
+#[cfg(feature = "etcd")]
+fn ha_config(smoke: bool) -> ha::Config {
+    ha::Config {
+        watchers: if smoke { 100 } else { 10_000 },
+        connections_per_replica: 3,
+        changes: if smoke { 2 } else { 10 },
+        kills: if smoke { 2 } else { 10 },
+        leases: if smoke { 300 } else { 10_000 },
+        streams_per_replica: 3,
+        settle: Duration::from_secs(if smoke { 1 } else { 7 }),
+        window: Duration::from_secs(if smoke { 2 } else { 15 }),
+        rate: if smoke { 200.0 } else { 2000.0 },
+        before: Duration::from_millis(if smoke { 300 } else { 2000 }),
+        after: Duration::from_millis(if smoke { 1000 } else { 3000 }),
     }
 }
 

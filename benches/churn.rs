@@ -36,31 +36,33 @@ pub struct Config {
 }
 
 /// Endpoints per service: the registry caps a service at 10,000.
-const PER_SERVICE: usize = 1000;
+pub(crate) const PER_SERVICE: usize = 1000;
 /// Heartbeat pacing: every tick, one slot's share of each stream's leases.
 const TICK: Duration = Duration::from_millis(100);
 /// Ticks per heartbeat round: 16 × 100 ms = 1.6 s, a little under TTL/3.
 const SLOTS: usize = 16;
+/// Each lease's heartbeat interval.
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(1600);
 
 /// The n-th distinct endpoint address.
-fn address(n: usize) -> String {
+pub(crate) fn address(n: usize) -> String {
     format!("10.{}.{}.{}:7000", n / 62_500, (n / 250) % 250, n % 250 + 1)
 }
 
 /// Counters of the heartbeat streams.
 #[derive(Default)]
-struct Beats {
-    acks: AtomicU64,
-    errors: AtomicU64,
+pub(crate) struct Beats {
+    pub(crate) acks: AtomicU64,
+    pub(crate) errors: AtomicU64,
 }
 
 /// One KeepAlive stream and the leases it carries.
-struct Stream {
-    send: mpsc::Sender<KeepAliveRequest>,
-    leases: Arc<Mutex<Vec<String>>>,
+pub(crate) struct Stream {
+    pub(crate) send: mpsc::Sender<KeepAliveRequest>,
+    pub(crate) leases: Arc<Mutex<Vec<String>>>,
 }
 
-async fn opened_stream(
+pub(crate) async fn opened_stream(
     channel: Channel,
     beats: Arc<Beats>,
     tasks: &mut JoinSet<()>,
@@ -90,11 +92,11 @@ async fn opened_stream(
 }
 
 /// Where a stream's heartbeats go, and the lease ids they name.
-type Rotation = (mpsc::Sender<KeepAliveRequest>, Arc<Mutex<Vec<String>>>);
+pub(crate) type Rotation = (mpsc::Sender<KeepAliveRequest>, Arc<Mutex<Vec<String>>>);
 
 /// Sends each stream's leases a heartbeat every `SLOTS × TICK`, spread
 /// evenly over the ticks.
-async fn heartbeat(streams: Vec<Rotation>) {
+pub(crate) async fn heartbeat(streams: Vec<Rotation>) {
     let mut tick = tokio::time::interval(TICK);
     for slot in (0..SLOTS).cycle() {
         tick.tick().await;

@@ -32,18 +32,18 @@ pub struct Config {
 }
 
 /// Each RPC's deadline.
-const RPC_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What one RPC did.
-struct Shot {
+pub(crate) struct Shot {
     /// When it finished.
-    done: Instant,
+    pub(crate) done: Instant,
     /// The backend that answered, or the error.
-    result: Result<String, tonic::Status>,
+    pub(crate) result: Result<String, tonic::Status>,
 }
 
 /// Open-loop load: RPCs are started on a schedule, whatever the replies do.
-struct Load {
+pub(crate) struct Load {
     shots: Arc<Mutex<Vec<Shot>>>,
     stop: Arc<AtomicBool>,
     /// RPCs started and not finished.
@@ -52,7 +52,7 @@ struct Load {
 }
 
 impl Load {
-    fn start(channel: &BalancedChannel, rate: f64) -> Self {
+    pub(crate) fn start(channel: &BalancedChannel, rate: f64) -> Self {
         let shots = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let outstanding = Arc::new(AtomicUsize::new(0));
@@ -101,7 +101,7 @@ impl Load {
     }
 
     /// Stops starting RPCs, waits for the started ones, returns every shot.
-    async fn stop(self) -> Vec<Shot> {
+    pub(crate) async fn stop(self) -> Vec<Shot> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.driver.await;
         let deadline = Instant::now() + RPC_TIMEOUT * 3;

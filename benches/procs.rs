@@ -70,17 +70,23 @@ impl Proc {
     /// Starts a registry on a free port (no warm-up, so watches answer at
     /// once) and waits until it listens; returns it and its address.
     pub fn registry() -> (Self, String) {
+        Self::registry_with(&["--listen", "127.0.0.1:0"])
+    }
+
+    /// Starts a registry with `extra` flags (a `--listen` address among
+    /// them; `--store etcd ...` for a replica) and waits until it listens;
+    /// returns it and its address.
+    pub fn registry_with(extra: &[&str]) -> (Self, String) {
         // The benches measure the registry's throughput, not its
         // per-connection flood protection.
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--warmup-ms",
-            "0",
-            "--max-registrations-per-second",
-            "0",
-        ]
-        .map(String::from);
+        let mut args: Vec<String> = ["--warmup-ms", "0", "--max-registrations-per-second", "0"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .map(String::from)
+            .collect();
+        if !extra.contains(&"--listen") {
+            args.extend(["--listen".to_owned(), "127.0.0.1:0".to_owned()]);
+        }
         let mut proc = Self::spawn("registry", &args);
         let address = proc.wait_line("registry listening on ");
         (proc, address)
@@ -177,7 +183,7 @@ impl Drop for Proc {
 }
 
 /// User + system CPU time of process `pid`, from `/proc/<pid>/stat`.
-fn proc_cpu(pid: i32) -> Duration {
+pub fn proc_cpu(pid: i32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name is in parentheses and may hold spaces: count fields
     // after the last ')'. utime and stime are fields 14 and 15 (1-based).

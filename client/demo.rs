@@ -4,8 +4,11 @@
 //! stops one with SIGTERM, for round_robin and for pick_first; and prints a
 //! timeline and a summary table. `--scenario gray` instead makes one backend
 //! go bad without dying (hung by SIGSTOP, then failing every call) and
-//! compares round_robin with least_request plus outlier detection. Every
-//! process it started is killed when it ends, Ctrl-C included.
+//! compares round_robin with least_request plus outlier detection. `--ha`
+//! (a build with `--features etcd`, and `etcd` on PATH) runs three registry
+//! replicas on a throwaway etcd instead of one registry, and kills one
+//! replica, a backend, then every replica. Every process it started is
+//! killed when it ends, Ctrl-C included.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,12 +16,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use futures_util::StreamExt;
-use switchboard::client::PolicyKind;
-use switchboard::discovery::{EndpointSet, Versioned};
+use switchboard::client::resolver::ResolverEvent;
+use switchboard::client::{PolicyKind, RegistryResolver, Resolver, ResolverSink};
+use switchboard::discovery::EndpointSet;
 use switchboard::process;
-use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::WatchRequest;
+#[cfg(feature = "etcd")]
+use switchboard::registry::etcd::local::LocalEtcd;
 use switchboard::registry::DEFAULT_SERVICE;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -47,6 +50,11 @@ pub struct Args {
     /// How long each phase of steady traffic lasts, in seconds.
     #[arg(long, default_value_t = 3.0)]
     phase_secs: f64,
+    /// High availability: 3 registry replicas on a throwaway etcd; kill one
+    /// replica, then a backend, then restart every replica. Needs a build
+    /// with `--features etcd` and `etcd` on PATH.
+    #[arg(long, conflicts_with = "scenario")]
+    ha: bool,
 }
 
 /// The demo's scenarios.
@@ -95,7 +103,17 @@ pub async fn run(args: Args) {
         policy,
         outlier_detection: false,
     };
+    let etcd = if args.ha {
+        match LocalEtcd::start().await {
+            Ok(etcd) => Some(etcd),
+            Err(err) => process::exit_with(&format!("demo --ha: {err}")),
+        }
+    } else {
+        None
+    };
+    let etcd_url = etcd.as_ref().map(LocalEtcd::url);
     let contenders = match (args.policy, args.scenario) {
+        (policy, _) if args.ha => vec![plain(policy.unwrap_or(PolicyKind::RoundRobin))],
         (Some(policy), DemoScenario::Failover) => vec![plain(policy)],
         (Some(policy), DemoScenario::Gray) => vec![Contender {
             policy,
@@ -114,12 +132,13 @@ pub async fn run(args: Args) {
     };
     let mut rows = Vec::new();
     for contender in contenders {
-        let mut scenario = Scenario::new(&bins, &args, contender);
+        let mut scenario = Scenario::new(&bins, &args, contender, etcd_url.clone());
         let outcome = tokio::select! {
             outcome = scenario.run() => outcome,
             _ = process::shutdown_signal() => {
                 println!("\ninterrupted: stopping every process the demo started");
                 drop(scenario);
+                drop(etcd);
                 std::process::exit(130);
             }
         };
@@ -127,10 +146,29 @@ pub async fn run(args: Args) {
         drop(scenario);
         if let Err(err) = outcome {
             print_summary(&rows);
+            drop(etcd);
             process::exit_with(&err);
         }
     }
     print_summary(&rows);
+}
+
+/// Without the `etcd` feature there is no etcd store to show: `--ha` stops
+/// with a one-line error before anything would hold an etcd.
+#[cfg(not(feature = "etcd"))]
+enum LocalEtcd {}
+
+#[cfg(not(feature = "etcd"))]
+impl LocalEtcd {
+    async fn start() -> Result<Self, String> {
+        Err("it needs a build with `--features etcd` \
+             (cargo build --release --features etcd; protoc must be installed)"
+            .into())
+    }
+
+    fn url(&self) -> String {
+        match *self {}
+    }
 }
 
 /// The `switchboard` executable this demo runs as: every process the
@@ -168,6 +206,8 @@ enum RegistryChange {
     Draining(String),
     Removed(String),
     Snapshot(Vec<String>),
+    /// The watch broke; the resolver keeps the set and moves on.
+    Lost(String),
 }
 
 /// One line of the summary table.
@@ -185,6 +225,9 @@ struct Scenario<'a> {
     args: &'a Args,
     policy: PolicyKind,
     contender: Contender,
+    /// The etcd the registry replicas share (`--ha`); `None` runs one
+    /// in-memory registry.
+    etcd: Option<String>,
     started: Instant,
     /// Every child process; killed when the scenario is dropped.
     children: Vec<(String, Child)>,
@@ -196,6 +239,11 @@ struct Scenario<'a> {
     client_ready: Vec<String>,
     /// Failed RPCs the client reported since the last event.
     failed_since_event: u64,
+    /// Endpoints the registry watch added and removed since the last event.
+    added_since_event: u64,
+    removed_since_event: u64,
+    /// The smallest ready set the client reported since the last event.
+    min_ready_since_event: usize,
     client_done: bool,
     /// The client's final `total ok=.. failed=..` line.
     client_total: Option<(u64, u64)>,
@@ -215,13 +263,19 @@ impl Drop for Scenario<'_> {
 }
 
 impl<'a> Scenario<'a> {
-    fn new(bins: &'a Binaries, args: &'a Args, contender: Contender) -> Self {
+    fn new(
+        bins: &'a Binaries,
+        args: &'a Args,
+        contender: Contender,
+        etcd: Option<String>,
+    ) -> Self {
         let (observations, observed) = mpsc::unbounded_channel();
         Self {
             bins,
             args,
             policy: contender.policy,
             contender,
+            etcd,
             started: Instant::now(),
             children: Vec::new(),
             observations,
@@ -229,6 +283,9 @@ impl<'a> Scenario<'a> {
             registry_set: BTreeMap::new(),
             client_ready: Vec::new(),
             failed_since_event: 0,
+            added_since_event: 0,
+            removed_since_event: 0,
+            min_ready_since_event: 0,
             client_done: false,
             client_total: None,
             rows: Vec::new(),
@@ -245,14 +302,20 @@ impl<'a> Scenario<'a> {
 
     async fn run(&mut self) -> Result<(), String> {
         println!("\n######## {} ########", self.contender);
-        let registry = format!("127.0.0.1:{}", free_port()?);
+        let replicas = if self.etcd.is_some() { 3 } else { 1 };
+        let replicas: Vec<String> = (0..replicas)
+            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_, _>>()?;
         let ports: Vec<u16> = (0..self.args.backends)
             .map(|_| free_port())
             .collect::<Result<_, _>>()?;
         let backends: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
 
-        self.log("demo", &format!("starting the registry on {registry}"));
-        self.spawn("registry", "registry", &["--listen", &registry], |_| None)?;
+        for (i, replica) in replicas.iter().enumerate() {
+            self.start_registry(i, replica)?;
+        }
+        // Backends, the client and the demo's own watch name every replica.
+        let registry = replicas.join(",");
         self.watch_registry(&registry).await?;
 
         for backend in &backends {
@@ -306,6 +369,10 @@ impl<'a> Scenario<'a> {
         self.wait("the client to send traffic", |s| !s.client_ready.is_empty())
             .await?;
         self.steady().await;
+        if self.etcd.is_some() {
+            self.ha(&replicas, &backends[1]).await?;
+            return self.stop_client().await;
+        }
         if self.args.scenario == DemoScenario::Gray {
             self.gray(&registry, &backends[1]).await?;
             return self.stop_client().await;
@@ -355,6 +422,100 @@ impl<'a> Scenario<'a> {
         self.steady().await;
 
         self.stop_client().await
+    }
+
+    /// Starts registry number `i` (of the replicas) on `address`: in
+    /// memory, or on the shared etcd with `--ha`.
+    fn start_registry(&mut self, i: usize, address: &str) -> Result<(), String> {
+        let mut args = vec!["--listen", address];
+        match &self.etcd {
+            Some(etcd) => {
+                self.log(
+                    "demo",
+                    &format!(
+                        "starting registry replica {} on {address} (etcd at {etcd})",
+                        i + 1
+                    ),
+                );
+                // The state lives in etcd: a replica needs no warm-up.
+                args.extend(["--store", "etcd", "--etcd-endpoints", etcd]);
+                args.extend(["--warmup-ms", "0"]);
+            }
+            None => self.log("demo", &format!("starting the registry on {address}")),
+        }
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn(&replica_label(i), "registry", &args, |_| None)
+    }
+
+    /// The `--ha` events: a replica is SIGKILLed, then a backend, then
+    /// every replica is SIGKILLed and started again. Endpoints must stay
+    /// (no removal, no re-add) through replica losses, and a dead backend
+    /// must still leave.
+    async fn ha(&mut self, replicas: &[String], victim: &str) -> Result<(), String> {
+        // 1. The first replica: every backend and the client started on it.
+        let event = format!("SIGKILL replica 1 {}", replicas[0]);
+        self.event(&event);
+        self.kill_child(&replica_label(0))?;
+        self.steady().await;
+        let (registry, client) = self.kept();
+        self.row(event, registry, client);
+
+        // 2. A backend: its stream breaks at the replica it moved to.
+        self.kill_backend(victim, libc::SIGKILL, "SIGKILL").await?;
+        self.steady().await;
+
+        // 3. Every replica, then all of them again on the same addresses.
+        let event = "SIGKILL + restart all replicas".to_owned();
+        self.event(&event);
+        for i in 1..replicas.len() {
+            self.kill_child(&replica_label(i))?;
+        }
+        let since = Instant::now();
+        for (i, replica) in replicas.iter().enumerate() {
+            self.start_registry(i, replica)?;
+        }
+        for replica in replicas {
+            wait_listening(replica).await?;
+        }
+        self.log(
+            "demo",
+            &format!(
+                "every replica answers again after {} ms",
+                since.elapsed().as_millis()
+            ),
+        );
+        self.steady().await;
+        let (registry, client) = self.kept();
+        self.row(event, registry, client);
+        Ok(())
+    }
+
+    /// What the registry watch and the client kept since the last event:
+    /// the summary cells of an event no endpoint should notice.
+    fn kept(&self) -> (String, String) {
+        let registry = format!(
+            "{} removed, {} added, {} listed",
+            self.removed_since_event,
+            self.added_since_event,
+            self.registry_set.len()
+        );
+        let client = format!("ready set never below {}", self.min_ready_since_event);
+        (registry, client)
+    }
+
+    /// SIGKILLs the child `label` and forgets it.
+    fn kill_child(&mut self, label: &str) -> Result<(), String> {
+        let pid = self
+            .children
+            .iter()
+            .find(|(n, _)| n == label)
+            .and_then(|(_, c)| c.id())
+            .ok_or_else(|| format!("{label} is not running"))?;
+        self.log("demo", &format!("SIGKILL {label} (pid {pid})"));
+        signal(pid, libc::SIGKILL);
+        self.children.retain(|(n, _)| n != label);
+        Ok(())
     }
 
     /// One backend goes bad without dying: hung (SIGSTOP) for a phase, back
@@ -511,6 +672,9 @@ impl<'a> Scenario<'a> {
             last.failed = self.failed_since_event;
         }
         self.failed_since_event = 0;
+        self.added_since_event = 0;
+        self.removed_since_event = 0;
+        self.min_ready_since_event = self.client_ready.len();
         self.log("EVENT", &format!(">>> {text}"));
     }
 
@@ -574,6 +738,8 @@ impl<'a> Scenario<'a> {
                         .filter(|s| !s.is_empty())
                         .map(str::to_owned)
                         .collect();
+                    self.min_ready_since_event =
+                        self.min_ready_since_event.min(self.client_ready.len());
                 }
                 if let Some(failed) = line
                     .split_whitespace()
@@ -604,6 +770,7 @@ impl<'a> Scenario<'a> {
                 }
                 RegistryChange::Added(address) => {
                     self.log("registry", &format!("+ {address} registered"));
+                    self.added_since_event += 1;
                     self.registry_set.insert(address, false);
                 }
                 RegistryChange::Draining(address) => {
@@ -612,7 +779,11 @@ impl<'a> Scenario<'a> {
                 }
                 RegistryChange::Removed(address) => {
                     self.log("registry", &format!("- {address} removed"));
+                    self.removed_since_event += 1;
                     self.registry_set.remove(&address);
+                }
+                RegistryChange::Lost(why) => {
+                    self.log("registry", &format!("watch: {why}; keeping the set"));
                 }
             },
         }
@@ -656,37 +827,31 @@ impl<'a> Scenario<'a> {
         Ok(())
     }
 
-    /// Watches the service in the registry, as a client would.
+    /// Watches the service in the registry (any of its replicas), as a
+    /// client would: with the library's resolver, which moves to another
+    /// replica when a stream breaks and resumes from the version it holds.
     async fn watch_registry(&mut self, registry: &str) -> Result<(), String> {
-        let uri = format!("http://{registry}");
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        let mut client = loop {
-            match RegistryClient::connect(uri.clone()).await {
-                Ok(client) => break client,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(err) => return Err(format!("registry at {registry} did not come up: {err}")),
-            }
-        };
-        let mut stream = client
-            .watch(WatchRequest {
-                service: DEFAULT_SERVICE.into(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| format!("watch failed: {}", s.message()))?
-            .into_inner();
+        let first = registry.split(',').next().unwrap_or(registry);
+        wait_listening(first).await?;
+        let (sink, mut events) = ResolverSink::new();
+        let resolver = Box::new(RegistryResolver::new(registry, DEFAULT_SERVICE));
+        let resolving = resolver.resolve(sink);
         let observations = self.observations.clone();
-        self.watcher = Some(tokio::spawn(async move {
-            // The library's own applier turns each message into what changed.
+        // The library's own applier turns each message into what changed.
+        let apply = async move {
             let mut set = EndpointSet::new();
-            while let Some(Ok(message)) = stream.next().await {
-                let Ok(versioned) = Versioned::try_from(message) else {
-                    continue;
+            while let Some(event) = events.recv().await {
+                let update = match event {
+                    ResolverEvent::Update(update) => update,
+                    ResolverEvent::Error(why) => {
+                        let _ = observations.send(Observation::Registry(RegistryChange::Lost(
+                            why.to_string(),
+                        )));
+                        continue;
+                    }
                 };
                 let first = !set.is_known();
-                let applied = set.apply(versioned.update);
+                let applied = set.apply(update);
                 let changes: Vec<RegistryChange> = if first {
                     vec![RegistryChange::Snapshot(
                         set.addresses().map(str::to_owned).collect(),
@@ -705,8 +870,34 @@ impl<'a> Scenario<'a> {
                     let _ = observations.send(Observation::Registry(change));
                 }
             }
+        };
+        // One task runs both, so aborting it stops the resolver too.
+        self.watcher = Some(tokio::spawn(async move {
+            tokio::select! {
+                _ = resolving => {}
+                _ = apply => {}
+            }
         }));
         Ok(())
+    }
+}
+
+/// The label of registry replica `i` among the demo's children.
+fn replica_label(i: usize) -> String {
+    format!("registry-{}", i + 1)
+}
+
+/// Waits until something accepts connections at `address`.
+async fn wait_listening(address: &str) -> Result<(), String> {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        match tokio::net::TcpStream::connect(address).await {
+            Ok(_) => return Ok(()),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(err) => return Err(format!("registry at {address} did not come up: {err}")),
+        }
     }
 }
 

@@ -71,6 +71,19 @@ fn command_lines(pki: &std::path::Path) -> Vec<Case<CommandLine, &'static str>> 
             "see switchboard demo --help",
         ),
         case(
+            "demo: --ha with --scenario",
+            ("demo", args(&["--ha", "--scenario", "gray"])),
+            "cannot be used with '--scenario",
+        ),
+        // The default build has no etcd store: `--ha` says what it needs
+        // before it starts anything.
+        #[cfg(not(feature = "etcd"))]
+        case(
+            "demo: --ha without the etcd feature",
+            ("demo", args(&["--ha"])),
+            "demo --ha: it needs a build with `--features etcd`",
+        ),
+        case(
             "echo: --listen not IP:PORT",
             ("echo", args(&["--listen", "nonsense"])),
             "invalid --listen \"nonsense\"",
