@@ -49,6 +49,10 @@ pub(super) struct Subscription {
     /// Live updates at or below this version are already in the watcher's
     /// set (it resumed from a replica that was further ahead).
     pub skip_through: u64,
+    /// The version of a watcher in this epoch that the hub's history does
+    /// not reach back to: `first` is a reset, which etcd's own history may
+    /// turn into the difference from there.
+    pub older_than_history: Option<u64>,
 }
 
 impl Hub {
@@ -77,16 +81,7 @@ impl Hub {
     fn publish(&self, epoch: u64, revision: u64, changes: BTreeMap<String, Option<Endpoint>>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.version = state.version.max(revision);
-        let mut delta = Delta::default();
-        for (address, endpoint) in changes {
-            match (endpoint, state.set.get(&address)) {
-                (Some(endpoint), None) => delta.added.push(endpoint),
-                (Some(endpoint), Some(old)) if **old != endpoint => delta.updated.push(endpoint),
-                (None, Some(_)) => delta.removed.push(address),
-                _ => {}
-            }
-        }
-        let update = Update::Delta(delta);
+        let update = Update::Delta(to_delta(&state.set, changes));
         if state.set.apply(update.clone()).is_empty() {
             return;
         }
@@ -116,6 +111,7 @@ impl Hub {
                     first: Vec::new(),
                     receiver,
                     skip_through: from.version,
+                    older_than_history: None,
                 };
             }
             // Every update after `floor` is still in the history.
@@ -130,6 +126,7 @@ impl Hub {
                     first: missed,
                     receiver,
                     skip_through: from.version,
+                    older_than_history: None,
                 };
             }
         }
@@ -142,12 +139,30 @@ impl Hub {
             first: vec![reset],
             receiver,
             skip_through: 0,
+            older_than_history: from.filter(|p| p.epoch == epoch).map(|p| p.version),
         }
     }
 }
 
+/// What turns `set` into the final states `changes`.
+pub(super) fn to_delta(set: &EndpointSet, changes: BTreeMap<String, Option<Endpoint>>) -> Delta {
+    let mut delta = Delta::default();
+    for (address, endpoint) in changes {
+        match (endpoint, set.get(&address)) {
+            (Some(endpoint), None) => delta.added.push(endpoint),
+            (Some(endpoint), Some(old)) if **old != endpoint => delta.updated.push(endpoint),
+            (None, Some(_)) => delta.removed.push(address),
+            _ => {}
+        }
+    }
+    delta
+}
+
 /// The difference between `set` and `endpoints`, as final states by address.
-fn difference(set: &EndpointSet, endpoints: Vec<Endpoint>) -> BTreeMap<String, Option<Endpoint>> {
+pub(super) fn difference(
+    set: &EndpointSet,
+    endpoints: Vec<Endpoint>,
+) -> BTreeMap<String, Option<Endpoint>> {
     let present: HashSet<String> = endpoints.iter().map(|e| e.address.clone()).collect();
     let mut changes: BTreeMap<String, Option<Endpoint>> = endpoints
         .into_iter()
