@@ -182,6 +182,7 @@ fn ha_config(smoke: bool) -> ha::Config {
         rate: if smoke { 200.0 } else { 2000.0 },
         before: Duration::from_millis(if smoke { 300 } else { 2000 }),
         after: Duration::from_millis(if smoke { 1000 } else { 3000 }),
+        after_restart: Duration::from_millis(if smoke { 1000 } else { 22_000 }),
     }
 }
 

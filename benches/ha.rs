@@ -66,6 +66,10 @@ pub struct Config {
     /// Replica kill: load before each fault, and after it.
     pub before: Duration,
     pub after: Duration,
+    /// Replica kill: load after every replica restarted; longer than an
+    /// etcd lease (4×TTL) in a full run, so a lease nobody carried over
+    /// would show as a removal.
+    pub after_restart: Duration,
 }
 
 /// Registry replicas.
@@ -942,7 +946,12 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
             }
             back = ms(since.elapsed());
         }
-        tokio::time::sleep(config.after).await;
+        tokio::time::sleep(if back == "-" {
+            config.after
+        } else {
+            config.after_restart
+        })
+        .await;
         let shots = load.stop().await;
         let failed: Vec<String> = shots
             .iter()
@@ -981,10 +990,11 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
     println!(
         "{:.0} RPC/s open-loop, round_robin over 3 echo processes registered with `--registry` \
          naming all {REPLICAS} replicas, client on `registry://r1,r2,r3/...`, RPC deadline \
-         {RPC_TIMEOUT:?}; {:?} of load before the fault and {:?} after it. The watcher is the \
+         {RPC_TIMEOUT:?}; {:?} of load before each fault, {:?} after the first and {:?} after \
+         the restart. The watcher is the \
          client library's resolver on all replicas (it moves and resumes), counting the \
          endpoints removed and added after its first set.\n",
-        config.rate, config.before, config.after
+        config.rate, config.before, config.after, config.after_restart
     );
     table.print();
     Ok(())
