@@ -121,7 +121,14 @@ impl Cluster {
     /// Starts a replica listening on `listen`.
     fn replica(&self, listen: &str) -> (Proc, String) {
         let url = self.etcd.url();
-        Proc::registry_with(&["--listen", listen, "--store", "etcd", "--etcd-endpoints", &url])
+        Proc::registry_with(&[
+            "--listen",
+            listen,
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &url,
+        ])
     }
 
     /// Every replica's address, as `--registry` and targets take them.
@@ -222,7 +229,11 @@ fn percent(cpu: Duration, elapsed: Duration) -> f64 {
 // 8.1 Fan-out
 
 /// One etcd watch on the service's prefix, reporting as [`watcher`] does.
-async fn etcd_watcher(mut client: etcd_client::Client, prefix: String, seen: mpsc::UnboundedSender<Seen>) {
+async fn etcd_watcher(
+    mut client: etcd_client::Client,
+    prefix: String,
+    seen: mpsc::UnboundedSender<Seen>,
+) {
     let options = WatchOptions::new().with_prefix();
     let Ok(mut stream) = client.watch(prefix.clone(), Some(options)).await else {
         return;
@@ -445,7 +456,10 @@ fn fanout_row(
         ms(d.latency.quantile(0.99)),
         ms(d.latency.max()),
         d.early.to_string(),
-        format!("{:.0}", metrics.sum("etcd_debugging_mvcc_watcher_total", "")),
+        format!(
+            "{:.0}",
+            metrics.sum("etcd_debugging_mvcc_watcher_total", "")
+        ),
         format!(
             "{:.0}",
             metrics.sum("etcd_debugging_mvcc_watch_stream_total", "")
@@ -627,9 +641,10 @@ async fn removal(config: &Config) -> Result<(), BoxError> {
 struct LeaseLoad {
     registered_in: Duration,
     register_errors: usize,
-    acks_per_sec: f64,
+    /// Heartbeats acked per second, and the registries' CPU (% of one
+    /// core); `None` for the anchor, which has no registry.
+    registries: Option<(f64, f64)>,
     stream_errors: u64,
-    registries_cpu: f64,
     etcd: Option<EtcdLoad>,
 }
 
@@ -659,7 +674,9 @@ async fn heartbeating(
     for registry in registries {
         let mut own = Vec::new();
         for _ in 0..config.streams_per_replica {
-            own.push(churn::opened_stream(connect(registry).await?, beats.clone(), &mut tasks).await?);
+            own.push(
+                churn::opened_stream(connect(registry).await?, beats.clone(), &mut tasks).await?,
+            );
         }
         streams.push(own);
         channels.push(connect(registry).await?);
@@ -718,26 +735,7 @@ async fn heartbeating(
     let etcd = match (cluster, metrics0) {
         (Some(c), Some((m0, etcd_cpu0))) => {
             let etcd_cpu = c.etcd_cpu() - etcd_cpu0;
-            let m1 = c.metrics().await?;
-            let rate = |name: &str| {
-                (m1.sum(name, "") - m0.sum(name, "")) / elapsed.as_secs_f64()
-            };
-            let before = m0.by_label("grpc_server_msg_received_total", "grpc_method");
-            let methods = m1
-                .by_label("grpc_server_msg_received_total", "grpc_method")
-                .into_iter()
-                .map(|(method, v)| {
-                    let delta = v - before.get(&method).copied().unwrap_or(0.0);
-                    (method, delta / elapsed.as_secs_f64())
-                })
-                .filter(|(_, r)| *r > 0.0)
-                .collect();
-            Some(EtcdLoad {
-                cpu: percent(etcd_cpu, elapsed),
-                handled_per_sec: rate("grpc_server_handled_total"),
-                received_per_sec: rate("grpc_server_msg_received_total"),
-                methods,
-            })
+            Some(etcd_load(&m0, &c.metrics().await?, etcd_cpu, elapsed))
         }
         _ => None,
     };
@@ -745,11 +743,82 @@ async fn heartbeating(
     Ok(LeaseLoad {
         registered_in,
         register_errors,
-        acks_per_sec: acks as f64 / elapsed.as_secs_f64(),
+        registries: Some((acks as f64 / elapsed.as_secs_f64(), percent(cpu, elapsed))),
         stream_errors: beats.errors.load(Ordering::Relaxed),
-        registries_cpu: percent(cpu, elapsed),
         etcd,
     })
+}
+
+/// The anchor: `leases` etcd leases kept alive straight from etcd's own
+/// client, each on a LeaseKeepAlive stream kept open, one keepalive per
+/// lease per TTL: the least etcd work per endpoint our scheme (one refresh
+/// per TTL) could come to.
+async fn direct_leases(config: &Config) -> Result<(Duration, EtcdLoad), BoxError> {
+    let etcd = Cluster::start(0).await?;
+    let client = etcd_client::Client::connect([etcd.etcd.url()], None).await?;
+    let mut tasks = JoinSet::new();
+    let registering = Instant::now();
+    let mut opening = JoinSet::new();
+    let (mut next, mut opened) = (0, 0);
+    while next < config.leases || !opening.is_empty() {
+        while next < config.leases && opening.len() < 32 {
+            let mut client = client.clone();
+            opening.spawn(async move {
+                let lease = client.lease_grant(4 * TTL.as_secs() as i64, None).await?;
+                client.lease_keep_alive(lease.id()).await
+            });
+            next += 1;
+        }
+        if let Some(Ok(Ok((mut keeper, mut replies)))) = opening.join_next().await {
+            // Spread the keepalives evenly over the TTL.
+            let offset = TTL.mul_f64(opened as f64 / config.leases as f64);
+            opened += 1;
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval_at(Instant::now() + offset, TTL);
+                loop {
+                    tick.tick().await;
+                    if keeper.keep_alive().await.is_err() || replies.message().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    let registered_in = registering.elapsed();
+    tokio::time::sleep(config.settle).await;
+    let (m0, cpu0, start) = (etcd.metrics().await?, etcd.etcd_cpu(), Instant::now());
+    tokio::time::sleep(config.window).await;
+    let (m1, cpu, elapsed) = (
+        etcd.metrics().await?,
+        etcd.etcd_cpu() - cpu0,
+        start.elapsed(),
+    );
+    tasks.abort_all();
+    if opened < config.leases {
+        return Err(format!("only {opened} of {} etcd leases kept alive", config.leases).into());
+    }
+    Ok((registered_in, etcd_load(&m0, &m1, cpu, elapsed)))
+}
+
+/// What etcd did between two scrapes `elapsed` apart, using `cpu`.
+fn etcd_load(m0: &Metrics, m1: &Metrics, cpu: Duration, elapsed: Duration) -> EtcdLoad {
+    let rate = |name: &str| (m1.sum(name, "") - m0.sum(name, "")) / elapsed.as_secs_f64();
+    let before = m0.by_label("grpc_server_msg_received_total", "grpc_method");
+    let methods = m1
+        .by_label("grpc_server_msg_received_total", "grpc_method")
+        .into_iter()
+        .map(|(method, v)| {
+            let delta = v - before.get(&method).copied().unwrap_or(0.0);
+            (method, delta / elapsed.as_secs_f64())
+        })
+        .filter(|(_, r)| *r > 0.0)
+        .collect();
+    EtcdLoad {
+        cpu: percent(cpu, elapsed),
+        handled_per_sec: rate("grpc_server_handled_total"),
+        received_per_sec: rate("grpc_server_msg_received_total"),
+        methods,
+    }
 }
 
 async fn leases(config: &Config) -> Result<(), BoxError> {
@@ -775,8 +844,10 @@ async fn leases(config: &Config) -> Result<(), BoxError> {
                 load.registered_in.as_secs_f64(),
                 n as f64 / load.registered_in.as_secs_f64()
             ),
-            format!("{:.0}", load.acks_per_sec),
-            format!("{:.1}", load.registries_cpu),
+            load.registries
+                .map_or("-".into(), |(acks, _)| format!("{acks:.0}")),
+            load.registries
+                .map_or("-".into(), |(_, cpu)| format!("{cpu:.1}")),
             etcd.map_or("-".into(), |e| format!("{:.0}", e.handled_per_sec)),
             etcd.map_or("-".into(), |e| format!("{:.0}", e.received_per_sec)),
             etcd.map_or("-".into(), |e| {
@@ -802,6 +873,19 @@ async fn leases(config: &Config) -> Result<(), BoxError> {
     row(&mut table, "etcd (3 replicas)", &etcd_mode);
     drop(procs);
     drop(cluster);
+    let (registered_in, direct) = direct_leases(config).await?;
+    let anchor = LeaseLoad {
+        registered_in,
+        register_errors: 0,
+        registries: None,
+        stream_errors: 0,
+        etcd: Some(direct),
+    };
+    row(
+        &mut table,
+        "anchor: etcd client, 1 keepalive per lease per TTL on open streams",
+        &anchor,
+    );
 
     println!(
         "{n} leases in services of {PER_SERVICE}, TTL {TTL:?}, each heartbeating every 1.6 s \
@@ -809,11 +893,19 @@ async fn leases(config: &Config) -> Result<(), BoxError> {
          leases spread evenly over the replicas. Measured over {:?}, {:?} after the last \
          registration. etcd's requests are deltas of its `grpc_server_handled_total` (RPCs that \
          ended) and `grpc_server_msg_received_total` (every request message, stream messages \
-         included); \"per endpoint per TTL\" is the latter per lease per {TTL:?}.\n",
+         included); \"per endpoint per TTL\" is the latter per lease per {TTL:?}. The anchor \
+         grants the same number of etcd leases straight from `etcd-client` (no registry) and \
+         keeps each alive on its own open LeaseKeepAlive stream, one keepalive per TTL: what \
+         one refresh per endpoint per TTL costs etcd at least.\n",
         config.streams_per_replica, config.window, config.settle
     );
     table.print();
-    if let Some(etcd) = &etcd_mode.etcd {
+    if let (Some(etcd), Some(direct)) = (&etcd_mode.etcd, &anchor.etcd) {
+        println!(
+            "etcd CPU through the replicas / the anchor's: **{:.2}×**; etcd messages: **{:.2}×**.\n",
+            etcd.cpu / direct.cpu.max(1e-9),
+            etcd.received_per_sec / direct.received_per_sec.max(1e-9)
+        );
         let methods: Vec<String> = etcd
             .methods
             .iter()
@@ -882,10 +974,7 @@ fn count_deltas(registries: &str, service: &str, tasks: &mut JoinSet<()>) -> Arc
 }
 
 async fn replicas(config: &Config) -> Result<(), BoxError> {
-    println!(
-        "### 8.4 Replica SIGKILL under {:.0} RPC/s\n",
-        config.rate
-    );
+    println!("### 8.4 Replica SIGKILL under {:.0} RPC/s\n", config.rate);
     let mut cluster = Cluster::start(REPLICAS).await?;
     let registries = cluster.addresses();
     let backends: Vec<(Proc, String)> = (0..3)
@@ -895,11 +984,18 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
         .policy(PolicyKind::RoundRobin)
         .build();
     let mut state = channel.watch_state();
-    if tokio::time::timeout(Duration::from_secs(20), state.wait_for(|s| s.ready.len() == 3))
-        .await
-        .is_err()
+    if tokio::time::timeout(
+        Duration::from_secs(20),
+        state.wait_for(|s| s.ready.len() == 3),
+    )
+    .await
+    .is_err()
     {
-        return Err(format!("the client never used all 3 backends: {:?}", channel.state()).into());
+        return Err(format!(
+            "the client never used all 3 backends: {:?}",
+            channel.state()
+        )
+        .into());
     }
     let mut tasks = JoinSet::new();
     let deltas = count_deltas(&registries, LOAD_SERVICE, &mut tasks);
@@ -927,7 +1023,10 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
         "client ready set at least",
         "every replica answers again after",
     ]);
-    for fault in ["SIGKILL replica 1 (every backend's and the client's)", "SIGKILL all 3, restart them"] {
+    for fault in [
+        "SIGKILL replica 1 (every backend's and the client's)",
+        "SIGKILL all 3, restart them",
+    ] {
         deltas.added.store(0, Ordering::Relaxed);
         deltas.removed.store(0, Ordering::Relaxed);
         min_ready.store(channel.state().ready.len(), Ordering::Relaxed);
@@ -970,7 +1069,10 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
         table.row(vec![
             fault.to_owned(),
             shots.len().to_string(),
-            format!("{:.0}", shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)),
+            format!(
+                "{:.0}",
+                shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)
+            ),
             if failed.is_empty() {
                 "0".to_owned()
             } else {

@@ -263,12 +263,7 @@ impl Drop for Scenario<'_> {
 }
 
 impl<'a> Scenario<'a> {
-    fn new(
-        bins: &'a Binaries,
-        args: &'a Args,
-        contender: Contender,
-        etcd: Option<String>,
-    ) -> Self {
+    fn new(bins: &'a Binaries, args: &'a Args, contender: Contender, etcd: Option<String>) -> Self {
         let (observations, observed) = mpsc::unbounded_channel();
         Self {
             bins,
@@ -844,9 +839,8 @@ impl<'a> Scenario<'a> {
                 let update = match event {
                     ResolverEvent::Update(update) => update,
                     ResolverEvent::Error(why) => {
-                        let _ = observations.send(Observation::Registry(RegistryChange::Lost(
-                            why.to_string(),
-                        )));
+                        let _ = observations
+                            .send(Observation::Registry(RegistryChange::Lost(why.to_string())));
                         continue;
                     }
                 };
