@@ -41,8 +41,8 @@ pub(crate) const PER_SERVICE: usize = 1000;
 const TICK: Duration = Duration::from_millis(100);
 /// Ticks per heartbeat round: 16 × 100 ms = 1.6 s, a little under TTL/3.
 const SLOTS: usize = 16;
-/// Each lease's heartbeat interval.
-pub(crate) const HEARTBEAT: Duration = Duration::from_millis(1600);
+/// Each lease's heartbeat interval: `SLOTS × TICK`.
+pub(crate) const HEARTBEAT: Duration = Duration::from_millis(100 * SLOTS as u64);
 
 /// The n-th distinct endpoint address.
 pub(crate) fn address(n: usize) -> String {
@@ -223,7 +223,7 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
 
     // A full heartbeat round (and a bit) so every lease is bound to its
     // stream and the registry is in its steady state.
-    tokio::time::sleep(TICK * SLOTS as u32 + Duration::from_secs(1)).await;
+    tokio::time::sleep(HEARTBEAT + Duration::from_secs(1)).await;
     let rss_loaded = registry_proc.rss_kib();
 
     let mut table = Table::new(&[
