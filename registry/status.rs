@@ -28,6 +28,7 @@ pub async fn serve(
 ) {
     let mut registry = PromRegistry::default();
     metrics.register(&mut registry);
+    store.register_metrics(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
     let handler: Handler = Arc::new(move |request: Request<Incoming>| {
         let store = store.clone();

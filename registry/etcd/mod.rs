@@ -1,11 +1,16 @@
 //! The etcd [`Store`]: several registry replicas share one etcd cluster, and
 //! any replica answers any request.
 //!
-//! Layout under the prefix (default `/switchboard/`):
+//! Layout under the prefix (default `/switchboard/`), every key but the
+//! last on the endpoint's etcd lease:
 //! - `services/<service>/<address>`: the endpoint (a protobuf `Endpoint`),
-//!   attached to its etcd lease;
-//! - `leases/<lease id>`: `<etcd lease> <ttl ms> <service> <address>`, on
-//!   the same etcd lease, so any replica can find a lease by its id.
+//!   what watchers follow;
+//! - `leases/<lease id>`: `<etcd lease> <ttl ms> <service> <address>`, so
+//!   any replica can take a lease over by its id;
+//! - `holders/<service>/<address>`: `<lease id> <ttl ms> <granted unix ms>`,
+//!   so operators can act on an address and see the lease's age;
+//! - `removed/<lease id>`: an operator's removal, on a lease of its own
+//!   that outlives any TTL, so the holder is told and does not re-register.
 //!
 //! The epoch is the etcd cluster's id, the version etcd's revision, so both
 //! survive replica restarts.
@@ -13,47 +18,70 @@
 //! A lease bound to a KeepAlive stream of this replica also has a local
 //! deadline in a [`LeaseTable`] (stall protection included): the replica
 //! revokes the etcd lease when the stream breaks or the heartbeats stop.
-//! The etcd lease itself lives [`ETCD_TTL_FACTOR`] TTLs and is refreshed
-//! once per TTL, not on every heartbeat (every TTL/3), which cuts etcd's
-//! load per endpoint to a third; it only matters when a replica dies, and
-//! then the backend moves to another replica with the same lease.
+//! Heartbeats never wait on etcd. The etcd lease lives [`ETCD_TTL_FACTOR`]
+//! TTLs and is refreshed in the background once per TTL rather than on each
+//! heartbeat (every TTL/3): a third of the etcd load per endpoint. It only
+//! matters when a replica dies, and then the backend moves to another
+//! replica with the same lease well within it. While etcd is down,
+//! heartbeats still succeed (the backends are alive; etcd keeps the leases
+//! and renews them when it comes back), writes get UNAVAILABLE and the
+//! replica's health is NOT_SERVING.
 //!
-//! One etcd watch per watched service per replica (a [`Hub`]) feeds all of
-//! the replica's watchers. A compacted or broken etcd watch is followed by
-//! a re-list whose difference is sent as a delta: never an empty reset.
-//! Hubs stay once created (a service watched once is likely watched again).
+//! One etcd watch per watched service per replica (a [`hub::Hub`]) feeds
+//! all of the replica's watchers. A compacted or broken etcd watch is
+//! followed by a re-list whose difference is sent as a delta: never an
+//! empty reset. A hub nobody watched for two checks in a row ends.
 
+mod hub;
 pub mod local;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry as PromRegistry;
 use prost::Message;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use self::hub::{follow, Hub, Subscription};
 use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
     Store, UpdateStream,
 };
-use super::RegistryError;
-use crate::discovery::{Delta, Endpoint, EndpointSet, EndpointState, Update, Versioned};
+use super::{RegistryConfig, RegistryError};
+use crate::discovery::{Endpoint, EndpointState, Versioned};
 use crate::proto::registry as pb;
 
 /// The etcd lease lives this many switchboard TTLs; see the module doc.
 pub const ETCD_TTL_FACTOR: u32 = 3;
-/// Updates a hub keeps to resume watchers from.
-const HISTORY: usize = 256;
+/// How long an operator's removal is remembered: far longer than any TTL.
+const REMOVED_TTL_SECS: i64 = 3600;
+/// How often etcd's reachability is checked.
+const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a probe or a background etcd call may take.
+const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The etcd store's own metrics, next to the registry's.
+#[derive(Debug, Clone, Default)]
+struct EtcdMetrics {
+    reachable: Gauge,
+    watch_resyncs: Counter,
+    lease_refreshes: Counter,
+    lease_refresh_failures: Counter,
+}
 
 /// Registry state in etcd, shared by every replica on the same prefix.
 pub struct EtcdStore {
     inner: Arc<Inner>,
-    /// The expiry task and the stall watch, aborted with the store.
+    /// The expiry, stall, reachability and removal tasks.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -64,16 +92,31 @@ struct Inner {
     epoch: u64,
     /// Local deadlines of the leases bound to this replica's streams.
     leases: LeaseTable,
-    /// The etcd lease and last etcd refresh of each local lease.
+    /// The etcd lease and its last refresh, for each local lease.
     bound: Mutex<HashMap<LeaseId, Bound>>,
+    /// Removals this replica heard of, to answer their holders at once.
+    removed: Mutex<HashSet<LeaseId>>,
     /// One per watched service.
     hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+    max_endpoints_per_service: usize,
+    max_services: usize,
+    metrics: RegistryMetrics,
+    etcd_metrics: EtcdMetrics,
+    /// Whether etcd answers, as the last probe found.
+    reachable: tokio::sync::watch::Sender<bool>,
+    /// Set when the store is dropped, to end its background tasks.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Set when this replica shuts down: its streams end, its backends
+    /// carry their leases to another replica.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone, Copy)]
 struct Bound {
     etcd: i64,
+    ttl: Duration,
     refreshed: Instant,
+    refreshing: bool,
 }
 
 /// A lease record as stored under `leases/`.
@@ -84,33 +127,83 @@ struct Record {
     address: String,
 }
 
+/// A holder record as stored under `holders/`.
+struct Holder {
+    lease: LeaseId,
+    ttl: Duration,
+    granted_unix_ms: u64,
+}
+
+impl Holder {
+    fn parse(text: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(text).ok()?;
+        let mut parts = text.split(' ');
+        Some(Self {
+            lease: parts.next()?.parse().ok()?,
+            ttl: Duration::from_millis(parts.next()?.parse().ok()?),
+            granted_unix_ms: parts.next()?.parse().ok()?,
+        })
+    }
+}
+
 fn unreachable(err: etcd_client::Error) -> RegistryError {
     RegistryError::Unavailable(format!("etcd unreachable: {err}"))
 }
 
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn endpoint_not_found(service: &str, address: &str) -> RegistryError {
+    RegistryError::EndpointNotFound {
+        service: service.to_owned(),
+        address: address.to_owned(),
+    }
+}
+
 impl EtcdStore {
-    /// Connects to etcd at `endpoints` and keeps the state under `prefix`.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, RegistryError> {
+    /// Connects to etcd at `endpoints` and keeps the state under `prefix`,
+    /// capped and counted as `config` says.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        config: &RegistryConfig,
+    ) -> Result<Self, RegistryError> {
         let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(2));
+            .with_connect_timeout(ETCD_CALL_TIMEOUT)
+            .with_timeout(ETCD_CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
         let mut client = Client::connect(endpoints, Some(options))
             .await
             .map_err(unreachable)?;
         let status = client.status().await.map_err(unreachable)?;
         let epoch = status.header().map_or(0, |h| h.cluster_id());
+        let etcd_metrics = EtcdMetrics::default();
+        etcd_metrics.reachable.set(1);
         let inner = Arc::new(Inner {
             client,
             prefix: prefix.to_owned(),
             epoch,
             leases: LeaseTable::default(),
             bound: Mutex::new(HashMap::new()),
+            removed: Mutex::new(HashSet::new()),
             hubs: tokio::sync::Mutex::new(HashMap::new()),
+            max_endpoints_per_service: config.max_endpoints_per_service,
+            max_services: config.max_services,
+            metrics: config.metrics.clone(),
+            etcd_metrics,
+            reachable: tokio::sync::watch::channel(true).0,
+            stop: tokio::sync::watch::channel(false).0,
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         let stalls = inner.clone();
         let tasks = vec![
             tokio::spawn(expire_leases(inner.clone())),
             tokio::spawn(async move { stalls.leases.watch_for_stalls().await }),
+            tokio::spawn(probe(inner.clone())),
+            tokio::spawn(follow_removals(inner.clone())),
         ];
         Ok(Self { inner, tasks })
     }
@@ -118,6 +211,7 @@ impl EtcdStore {
 
 impl Drop for EtcdStore {
     fn drop(&mut self) {
+        self.inner.stop.send_replace(true);
         for task in &self.tasks {
             task.abort();
         }
@@ -133,40 +227,148 @@ impl Inner {
         format!("{}services/{service}/", self.prefix)
     }
 
+    fn holder_key(&self, service: &str, address: &str) -> String {
+        format!("{}holders/{service}/{address}", self.prefix)
+    }
+
     fn lease_key(&self, id: LeaseId) -> String {
         format!("{}leases/{id}", self.prefix)
     }
 
+    fn removed_key(&self, id: LeaseId) -> String {
+        format!("{}removed/{id}", self.prefix)
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn stopped(&self) {
+        let _ = self.stop.subscribe().wait_for(|stopped| *stopped).await;
+    }
+
+    /// The lease `id`'s record, or why there is none: removed by an
+    /// operator, or not found.
     async fn record(&self, id: LeaseId) -> Result<Record, RegistryError> {
         let reply = self
             .client
             .clone()
-            .get(self.lease_key(id), None)
+            .txn(Txn::new().and_then(vec![
+                TxnOp::get(self.lease_key(id), None),
+                TxnOp::get(
+                    self.removed_key(id),
+                    Some(GetOptions::new().with_count_only()),
+                ),
+            ]))
             .await
             .map_err(unreachable)?;
-        let not_found = || RegistryError::LeaseNotFound(id.to_string());
-        let kv = reply.kvs().first().ok_or_else(not_found)?;
-        let text = std::str::from_utf8(kv.value()).map_err(|_| not_found())?;
+        let mut replies = reply.op_responses().into_iter();
+        let (Some(TxnOpResponse::Get(record)), Some(TxnOpResponse::Get(removed))) =
+            (replies.next(), replies.next())
+        else {
+            return Err(RegistryError::Unavailable(
+                "etcd unreachable: unexpected transaction reply".into(),
+            ));
+        };
+        let missing = || {
+            if removed.count() > 0 {
+                RegistryError::RemovedByOperator(id.to_string())
+            } else {
+                RegistryError::LeaseNotFound(id.to_string())
+            }
+        };
+        let kv = record.kvs().first().ok_or_else(missing)?;
+        let text = std::str::from_utf8(kv.value()).map_err(|_| missing())?;
         let mut parts = text.splitn(4, ' ');
-        let mut next = || parts.next().ok_or_else(not_found);
+        let mut next = || parts.next().ok_or_else(missing);
         Ok(Record {
-            etcd: next()?.parse().map_err(|_| not_found())?,
-            ttl: Duration::from_millis(next()?.parse().map_err(|_| not_found())?),
+            etcd: next()?.parse().map_err(|_| missing())?,
+            ttl: Duration::from_millis(next()?.parse().map_err(|_| missing())?),
             service: next()?.to_owned(),
             address: next()?.to_owned(),
         })
     }
 
-    /// Ends a lease of this replica: locally and in etcd, in the background
-    /// (callers may not await).
+    /// Ends a lease of this replica, locally at once and in etcd in the
+    /// background (callers may not await), retrying while etcd is away.
     fn revoke_in_background(self: &Arc<Self>, id: LeaseId) {
-        let Some(bound) = self.bound.lock().unwrap().remove(&id) else {
+        let Some(bound) = self
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+        else {
             return;
         };
-        let mut client = self.client.clone();
+        let inner = self.clone();
         tokio::spawn(async move {
-            if let Err(err) = client.lease_revoke(bound.etcd).await {
-                tracing::warn!(%err, "could not revoke an etcd lease; it ends with its TTL");
+            // Past the etcd lease's own TTL there is nothing left to end.
+            let give_up = Instant::now() + bound.ttl * ETCD_TTL_FACTOR;
+            let mut pause = Duration::from_millis(100);
+            loop {
+                match inner.client.clone().lease_revoke(bound.etcd).await {
+                    Ok(_) => return,
+                    // Already gone (expired, or revoked by another replica).
+                    Err(etcd_client::Error::GRpcStatus(status))
+                        if status.code() == tonic::Code::NotFound =>
+                    {
+                        return
+                    }
+                    Err(err) if Instant::now() >= give_up || inner.is_stopped() => {
+                        tracing::warn!(%err, "could not revoke an etcd lease; it ends with its TTL");
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Refreshes the etcd lease behind local lease `id` in the background,
+    /// unless a refresh is already under way or not due.
+    fn refresh_if_due(self: &Arc<Self>, id: LeaseId) {
+        let etcd = {
+            let mut bound = self.bound.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(b) = bound.get_mut(&id) else { return };
+            if b.refreshing || b.refreshed.elapsed() < b.ttl {
+                return;
+            }
+            b.refreshing = true;
+            b.etcd
+        };
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let refreshed = tokio::time::timeout(ETCD_CALL_TIMEOUT, async {
+                let (mut keeper, mut replies) = inner.client.clone().lease_keep_alive(etcd).await?;
+                keeper.keep_alive().await?;
+                replies.message().await
+            })
+            .await;
+            let mut bound = inner.bound.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(b) = bound.get_mut(&id) else { return };
+            b.refreshing = false;
+            match refreshed {
+                Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
+                    b.refreshed = Instant::now();
+                    inner.etcd_metrics.lease_refreshes.inc();
+                }
+                Ok(Ok(_)) => {
+                    // etcd no longer has it: revoked elsewhere, or expired
+                    // while nobody refreshed it. The next heartbeat is told.
+                    bound.remove(&id);
+                    drop(bound);
+                    if let Some(lease) = inner.leases.revoke(id) {
+                        tracing::info!(service = %lease.service, address = %lease.address, "etcd lease gone; endpoint no longer held here");
+                    }
+                }
+                Ok(Err(_)) | Err(_) => {
+                    // Retried at the next heartbeat; the etcd lease has two
+                    // more TTLs to live.
+                    inner.etcd_metrics.lease_refresh_failures.inc();
+                }
             }
         });
     }
@@ -191,187 +393,177 @@ impl Inner {
         Ok((endpoints, revision))
     }
 
-    async fn hub(self: &Arc<Self>, service: &str) -> Result<Arc<Hub>, RegistryError> {
+    /// Subscribes to `service`'s hub, starting the hub if there is none.
+    /// Under the hubs lock, so a hub cannot retire between the two.
+    async fn subscribe(
+        self: &Arc<Self>,
+        service: &str,
+        from: Option<Position>,
+    ) -> Result<(Subscription, Arc<Hub>), RegistryError> {
         let mut hubs = self.hubs.lock().await;
         if let Some(hub) = hubs.get(service) {
-            return Ok(hub.clone());
+            return Ok((hub.subscribe(self.epoch, from), hub.clone()));
         }
         let (endpoints, revision) = self.list_service(service).await?;
-        let mut set = EndpointSet::new();
-        set.apply(Update::Reset(endpoints));
-        let hub = Arc::new(Hub {
-            updates: broadcast::channel(HISTORY).0,
-            state: Mutex::new(HubState {
-                set,
-                version: revision,
-                history: VecDeque::new(),
-                floor: revision,
-            }),
-        });
+        let hub = Arc::new(Hub::new(endpoints, revision));
+        let subscription = hub.subscribe(self.epoch, from);
         tokio::spawn(follow(self.clone(), service.to_owned(), hub.clone()));
         hubs.insert(service.to_owned(), hub.clone());
-        Ok(hub)
+        Ok((subscription, hub))
     }
-}
 
-/// The fan-out of one service's etcd watch to this replica's watchers.
-struct Hub {
-    updates: broadcast::Sender<Arc<Versioned>>,
-    state: Mutex<HubState>,
-}
-
-struct HubState {
-    set: EndpointSet,
-    /// The etcd revision the set is at.
-    version: u64,
-    /// The last updates, to resume watchers from.
-    history: VecDeque<Arc<Versioned>>,
-    /// The version before the oldest update in `history`.
-    floor: u64,
-}
-
-impl Hub {
-    /// Applies `delta` at `revision` and sends it to every watcher.
-    fn publish(&self, epoch: u64, revision: u64, delta: Delta) {
-        let mut state = self.state.lock().unwrap();
-        state.version = state.version.max(revision);
-        let update = Update::Delta(delta);
-        if state.set.apply(update.clone()).is_empty() {
-            return;
+    /// Removes `hub` if still nobody watches it; true if it was removed.
+    async fn retire_hub(&self, service: &str, hub: &Arc<Hub>) -> bool {
+        let mut hubs = self.hubs.lock().await;
+        if !hub.idle() || !hubs.get(service).is_some_and(|h| Arc::ptr_eq(h, hub)) {
+            return false;
         }
-        let versioned = Arc::new(Versioned {
-            epoch,
-            version: state.version,
-            update,
-        });
-        if state.history.len() == HISTORY {
-            if let Some(oldest) = state.history.pop_front() {
-                state.floor = oldest.version;
+        hubs.remove(service);
+        true
+    }
+
+    /// Refuses a new endpoint past the caps. Checked before the write, so
+    /// replicas registering at the same instant may pass a cap by a few.
+    async fn check_caps(&self, service: &str, address: &str) -> Result<(), RegistryError> {
+        let mut client = self.client.clone();
+        let count_only = || Some(GetOptions::new().with_prefix().with_count_only());
+        let present = client
+            .txn(Txn::new().and_then(vec![
+                TxnOp::get(self.service_prefix(service), count_only()),
+                TxnOp::get(
+                    self.endpoint_key(service, address),
+                    Some(GetOptions::new().with_count_only()),
+                ),
+            ]))
+            .await
+            .map_err(unreachable)?;
+        let counts: Vec<i64> = present
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(get) => get.count(),
+                _ => 0,
+            })
+            .collect();
+        let (in_service, at_address) = (counts.first().copied(), counts.get(1).copied());
+        if at_address.unwrap_or(0) > 0 {
+            // A takeover adds nothing.
+            return Ok(());
+        }
+        let in_service = in_service.unwrap_or(0) as usize;
+        if in_service >= self.max_endpoints_per_service {
+            return Err(RegistryError::ResourceExhausted {
+                what: format!("endpoints per service ({service})"),
+                limit: self.max_endpoints_per_service,
+            });
+        }
+        if in_service == 0 {
+            let services = self.service_counts().await?;
+            if services.len() >= self.max_services {
+                return Err(RegistryError::ResourceExhausted {
+                    what: "services".into(),
+                    limit: self.max_services,
+                });
             }
         }
-        state.history.push_back(versioned.clone());
-        let _ = self.updates.send(versioned);
+        Ok(())
     }
 
-    /// What a watcher at `from` must be sent first, and its receiver of
-    /// later updates, taken together under the lock.
-    fn subscribe(
-        &self,
-        epoch: u64,
-        from: Option<Position>,
-    ) -> (Vec<Arc<Versioned>>, broadcast::Receiver<Arc<Versioned>>) {
-        let state = self.state.lock().unwrap();
-        let receiver = self.updates.subscribe();
-        if let Some(from) = from.filter(|p| p.epoch == epoch && p.version <= state.version) {
-            let missed: Vec<_> = state
-                .history
-                .iter()
-                .filter(|u| u.version > from.version)
-                .cloned()
-                .collect();
-            // Every update after `floor` is still in the history.
-            let covered = from.version >= state.floor;
-            if covered {
-                return (missed, receiver);
-            }
-        }
-        let reset = Arc::new(Versioned {
-            epoch,
-            version: state.version,
-            update: state.set.to_reset(),
-        });
-        (vec![reset], receiver)
-    }
-}
-
-/// The difference between `set` and `endpoints`, as one delta.
-fn difference(set: &EndpointSet, endpoints: Vec<Endpoint>) -> Delta {
-    let mut delta = Delta::default();
-    let present: HashSet<String> = endpoints.iter().map(|e| e.address.clone()).collect();
-    for endpoint in endpoints {
-        match set.get(&endpoint.address) {
-            None => delta.added.push(endpoint),
-            Some(old) if **old != endpoint => delta.updated.push(endpoint),
-            Some(_) => {}
-        }
-    }
-    for old in set.iter() {
-        if !present.contains(&old.address) {
-            delta.removed.push(old.address.clone());
-        }
-    }
-    delta
-}
-
-/// Follows one service's keys in etcd for ever, feeding its hub. After a
-/// broken or compacted watch it re-lists and publishes the difference.
-async fn follow(inner: Arc<Inner>, service: String, hub: Arc<Hub>) {
-    let prefix = inner.service_prefix(&service);
-    let mut relist = false;
-    loop {
-        if relist {
-            match inner.list_service(&service).await {
-                Ok((endpoints, revision)) => {
-                    let delta = difference(&hub.state.lock().unwrap().set, endpoints);
-                    hub.publish(inner.epoch, revision, delta);
-                }
-                Err(err) => {
-                    tracing::warn!(%service, %err, "cannot re-list; watchers keep their set");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            }
-        }
-        relist = true;
-        let start = hub.state.lock().unwrap().version as i64 + 1;
-        let options = WatchOptions::new().with_prefix().with_start_revision(start);
-        let mut stream = match inner
+    /// Endpoints per service, by name.
+    async fn service_counts(&self) -> Result<BTreeMap<String, usize>, RegistryError> {
+        let prefix = format!("{}services/", self.prefix);
+        let reply = self
             .client
             .clone()
-            .watch(prefix.clone(), Some(options))
+            .get(
+                prefix.clone(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await
-        {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::warn!(%service, %err, "cannot watch etcd; watchers keep their set");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+            .map_err(unreachable)?;
+        let mut counts = BTreeMap::new();
+        for kv in reply.kvs() {
+            if let Some((service, _)) = kv
+                .key_str()
+                .ok()
+                .and_then(|k| k.strip_prefix(prefix.as_str()))
+                .and_then(|rest| rest.split_once('/'))
+            {
+                *counts.entry(service.to_owned()).or_default() += 1;
             }
-        };
-        while let Ok(Some(reply)) = stream.message().await {
-            if reply.compact_revision() > 0 || reply.canceled() {
-                tracing::info!(%service, "etcd watch compacted or cancelled; re-listing");
-                break;
-            }
-            let revision = reply.header().map_or(0, |h| h.revision()) as u64;
-            let mut delta = Delta::default();
-            for event in reply.events() {
-                let Some(kv) = event.kv() else { continue };
-                let Some(address) = kv
-                    .key_str()
-                    .ok()
-                    .and_then(|k| k.strip_prefix(prefix.as_str()))
-                else {
-                    continue;
-                };
-                match event.event_type() {
-                    EventType::Put => {
-                        if let Ok(endpoint) = pb::Endpoint::decode(kv.value()) {
-                            let endpoint = Endpoint::from(endpoint);
-                            let present = hub.state.lock().unwrap().set.contains(address);
-                            if present {
-                                delta.updated.push(endpoint);
-                            } else {
-                                delta.added.push(endpoint);
-                            }
-                        }
-                    }
-                    EventType::Delete => delta.removed.push(address.to_owned()),
-                }
-            }
-            hub.publish(inner.epoch, revision, delta);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok(counts)
+    }
+
+    /// Notes an operator's removal of `id` heard from etcd: a holder bound
+    /// here stops being kept alive and is told at its next heartbeat.
+    fn note_removed(&self, id: LeaseId) {
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        if removed.len() >= 100_000 {
+            removed.clear();
+        }
+        removed.insert(id);
+        drop(removed);
+        self.bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        self.leases.revoke(id);
+    }
+
+    fn was_removed(&self, id: LeaseId) -> bool {
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    /// Sets the endpoint at `key` to `state`, if it is still on the etcd
+    /// lease `etcd` (any lease when `None`). `Ok(false)` if it is not there.
+    async fn set_state(
+        &self,
+        key: &str,
+        etcd: Option<i64>,
+        state: pb::EndpointState,
+    ) -> Result<bool, RegistryError> {
+        let mut client = self.client.clone();
+        // A concurrent re-registration wins: retried on the fresh value.
+        for _ in 0..5 {
+            let reply = client.get(key, None).await.map_err(unreachable)?;
+            let Some(kv) = reply
+                .kvs()
+                .first()
+                .filter(|kv| etcd.is_none_or(|e| kv.lease() == e))
+            else {
+                return Ok(false);
+            };
+            let Ok(mut endpoint) = pb::Endpoint::decode(kv.value()) else {
+                return Ok(false);
+            };
+            endpoint.set_state(state);
+            let written = client
+                .txn(
+                    Txn::new()
+                        .when(vec![Compare::mod_revision(
+                            key,
+                            CompareOp::Equal,
+                            kv.mod_revision(),
+                        )])
+                        .and_then(vec![TxnOp::put(
+                            key,
+                            endpoint.encode_to_vec(),
+                            Some(PutOptions::new().with_lease(kv.lease())),
+                        )]),
+                )
+                .await
+                .map_err(unreachable)?;
+            if written.succeeded() {
+                return Ok(true);
+            }
+        }
+        Err(RegistryError::Unavailable(
+            "the endpoint kept changing; try again".into(),
+        ))
     }
 }
 
@@ -381,6 +573,7 @@ async fn expire_leases(inner: Arc<Inner>) {
         let (expired, next) = inner.leases.take_expired(Instant::now());
         for (id, lease) in expired {
             tracing::info!(service = %lease.service, address = %lease.address, "lease expired");
+            inner.metrics.expiries.inc();
             inner.revoke_in_background(id);
         }
         match next {
@@ -393,52 +586,73 @@ async fn expire_leases(inner: Arc<Inner>) {
     }
 }
 
-/// An operator call the etcd store does not offer yet.
-fn not_yet(method: &str) -> RegistryError {
-    RegistryError::Unsupported(format!(
-        "{method} is not supported by the etcd store yet; drain or stop the backend itself"
-    ))
+/// Keeps `reachable` (the replica's health) and its gauge up to date.
+async fn probe(inner: Arc<Inner>) {
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let ok = matches!(
+            tokio::time::timeout(ETCD_CALL_TIMEOUT, inner.client.clone().status()).await,
+            Ok(Ok(_))
+        );
+        inner.etcd_metrics.reachable.set(i64::from(ok));
+        let changed = inner.reachable.send_if_modified(|was| {
+            let changed = *was != ok;
+            *was = ok;
+            changed
+        });
+        if changed {
+            match ok {
+                true => tracing::info!("etcd reachable again; serving"),
+                false => tracing::warn!("etcd unreachable; NOT_SERVING, watchers keep their sets"),
+            }
+        }
+    }
+}
+
+/// Hears of operators' removals made through any replica.
+async fn follow_removals(inner: Arc<Inner>) {
+    let prefix = format!("{}removed/", inner.prefix);
+    loop {
+        if let Ok(mut stream) = inner
+            .client
+            .clone()
+            .watch(
+                prefix.clone(),
+                Some(etcd_client::WatchOptions::new().with_prefix()),
+            )
+            .await
+        {
+            while let Ok(Some(reply)) = stream.message().await {
+                for event in reply.events() {
+                    if event.event_type() != etcd_client::EventType::Put {
+                        continue;
+                    }
+                    let id = event
+                        .kv()
+                        .and_then(|kv| kv.key_str().ok())
+                        .and_then(|k| k.strip_prefix(prefix.as_str()))
+                        .and_then(|id| id.parse::<LeaseId>().ok());
+                    if let Some(id) = id {
+                        inner.note_removed(id);
+                    }
+                }
+            }
+        }
+        // A removal missed while the watch was down is still found through
+        // the `removed/` key once the holder's etcd lease is gone.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
 
 #[tonic::async_trait]
 impl Store for EtcdStore {
-    async fn leased_endpoints(&self, service: &str) -> Result<LeasedSnapshot, RegistryError> {
-        // Lease ages live with the replica that binds each lease; the etcd
-        // store does not gather them across replicas yet.
-        let snapshot = self.resolve(service).await?;
-        Ok(LeasedSnapshot {
-            epoch: snapshot.epoch,
-            version: snapshot.version,
-            endpoints: snapshot
-                .endpoints
-                .into_iter()
-                .map(|endpoint| LeasedEndpoint {
-                    endpoint,
-                    lease_age: Duration::ZERO,
-                    ttl: Duration::ZERO,
-                })
-                .collect(),
-        })
-    }
-
-    async fn drain_address(&self, _service: &str, _address: &str) -> Result<(), RegistryError> {
-        Err(not_yet("DrainEndpoint"))
-    }
-
-    async fn deregister_address(
-        &self,
-        _service: &str,
-        _address: &str,
-    ) -> Result<(), RegistryError> {
-        Err(not_yet("DeregisterEndpoint"))
-    }
-
     fn epoch(&self) -> u64 {
         self.inner.epoch
     }
 
     async fn register(&self, new: NewEndpoint) -> Result<Grant, RegistryError> {
         let inner = &self.inner;
+        inner.check_caps(&new.service, &new.address).await?;
         let mut client = inner.client.clone();
         let etcd_ttl = (new.ttl * ETCD_TTL_FACTOR).as_secs().max(5) as i64;
         let etcd = client
@@ -447,55 +661,69 @@ impl Store for EtcdStore {
             .map_err(unreachable)?
             .id();
         let id = LeaseId::random();
-        let record = format!(
-            "{etcd} {} {} {}",
-            new.ttl.as_millis(),
-            new.service,
-            new.address
-        );
+        let on_lease = || Some(PutOptions::new().with_lease(etcd));
         let endpoint = pb::Endpoint::from(&Endpoint {
             address: new.address.to_string(),
             metadata: new.metadata,
             state: EndpointState::Serving,
         });
-        let put = async {
-            client
-                .put(
-                    inner.lease_key(id),
-                    record,
-                    Some(PutOptions::new().with_lease(etcd)),
-                )
-                .await?;
-            client
-                .put(
-                    inner.endpoint_key(&new.service, &new.address),
-                    endpoint.encode_to_vec(),
-                    Some(PutOptions::new().with_lease(etcd).with_prev_key()),
-                )
-                .await
-        };
-        let reply = match put.await {
+        let txn = Txn::new().and_then(vec![
+            TxnOp::put(
+                inner.lease_key(id),
+                format!(
+                    "{etcd} {} {} {}",
+                    new.ttl.as_millis(),
+                    new.service,
+                    new.address
+                ),
+                on_lease(),
+            ),
+            TxnOp::put(
+                inner.holder_key(&new.service, &new.address),
+                format!("{id} {} {}", new.ttl.as_millis(), unix_ms()),
+                on_lease(),
+            ),
+            TxnOp::put(
+                inner.endpoint_key(&new.service, &new.address),
+                endpoint.encode_to_vec(),
+                Some(PutOptions::new().with_lease(etcd).with_prev_key()),
+            ),
+        ]);
+        let reply = match client.txn(txn).await {
             Ok(reply) => reply,
             Err(err) => {
                 let _ = client.lease_revoke(etcd).await;
                 return Err(unreachable(err));
             }
         };
-        // A takeover: the old holder's lease ends (its record with it).
-        if let Some(previous) = reply.prev_key().filter(|kv| kv.lease() != etcd) {
-            let _ = client.lease_revoke(previous.lease()).await;
+        // A takeover: the old holder's etcd lease ends (its record with it).
+        let previous = reply.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Put(put) => put.prev_key().map(|kv| kv.lease()),
+            _ => None,
+        });
+        if let Some(previous) = previous.filter(|&p| p != etcd && p != 0) {
+            let _ = client.lease_revoke(previous).await;
+            tracing::info!(service = %new.service, address = %new.address, "endpoint re-registered under a new lease");
+        } else {
+            tracing::info!(service = %new.service, address = %new.address, ttl = ?new.ttl, "endpoint registered");
         }
         inner
             .leases
             .grant(id, new.service.clone(), new.address.clone(), new.ttl);
-        inner.bound.lock().unwrap().insert(
-            id,
-            Bound {
-                etcd,
-                refreshed: Instant::now(),
-            },
-        );
-        tracing::info!(service = %new.service, address = %new.address, "endpoint registered");
+        inner
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id,
+                Bound {
+                    etcd,
+                    ttl: new.ttl,
+                    refreshed: Instant::now(),
+                    refreshing: false,
+                },
+            );
+        inner.metrics.registrations.inc();
         Ok(Grant {
             lease: id,
             ttl: new.ttl,
@@ -509,53 +737,76 @@ impl Store for EtcdStore {
         stream: StreamId,
     ) -> Result<Duration, RegistryError> {
         let inner = &self.inner;
-        let local = inner.bound.lock().unwrap().get(&lease).copied();
-        let (bound, ttl) = match local {
-            Some(bound) => (bound, inner.leases.refresh(lease, stream)?),
-            None => {
-                // A lease granted (or kept) by another replica moves here.
-                let record = inner.record(lease).await?;
-                inner.leases.grant(
+        if inner.was_removed(lease) {
+            return Err(RegistryError::RemovedByOperator(lease.to_string()));
+        }
+        let local = inner
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&lease);
+        if !local {
+            // A lease granted (or kept) by another replica moves here; or
+            // one this replica let go, which etcd explains.
+            let record = inner.record(lease).await?;
+            inner.leases.grant(
+                lease,
+                record.service.into(),
+                record.address.into(),
+                record.ttl,
+            );
+            inner
+                .bound
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
                     lease,
-                    record.service.into(),
-                    record.address.into(),
-                    record.ttl,
+                    Bound {
+                        etcd: record.etcd,
+                        ttl: record.ttl,
+                        // Due at once: the last replica may not have refreshed
+                        // it for a while.
+                        refreshed: Instant::now() - record.ttl,
+                        refreshing: false,
+                    },
                 );
-                let bound = Bound {
-                    etcd: record.etcd,
-                    refreshed: Instant::now() - record.ttl,
-                };
-                inner.bound.lock().unwrap().insert(lease, bound);
-                (bound, inner.leases.refresh(lease, stream)?)
+        }
+        let ttl = match inner.leases.refresh(lease, stream) {
+            Ok(ttl) => ttl,
+            // Expired here meanwhile: etcd says whether it still exists.
+            Err(_) => {
+                return Err(inner
+                    .record(lease)
+                    .await
+                    .err()
+                    .unwrap_or_else(|| RegistryError::LeaseNotFound(lease.to_string())))
             }
         };
-        if bound.refreshed.elapsed() >= ttl {
-            let mut client = inner.client.clone();
-            let (mut keeper, mut replies) = client
-                .lease_keep_alive(bound.etcd)
-                .await
-                .map_err(unreachable)?;
-            keeper.keep_alive().await.map_err(unreachable)?;
-            match replies.message().await.map_err(unreachable)? {
-                Some(reply) if reply.ttl() > 0 => {
-                    if let Some(b) = inner.bound.lock().unwrap().get_mut(&lease) {
-                        b.refreshed = Instant::now();
-                    }
-                }
-                _ => {
-                    inner.leases.revoke(lease);
-                    inner.bound.lock().unwrap().remove(&lease);
-                    return Err(RegistryError::LeaseNotFound(lease.to_string()));
-                }
-            }
-        }
+        inner.refresh_if_due(lease);
         Ok(ttl)
     }
 
     fn stream_ended(&self, stream: StreamId, leases: &HashSet<LeaseId>) {
+        if self
+            .inner
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Their backends move to another replica with the same leases.
+            for &id in leases {
+                self.inner.leases.revoke_if_bound(id, stream);
+                self.inner
+                    .bound
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+            }
+            return;
+        }
         for &id in leases {
             if let Some(lease) = self.inner.leases.revoke_if_bound(id, stream) {
                 tracing::info!(service = %lease.service, address = %lease.address, "keepalive stream ended; endpoint removed");
+                self.inner.metrics.stream_breaks.inc();
                 self.inner.revoke_in_background(id);
             }
         }
@@ -565,24 +816,13 @@ impl Store for EtcdStore {
         let inner = &self.inner;
         let record = inner.record(lease).await?;
         let key = inner.endpoint_key(&record.service, &record.address);
-        let mut client = inner.client.clone();
-        let reply = client.get(key.clone(), None).await.map_err(unreachable)?;
-        let kv = reply
-            .kvs()
-            .first()
-            .filter(|kv| kv.lease() == record.etcd)
-            .ok_or_else(|| RegistryError::LeaseNotFound(lease.to_string()))?;
-        let mut endpoint = pb::Endpoint::decode(kv.value())
-            .map_err(|_| RegistryError::LeaseNotFound(lease.to_string()))?;
-        endpoint.set_state(pb::EndpointState::Draining);
-        client
-            .put(
-                key,
-                endpoint.encode_to_vec(),
-                Some(PutOptions::new().with_lease(record.etcd)),
-            )
-            .await
-            .map_err(unreachable)?;
+        if !inner
+            .set_state(&key, Some(record.etcd), pb::EndpointState::Draining)
+            .await?
+        {
+            return Err(RegistryError::LeaseNotFound(lease.to_string()));
+        }
+        inner.metrics.drains.inc();
         Ok(())
     }
 
@@ -596,7 +836,12 @@ impl Store for EtcdStore {
             .await
             .map_err(unreachable)?;
         inner.leases.revoke(lease);
-        inner.bound.lock().unwrap().remove(&lease);
+        inner
+            .bound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lease);
+        inner.metrics.deregistrations.inc();
         Ok(())
     }
 
@@ -605,22 +850,33 @@ impl Store for EtcdStore {
         service: &str,
         from: Option<Position>,
     ) -> Result<UpdateStream, RegistryError> {
-        let hub = self.inner.hub(service).await?;
-        let (first, receiver) = hub.subscribe(self.inner.epoch, from);
+        let (subscription, hub) = self.inner.subscribe(service, from).await?;
+        let Subscription {
+            first,
+            receiver,
+            skip_through,
+        } = subscription;
         let epoch = self.inner.epoch;
-        let rest =
-            futures_util::stream::unfold((receiver, hub), move |(mut receiver, hub)| async move {
-                let update = match receiver.recv().await {
-                    Ok(update) => update,
-                    Err(RecvError::Lagged(_)) => {
-                        let (mut first, fresh) = hub.subscribe(epoch, None);
-                        receiver = fresh;
-                        first.pop()?
+        let rest = futures_util::stream::unfold(
+            (receiver, hub, skip_through),
+            move |(mut receiver, hub, mut skip_through)| async move {
+                loop {
+                    let update: Arc<Versioned> = match receiver.recv().await {
+                        Ok(update) => update,
+                        Err(RecvError::Lagged(_)) => {
+                            let mut fresh = hub.subscribe(epoch, None);
+                            receiver = fresh.receiver;
+                            skip_through = 0;
+                            fresh.first.pop()?
+                        }
+                        Err(RecvError::Closed) => return None,
+                    };
+                    if update.version > skip_through {
+                        return Some((update, (receiver, hub, skip_through)));
                     }
-                    Err(RecvError::Closed) => return None,
-                };
-                Some((update, (receiver, hub)))
-            });
+                }
+            },
+        );
         Ok(Box::pin(futures_util::stream::iter(first).chain(rest)))
     }
 
@@ -634,29 +890,10 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self) -> Result<Vec<ServiceCount>, RegistryError> {
-        let prefix = format!("{}services/", self.inner.prefix);
-        let reply = self
+        Ok(self
             .inner
-            .client
-            .clone()
-            .get(
-                prefix.clone(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await
-            .map_err(unreachable)?;
-        let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
-        for kv in reply.kvs() {
-            if let Some((service, _)) = kv
-                .key_str()
-                .ok()
-                .and_then(|k| k.strip_prefix(prefix.as_str()))
-                .and_then(|rest| rest.split_once('/'))
-            {
-                *counts.entry(service.to_owned()).or_default() += 1;
-            }
-        }
-        Ok(counts
+            .service_counts()
+            .await?
             .into_iter()
             .map(|(service, endpoints)| ServiceCount { service, endpoints })
             .collect())
@@ -664,5 +901,145 @@ impl Store for EtcdStore {
 
     fn lease_count(&self) -> usize {
         self.inner.leases.len()
+    }
+
+    async fn leased_endpoints(&self, service: &str) -> Result<LeasedSnapshot, RegistryError> {
+        let inner = &self.inner;
+        let holders_prefix = format!("{}holders/{service}/", inner.prefix);
+        let prefix = || Some(GetOptions::new().with_prefix());
+        // One transaction: both ranges at the same revision.
+        let reply = inner
+            .client
+            .clone()
+            .txn(Txn::new().and_then(vec![
+                TxnOp::get(inner.service_prefix(service), prefix()),
+                TxnOp::get(holders_prefix.clone(), prefix()),
+            ]))
+            .await
+            .map_err(unreachable)?;
+        let version = reply.header().map_or(0, |h| h.revision()) as u64;
+        let mut ranges = reply.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(get) => Some(get),
+            _ => None,
+        });
+        let (endpoints, holders) = (ranges.next(), ranges.next());
+        let holders: HashMap<&str, Holder> = holders
+            .iter()
+            .flat_map(|h| h.kvs())
+            .filter_map(|kv| {
+                let address = kv.key_str().ok()?.strip_prefix(holders_prefix.as_str())?;
+                Some((address, Holder::parse(kv.value())?))
+            })
+            .collect();
+        let now = unix_ms();
+        let endpoints = endpoints
+            .iter()
+            .flat_map(|e| e.kvs())
+            .filter_map(|kv| pb::Endpoint::decode(kv.value()).ok().map(Endpoint::from))
+            .map(|endpoint| {
+                let holder = holders.get(endpoint.address.as_str());
+                LeasedEndpoint {
+                    lease_age: holder.map_or(Duration::ZERO, |h| {
+                        Duration::from_millis(now.saturating_sub(h.granted_unix_ms))
+                    }),
+                    ttl: holder.map_or(Duration::ZERO, |h| h.ttl),
+                    endpoint,
+                }
+            })
+            .collect();
+        Ok(LeasedSnapshot {
+            epoch: inner.epoch,
+            version,
+            endpoints,
+        })
+    }
+
+    async fn drain_address(&self, service: &str, address: &str) -> Result<(), RegistryError> {
+        let inner = &self.inner;
+        let key = inner.endpoint_key(service, address);
+        if !inner
+            .set_state(&key, None, pb::EndpointState::Draining)
+            .await?
+        {
+            return Err(endpoint_not_found(service, address));
+        }
+        inner.metrics.drains.inc();
+        Ok(())
+    }
+
+    async fn deregister_address(&self, service: &str, address: &str) -> Result<(), RegistryError> {
+        let inner = &self.inner;
+        let mut client = inner.client.clone();
+        let reply = client
+            .get(inner.holder_key(service, address), None)
+            .await
+            .map_err(unreachable)?;
+        let (lease, etcd) = reply
+            .kvs()
+            .first()
+            .and_then(|kv| Some((Holder::parse(kv.value())?.lease, kv.lease())))
+            .ok_or_else(|| endpoint_not_found(service, address))?;
+        // Remembered before the lease ends, so no heartbeat in between can
+        // be told "not found" and re-register.
+        let memory = client
+            .lease_grant(REMOVED_TTL_SECS, None)
+            .await
+            .map_err(unreachable)?
+            .id();
+        client
+            .put(
+                inner.removed_key(lease),
+                "",
+                Some(PutOptions::new().with_lease(memory)),
+            )
+            .await
+            .map_err(unreachable)?;
+        inner.note_removed(lease);
+        match client.lease_revoke(etcd).await {
+            Ok(_) => {}
+            Err(etcd_client::Error::GRpcStatus(status))
+                if status.code() == tonic::Code::NotFound =>
+            {
+                return Err(endpoint_not_found(service, address))
+            }
+            Err(err) => return Err(unreachable(err)),
+        }
+        inner.metrics.deregistrations.inc();
+        Ok(())
+    }
+
+    fn closing(&self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn serving(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.inner.reachable.subscribe())
+    }
+
+    fn register_metrics(&self, registry: &mut PromRegistry) {
+        let r = registry.sub_registry_with_prefix("switchboard_registry_etcd");
+        let m = &self.inner.etcd_metrics;
+        r.register(
+            "reachable",
+            "Whether etcd answered the last probe (1) or not (0)",
+            m.reachable.clone(),
+        );
+        r.register(
+            "watch_resyncs",
+            "Service watches re-listed after a broken or compacted etcd watch",
+            m.watch_resyncs.clone(),
+        );
+        r.register(
+            "lease_refreshes",
+            "etcd leases refreshed (once per TTL per endpoint)",
+            m.lease_refreshes.clone(),
+        );
+        r.register(
+            "lease_refresh_failures",
+            "etcd lease refreshes that failed (retried at the next heartbeat)",
+            m.lease_refresh_failures.clone(),
+        );
     }
 }
