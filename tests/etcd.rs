@@ -943,21 +943,24 @@ async fn compaction_under_a_lagging_watcher_sends_the_difference() {
     took(test, started);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_resumed_watch_gets_only_the_missed_deltas_at_any_replica() {
-    let test = "resume";
+/// A watch of `r[0]` is dropped, four changes are made, and a watch
+/// resumes from the position it held at `r[0]` itself or at `r[1]` (which
+/// never had a watcher of the service): only the missed deltas come, no
+/// reset; and resumed from the position it then holds, the next message is
+/// the next change.
+async fn resumed_watch(test: &str, at_other_replica: bool) {
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
     let started = Instant::now();
-    let r = replicas(&etcd, "/resume/", 2).await;
+    let prefix = format!("/resume-{}/", at_other_replica as u8);
+    let r = replicas(&etcd, &prefix, 2).await;
     let mut writer = r[0].client().await;
-    let (a, b, c, d, e) = (
+    let (a, b, c, d) = (
         "127.0.0.1:1001",
         "127.0.0.1:1002",
         "127.0.0.1:1003",
         "127.0.0.1:1004",
-        "127.0.0.1:1005",
     );
     let lease_a = register(&mut writer, a).await;
     let mut first = watch(&mut writer, SERVICE).await;
@@ -978,53 +981,54 @@ async fn a_resumed_watch_gets_only_the_missed_deltas_at_any_replica() {
     let now: Vec<String> = vec![b.into(), c.into()];
     wait_registered(&r[0].address(), SERVICE, &now, STARTUP).await;
 
-    // The replica that served the first watch, and one that never had a
-    // watcher of this service, both continue from the position held.
-    let mut now = now;
-    for (i, (replica, next_address)) in r.iter().zip([d, e]).enumerate() {
-        let who = format!("resumed at replica {i}");
-        let mut client = replica.client().await;
-        let mut stream = resume_watch(&mut client, held.epoch, held.version).await;
-        let mut view = View::default();
-        view.apply(Instant::now(), held.clone());
-        let read = read_until(&mut stream, &mut view, &now, b, STARTUP).await;
-        assert!(
-            read.iter()
-                .all(|m| matches!(m.event, Some(Event::Delta(_)))),
-            "{who}: not only deltas: {read:#?}"
-        );
-        view.assert_clean(&who);
-        assert_eq!(
-            view.state_of(b),
-            Some(EndpointState::Draining),
-            "{who}: {}",
-            view.summary()
-        );
-        // Resumed from where it is now, nothing is missed: the next
-        // message is the next change.
-        let at = view.version.expect("a version");
-        let mut current = resume_watch(&mut client, held.epoch, at).await;
-        register(&mut writer, next_address).await;
-        now = with(&now, next_address);
-        let next = tokio::time::timeout(STARTUP, current.message())
-            .await
-            .expect("the next change")
-            .expect("the stream stays open")
-            .expect("a message");
-        assert!(next.version > at, "{who}: {next:?} is not after {at}");
-        match next.event {
-            Some(Event::Delta(delta)) => {
-                let added: Vec<&str> = delta.added.iter().map(|e| e.address.as_str()).collect();
-                assert_eq!(added, vec![next_address], "{who}: {delta:?}");
-                assert!(
-                    delta.removed.is_empty() && delta.updated.is_empty(),
-                    "{who}: {delta:?}"
-                );
-            }
-            other => panic!("{who}: expected a delta, got {other:?}"),
+    let who = format!("{test}: resumed at replica {}", at_other_replica as u8);
+    let replica = &r[at_other_replica as usize];
+    let mut client = replica.client().await;
+    let mut stream = resume_watch(&mut client, held.epoch, held.version).await;
+    let mut view = View::default();
+    view.apply(Instant::now(), held.clone());
+    let read = read_until(&mut stream, &mut view, &now, b, STARTUP).await;
+    assert!(
+        read.iter()
+            .all(|m| matches!(m.event, Some(Event::Delta(_)))),
+        "{who}: not only deltas from version {}: {read:#?}",
+        held.version
+    );
+    view.assert_clean(&who);
+
+    // Resumed from where it is now, nothing is missed: the next message is
+    // the next change.
+    let at = view.version.expect("a version");
+    let mut current = resume_watch(&mut client, held.epoch, at).await;
+    register(&mut writer, d).await;
+    let next = tokio::time::timeout(STARTUP, current.message())
+        .await
+        .expect("the next change")
+        .expect("the stream stays open")
+        .expect("a message");
+    assert!(next.version > at, "{who}: {next:?} is not after {at}");
+    match next.event {
+        Some(Event::Delta(delta)) => {
+            let added: Vec<&str> = delta.added.iter().map(|e| e.address.as_str()).collect();
+            assert_eq!(added, vec![d], "{who}: {delta:?}");
+            assert!(
+                delta.removed.is_empty() && delta.updated.is_empty(),
+                "{who}: {delta:?}"
+            );
         }
+        other => panic!("{who}: expected a delta, got {other:?}"),
     }
     took(test, started);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_at_the_same_replica_gets_only_the_missed_deltas() {
+    resumed_watch("resume, same replica", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumed_at_another_replica_gets_only_the_missed_deltas() {
+    resumed_watch("resume, another replica", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
