@@ -20,14 +20,15 @@
 //! revokes the etcd lease when the stream breaks or the heartbeats stop.
 //! Heartbeats never wait on etcd. The etcd lease lives [`ETCD_TTL_FACTOR`]
 //! TTLs and is refreshed in the background once per TTL rather than on each
-//! heartbeat (every TTL/3): a third of the etcd load per endpoint. It only
-//! matters when a replica dies, and then the backend moves to another
-//! replica with the same lease well within it. While etcd is down,
-//! heartbeats still succeed (the backends are alive; etcd keeps the leases
-//! and renews them when it comes back), writes get UNAVAILABLE and the
-//! replica's health is NOT_SERVING.
+//! heartbeat (every TTL/3): a third of the etcd load per endpoint. The
+//! margin is what lets a replica stalled for 2×TTL (last refresh up to
+//! 1⅓ TTL earlier) find its leases still in etcd, and what a backend has to
+//! move to another replica with the same lease when its replica dies.
+//! While etcd is down, heartbeats still succeed (the backends are alive;
+//! etcd keeps the leases and renews them when it comes back), writes get
+//! UNAVAILABLE and the replica's health is NOT_SERVING.
 //!
-//! One etcd watch per watched service per replica (a [`hub::Hub`]) feeds
+//! One etcd watch per watched service per replica (a hub) feeds
 //! all of the replica's watchers. A compacted or broken etcd watch is
 //! followed by a re-list whose difference is sent as a delta: never an
 //! empty reset. A hub nobody watched for two checks in a row ends.
@@ -61,7 +62,7 @@ use crate::discovery::{Endpoint, EndpointState, Versioned};
 use crate::proto::registry as pb;
 
 /// The etcd lease lives this many switchboard TTLs; see the module doc.
-pub const ETCD_TTL_FACTOR: u32 = 3;
+pub const ETCD_TTL_FACTOR: u32 = 4;
 /// How long an operator's removal is remembered: far longer than any TTL.
 const REMOVED_TTL_SECS: i64 = 3600;
 /// How often etcd's reachability is checked.
@@ -147,7 +148,11 @@ impl Holder {
 }
 
 fn unreachable(err: etcd_client::Error) -> RegistryError {
-    RegistryError::Unavailable(format!("etcd unreachable: {err}"))
+    let why = match &err {
+        etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
+        other => other.to_string(),
+    };
+    RegistryError::Unavailable(format!("etcd unreachable: {why}"))
 }
 
 fn unix_ms() -> u64 {
