@@ -82,13 +82,18 @@ struct Replica {
 impl Replica {
     /// Starts a replica on a free port and waits until it answers.
     async fn start(etcd: &str, prefix: &str) -> Self {
+        Self::start_with(etcd, prefix, &[]).await
+    }
+
+    /// [`start`](Self::start) with `extra` flags.
+    async fn start_with(etcd: &str, prefix: &str, extra: &[&str]) -> Self {
         let mut replica = Self {
             proc: None,
             port: free_port(),
             etcd: etcd.to_owned(),
             prefix: prefix.to_owned(),
         };
-        replica.restart(&[]).await;
+        replica.restart(extra).await;
         replica
     }
 
@@ -557,6 +562,19 @@ impl Drop for Relay {
     }
 }
 
+/// The body of `GET path` from the HTTP/1.1 server at `address`, if it
+/// answers 200.
+async fn http_get(address: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).await.ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
 /// Runs `switchboard <args>` to its end; returns the exit code and output.
 async fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
     let mut proc = Proc::sub(args[0], &args[1..]);
@@ -843,7 +861,13 @@ async fn compaction_under_a_lagging_watcher_sends_the_difference() {
     let prefix = "/compaction/";
     // r0 reaches etcd through a relay the test cuts; r1 directly.
     let relay = Relay::start(etcd.url().trim_start_matches("http://").to_owned()).await;
-    let lagging = Replica::start(&format!("http://{}", relay.address), prefix).await;
+    let status = local(free_port());
+    let lagging = Replica::start_with(
+        &format!("http://{}", relay.address),
+        prefix,
+        &["--metrics-listen", &status],
+    )
+    .await;
     let direct = Replica::start(&etcd.url(), prefix).await;
     let mut writer = direct.client().await;
     let (a, b, c, d) = (
@@ -900,6 +924,22 @@ async fn compaction_under_a_lagging_watcher_sends_the_difference() {
 
     relay.restore();
     behind.wait_for_set(&now, STARTUP).await;
+    // The lagging replica really lost its etcd watch and caught up by a
+    // re-list, not by a watch that never broke.
+    wait_for("the lagging replica to count a resync", STARTUP, || {
+        let status = status.clone();
+        async move {
+            let metrics = http_get(&status, "/metrics").await?;
+            let resyncs: f64 = metrics.lines().find_map(|l| {
+                l.strip_prefix("switchboard_registry_etcd_watch_resyncs_total ")?
+                    .trim()
+                    .parse()
+                    .ok()
+            })?;
+            (resyncs >= 1.0).then_some(())
+        }
+    })
+    .await;
     register(&mut writer, d).await;
     let last: Vec<String> = vec![b.into(), c.into(), d.into()];
     for (who, watcher) in [
