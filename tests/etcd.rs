@@ -55,7 +55,6 @@ const REMOVAL_BOUND: Duration = Duration::from_secs(1);
 /// etcd to run.
 async fn etcd_or_skip(test: &str) -> Option<LocalEtcd> {
     if etcd_binary().is_none() {
-        println!("{test}: skipped: no etcd on PATH (apt-get install etcd-server)");
         eprintln!("{test}: skipped: no etcd on PATH (apt-get install etcd-server)");
         return None;
     }
@@ -613,10 +612,10 @@ fn took(test: &str, started: Instant) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_under_load_removes_nothing_and_fails_no_rpc() {
     let test = "replica kill";
+    let started = Instant::now();
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
-    let started = Instant::now();
     let mut r = replicas(&etcd, "/replica-kill/", 3).await;
     // Everyone starts at r[0], the replica that dies: the backends' leases
     // are bound to its streams, and the client watches through it.
@@ -683,10 +682,10 @@ async fn backends_after(registry: &str) -> (String, Proc) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_replica_killed_and_restarted_keeps_every_endpoint() {
     let test = "restart all";
+    let started = Instant::now();
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
-    let started = Instant::now();
     let mut r = replicas(&etcd, "/restart-all/", 3).await;
     let all = list(&[&r[0], &r[1], &r[2]]);
     let backends = backends(&all, 2, &[]).await;
@@ -739,10 +738,10 @@ async fn every_replica_killed_and_restarted_keeps_every_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_backend_leaves_the_watchers_of_every_replica_within_a_second() {
     let test = "backend kill";
+    let started = Instant::now();
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
-    let started = Instant::now();
     let r = replicas(&etcd, "/backend-kill/", 3).await;
     let all = list(&[&r[0], &r[1], &r[2]]);
     let mut backends = backends(&all, 2, &[]).await;
@@ -776,6 +775,7 @@ async fn a_killed_backend_leaves_the_watchers_of_every_replica_within_a_second()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
     let test = "etcd down";
+    let started = Instant::now();
     let Some(mut etcd) = etcd_or_skip(test).await else {
         return;
     };
@@ -783,7 +783,6 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
     // Short leases: etcd's copy (a few TTLs) is shorter than the outage, so
     // the replicas must keep them alive across it.
     const TTL_MS: &str = "2000";
-    let started = Instant::now();
     let r = replicas(&etcd, "/etcd-down/", 2).await;
     let both = list(&[&r[0], &r[1]]);
     let backends = backends(&both, 2, &["--ttl-ms", TTL_MS]).await;
@@ -854,10 +853,10 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_under_a_lagging_watcher_sends_the_difference() {
     let test = "compaction";
+    let started = Instant::now();
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
-    let started = Instant::now();
     let prefix = "/compaction/";
     // r0 reaches etcd through a relay the test cuts; r1 directly.
     let relay = Relay::start(etcd.url().trim_start_matches("http://").to_owned()).await;
@@ -990,10 +989,10 @@ async fn compaction_under_a_lagging_watcher_sends_the_difference() {
 /// reset; and resumed from the position it then holds, the next message is
 /// the next change.
 async fn resumed_watch(test: &str, at_other_replica: bool) {
+    let started = Instant::now();
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
-    let started = Instant::now();
     let prefix = format!("/resume-{}/", at_other_replica as u8);
     let r = replicas(&etcd, &prefix, 2).await;
     let mut writer = r[0].client().await;
@@ -1075,12 +1074,12 @@ async fn a_watch_resumed_at_another_replica_gets_only_the_missed_deltas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_replica_expires_no_lease() {
     let test = "stall";
+    let started = Instant::now();
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
     const TTL: Duration = Duration::from_secs(1);
     const STALL: Duration = Duration::from_secs(2);
-    let started = Instant::now();
     let r = replicas(&etcd, "/stall/", 2).await;
     // The backends' leases are bound to r[0], the replica that stalls.
     let backends = backends(&r[0].address(), 2, &["--ttl-ms", "1000"]).await;
@@ -1119,10 +1118,10 @@ async fn a_stalled_replica_expires_no_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_through_one_replica_reach_the_watchers_of_another() {
     let test = "operator";
+    let started = Instant::now();
     let Some(etcd) = etcd_or_skip(test).await else {
         return;
     };
-    let started = Instant::now();
     let r = replicas(&etcd, "/operator/", 2).await;
     let both = list(&[&r[0], &r[1]]);
     let backends = backends(&both, 2, &["--ttl-ms", "2000"]).await;
