@@ -183,6 +183,13 @@ async fn backends(registry: &str, n: usize, extra: &[&str]) -> Vec<(String, Proc
     backends
 }
 
+/// One more backend registered through `registry`, once it serves.
+async fn one_more_backend(registry: &str) -> (String, Proc) {
+    let port = free_port();
+    let proc = start_echo(registry, SERVICE, &[port], &[]).await;
+    (local(port), proc)
+}
+
 /// The addresses of `backends`, sorted.
 fn addresses(backends: &[(String, Proc)]) -> Vec<String> {
     backends.iter().map(|(a, _)| a.clone()).collect()
@@ -639,7 +646,7 @@ async fn a_replica_killed_under_load_removes_nothing_and_fails_no_rpc() {
     }
     // A change after the kill reaches every watcher, the follower that
     // had to move included: its watch resumed elsewhere.
-    let late = backends_after(&all).await;
+    let late = one_more_backend(&all).await;
     let expected_after = with(&expected, &late.0);
     for (i, watcher) in survivors.iter_mut().enumerate() {
         watcher.wait_for_set(&expected_after, STARTUP).await;
@@ -670,13 +677,6 @@ async fn a_replica_killed_under_load_removes_nothing_and_fails_no_rpc() {
     assert_registrations_kept(&backends);
     eprintln!("{test}: {rpcs} RPCs, 0 failed");
     took(test, started);
-}
-
-/// One more backend registered through `registry`, once it serves.
-async fn backends_after(registry: &str) -> (String, Proc) {
-    let port = free_port();
-    let proc = start_echo(registry, SERVICE, &[port], &[]).await;
-    (local(port), proc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,7 +723,7 @@ async fn every_replica_killed_and_restarted_keeps_every_endpoint() {
     for (_, proc) in &backends {
         proc.wait_line("resumed=true", STARTUP).await;
     }
-    let late = backends_after(&all).await;
+    let late = one_more_backend(&all).await;
     let expected_after = with(&expected, &late.0);
     follower.wait_for_set(&expected_after, STARTUP).await;
     wait_ready_set(&channel, &expected_after, STARTUP).await;
