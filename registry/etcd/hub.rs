@@ -49,6 +49,10 @@ pub(super) struct Subscription {
     /// Live updates at or below this version are already in the watcher's
     /// set (it resumed from a replica that was further ahead).
     pub skip_through: u64,
+    /// The version of a watcher in this epoch that the hub's history does
+    /// not reach back to: `first` is a reset, which etcd's own history may
+    /// turn into the difference from there.
+    pub older_than_history: Option<u64>,
 }
 
 impl Hub {
@@ -77,16 +81,7 @@ impl Hub {
     fn publish(&self, epoch: u64, revision: u64, changes: BTreeMap<String, Option<Endpoint>>) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.version = state.version.max(revision);
-        let mut delta = Delta::default();
-        for (address, endpoint) in changes {
-            match (endpoint, state.set.get(&address)) {
-                (Some(endpoint), None) => delta.added.push(endpoint),
-                (Some(endpoint), Some(old)) if **old != endpoint => delta.updated.push(endpoint),
-                (None, Some(_)) => delta.removed.push(address),
-                _ => {}
-            }
-        }
-        let update = Update::Delta(delta);
+        let update = Update::Delta(to_delta(&state.set, changes));
         if state.set.apply(update.clone()).is_empty() {
             return;
         }
@@ -116,6 +111,7 @@ impl Hub {
                     first: Vec::new(),
                     receiver,
                     skip_through: from.version,
+                    older_than_history: None,
                 };
             }
             // Every update after `floor` is still in the history.
@@ -130,6 +126,7 @@ impl Hub {
                     first: missed,
                     receiver,
                     skip_through: from.version,
+                    older_than_history: None,
                 };
             }
         }
@@ -142,12 +139,30 @@ impl Hub {
             first: vec![reset],
             receiver,
             skip_through: 0,
+            older_than_history: from.filter(|p| p.epoch == epoch).map(|p| p.version),
         }
     }
 }
 
+/// What turns `set` into the final states `changes`.
+pub(super) fn to_delta(set: &EndpointSet, changes: BTreeMap<String, Option<Endpoint>>) -> Delta {
+    let mut delta = Delta::default();
+    for (address, endpoint) in changes {
+        match (endpoint, set.get(&address)) {
+            (Some(endpoint), None) => delta.added.push(endpoint),
+            (Some(endpoint), Some(old)) if **old != endpoint => delta.updated.push(endpoint),
+            (None, Some(_)) => delta.removed.push(address),
+            _ => {}
+        }
+    }
+    delta
+}
+
 /// The difference between `set` and `endpoints`, as final states by address.
-fn difference(set: &EndpointSet, endpoints: Vec<Endpoint>) -> BTreeMap<String, Option<Endpoint>> {
+pub(super) fn difference(
+    set: &EndpointSet,
+    endpoints: Vec<Endpoint>,
+) -> BTreeMap<String, Option<Endpoint>> {
     let present: HashSet<String> = endpoints.iter().map(|e| e.address.clone()).collect();
     let mut changes: BTreeMap<String, Option<Endpoint>> = endpoints
         .into_iter()
@@ -254,5 +269,147 @@ pub(super) async fn follow(inner: Arc<Inner>, service: String, hub: Arc<Hub>) {
             }
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::EndpointState;
+
+    const EPOCH: u64 = 7;
+
+    fn changes(items: &[(&str, Option<EndpointState>)]) -> BTreeMap<String, Option<Endpoint>> {
+        items
+            .iter()
+            .map(|(address, state)| {
+                (
+                    address.to_string(),
+                    state.map(|s| Endpoint::new(*address).with_state(s)),
+                )
+            })
+            .collect()
+    }
+
+    fn delta(update: &Versioned) -> &Delta {
+        match &update.update {
+            Update::Delta(delta) => delta,
+            Update::Reset(_) => panic!("expected a delta, got {update:?}"),
+        }
+    }
+
+    /// A hub at revision 10 with `a`, then `b` added at 11 and `a` drained at 12.
+    fn hub() -> Hub {
+        let hub = Hub::new(vec![Endpoint::new("a")], 10);
+        hub.publish(EPOCH, 11, changes(&[("b", Some(EndpointState::Serving))]));
+        hub.publish(EPOCH, 12, changes(&[("a", Some(EndpointState::Draining))]));
+        hub
+    }
+
+    #[test]
+    fn one_reply_is_applied_as_its_final_state_per_address() {
+        let hub = hub();
+        let mut sub = hub.subscribe(
+            EPOCH,
+            Some(Position {
+                epoch: EPOCH,
+                version: 12,
+            }),
+        );
+        // `c` added and deleted in one etcd reply: nothing to tell.
+        hub.publish(EPOCH, 14, changes(&[("c", None)]));
+        assert!(sub.receiver.try_recv().is_err());
+        // `b` deleted, then put again in one reply: an update, not a removal.
+        hub.publish(EPOCH, 16, changes(&[("b", Some(EndpointState::Draining))]));
+        let update = sub.receiver.try_recv().unwrap();
+        assert_eq!(update.version, 16);
+        assert!(delta(&update).removed.is_empty());
+        assert_eq!(delta(&update).updated.len(), 1);
+    }
+
+    #[test]
+    fn a_resumed_watcher_gets_only_what_it_missed() {
+        let hub = hub();
+        let sub = hub.subscribe(
+            EPOCH,
+            Some(Position {
+                epoch: EPOCH,
+                version: 11,
+            }),
+        );
+        assert_eq!(sub.first.len(), 1);
+        assert_eq!(sub.first[0].version, 12);
+        assert_eq!(delta(&sub.first[0]).updated[0].address, "a");
+        let current = hub.subscribe(
+            EPOCH,
+            Some(Position {
+                epoch: EPOCH,
+                version: 12,
+            }),
+        );
+        assert!(current.first.is_empty());
+    }
+
+    #[test]
+    fn a_watcher_ahead_of_the_hub_skips_what_it_has() {
+        let hub = hub();
+        let mut sub = hub.subscribe(
+            EPOCH,
+            Some(Position {
+                epoch: EPOCH,
+                version: 20,
+            }),
+        );
+        assert!(sub.first.is_empty());
+        assert_eq!(sub.skip_through, 20);
+        hub.publish(EPOCH, 18, changes(&[("c", Some(EndpointState::Serving))]));
+        assert_eq!(sub.receiver.try_recv().unwrap().version, 18);
+    }
+
+    #[test]
+    fn another_epoch_or_a_version_before_the_history_gets_a_reset() {
+        let hub = Hub::new(vec![Endpoint::new("a")], 10);
+        for revision in 11..11 + HISTORY as u64 + 5 {
+            let state = match revision % 2 {
+                0 => EndpointState::Serving,
+                _ => EndpointState::Draining,
+            };
+            hub.publish(EPOCH, revision, changes(&[("a", Some(state))]));
+        }
+        for from in [
+            Some(Position {
+                epoch: EPOCH + 1,
+                version: 20,
+            }),
+            Some(Position {
+                epoch: EPOCH,
+                version: 12,
+            }),
+            None,
+        ] {
+            let sub = hub.subscribe(EPOCH, from);
+            assert_eq!(sub.first.len(), 1, "{from:?}");
+            assert!(matches!(&sub.first[0].update, Update::Reset(e) if e.len() == 1));
+        }
+    }
+
+    #[test]
+    fn a_relist_sends_the_difference_never_an_empty_reset() {
+        let hub = hub();
+        let mut sub = hub.subscribe(EPOCH, None);
+        let reset = sub.first.pop().unwrap();
+        assert!(matches!(&reset.update, Update::Reset(e) if e.len() == 2));
+        // After compaction etcd lists `b` and a new `c`; `a` went meanwhile.
+        let listed = vec![Endpoint::new("b"), Endpoint::new("c")];
+        let changes = {
+            let state = hub.state.lock().unwrap();
+            difference(&state.set, listed)
+        };
+        hub.publish(EPOCH, 30, changes);
+        let update = sub.receiver.try_recv().unwrap();
+        let delta = delta(&update);
+        assert_eq!(delta.removed, vec!["a".to_string()]);
+        assert_eq!(delta.added.len(), 1);
+        assert!(delta.updated.is_empty(), "unchanged `b` is not re-sent");
     }
 }

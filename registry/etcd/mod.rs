@@ -50,7 +50,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use self::hub::{follow, Hub, Subscription};
+use self::hub::{difference, follow, to_delta, Hub, Subscription};
 use super::lease::{LeaseId, LeaseTable, StreamId};
 use super::metrics::RegistryMetrics;
 use super::store::{
@@ -58,7 +58,7 @@ use super::store::{
     Store, UpdateStream,
 };
 use super::{RegistryConfig, RegistryError};
-use crate::discovery::{Endpoint, EndpointState, Versioned};
+use crate::discovery::{Endpoint, EndpointSet, EndpointState, Update, Versioned};
 use crate::proto::registry as pb;
 
 /// The etcd lease lives this many switchboard TTLs; see the module doc.
@@ -380,13 +380,24 @@ impl Inner {
 
     /// The endpoints under `service` and the revision they were read at.
     async fn list_service(&self, service: &str) -> Result<(Vec<Endpoint>, u64), RegistryError> {
+        self.list_service_at(service, None).await
+    }
+
+    /// The endpoints under `service` as of `revision` (now if `None`; an
+    /// error once etcd compacted it away), and the revision read.
+    async fn list_service_at(
+        &self,
+        service: &str,
+        revision: Option<u64>,
+    ) -> Result<(Vec<Endpoint>, u64), RegistryError> {
+        let mut options = GetOptions::new().with_prefix();
+        if let Some(revision) = revision {
+            options = options.with_revision(revision as i64);
+        }
         let reply = self
             .client
             .clone()
-            .get(
-                self.service_prefix(service),
-                Some(GetOptions::new().with_prefix()),
-            )
+            .get(self.service_prefix(service), Some(options))
             .await
             .map_err(unreachable)?;
         let revision = reply.header().map_or(0, |h| h.revision()) as u64;
@@ -398,9 +409,43 @@ impl Inner {
         Ok((endpoints, revision))
     }
 
+    /// Subscribes to `service`'s hub, starting the hub if there is none. A
+    /// watcher older than the hub's history (it resumed at a replica that
+    /// started watching after it) gets the difference from its version, read
+    /// from etcd's history, rather than a reset; a reset only once etcd
+    /// compacted that version away.
+    async fn subscribe(
+        self: &Arc<Self>,
+        service: &str,
+        from: Option<Position>,
+    ) -> Result<(Subscription, Arc<Hub>), RegistryError> {
+        let (mut subscription, hub) = self.hub_subscription(service, from).await?;
+        if let (Some(version), Some(reset)) =
+            (subscription.older_than_history, subscription.first.first())
+        {
+            if let (Update::Reset(now), Ok((then, _))) = (
+                &reset.update,
+                self.list_service_at(service, Some(version)).await,
+            ) {
+                let mut old = EndpointSet::new();
+                old.apply(Update::Reset(then));
+                let delta = to_delta(&old, difference(&old, now.clone()));
+                subscription.first = match delta.is_empty() {
+                    true => Vec::new(),
+                    false => vec![Arc::new(Versioned {
+                        epoch: reset.epoch,
+                        version: reset.version,
+                        update: Update::Delta(delta),
+                    })],
+                };
+            }
+        }
+        Ok((subscription, hub))
+    }
+
     /// Subscribes to `service`'s hub, starting the hub if there is none.
     /// Under the hubs lock, so a hub cannot retire between the two.
-    async fn subscribe(
+    async fn hub_subscription(
         self: &Arc<Self>,
         service: &str,
         from: Option<Position>,
@@ -860,6 +905,7 @@ impl Store for EtcdStore {
             first,
             receiver,
             skip_through,
+            ..
         } = subscription;
         let epoch = self.inner.epoch;
         let rest = futures_util::stream::unfold(
