@@ -240,8 +240,8 @@ async fn assert_no_failed_rpc(load: Load, what: &str) -> usize {
 
 /// Asserts that every backend registered once and only ever resumed its
 /// lease afterwards: a second fresh registration would be a removal and a
-/// re-add. (The keeper says "registration lost" on every broken stream,
-/// resumed or not, so that line proves nothing.)
+/// re-add. (A broken stream alone proves nothing: the keeper resumes its
+/// lease at the next replica.)
 fn assert_registrations_kept(backends: &[(String, Proc)]) {
     for (address, proc) in backends {
         let fresh = proc
