@@ -169,6 +169,9 @@ pub async fn run(
         resolve_now,
     };
     let mut resolver_alive = true;
+    // Zeroes the gauges when the task ends (aborted with its channel),
+    // after its last publication.
+    let _gauges = outputs.metrics.as_ref().map(ChannelMetrics::gauges_guard);
     loop {
         let timer = balancer.timer;
         tokio::select! {

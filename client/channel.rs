@@ -23,7 +23,7 @@ use super::dns_resolver::DnsResolver;
 use super::error::{source_chain, Error};
 use super::health::HealthCheck;
 use super::least_request::{LeastRequest, LeastRequestConfig};
-use super::metrics::{ChannelMetrics, ClientMetrics, EndpointMetrics};
+use super::metrics::{ClientMetrics, EndpointMetrics};
 use super::outlier_detection::{OutlierDetection, OutlierDetectionConfig};
 use super::pick_first::PickFirst;
 use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
@@ -325,7 +325,7 @@ impl Builder {
                 picker_changed,
                 state: state_tx,
                 stats: balancer_stats.clone(),
-                metrics: metrics.clone(),
+                metrics,
             },
         ));
         BalancedChannel {
@@ -339,7 +339,6 @@ impl Builder {
                 wait_for_ready: self.wait_for_ready,
                 default_timeout: self.default_timeout,
                 connections,
-                metrics,
                 _tasks: [resolver, balancer],
             }),
         }
@@ -384,18 +383,7 @@ struct Shared {
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
     connections: Arc<ConnectionStats>,
-    metrics: Option<ChannelMetrics>,
     _tasks: [Tasks; 2],
-}
-
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // The balancer stops with the channel: its gauges would otherwise
-        // keep their last values.
-        if let Some(metrics) = &self.metrics {
-            metrics.closed();
-        }
-    }
 }
 
 /// Aborts a background task when dropped.

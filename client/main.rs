@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use switchboard::client::{
-    BackoffConfig, BalancedChannel, ClientMetrics, ConnectivityState, LeastRequestConfig, OutlierDetectionConfig,
-    PolicyKind,
+    BackoffConfig, BalancedChannel, ClientMetrics, ConnectivityState, LeastRequestConfig,
+    OutlierDetectionConfig, PolicyKind,
 };
 use switchboard::process;
 use switchboard::proto::echo::echo_client::EchoClient;

@@ -188,9 +188,20 @@ impl ChannelMetrics {
             .set(i64::try_from(ready).unwrap_or(i64::MAX));
     }
 
-    /// The channel is gone: nothing is known or ready any more.
-    pub(crate) fn closed(&self) {
-        self.published(0, 0);
+    /// Sets the gauges to 0 when dropped: the channel is gone, nothing is
+    /// known or ready any more.
+    pub(crate) fn gauges_guard(&self) -> GaugesGuard {
+        GaugesGuard(self.clone())
+    }
+}
+
+/// See [`ChannelMetrics::gauges_guard`].
+#[derive(Debug)]
+pub(crate) struct GaugesGuard(ChannelMetrics);
+
+impl Drop for GaugesGuard {
+    fn drop(&mut self) {
+        self.0.published(0, 0);
     }
 }
 

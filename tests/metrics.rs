@@ -122,6 +122,10 @@ async fn builder_metrics_count_into_the_applications_registry_and_open_no_port()
     let (_registry, reg) = registry_on("127.0.0.1:0").await;
     let (_a, a) = echo_on(&reg, &[]).await;
     let (_b, b) = echo_on(&reg, &[]).await;
+    // The check below sees a listener when there is one.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a probe");
+    assert_eq!(listening_sockets_of_this_process().len(), 1);
+    drop(probe);
     let target = format!("static:///{a},{b}");
     let mut registry = Registry::default();
     let channel = BalancedChannel::builder(&target)
@@ -187,18 +191,15 @@ async fn builder_metrics_count_into_the_applications_registry_and_open_no_port()
         Vec::<String>::new(),
         "the channel opened a listening socket"
     );
-    // The channel's gauges do not outlive it.
+    // The channel's gauges do not outlive it (its tasks stop soon after).
     drop(client);
     drop(channel);
-    let text = switchboard::metrics::render(&registry);
-    assert_eq!(
-        sample(
-            &text,
-            &per_target("switchboard_client_endpoints_ready", &target)
-        ),
-        Some(0.0),
-        "{text}"
-    );
+    let ready = per_target("switchboard_client_endpoints_ready", &target);
+    wait_for("the ready gauge to drop to 0", STARTUP, || {
+        let text = switchboard::metrics::render(&registry);
+        std::future::ready((sample(&text, &ready) == Some(0.0)).then_some(()))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,7 +263,11 @@ async fn client_metrics_move_when_a_backend_is_killed() {
         .await;
     }
     let disconnections = per_endpoint("grpc_subchannel_disconnections_total", &target, &a);
-    let failed = per_endpoint("grpc_subchannel_connection_attempts_failed_total", &target, &a);
+    let failed = per_endpoint(
+        "grpc_subchannel_connection_attempts_failed_total",
+        &target,
+        &a,
+    );
     assert_eq!(read_sample(&metrics, &disconnections).await, 0.0);
     assert_eq!(read_sample(&metrics, &failed).await, 0.0);
 
