@@ -4,9 +4,9 @@
 //! away; echo's RPC codes and registration state; the registry's streams,
 //! counted with their final status when they end.
 //!
-//! No test here opens a listening socket in this process (every server is
-//! a child process on port 0), so the library test can check that the
-//! channel opened none.
+//! No test here leaves a listening socket open in this process (every
+//! server is a child process on port 0), so the library test can check
+//! that the channel opened none.
 
 #![cfg(feature = "cli")]
 
