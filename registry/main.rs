@@ -146,7 +146,7 @@ async fn etcd_registry(args: &Args, config: &RegistryConfig) -> registry::Regist
         .filter(|e| !e.is_empty())
         .map(str::to_owned)
         .collect();
-    match registry::etcd::EtcdStore::connect(&endpoints, &args.etcd_prefix).await {
+    match registry::etcd::EtcdStore::connect(&endpoints, &args.etcd_prefix, config).await {
         Ok(store) => registry::Registry::with_store(std::sync::Arc::new(store), config),
         Err(err) => process::exit_with(&format!(
             "{err} (--etcd-endpoints {}); start etcd or point at it",

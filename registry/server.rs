@@ -120,6 +120,10 @@ pub async fn serve_registry(
     let ads = AdsService::new(registry.store().clone(), &config);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RegistryServer<Registry>>().await;
+    let follow_store = registry
+        .store()
+        .serving()
+        .map(|serving| tokio::spawn(follow_store_health(health.clone(), serving)));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -182,11 +186,46 @@ pub async fn serve_registry(
             Err(_) => std::future::pending().await,
         }
     };
+    let _follow_store = follow_store.map(AbortOnDrop);
     tokio::select! {
         served = serving => served,
         () = grace => {
             tracing::warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; stopping anyway");
             Ok(())
         }
+    }
+}
+
+/// Turns the registry's health (overall and for the Registry service)
+/// NOT_SERVING while its store cannot serve, and SERVING again after.
+async fn follow_store_health(
+    health: tonic_health::server::HealthReporter,
+    mut serving: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let up = *serving.borrow_and_update();
+        let status = match up {
+            true => tonic_health::ServingStatus::Serving,
+            false => tonic_health::ServingStatus::NotServing,
+        };
+        health.set_service_status("", status).await;
+        health
+            .set_service_status(
+                <RegistryServer<Registry> as tonic::server::NamedService>::NAME,
+                status,
+            )
+            .await;
+        if serving.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Aborts a background task when the server it belongs to stops.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -89,6 +89,7 @@ impl Registry {
     /// UNAVAILABLE. Called at shutdown: those streams never end on their
     /// own, so a graceful shutdown would otherwise wait for them forever.
     pub fn close_streams(&self) {
+        self.shared.store.closing();
         self.shared.closing.send_replace(true);
     }
 }

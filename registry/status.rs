@@ -28,6 +28,7 @@ pub async fn serve(
 ) {
     let mut registry = PromRegistry::default();
     metrics.register(&mut registry);
+    store.register_metrics(&mut registry);
     let registry = Arc::new(Mutex::new(registry));
     let handler: Handler = Arc::new(move |request: Request<Incoming>| {
         let store = store.clone();
@@ -49,9 +50,15 @@ pub async fn serve(
                         crate::metrics::render(&registry.lock().unwrap_or_else(|p| p.into_inner()));
                     http::reply(StatusCode::OK, crate::metrics::CONTENT_TYPE, text)
                 }
-                "/healthz" => {
-                    http::reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into())
-                }
+                // A replica whose store is away must not get traffic.
+                "/healthz" => match store.serving().is_none_or(|s| *s.borrow()) {
+                    true => http::reply(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+                    false => http::reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain; charset=utf-8",
+                        "store unreachable\n".into(),
+                    ),
+                },
                 _ => http::not_found(),
             }
         })

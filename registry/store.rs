@@ -162,4 +162,18 @@ pub trait Store: Send + Sync + 'static {
     /// [`RegistryError::RemovedByOperator`] rather than "not found" (which
     /// would have it register again).
     async fn deregister_address(&self, service: &str, address: &str) -> Result<(), RegistryError>;
+
+    /// Whether the store can serve now, as it changes; the registry's
+    /// health follows it. `None`: always (an in-process store).
+    fn serving(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
+
+    /// The registry is shutting down: the KeepAlive streams it ends now are
+    /// not backends going away. A store other replicas share keeps those
+    /// leases for the backends to carry on elsewhere.
+    fn closing(&self) {}
+
+    /// Adds the store's own metrics, if it has any, next to the registry's.
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
 }
