@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::error::{Error, ResolverError};
+use super::metrics::ChannelMetrics;
 use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, Subchannels};
 use super::resolver::{Endpoint, ResolveNow, ResolverEvent};
 use super::subchannel::{ConnectConfig, ConnectivityState, ReadyConnection, SubchannelEvent};
@@ -123,6 +124,8 @@ pub struct Outputs {
     pub state: watch::Sender<BalancerState>,
     /// Work counters.
     pub stats: Arc<BalancerStats>,
+    /// The channel's metrics, if it has any.
+    pub metrics: Option<ChannelMetrics>,
 }
 
 /// The balancer's view of the world between events.
@@ -166,6 +169,9 @@ pub async fn run(
         resolve_now,
     };
     let mut resolver_alive = true;
+    // Zeroes the gauges when the task ends (aborted with its channel),
+    // after its last publication.
+    let _gauges = outputs.metrics.as_ref().map(ChannelMetrics::gauges_guard);
     loop {
         let timer = balancer.timer;
         tokio::select! {
@@ -173,8 +179,10 @@ pub async fn run(
                 let started = std::time::Instant::now();
                 match event {
                     Some(event) => {
+                        count_resolver_event(&outputs, &event);
                         balancer.on_resolver(event);
                         while let Ok(event) = resolver.try_recv() {
+                            count_resolver_event(&outputs, &event);
                             balancer.on_resolver(event);
                         }
                     }
@@ -198,6 +206,16 @@ pub async fn run(
                 policy.timer_fired(&mut PolicyContext::new(subchannels, timer));
                 balancer.publish(&outputs, started);
             }
+        }
+    }
+}
+
+/// Counts a resolver update or error in the channel's metrics.
+fn count_resolver_event(outputs: &Outputs, event: &ResolverEvent) {
+    if let Some(metrics) = &outputs.metrics {
+        match event {
+            ResolverEvent::Update(_) => metrics.resolver_update(),
+            ResolverEvent::Error(_) => metrics.resolver_error(),
         }
     }
 }
@@ -289,6 +307,9 @@ impl Balancer {
             error: error.clone(),
         }));
         outputs.picker_changed.send_replace(());
+        if let Some(metrics) = &outputs.metrics {
+            metrics.published(self.endpoint_list.len(), ready.len());
+        }
         let state = BalancerState {
             connectivity,
             endpoints: self.endpoint_list.clone(),

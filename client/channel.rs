@@ -23,6 +23,7 @@ use super::dns_resolver::DnsResolver;
 use super::error::{source_chain, Error};
 use super::health::HealthCheck;
 use super::least_request::{LeastRequest, LeastRequestConfig};
+use super::metrics::{ClientMetrics, EndpointMetrics};
 use super::outlier_detection::{OutlierDetection, OutlierDetectionConfig};
 use super::pick_first::PickFirst;
 use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
@@ -115,6 +116,9 @@ pub struct WaitForReady;
 /// Configures and builds a [`BalancedChannel`].
 pub struct Builder {
     service: String,
+    /// The target as given (or the service, for a custom resolver): the
+    /// `grpc_target` label of the channel's metrics.
+    target: String,
     source: Source,
     registry_token: Option<Token>,
     registry_tls: Option<ClientTls>,
@@ -125,14 +129,17 @@ pub struct Builder {
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
     dns_refresh: Option<Duration>,
+    metrics: Option<ClientMetrics>,
 }
 
 impl Builder {
     /// Starts from a target string (`registry://host:port/service`,
     /// `static:///host:port,...` or `dns:///host:port`).
     pub fn new(target: &str) -> Result<Self, TargetError> {
-        let target: Target = target.parse()?;
-        Ok(Self::from_source(target.service(), Source::Target(target)))
+        let parsed: Target = target.parse()?;
+        let mut builder = Self::from_source(parsed.service(), Source::Target(parsed));
+        target.clone_into(&mut builder.target);
+        Ok(builder)
     }
 
     /// Starts from a custom resolver; `service` names it in errors.
@@ -142,6 +149,7 @@ impl Builder {
 
     fn from_source(service: String, source: Source) -> Self {
         Self {
+            target: service.clone(),
             service,
             source,
             registry_token: None,
@@ -153,6 +161,7 @@ impl Builder {
             wait_for_ready: false,
             default_timeout: None,
             dns_refresh: None,
+            metrics: None,
         }
     }
 
@@ -248,6 +257,24 @@ impl Builder {
         self
     }
 
+    /// Registers the channel's metrics (see [`metrics`](super::metrics)) in
+    /// `registry`, which the application serves on its own `/metrics`; the
+    /// channel opens no port. For several channels, register one
+    /// [`ClientMetrics`] and give it to each with [`Builder::with_metrics`]
+    /// instead: a registry takes each metric once.
+    pub fn metrics(self, registry: &mut prometheus_client::registry::Registry) -> Self {
+        let metrics = ClientMetrics::new();
+        metrics.register(registry);
+        self.with_metrics(&metrics)
+    }
+
+    /// Counts the channel's metrics into `metrics`, registered by the
+    /// application; series are told apart by their `grpc_target` label.
+    pub fn with_metrics(mut self, metrics: &ClientMetrics) -> Self {
+        self.metrics = Some(metrics.clone());
+        self
+    }
+
     /// Makes every RPC wait-for-ready (see [`WaitForReady`]).
     pub fn wait_for_ready(mut self, enabled: bool) -> Self {
         self.wait_for_ready = enabled;
@@ -255,7 +282,9 @@ impl Builder {
     }
 
     /// Starts the resolver and balancer tasks. Needs a tokio runtime.
-    pub fn build(self) -> BalancedChannel {
+    pub fn build(mut self) -> BalancedChannel {
+        let metrics = self.metrics.as_ref().map(|m| m.channel(&self.target));
+        self.connect.metrics = metrics.clone();
         let (sink, resolution) = ResolverSink::new();
         let resolve_now = sink.resolve_now();
         let (picker_changed, picker_waiter) = watch::channel(());
@@ -296,6 +325,7 @@ impl Builder {
                 picker_changed,
                 state: state_tx,
                 stats: balancer_stats.clone(),
+                metrics,
             },
         ));
         BalancedChannel {
@@ -536,8 +566,16 @@ impl Shared {
                 }
             };
             drop(published);
+            if let Some(metrics) = &connection.metrics {
+                metrics.picked();
+            }
             set_origin(&mut request, &connection.scheme, &connection.authority)?;
-            let outcome = Outcome::new(connection.in_flight.start(), done, deadline);
+            let outcome = Outcome::new(
+                connection.in_flight.start(),
+                done,
+                connection.metrics.clone(),
+                deadline,
+            );
             let mut sender = connection.sender.clone();
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -630,10 +668,13 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 }
 
 /// One RPC's bookkeeping: counted in flight on its subchannel until it ends,
-/// and its outcome reported to the picker's [`OnDone`], exactly once.
+/// and its outcome reported to the picker's [`OnDone`] and the endpoint's
+/// metrics, exactly once.
 struct Outcome {
     _in_flight: InFlightGuard,
     done: Option<OnDone>,
+    /// Until the outcome is reported.
+    metrics: Option<Arc<EndpointMetrics>>,
     started: Instant,
     /// The call's deadline: a call dropped after it timed out, which
     /// policies must tell from one the caller abandoned.
@@ -641,10 +682,16 @@ struct Outcome {
 }
 
 impl Outcome {
-    fn new(in_flight: InFlightGuard, done: Option<OnDone>, deadline: Option<Instant>) -> Self {
+    fn new(
+        in_flight: InFlightGuard,
+        done: Option<OnDone>,
+        metrics: Option<Arc<EndpointMetrics>>,
+        deadline: Option<Instant>,
+    ) -> Self {
         Self {
             _in_flight: in_flight,
             done,
+            metrics,
             started: Instant::now(),
             deadline,
         }
@@ -656,6 +703,9 @@ impl Outcome {
     }
 
     fn report(&mut self, code: tonic::Code) {
+        if let Some(metrics) = self.metrics.take() {
+            metrics.rpc_ended(code);
+        }
         if let Some(done) = self.done.take() {
             done(&CallOutcome {
                 code,
@@ -667,6 +717,7 @@ impl Outcome {
     /// The RPC never left: nothing to report.
     fn forget(mut self) {
         self.done = None;
+        self.metrics = None;
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use switchboard::client::{
-    BackoffConfig, BalancedChannel, ConnectivityState, LeastRequestConfig, OutlierDetectionConfig,
-    PolicyKind,
+    BackoffConfig, BalancedChannel, ClientMetrics, ConnectivityState, LeastRequestConfig,
+    OutlierDetectionConfig, PolicyKind,
 };
 use switchboard::process;
 use switchboard::proto::echo::echo_client::EchoClient;
@@ -115,6 +115,11 @@ pub struct Args {
     /// Log lines as text or as JSON objects.
     #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
     log_format: process::LogFormat,
+    /// Serve the channel's metrics (connections, picks and RPCs per
+    /// backend, ready backends, resolver updates) on /metrics, and
+    /// /healthz, at this HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Runs this subcommand until it is told to stop.
@@ -136,11 +141,32 @@ pub async fn run(args: Args) {
         (_, true) => process::exit_with("--peak-ewma needs --policy least_request"),
         (policy, false) => policy,
     };
+    if args.rate == Some(0) {
+        process::exit_with("--rate must be at least 1");
+    }
+    // Served before any channel exists, so a client still waiting for a
+    // backend or a registry shows why.
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = process::bind_metrics(addr).await;
+            let metrics = ClientMetrics::new();
+            let mut registry = prometheus_client::registry::Registry::default();
+            metrics.register(&mut registry);
+            let render = move || switchboard::metrics::render(&registry);
+            tokio::spawn(switchboard::metrics::http::serve(
+                listener,
+                switchboard::metrics::http::metrics_handler(std::sync::Arc::new(render)),
+                std::future::pending(),
+            ));
+            Some(metrics)
+        }
+        None => None,
+    };
+    let metrics = metrics.as_ref();
     match args.rate {
-        Some(0) => process::exit_with("--rate must be at least 1"),
         Some(rate) => {
             let policy = policy.unwrap_or(PolicyKind::RoundRobin);
-            let channel = connect(&args, &target, policy, tls.as_ref()).await;
+            let channel = connect(&args, &target, policy, tls.as_ref(), metrics).await;
             live(&args, channel, rate).await;
         }
         None => {
@@ -150,7 +176,7 @@ pub async fn run(args: Args) {
             };
             for policy in policies {
                 println!("==== Calling grpc.examples.echo.Echo/UnaryEcho with {policy} ====");
-                let channel = connect(&args, &target, policy, tls.as_ref()).await;
+                let channel = connect(&args, &target, policy, tls.as_ref(), metrics).await;
                 classic(&args, channel).await;
                 println!();
             }
@@ -184,6 +210,7 @@ async fn connect(
     target: &str,
     policy: PolicyKind,
     tls: Option<&ClientTls>,
+    metrics: Option<&ClientMetrics>,
 ) -> BalancedChannel {
     let backoff = BackoffConfig {
         initial: args.backoff_initial,
@@ -207,6 +234,9 @@ async fn connect(
     }
     if args.outlier_detection {
         builder = builder.outlier_detection(OutlierDetectionConfig::default());
+    }
+    if let Some(metrics) = metrics {
+        builder = builder.with_metrics(metrics);
     }
     let channel = builder
         .policy(policy)

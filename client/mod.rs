@@ -14,6 +14,8 @@
 //!   that are unequal or unwell (built on [`ready_set`]);
 //! - [`outlier_detection`]: ejects failing backends, around any policy;
 //! - [`balancer`]: the task that turns all of the above into a picker;
+//! - [`metrics`]: the channel's Prometheus metrics, in a registry the
+//!   application serves;
 //! - [`channel`]: [`BalancedChannel`], the tower service;
 //! - [`backoff`]: gRPC's connection backoff;
 //! - [`error`]: [`Error`], [`ConnectError`] and [`ResolverError`], the causes
@@ -26,6 +28,7 @@ pub mod dns_resolver;
 pub mod error;
 pub mod health;
 pub mod least_request;
+pub mod metrics;
 pub mod outlier_detection;
 pub mod pick_first;
 pub mod policy;
@@ -45,6 +48,7 @@ pub use dns_resolver::DnsResolver;
 pub use error::{ConnectError, Error, ResolverError};
 pub use health::HealthCheck;
 pub use least_request::LeastRequestConfig;
+pub use metrics::ClientMetrics;
 pub use outlier_detection::OutlierDetectionConfig;
 pub use policy::{CallOutcome, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker};
 pub use registry_resolver::RegistryResolver;

@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use super::backoff::{Backoff, BackoffConfig};
 use super::error::{source_chain, ConnectError};
 use super::health::{self, HealthCheck};
+use super::metrics::{ChannelMetrics, EndpointMetrics};
 use super::transport::{self, Stream};
 use crate::tls::{self, ClientTls};
 
@@ -61,6 +62,8 @@ pub struct ConnectConfig {
     pub stats: Arc<ConnectionStats>,
     /// Client-side health checking; off if `None`.
     pub health_check: Option<Arc<HealthCheck>>,
+    /// Per-endpoint metrics; off if `None`.
+    pub metrics: Option<ChannelMetrics>,
 }
 
 impl Default for ConnectConfig {
@@ -74,6 +77,7 @@ impl Default for ConnectConfig {
             tls: None,
             stats: Arc::default(),
             health_check: None,
+            metrics: None,
         }
     }
 }
@@ -200,6 +204,8 @@ pub struct ReadyConnection {
     pub sender: http2::SendRequest<tonic::body::Body>,
     /// RPCs started on this subchannel and not yet finished.
     pub in_flight: Arc<InFlight>,
+    /// This endpoint's metrics, if the channel has any.
+    pub metrics: Option<Arc<EndpointMetrics>>,
 }
 
 /// Counts RPCs in flight on a subchannel so a removed one can close its
@@ -342,6 +348,10 @@ async fn run(
     };
     let mut backoff = Backoff::new(config.backoff);
     let in_flight = Arc::new(InFlight::default());
+    let metrics = config
+        .metrics
+        .as_ref()
+        .map(|m| Arc::new(m.endpoint(&address)));
     // Idle: wait to be asked.
     while requests.recv().await.is_some() {
         // Connecting, retrying after each failure until a connection is up.
@@ -356,6 +366,9 @@ async fn run(
                 Ok(connected) => break connected,
                 Err(error) => {
                     ConnectionStats::count(&config.stats.failed);
+                    if let Some(metrics) = &metrics {
+                        metrics.attempt_failed();
+                    }
                     let delay = backoff.next_delay();
                     tracing::debug!(%address, %error, retry_in = ?delay, "connect failed");
                     emit(SubchannelState::TransientFailure {
@@ -372,6 +385,9 @@ async fn run(
         // ended before them was a failure and must not shorten the backoff.
         backoff.reset();
         ConnectionStats::count(&config.stats.succeeded);
+        // Counts the connection as open until this iteration ends, however
+        // it ends.
+        let _open = metrics.as_ref().map(EndpointMetrics::connected);
         tracing::debug!(%address, "connected");
         let ready = Arc::new(ReadyConnection {
             address: address.clone(),
@@ -379,6 +395,7 @@ async fn run(
             scheme: tls::scheme(config.tls.is_some()),
             sender,
             in_flight: in_flight.clone(),
+            metrics: metrics.clone(),
         });
         // Ready (or, with health checking, as healthy as the backend says)
         // until the connection ends or the balancer lets go.
@@ -393,6 +410,9 @@ async fn run(
             _ = serving => {}
             ended = &mut connection => {
                 ConnectionStats::count(&config.stats.disconnections);
+                if let Some(metrics) = &metrics {
+                    metrics.disconnected();
+                }
                 if let Err(error) = &ended {
                     if is_too_many_pings(error) {
                         ConnectionStats::count(&config.stats.too_many_pings);

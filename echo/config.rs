@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::metrics::EchoMetrics;
 use super::EchoError;
 use crate::client::backoff::BackoffConfig;
 use crate::registration::{self, registry_backoff};
@@ -42,6 +43,8 @@ pub struct ServerConfig {
     pub registry_tls: Option<ClientTls>,
     /// Failures and latency injected into every Echo call.
     pub faults: Faults,
+    /// Where to count the Echo RPCs; uncounted if `None`.
+    pub metrics: Option<EchoMetrics>,
 }
 
 /// Faults an echo server injects on purpose, for tests, demos and failure
@@ -139,6 +142,7 @@ impl Default for ServerConfig {
             tls: None,
             registry_tls: None,
             faults: Faults::default(),
+            metrics: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use switchboard::echo::{self, EchoServerHandle, Faults, ServerConfig};
+use switchboard::echo::{self, EchoMetrics, EchoServerHandle, Faults, ServerConfig};
 use switchboard::process;
 use switchboard::registry::auth::Token;
 use switchboard::registry::{self, validate};
@@ -95,6 +95,10 @@ pub struct Args {
     /// Log lines as text or as JSON objects.
     #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
     log_format: process::LogFormat,
+    /// Serve /metrics (RPCs by method and code, registration state) and
+    /// /healthz on this HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The servers to start, checked before anything starts.
@@ -104,6 +108,8 @@ struct Plan {
     listen: Vec<SocketAddr>,
     /// The matching servers' settings.
     configs: Vec<ServerConfig>,
+    /// What the servers count into, with --metrics-listen.
+    metrics: Option<EchoMetrics>,
 }
 
 /// Turns the flags into a [`Plan`], or a one-line reason why not.
@@ -175,6 +181,7 @@ fn plan(args: &Args) -> Result<Plan, String> {
         args.registry_key.as_deref(),
     )?;
 
+    let metrics = args.metrics_listen.map(|_| EchoMetrics::default());
     let mut configs = Vec::with_capacity(listen.len());
     for (index, addr) in listen.iter().enumerate() {
         let advertise = args.advertise.get(index).cloned();
@@ -197,11 +204,16 @@ fn plan(args: &Args) -> Result<Plan, String> {
             tls: tls.clone(),
             registry_tls: registry_tls.clone(),
             faults,
+            metrics: metrics.clone(),
         };
         config.validate().map_err(|e| e.to_string())?;
         configs.push(config);
     }
-    Ok(Plan { listen, configs })
+    Ok(Plan {
+        listen,
+        configs,
+        metrics,
+    })
 }
 
 /// Parses `--meta KEY=VALUE` flags; a key given twice is a mistake.
@@ -241,6 +253,10 @@ pub async fn run(args: Args) {
             Err(error) => process::exit_with(&error.to_string()),
         }
     }
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(process::bind_metrics(addr).await),
+        None => None,
+    };
     let mut servers = Vec::with_capacity(listeners.len());
     for (listener, config) in listeners.into_iter().zip(plan.configs) {
         match EchoServerHandle::start(listener, config).await {
@@ -252,6 +268,9 @@ pub async fn run(args: Args) {
         }
     }
 
+    let metrics_server = metrics_listener
+        .zip(plan.metrics)
+        .map(|(listener, metrics)| serve_metrics(listener, metrics, &servers, &args.service));
     serve_until_shutdown(&servers, flip, args.not_serving_after).await;
     tracing::info!(servers = servers.len(), "shutdown signal; draining");
     let drains =
@@ -267,7 +286,38 @@ pub async fn run(args: Args) {
             process::exit_with("second shutdown signal: stopped without finishing the drain")
         }
     }
+    if let Some(metrics_server) = metrics_server {
+        metrics_server.abort();
+    }
     tracing::info!("echo stopped");
+}
+
+/// Serves `metrics` on `listener`; each scrape first reads where every
+/// server's lease stands.
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: EchoMetrics,
+    servers: &[EchoServerHandle],
+    service: &str,
+) -> tokio::task::JoinHandle<()> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let leases: Vec<_> = servers
+        .iter()
+        .map(|server| (server.address().to_owned(), server.lease_state()))
+        .collect();
+    let service = service.to_owned();
+    let render = move || {
+        for (address, lease) in &leases {
+            metrics.set_lease(&service, address, &lease.borrow());
+        }
+        switchboard::metrics::render(&registry)
+    };
+    tokio::spawn(switchboard::metrics::http::serve(
+        listener,
+        switchboard::metrics::http::metrics_handler(std::sync::Arc::new(render)),
+        std::future::pending(),
+    ))
 }
 
 /// Waits for SIGINT or SIGTERM, meanwhile switching health as asked: NOT_SERVING

@@ -6,6 +6,7 @@
 //! - [`service`]: the four Echo RPCs; each reply is
 //!   `"<message> (from <addr>)"`;
 //! - [`config`]: what one server needs to know;
+//! - [`metrics`]: RPCs by method and code, and the registration state;
 //! - [`server`]: one server from a bound listener to a graceful drain, with
 //!   reflection; staying registered and draining are
 //!   [`crate::registration`]'s work, as for any other service.
@@ -29,11 +30,13 @@
 //! ```
 
 pub mod config;
+pub mod metrics;
 pub mod server;
 pub mod service;
 
 pub use crate::registration::{bind, registry_backoff, LeaseState, ShutdownReport};
 pub use config::{Faults, ServerConfig};
+pub use metrics::EchoMetrics;
 pub use server::EchoServerHandle;
 pub use service::EchoService;
 

@@ -10,6 +10,7 @@ use tonic::server::NamedService;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
+use super::metrics::Observed;
 use super::{EchoError, EchoService, LeaseState, ServerConfig, ShutdownReport};
 use crate::proto::echo::echo_server::EchoServer;
 use crate::registration::{self, RegistrationError};
@@ -36,14 +37,15 @@ impl EchoServerHandle {
         // Every reply names the advertised address, so it is needed before
         // the service exists.
         let address = config.advertised(local_addr)?;
-        let server = config
+        let builder = config
             .builder()
-            .routes(Routes::new(reflection_v1()).add_service(reflection_v1alpha()))
-            .add_service(EchoServer::new(
-                EchoService::new(address.as_str()).with_faults(config.faults),
-            ))
-            .serve(listener)
-            .await?;
+            .routes(Routes::new(reflection_v1()).add_service(reflection_v1alpha()));
+        let echo = EchoServer::new(EchoService::new(address.as_str()).with_faults(config.faults));
+        let builder = match &config.metrics {
+            Some(metrics) => builder.add_service(Observed::new(echo, metrics.clone())),
+            None => builder.add_service(echo),
+        };
+        let server = builder.serve(listener).await?;
         Ok(Self { server })
     }
 

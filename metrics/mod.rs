@@ -8,6 +8,8 @@
 
 #[cfg(any(feature = "registry", feature = "registration"))]
 pub mod http;
+#[cfg(any(feature = "registry", feature = "registration"))]
+pub mod rpc;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::registry::Registry;
@@ -25,3 +27,28 @@ pub fn render(registry: &Registry) -> String {
 
 /// Label set of metrics keyed by arbitrary label names.
 pub type Labels = Vec<(&'static str, String)>;
+
+/// gRPC's canonical name of `code`, e.g. `RESOURCE_EXHAUSTED`: the value of
+/// every `code` label.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}

@@ -255,7 +255,19 @@ async fn keep(
                 let previous = state.send_replace(LeaseState::Unregistered);
                 if previous.is_registered() {
                     backoff.reset();
-                    tracing::warn!(address = %registration.address, %error, "registration lost; registering again");
+                    match &held {
+                        // The lease still lives (a replica died, the
+                        // connection broke): the next session resumes it.
+                        Some(_) => tracing::warn!(
+                            registry = %replicas[(replica + replicas.len() - 1) % replicas.len()],
+                            address = %registration.address,
+                            %error,
+                            "registry stream lost; resuming the lease"
+                        ),
+                        None => {
+                            tracing::warn!(address = %registration.address, %error, "registration lost; registering again")
+                        }
+                    }
                 } else if !reported && error.is_refusal() {
                     tracing::warn!(
                         registry = %registration.registry,

@@ -45,7 +45,7 @@ pub struct RegistryMetrics {
     pub refusals: Family<Labels, Counter>,
     /// RPCs by `method` and `code`.
     pub rpcs: Family<Labels, Counter>,
-    /// RPC latency in seconds by `method` (streams: until they open).
+    /// RPC duration in seconds by `method` (streams: until they end).
     pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
 }
 
@@ -113,7 +113,7 @@ impl RegistryMetrics {
         r.register("rpcs", "RPCs by method and status code", self.rpcs.clone());
         r.register(
             "rpc_duration_seconds",
-            "RPC latency by method (streams: until they open)",
+            "RPC duration by method (streams: until they end)",
             self.rpc_duration.clone(),
         );
     }

@@ -463,7 +463,8 @@ async fn after_a_registry_restart_the_endpoints_are_back_within_2s_without_resta
     // Both keepers noticed, and have retried long enough for their backoff
     // to reach its cap: the slowest case for coming back.
     wait_for("both keepers to notice the outage", GENEROUS, || {
-        let lost = count_lines(&echo, "registration lost");
+        let lost = count_lines(&echo, "registration lost")
+            + count_lines(&echo, "registry stream lost; resuming the lease");
         async move { (lost >= 2).then_some(()) }
     })
     .await;

@@ -11,7 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 use switchboard::client::{BalancedChannel, PolicyKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A registry process with its status port.
 struct Registry {
@@ -44,34 +43,6 @@ async fn start(extra: &[&str]) -> Registry {
         address,
         status,
     }
-}
-
-/// GETs `path` from `address` over HTTP/1.1 (connection closed after one
-/// reply); returns the status line's code and the body.
-async fn get(address: &str, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).await.expect("read");
-    let (head, body) = reply.split_once("\r\n\r\n").expect("a full reply");
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("a status code");
-    (code, body.to_owned())
-}
-
-/// The value of the sample `name` (with its labels, exactly as rendered),
-/// or `None` while it is absent.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        rest.strip_prefix(' ')?.trim().parse().ok()
-    })
 }
 
 /// Waits until the registry's metric `name` reads `value`.

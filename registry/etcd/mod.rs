@@ -346,23 +346,25 @@ impl Inner {
         };
         let inner = self.clone();
         tokio::spawn(async move {
-            let refreshed = tokio::time::timeout(ETCD_CALL_TIMEOUT, async {
-                let (mut keeper, mut replies) = inner.client.clone().lease_keep_alive(etcd).await?;
-                keeper.keep_alive().await?;
-                replies.message().await
-            })
+            // Opening the keepalive stream sends one keepalive and reads its
+            // answer: that is the whole refresh.
+            let refreshed = tokio::time::timeout(
+                ETCD_CALL_TIMEOUT,
+                inner.client.clone().lease_keep_alive(etcd),
+            )
             .await;
             let mut bound = inner.bound.lock().unwrap_or_else(|p| p.into_inner());
             let Some(b) = bound.get_mut(&id) else { return };
             b.refreshing = false;
             match refreshed {
-                Ok(Ok(Some(reply))) if reply.ttl() > 0 => {
+                Ok(Ok(_)) => {
                     b.refreshed = Instant::now();
                     inner.etcd_metrics.lease_refreshes.inc();
                 }
-                Ok(Ok(_)) => {
-                    // etcd no longer has it: revoked elsewhere, or expired
-                    // while nobody refreshed it. The next heartbeat is told.
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
+                    // etcd no longer has it (answered TTL 0): revoked
+                    // elsewhere, or expired while nobody refreshed it. The
+                    // next heartbeat is told.
                     bound.remove(&id);
                     drop(bound);
                     if let Some(lease) = inner.leases.revoke(id) {
@@ -370,8 +372,8 @@ impl Inner {
                     }
                 }
                 Ok(Err(_)) | Err(_) => {
-                    // Retried at the next heartbeat; the etcd lease has two
-                    // more TTLs to live.
+                    // Retried at the next heartbeat; the etcd lease has
+                    // three more TTLs to live.
                     inner.etcd_metrics.lease_refresh_failures.inc();
                 }
             }
