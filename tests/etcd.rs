@@ -783,9 +783,16 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
     // Short leases: etcd's copy (a few TTLs) is shorter than the outage, so
     // the replicas must keep them alive across it.
     const TTL_MS: &str = "2000";
-    let r = replicas(&etcd, "/etcd-down/", 2).await;
+    // The first replica also serves its status page: /healthz and the
+    // etcd reachability gauge must follow etcd too.
+    let status = local(free_port());
+    let r = vec![
+        Replica::start_with(&etcd.url(), "/etcd-down/", &["--metrics-listen", &status]).await,
+        Replica::start(&etcd.url(), "/etcd-down/").await,
+    ];
     let both = list(&[&r[0], &r[1]]);
     let backends = backends(&both, 2, &["--ttl-ms", TTL_MS]).await;
+    assert_etcd_seen(&status, true).await;
     let expected = addresses(&backends);
     let mut watchers = Vec::new();
     for replica in &r {
@@ -810,6 +817,7 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
         .await;
     }
     eprintln!("{test}: NOT_SERVING after {:?}", stopped.elapsed());
+    assert_etcd_seen(&status, false).await;
     let mut client = r[0].client().await;
     let mut request = tonic::Request::new(register_request("127.0.0.1:1"));
     request.set_timeout(Duration::from_secs(8));
@@ -832,6 +840,7 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
         wait_health(&replica.address(), ServingStatus::Serving, STARTUP).await;
     }
     eprintln!("{test}: SERVING again {:?} after etcd", resumed.elapsed());
+    assert_etcd_seen(&status, true).await;
     // A lease etcd did not see refreshed would end within its etcd TTL (a
     // few switchboard TTLs) after etcd came back: keep the load going past
     // five TTLs.
@@ -848,6 +857,19 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
     assert_eq!(resolve(&mut client, SERVICE).await, Some(expected));
     eprintln!("{test}: {rpcs} RPCs, 0 failed");
     took(test, started);
+}
+
+/// Asserts what the status page at `status` says of etcd, as gRPC health
+/// already does: `/healthz` 200 or 503, the reachability gauge 1 or 0.
+async fn assert_etcd_seen(status: &str, reachable: bool) {
+    let (code, body) = get(status, "/healthz").await;
+    assert_eq!(code, if reachable { 200 } else { 503 }, "/healthz: {body}");
+    let (_, metrics) = get(status, "/metrics").await;
+    assert_eq!(
+        sample(&metrics, "switchboard_registry_etcd_reachable"),
+        Some(if reachable { 1.0 } else { 0.0 }),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
