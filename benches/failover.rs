@@ -42,6 +42,38 @@ pub(crate) struct Shot {
     pub(crate) result: Result<String, tonic::Status>,
 }
 
+/// The `RPCs/s` cell: how many of `shots` finished per second, over the
+/// time from the first to finish to the last.
+pub(crate) fn rate(shots: &[Shot]) -> String {
+    let elapsed = shots
+        .iter()
+        .map(|s| s.done)
+        .max()
+        .zip(shots.iter().map(|s| s.done).min())
+        .map_or(Duration::ZERO, |(a, b)| a - b);
+    format!(
+        "{:.0}",
+        shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)
+    )
+}
+
+/// The `failed RPCs` cell: `0`, or how many of `shots` failed and their
+/// distinct codes, e.g. `3 (Unavailable)`.
+pub(crate) fn failures(shots: &[Shot]) -> String {
+    let mut codes: Vec<String> = shots
+        .iter()
+        .filter_map(|s| s.result.as_ref().err())
+        .map(|e| format!("{:?}", e.code()))
+        .collect();
+    let failed = codes.len();
+    if failed == 0 {
+        return "0".to_owned();
+    }
+    codes.sort();
+    codes.dedup();
+    format!("{failed} ({})", codes.join(", "))
+}
+
 /// Open-loop load: RPCs are started on a schedule, whatever the replies do.
 pub(crate) struct Load {
     shots: Arc<Mutex<Vec<Shot>>>,
@@ -277,14 +309,6 @@ async fn scenario(
     };
     watcher.abort();
 
-    let failed: Vec<&Shot> = shots.iter().filter(|s| s.result.is_err()).collect();
-    let mut codes: Vec<String> = failed
-        .iter()
-        .filter_map(|s| s.result.as_ref().err())
-        .map(|e| format!("{:?}", e.code()))
-        .collect();
-    codes.sort();
-    codes.dedup();
     let last_answer = shots
         .iter()
         .filter(|s| s.result.as_ref().is_ok_and(|b| *b == victim))
@@ -303,24 +327,11 @@ async fn scenario(
             ms(t.saturating_duration_since(signalled))
         })
     };
-    let elapsed = shots
-        .iter()
-        .map(|s| s.done)
-        .max()
-        .zip(shots.iter().map(|s| s.done).min())
-        .map_or(Duration::ZERO, |(a, b)| a - b);
     table.row(vec![
         fault.name().to_owned(),
         shots.len().to_string(),
-        format!(
-            "{:.0}",
-            shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)
-        ),
-        if failed.is_empty() {
-            "0".to_owned()
-        } else {
-            format!("{} ({})", failed.len(), codes.join(", "))
-        },
+        rate(&shots),
+        failures(&shots),
         in_flight.to_string(),
         moved.map_or("never (15 s)".to_owned(), ms),
         last_answer,
