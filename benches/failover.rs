@@ -13,10 +13,10 @@ use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::WatchRequest;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::fanout::open_watch;
 use crate::procs::Proc;
 use crate::stats::{ms, Table};
 use crate::BoxError;
@@ -72,6 +72,23 @@ pub(crate) fn failures(shots: &[Shot]) -> String {
     codes.sort();
     codes.dedup();
     format!("{failed} ({})", codes.join(", "))
+}
+
+/// Waits until `channel` sends RPCs to all `n` backends, for up to 20 s.
+pub(crate) async fn wait_all_ready(channel: &BalancedChannel, n: usize) -> Result<(), BoxError> {
+    let mut state = channel.watch_state();
+    let all_ready = state.wait_for(|s| s.ready.len() == n);
+    if tokio::time::timeout(Duration::from_secs(20), all_ready)
+        .await
+        .is_err()
+    {
+        return Err(format!(
+            "the client never used all {n} backends: {:?}",
+            channel.state()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Open-loop load: RPCs are started on a schedule, whatever the replies do.
@@ -166,13 +183,7 @@ async fn watch_registry(
     victim: String,
 ) -> Result<(JoinHandle<()>, Arc<Mutex<RegistrySaw>>), BoxError> {
     let mut client = RegistryClient::connect(format!("http://{registry}")).await?;
-    let mut stream = client
-        .watch(WatchRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let mut stream = open_watch(&mut client, service).await?;
     let saw = Arc::new(Mutex::new(RegistrySaw::default()));
     let task = tokio::spawn({
         let saw = saw.clone();
@@ -240,18 +251,7 @@ async fn scenario(
         .policy(PolicyKind::RoundRobin)
         .keepalive(Duration::from_secs(1), Duration::from_secs(1))
         .build();
-    let mut state = channel.watch_state();
-    let all_ready = state.wait_for(|s| s.ready.len() == 3);
-    if tokio::time::timeout(Duration::from_secs(20), all_ready)
-        .await
-        .is_err()
-    {
-        return Err(format!(
-            "the client never used all 3 backends: {:?}",
-            channel.state()
-        )
-        .into());
-    }
+    wait_all_ready(&channel, 3).await?;
     let victim = backends[1].1.clone();
     let (watcher, saw) = watch_registry(registry, &service, victim.clone()).await?;
 

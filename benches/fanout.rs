@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::watch_response::Event;
-use switchboard::proto::registry::{RegisterRequest, WatchRequest};
+use switchboard::proto::registry::{RegisterRequest, WatchRequest, WatchResponse};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -45,16 +45,9 @@ pub(crate) async fn watcher(
     mut client: RegistryClient<Channel>,
     seen: mpsc::UnboundedSender<Seen>,
 ) {
-    let Ok(response) = client
-        .watch(WatchRequest {
-            service: SERVICE.into(),
-            ..Default::default()
-        })
-        .await
-    else {
+    let Ok(mut stream) = open_watch(&mut client, SERVICE).await else {
         return;
     };
-    let mut stream = response.into_inner();
     while let Ok(Some(message)) = stream.message().await {
         let now = Instant::now();
         match message.event {
@@ -69,6 +62,20 @@ pub(crate) async fn watcher(
             None => {}
         }
     }
+}
+
+/// Opens a Watch of `service` (from no position: a snapshot first).
+pub(crate) async fn open_watch(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+) -> Result<tonic::Streaming<WatchResponse>, tonic::Status> {
+    Ok(client
+        .watch(WatchRequest {
+            service: service.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
 }
 
 /// Waits until `n` watchers (`what`: watches, subscriptions) have sent

@@ -26,7 +26,6 @@ use switchboard::client::resolver::ResolverEvent;
 use switchboard::client::{BalancedChannel, PolicyKind, RegistryResolver, Resolver, ResolverSink};
 use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::WatchRequest;
 use switchboard::registry::etcd::local::{etcd_binary, LocalEtcd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -466,16 +465,10 @@ async fn set_watcher(
     let Ok(channel) = connect(&registry).await else {
         return;
     };
-    let Ok(response) = RegistryClient::new(channel)
-        .watch(WatchRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await
+    let Ok(mut stream) = fanout::open_watch(&mut RegistryClient::new(channel), service).await
     else {
         return;
     };
-    let mut stream = response.into_inner();
     let mut set = EndpointSet::new();
     while let Ok(Some(message)) = stream.message().await {
         let now = Instant::now();
@@ -944,20 +937,7 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
     let channel = BalancedChannel::builder(&format!("registry://{registries}/{LOAD_SERVICE}"))?
         .policy(PolicyKind::RoundRobin)
         .build();
-    let mut state = channel.watch_state();
-    if tokio::time::timeout(
-        Duration::from_secs(20),
-        state.wait_for(|s| s.ready.len() == 3),
-    )
-    .await
-    .is_err()
-    {
-        return Err(format!(
-            "the client never used all 3 backends: {:?}",
-            channel.state()
-        )
-        .into());
-    }
+    failover::wait_all_ready(&channel, 3).await?;
     let mut tasks = JoinSet::new();
     let deltas = count_deltas(&registries, LOAD_SERVICE, &mut tasks);
     let min_ready = Arc::new(AtomicUsize::new(usize::MAX));
