@@ -167,6 +167,46 @@ async fn churn(mut client: RegistryClient<Channel>, per_sec: u64, window: Durati
     (ops, errors)
 }
 
+/// Registers leases `0..count` with TTL 0, 32 at a time, lease `n` as
+/// [`address`]`(n)` of `{service_prefix}-{n / PER_SERVICE}` through the
+/// channel `channel(n)`; hands each lease to `registered` as soon as it
+/// exists (so it joins a heartbeat rotation at once). Returns how many
+/// registrations failed.
+pub(crate) async fn register_leases(
+    count: usize,
+    service_prefix: &str,
+    channel: impl Fn(usize) -> Channel,
+    mut registered: impl FnMut(usize, String),
+) -> usize {
+    let mut next = 0;
+    let mut errors = 0;
+    let mut in_progress = JoinSet::new();
+    while next < count || !in_progress.is_empty() {
+        while next < count && in_progress.len() < 32 {
+            let mut client = RegistryClient::new(channel(next));
+            let n = next;
+            let service = format!("{service_prefix}-{}", n / PER_SERVICE);
+            in_progress.spawn(async move {
+                let reply = client
+                    .register(RegisterRequest {
+                        service,
+                        address: address(n),
+                        metadata: Default::default(),
+                        ttl_ms: 0,
+                    })
+                    .await;
+                (n, reply.map(|r| r.into_inner().lease_id))
+            });
+            next += 1;
+        }
+        match in_progress.join_next().await {
+            Some(Ok((n, Ok(lease_id)))) => registered(n, lease_id),
+            _ => errors += 1,
+        }
+    }
+    errors
+}
+
 pub async fn run(config: &Config) -> Result<(), BoxError> {
     println!("## 4. Registry churn and scale\n");
     let (registry_proc, registry) = Proc::registry();
@@ -190,35 +230,19 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
     // Register every lease, 32 at a time; each joins a stream's heartbeat
     // rotation as soon as it exists.
     let registering = Instant::now();
-    let mut next = 0;
-    let mut register_errors = 0;
-    let mut in_progress = JoinSet::new();
-    while next < config.leases || !in_progress.is_empty() {
-        while next < config.leases && in_progress.len() < 32 {
-            let mut client = RegistryClient::new(channel.clone());
-            let n = next;
-            in_progress.spawn(async move {
-                let reply = client
-                    .register(RegisterRequest {
-                        service: format!("bench.scale-{}", n / PER_SERVICE),
-                        address: address(n),
-                        metadata: Default::default(),
-                        ttl_ms: 0,
-                    })
-                    .await;
-                (n, reply.map(|r| r.into_inner().lease_id))
-            });
-            next += 1;
-        }
-        match in_progress.join_next().await {
-            Some(Ok((n, Ok(lease_id)))) => streams[n % streams.len()]
+    let register_errors = register_leases(
+        config.leases,
+        "bench.scale",
+        |_| channel.clone(),
+        |n, lease_id| {
+            streams[n % streams.len()]
                 .leases
                 .lock()
                 .unwrap()
-                .push(lease_id),
-            _ => register_errors += 1,
-        }
-    }
+                .push(lease_id)
+        },
+    )
+    .await;
     let registered_in = registering.elapsed();
 
     // A full heartbeat round (and a bit) so every lease is bound to its

@@ -13,10 +13,10 @@ use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::WatchRequest;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::fanout::open_watch;
 use crate::procs::Proc;
 use crate::stats::{ms, Table};
 use crate::BoxError;
@@ -40,6 +40,55 @@ pub(crate) struct Shot {
     pub(crate) done: Instant,
     /// The backend that answered, or the error.
     pub(crate) result: Result<String, tonic::Status>,
+}
+
+/// The `RPCs/s` cell: how many of `shots` finished per second, over the
+/// time from the first to finish to the last.
+pub(crate) fn rate(shots: &[Shot]) -> String {
+    let elapsed = shots
+        .iter()
+        .map(|s| s.done)
+        .max()
+        .zip(shots.iter().map(|s| s.done).min())
+        .map_or(Duration::ZERO, |(a, b)| a - b);
+    format!(
+        "{:.0}",
+        shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)
+    )
+}
+
+/// The `failed RPCs` cell: `0`, or how many of `shots` failed and their
+/// distinct codes, e.g. `3 (Unavailable)`.
+pub(crate) fn failures(shots: &[Shot]) -> String {
+    let mut codes: Vec<String> = shots
+        .iter()
+        .filter_map(|s| s.result.as_ref().err())
+        .map(|e| format!("{:?}", e.code()))
+        .collect();
+    let failed = codes.len();
+    if failed == 0 {
+        return "0".to_owned();
+    }
+    codes.sort();
+    codes.dedup();
+    format!("{failed} ({})", codes.join(", "))
+}
+
+/// Waits until `channel` sends RPCs to all `n` backends, for up to 20 s.
+pub(crate) async fn wait_all_ready(channel: &BalancedChannel, n: usize) -> Result<(), BoxError> {
+    let mut state = channel.watch_state();
+    let all_ready = state.wait_for(|s| s.ready.len() == n);
+    if tokio::time::timeout(Duration::from_secs(20), all_ready)
+        .await
+        .is_err()
+    {
+        return Err(format!(
+            "the client never used all {n} backends: {:?}",
+            channel.state()
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// Open-loop load: RPCs are started on a schedule, whatever the replies do.
@@ -134,13 +183,7 @@ async fn watch_registry(
     victim: String,
 ) -> Result<(JoinHandle<()>, Arc<Mutex<RegistrySaw>>), BoxError> {
     let mut client = RegistryClient::connect(format!("http://{registry}")).await?;
-    let mut stream = client
-        .watch(WatchRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let mut stream = open_watch(&mut client, service).await?;
     let saw = Arc::new(Mutex::new(RegistrySaw::default()));
     let task = tokio::spawn({
         let saw = saw.clone();
@@ -208,18 +251,7 @@ async fn scenario(
         .policy(PolicyKind::RoundRobin)
         .keepalive(Duration::from_secs(1), Duration::from_secs(1))
         .build();
-    let mut state = channel.watch_state();
-    let all_ready = state.wait_for(|s| s.ready.len() == 3);
-    if tokio::time::timeout(Duration::from_secs(20), all_ready)
-        .await
-        .is_err()
-    {
-        return Err(format!(
-            "the client never used all 3 backends: {:?}",
-            channel.state()
-        )
-        .into());
-    }
+    wait_all_ready(&channel, 3).await?;
     let victim = backends[1].1.clone();
     let (watcher, saw) = watch_registry(registry, &service, victim.clone()).await?;
 
@@ -277,14 +309,6 @@ async fn scenario(
     };
     watcher.abort();
 
-    let failed: Vec<&Shot> = shots.iter().filter(|s| s.result.is_err()).collect();
-    let mut codes: Vec<String> = failed
-        .iter()
-        .filter_map(|s| s.result.as_ref().err())
-        .map(|e| format!("{:?}", e.code()))
-        .collect();
-    codes.sort();
-    codes.dedup();
     let last_answer = shots
         .iter()
         .filter(|s| s.result.as_ref().is_ok_and(|b| *b == victim))
@@ -303,24 +327,11 @@ async fn scenario(
             ms(t.saturating_duration_since(signalled))
         })
     };
-    let elapsed = shots
-        .iter()
-        .map(|s| s.done)
-        .max()
-        .zip(shots.iter().map(|s| s.done).min())
-        .map_or(Duration::ZERO, |(a, b)| a - b);
     table.row(vec![
         fault.name().to_owned(),
         shots.len().to_string(),
-        format!(
-            "{:.0}",
-            shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)
-        ),
-        if failed.is_empty() {
-            "0".to_owned()
-        } else {
-            format!("{} ({})", failed.len(), codes.join(", "))
-        },
+        rate(&shots),
+        failures(&shots),
         in_flight.to_string(),
         moved.map_or("never (15 s)".to_owned(), ms),
         last_answer,

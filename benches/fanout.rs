@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::watch_response::Event;
-use switchboard::proto::registry::{RegisterRequest, WatchRequest};
+use switchboard::proto::registry::{RegisterRequest, WatchRequest, WatchResponse};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -45,16 +45,9 @@ pub(crate) async fn watcher(
     mut client: RegistryClient<Channel>,
     seen: mpsc::UnboundedSender<Seen>,
 ) {
-    let Ok(response) = client
-        .watch(WatchRequest {
-            service: SERVICE.into(),
-            ..Default::default()
-        })
-        .await
-    else {
+    let Ok(mut stream) = open_watch(&mut client, SERVICE).await else {
         return;
     };
-    let mut stream = response.into_inner();
     while let Ok(Some(message)) = stream.message().await {
         let now = Instant::now();
         match message.event {
@@ -69,6 +62,86 @@ pub(crate) async fn watcher(
             None => {}
         }
     }
+}
+
+/// Opens a Watch of `service` (from no position: a snapshot first).
+pub(crate) async fn open_watch(
+    client: &mut RegistryClient<Channel>,
+    service: &str,
+) -> Result<tonic::Streaming<WatchResponse>, tonic::Status> {
+    Ok(client
+        .watch(WatchRequest {
+            service: service.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
+/// Waits until `n` watchers (`what`: watches, subscriptions) have sent
+/// their first snapshot, failing after `timeout`.
+pub(crate) async fn wait_opened(
+    rx: &mut mpsc::UnboundedReceiver<Seen>,
+    n: usize,
+    what: &str,
+    timeout: Duration,
+) -> Result<(), BoxError> {
+    let mut snapshots = 0;
+    let deadline = Instant::now() + timeout;
+    while snapshots < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Seen::Snapshot)) => snapshots += 1,
+            Ok(Some(Seen::Added(..))) => {}
+            _ => return Err(format!("only {snapshots} of {n} {what} opened").into()),
+        }
+    }
+    Ok(())
+}
+
+/// When one registration reached the watchers.
+pub(crate) struct Arrivals {
+    /// When `Register` was sent.
+    pub(crate) called: Instant,
+    /// When it returned.
+    pub(crate) returned: Instant,
+    /// When each watcher that saw the endpoint in time saw it added.
+    pub(crate) seen: Vec<Instant>,
+}
+
+/// Registers `address` (TTL 0) at `registrar`, then collects when each of
+/// `n` watchers sees it added, for up to `timeout` after `Register`
+/// returned; a watcher that has not seen it by then missed it.
+pub(crate) async fn register_and_collect(
+    registrar: &mut RegistryClient<Channel>,
+    rx: &mut mpsc::UnboundedReceiver<Seen>,
+    address: String,
+    n: usize,
+    timeout: Duration,
+) -> Result<Arrivals, BoxError> {
+    let called = Instant::now();
+    registrar
+        .register(RegisterRequest {
+            service: SERVICE.into(),
+            address: address.clone(),
+            metadata: Default::default(),
+            ttl_ms: 0,
+        })
+        .await?;
+    let returned = Instant::now();
+    let mut seen = Vec::new();
+    let deadline = returned + timeout;
+    while seen.len() < n {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(Seen::Added(added, at))) if added == address => seen.push(at),
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    Ok(Arrivals {
+        called,
+        returned,
+        seen,
+    })
 }
 
 pub(crate) async fn connect(registry: &str) -> Result<Channel, BoxError> {
@@ -97,15 +170,7 @@ async fn measure(config: &Config, n: usize, table: &mut Table) -> Result<(), Box
         watchers.spawn(watcher(client, tx.clone()));
     }
     drop(tx);
-    let mut snapshots = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while snapshots < n {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Seen::Snapshot)) => snapshots += 1,
-            Ok(Some(Seen::Added(..))) => {}
-            _ => return Err(format!("only {snapshots} of {n} watches opened").into()),
-        }
-    }
+    wait_opened(&mut rx, n, "watches", Duration::from_secs(60)).await?;
     let opened = opening.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_watched = registry_proc.rss_kib();
@@ -116,31 +181,15 @@ async fn measure(config: &Config, n: usize, table: &mut Table) -> Result<(), Box
     let mut missed = 0;
     for change in 0..config.changes {
         let address = format!("10.0.{}.{}:8080", change / 250, change % 250 + 1);
-        let called = Instant::now();
-        registrar
-            .register(RegisterRequest {
-                service: SERVICE.into(),
-                address: address.clone(),
-                metadata: Default::default(),
-                ttl_ms: 0,
-            })
-            .await?;
-        let returned = Instant::now();
-        let mut got = 0;
-        let deadline = returned + Duration::from_secs(10);
-        while got < n {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Seen::Added(added, at))) if added == address => {
-                    got += 1;
-                    early += usize::from(at < returned);
-                    latency.push(at.saturating_duration_since(returned));
-                    from_call.push(at.saturating_duration_since(called));
-                }
-                Ok(Some(_)) => {}
-                _ => break,
-            }
+        let arrivals =
+            register_and_collect(&mut registrar, &mut rx, address, n, Duration::from_secs(10))
+                .await?;
+        for &at in &arrivals.seen {
+            early += usize::from(at < arrivals.returned);
+            latency.push(at.saturating_duration_since(arrivals.returned));
+            from_call.push(at.saturating_duration_since(arrivals.called));
         }
-        missed += n - got;
+        missed += n - arrivals.seen.len();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     watchers.abort_all();

@@ -26,7 +26,6 @@ use switchboard::client::resolver::ResolverEvent;
 use switchboard::client::{BalancedChannel, PolicyKind, RegistryResolver, Resolver, ResolverSink};
 use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::{RegisterRequest, WatchRequest};
 use switchboard::registry::etcd::local::{etcd_binary, LocalEtcd};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -34,8 +33,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::churn::{self, Beats, PER_SERVICE};
-use crate::failover::{Load, RPC_TIMEOUT};
-use crate::fanout::{connect, watcher, Seen, SERVICE};
+use crate::failover::{self, Load, RPC_TIMEOUT};
+use crate::fanout::{self, connect, watcher, Seen, SERVICE};
 use crate::procs::{proc_cpu, Proc};
 use crate::stats::{ms, Samples, Table};
 use crate::BoxError;
@@ -279,15 +278,7 @@ async fn deliveries(
     rx: &mut mpsc::UnboundedReceiver<Seen>,
     opening: Instant,
 ) -> Result<Delivery, BoxError> {
-    let mut snapshots = 0;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while snapshots < n {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Seen::Snapshot)) => snapshots += 1,
-            Ok(Some(Seen::Added(..))) => {}
-            _ => return Err(format!("only {snapshots} of {n} watches opened").into()),
-        }
-    }
+    fanout::wait_opened(rx, n, "watches", Duration::from_secs(120)).await?;
     let opened = opening.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut delivery = Delivery {
@@ -298,30 +289,16 @@ async fn deliveries(
     };
     for change in 0..changes {
         let address = churn::address(first_address + change);
-        let called = Instant::now();
-        registrar
-            .register(RegisterRequest {
-                service: SERVICE.into(),
-                address: address.clone(),
-                metadata: Default::default(),
-                ttl_ms: 0,
-            })
-            .await?;
-        let returned = Instant::now();
-        let mut got = 0;
-        let deadline = returned + Duration::from_secs(20);
-        while got < n {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Seen::Added(added, at))) if added == address => {
-                    got += 1;
-                    delivery.latency.push(at.saturating_duration_since(called));
-                    delivery.early += usize::from(at < returned);
-                }
-                Ok(Some(_)) => {}
-                _ => break,
-            }
+        let arrivals =
+            fanout::register_and_collect(registrar, rx, address, n, Duration::from_secs(20))
+                .await?;
+        for &at in &arrivals.seen {
+            delivery
+                .latency
+                .push(at.saturating_duration_since(arrivals.called));
+            delivery.early += usize::from(at < arrivals.returned);
         }
-        delivery.missed += n - got;
+        delivery.missed += n - arrivals.seen.len();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(delivery)
@@ -488,16 +465,10 @@ async fn set_watcher(
     let Ok(channel) = connect(&registry).await else {
         return;
     };
-    let Ok(response) = RegistryClient::new(channel)
-        .watch(WatchRequest {
-            service: service.into(),
-            ..Default::default()
-        })
-        .await
+    let Ok(mut stream) = fanout::open_watch(&mut RegistryClient::new(channel), service).await
     else {
         return;
     };
-    let mut stream = response.into_inner();
     let mut set = EndpointSet::new();
     while let Ok(Some(message)) = stream.message().await {
         let now = Instant::now();
@@ -690,34 +661,17 @@ async fn heartbeating(
     ));
 
     let registering = Instant::now();
-    let (mut next, mut register_errors) = (0, 0);
-    let mut in_progress = JoinSet::new();
-    while next < config.leases || !in_progress.is_empty() {
-        while next < config.leases && in_progress.len() < 32 {
-            let mut client = RegistryClient::new(channels[next % channels.len()].clone());
-            let n = next;
-            in_progress.spawn(async move {
-                let reply = client
-                    .register(RegisterRequest {
-                        service: format!("bench.ha-scale-{}", n / PER_SERVICE),
-                        address: churn::address(n),
-                        metadata: Default::default(),
-                        ttl_ms: 0,
-                    })
-                    .await;
-                (n, reply.map(|r| r.into_inner().lease_id))
-            });
-            next += 1;
-        }
-        match in_progress.join_next().await {
-            Some(Ok((n, Ok(lease_id)))) => {
-                let replica = &streams[n % registries.len()];
-                let k = n / registries.len() % replica.len();
-                replica[k].leases.lock().unwrap().push(lease_id);
-            }
-            _ => register_errors += 1,
-        }
-    }
+    let register_errors = churn::register_leases(
+        config.leases,
+        "bench.ha-scale",
+        |n| channels[n % channels.len()].clone(),
+        |n, lease_id| {
+            let replica = &streams[n % registries.len()];
+            let k = n / registries.len() % replica.len();
+            replica[k].leases.lock().unwrap().push(lease_id);
+        },
+    )
+    .await;
     let registered_in = registering.elapsed();
 
     tokio::time::sleep(config.settle).await;
@@ -983,20 +937,7 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
     let channel = BalancedChannel::builder(&format!("registry://{registries}/{LOAD_SERVICE}"))?
         .policy(PolicyKind::RoundRobin)
         .build();
-    let mut state = channel.watch_state();
-    if tokio::time::timeout(
-        Duration::from_secs(20),
-        state.wait_for(|s| s.ready.len() == 3),
-    )
-    .await
-    .is_err()
-    {
-        return Err(format!(
-            "the client never used all 3 backends: {:?}",
-            channel.state()
-        )
-        .into());
-    }
+    failover::wait_all_ready(&channel, 3).await?;
     let mut tasks = JoinSet::new();
     let deltas = count_deltas(&registries, LOAD_SERVICE, &mut tasks);
     let min_ready = Arc::new(AtomicUsize::new(usize::MAX));
@@ -1052,32 +993,11 @@ async fn replicas(config: &Config) -> Result<(), BoxError> {
         })
         .await;
         let shots = load.stop().await;
-        let failed: Vec<String> = shots
-            .iter()
-            .filter_map(|s| s.result.as_ref().err())
-            .map(|e| format!("{:?}", e.code()))
-            .collect();
-        let mut codes = failed.clone();
-        codes.sort();
-        codes.dedup();
-        let elapsed = shots
-            .iter()
-            .map(|s| s.done)
-            .max()
-            .zip(shots.iter().map(|s| s.done).min())
-            .map_or(Duration::ZERO, |(a, b)| a - b);
         table.row(vec![
             fault.to_owned(),
             shots.len().to_string(),
-            format!(
-                "{:.0}",
-                shots.len() as f64 / elapsed.as_secs_f64().max(1e-9)
-            ),
-            if failed.is_empty() {
-                "0".to_owned()
-            } else {
-                format!("{} ({})", failed.len(), codes.join(", "))
-            },
+            failover::rate(&shots),
+            failover::failures(&shots),
             format!(
                 "{} / {}",
                 deltas.removed.load(Ordering::Relaxed),

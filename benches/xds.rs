@@ -17,14 +17,13 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use prost::Message;
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::RegisterRequest;
 use switchboard::registry::xds::resources::ENDPOINTS;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use crate::fanout::{connect, watcher, Seen, SERVICE};
+use crate::fanout::{connect, register_and_collect, wait_opened, watcher, Seen, SERVICE};
 use crate::procs::Proc;
 use crate::stats::{ms, Samples, Table};
 use crate::BoxError;
@@ -123,43 +122,20 @@ async fn measure(config: &Config, kind: Kind, n: usize, table: &mut Table) -> Re
         };
     }
     drop(tx);
-    let mut snapshots = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while snapshots < n {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Seen::Snapshot)) => snapshots += 1,
-            Ok(Some(Seen::Added(..))) => {}
-            _ => return Err(format!("only {snapshots} of {n} subscriptions opened").into()),
-        }
-    }
+    wait_opened(&mut rx, n, "subscriptions", Duration::from_secs(60)).await?;
     let opened = opening.elapsed();
 
     let mut latency = Samples::default();
     let mut missed = 0;
     for change in 0..config.changes {
         let address = format!("10.1.{}.{}:8080", change / 250, change % 250 + 1);
-        registrar
-            .register(RegisterRequest {
-                service: SERVICE.into(),
-                address: address.clone(),
-                metadata: Default::default(),
-                ttl_ms: 0,
-            })
-            .await?;
-        let returned = Instant::now();
-        let mut got = 0;
-        let deadline = returned + Duration::from_secs(10);
-        while got < n {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Seen::Added(added, at))) if added == address => {
-                    got += 1;
-                    latency.push(at.saturating_duration_since(returned));
-                }
-                Ok(Some(_)) => {}
-                _ => break,
-            }
+        let arrivals =
+            register_and_collect(&mut registrar, &mut rx, address, n, Duration::from_secs(10))
+                .await?;
+        for &at in &arrivals.seen {
+            latency.push(at.saturating_duration_since(arrivals.returned));
         }
-        missed += n - got;
+        missed += n - arrivals.seen.len();
         // Lets the subscribers' ACKs settle before the next change.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

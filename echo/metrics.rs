@@ -7,60 +7,36 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::Service;
 
-use crate::metrics::rpc::{RpcEnd, RpcObserver};
-use crate::metrics::{code_name, Labels};
+use crate::metrics::rpc::{RpcCounts, RpcEnd, RpcObserver};
+use crate::metrics::Labels;
 use crate::registration::LeaseState;
-
-/// Builds RPC duration histograms: 0.1 ms to about 3 s.
-fn duration_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
-}
 
 /// Handles to every echo metric; the servers of one process share them.
 /// Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EchoMetrics {
-    /// Echo RPCs by `method` and `code`, counted when they end.
-    pub rpcs: Family<Labels, Counter>,
-    /// Echo RPC duration in seconds by `method`, until the call ends.
-    pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Echo RPCs by `method` and `code`, and their duration by `method`.
+    pub rpcs: RpcCounts,
     /// 1 while a server's endpoint is registered, else 0, by `service`
     /// and `address`.
     pub registered: Family<Labels, Gauge>,
-}
-
-impl Default for EchoMetrics {
-    fn default() -> Self {
-        Self {
-            rpcs: Family::default(),
-            rpc_duration: Family::new_with_constructor(duration_histogram),
-            registered: Family::default(),
-        }
-    }
 }
 
 impl EchoMetrics {
     /// Registers every metric under `switchboard_echo_*` in `registry`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("switchboard_echo");
-        r.register(
-            "rpcs",
+        self.rpcs.register(
+            r,
             "Echo RPCs by method and status code",
-            self.rpcs.clone(),
-        );
-        r.register(
-            "rpc_duration_seconds",
             "Echo RPC duration by method, until the call ends",
-            self.rpc_duration.clone(),
         );
         r.register(
             "registered",
@@ -82,15 +58,7 @@ impl EchoMetrics {
 
 impl RpcObserver for EchoMetrics {
     fn rpc_ended(&self, method: &str, code: tonic::Code, _message: &str, elapsed: Duration) {
-        self.rpc_duration
-            .get_or_create(&vec![("method", method.to_owned())])
-            .observe(elapsed.as_secs_f64());
-        self.rpcs
-            .get_or_create(&vec![
-                ("method", method.to_owned()),
-                ("code", code_name(code).to_owned()),
-            ])
-            .inc();
+        self.rpcs.observe(method, code, elapsed);
     }
 }
 

@@ -7,21 +7,16 @@ use std::sync::Arc;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as PromRegistry;
 
 use super::store::Store;
 use crate::discovery::EndpointState;
+use crate::metrics::rpc::RpcCounts;
 use crate::metrics::Labels;
-
-/// Builds RPC latency histograms: 0.1 ms to about 3 s.
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
-}
 
 /// Handles to every registry metric. Cheap to clone; all clones count into
 /// the same metrics.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RegistryMetrics {
     /// Endpoints now, by service and state (refreshed at each scrape).
     pub endpoints: Family<Labels, Gauge>,
@@ -43,29 +38,9 @@ pub struct RegistryMetrics {
     pub watcher_resets: Counter,
     /// Requests refused, by `reason` (`cap` with the cap's name, or `auth`).
     pub refusals: Family<Labels, Counter>,
-    /// RPCs by `method` and `code`.
-    pub rpcs: Family<Labels, Counter>,
-    /// RPC duration in seconds by `method` (streams: until they end).
-    pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
-}
-
-impl Default for RegistryMetrics {
-    fn default() -> Self {
-        Self {
-            endpoints: Family::default(),
-            leases: Gauge::default(),
-            watchers: Gauge::default(),
-            registrations: Counter::default(),
-            expiries: Counter::default(),
-            stream_breaks: Counter::default(),
-            drains: Counter::default(),
-            deregistrations: Counter::default(),
-            watcher_resets: Counter::default(),
-            refusals: Family::default(),
-            rpcs: Family::default(),
-            rpc_duration: Family::new_with_constructor(latency_histogram),
-        }
-    }
+    /// RPCs by `method` and `code`, and their duration by `method`
+    /// (streams: until they end).
+    pub rpcs: RpcCounts,
 }
 
 impl RegistryMetrics {
@@ -110,11 +85,10 @@ impl RegistryMetrics {
             "Requests refused by a cap or for lack of a valid token",
             self.refusals.clone(),
         );
-        r.register("rpcs", "RPCs by method and status code", self.rpcs.clone());
-        r.register(
-            "rpc_duration_seconds",
+        self.rpcs.register(
+            r,
+            "RPCs by method and status code",
             "RPC duration by method (streams: until they end)",
-            self.rpc_duration.clone(),
         );
     }
 

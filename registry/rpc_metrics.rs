@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use super::metrics::RegistryMetrics;
-use crate::metrics::code_name;
 use crate::metrics::rpc::{RpcEndLayer, RpcObserver};
 
 /// Counts the registry's RPCs into [`RegistryMetrics`] as each one ends.
@@ -17,15 +16,7 @@ pub type RpcMetricsLayer = RpcEndLayer<RegistryMetrics>;
 
 impl RpcObserver for RegistryMetrics {
     fn rpc_ended(&self, method: &str, code: tonic::Code, message: &str, elapsed: Duration) {
-        self.rpc_duration
-            .get_or_create(&vec![("method", method.to_owned())])
-            .observe(elapsed.as_secs_f64());
-        self.rpcs
-            .get_or_create(&vec![
-                ("method", method.to_owned()),
-                ("code", code_name(code).to_owned()),
-            ])
-            .inc();
+        self.rpcs.observe(method, code, elapsed);
         match code {
             tonic::Code::ResourceExhausted => self.refused_by_cap(cap_of(message)),
             tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => self.refused_by_auth(),

@@ -22,7 +22,7 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 use switchboard::client::resolver::ResolverEvent;
-use switchboard::client::{BackoffConfig, PolicyKind, RegistryResolver, Resolver, ResolverSink};
+use switchboard::client::{BackoffConfig, RegistryResolver, Resolver, ResolverSink};
 use switchboard::discovery::{EndpointSet, Update};
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::watch_response::Event;
@@ -151,36 +151,37 @@ impl Replica {
     }
 }
 
-/// `etcd` and `n` replicas on it under `prefix`.
-async fn replicas(etcd: &LocalEtcd, prefix: &str, n: usize) -> Vec<Replica> {
+/// A fresh etcd for `test` and `n` replicas on it under `prefix`, with
+/// their addresses as one `--registry` list (first to last); `None` (after
+/// saying so) when there is no etcd to run.
+async fn etcd_with_replicas(
+    test: &str,
+    prefix: &str,
+    n: usize,
+) -> Option<(LocalEtcd, Vec<Replica>, String)> {
+    let etcd = etcd_or_skip(test).await?;
     let mut replicas = Vec::new();
     for _ in 0..n {
         replicas.push(Replica::start(&etcd.url(), prefix).await);
     }
-    replicas
-}
-
-/// The replicas' addresses as one `--registry` list, in the order given.
-fn list(replicas: &[&Replica]) -> String {
-    replicas
+    let list = replicas
         .iter()
         .map(|r| r.address())
         .collect::<Vec<_>>()
-        .join(",")
+        .join(",");
+    Some((etcd, replicas, list))
 }
 
-/// Starts `n` echo backends (one process each) registered through
-/// `registry` (a replica list) with `extra` flags; returns them sorted by
-/// address.
-async fn backends(registry: &str, n: usize, extra: &[&str]) -> Vec<(String, Proc)> {
-    let mut backends = Vec::new();
-    for _ in 0..n {
-        let port = free_port();
-        let proc = start_echo(registry, SERVICE, &[port], extra).await;
-        backends.push((local(port), proc));
+/// A raw watcher of [`SERVICE`] at each of `replicas`, once each sees
+/// exactly `expected`.
+async fn watch_each(replicas: &[Replica], expected: &[String]) -> Vec<Watcher> {
+    let mut watchers = Vec::new();
+    for replica in replicas {
+        let mut watcher = Watcher::start(&replica.client().await, SERVICE).await;
+        watcher.wait_for_set(expected, STARTUP).await;
+        watchers.push(watcher);
     }
-    backends.sort_by(|a, b| a.0.cmp(&b.0));
-    backends
+    watchers
 }
 
 /// One more backend registered through `registry`, once it serves.
@@ -190,52 +191,12 @@ async fn one_more_backend(registry: &str) -> (String, Proc) {
     (local(port), proc)
 }
 
-/// The addresses of `backends`, sorted.
-fn addresses(backends: &[(String, Proc)]) -> Vec<String> {
-    backends.iter().map(|(a, _)| a.clone()).collect()
-}
-
 /// `addresses` plus `more`, sorted.
 fn with(addresses: &[String], more: &str) -> Vec<String> {
     let mut all = addresses.to_vec();
     all.push(more.to_owned());
     all.sort();
     all
-}
-
-/// A client under load through the replica list `registry`, once it uses
-/// every one of `expected`.
-async fn load_through(
-    registry: &str,
-    expected: &[String],
-) -> (switchboard::client::BalancedChannel, Load) {
-    let channel = channel(
-        &format!("registry://{registry}/{SERVICE}"),
-        PolicyKind::RoundRobin,
-    );
-    wait_ready_set(&channel, expected, STARTUP).await;
-    let load = Load::start(
-        channel.clone(),
-        4,
-        Duration::from_millis(10),
-        Duration::from_secs(2),
-    );
-    load.wait_more(100, STARTUP).await;
-    (channel, load)
-}
-
-/// Stops `load` and asserts that no RPC failed; returns how many ran.
-async fn assert_no_failed_rpc(load: Load, what: &str) -> usize {
-    let shots = load.stop().await;
-    let failed = failures(&shots);
-    assert!(
-        failed.is_empty(),
-        "{what}: {} of {} RPCs failed, the first: {:?}",
-        failed.len(),
-        shots.len(),
-        failed.first()
-    );
-    shots.len()
 }
 
 /// Asserts that every backend registered once and only ever resumed its
@@ -263,30 +224,6 @@ fn assert_registrations_kept(backends: &[(String, Proc)]) {
             proc.dump()
         );
     }
-}
-
-/// A raw watcher's verdict: a clean protocol, one reset (the first), no
-/// removal, the stream still open, and exactly `expected`.
-fn assert_untouched(watcher: &Watcher, who: &str, expected: &[String]) {
-    let view = watcher.view.borrow();
-    view.assert_clean(who);
-    assert!(
-        view.removed_at.is_empty(),
-        "{who}: endpoints removed: {}",
-        view.summary()
-    );
-    assert_eq!(
-        view.resets,
-        1,
-        "{who}: a reset besides the first: {}",
-        view.summary()
-    );
-    assert!(
-        view.ended.is_none(),
-        "{who}: the watch ended: {}",
-        view.summary()
-    );
-    assert_eq!(view.addresses(), expected, "{who}: {}", view.summary());
 }
 
 /// What a [`Follower`] has passed on to its balancer so far.
@@ -581,32 +518,6 @@ async fn http_get(address: &str, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
-/// Runs `switchboard <args>` to its end; returns the exit code and output.
-async fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
-    let mut proc = Proc::sub(args[0], &args[1..]);
-    let code = proc.wait_exit(STARTUP).await;
-    // The reader threads finish when the pipes close: wait for the line
-    // count to settle.
-    let output = proc.output.clone();
-    let mut last = usize::MAX;
-    wait_for("output to settle", Duration::from_secs(5), || {
-        let now = output.lock().unwrap().len();
-        let settled = now == last;
-        last = now;
-        async move { settled.then_some(()) }
-    })
-    .await;
-    let lines = output.lock().unwrap().clone();
-    (code, lines)
-}
-
-/// Runs an operator command that must succeed; returns its output lines.
-async fn ok(args: &[&str]) -> Vec<String> {
-    let (code, lines) = run(args).await;
-    assert_eq!(code, Some(0), "{args:?}: {lines:#?}");
-    lines
-}
-
 /// Prints how long a test took, for the record.
 fn took(test: &str, started: Instant) {
     eprintln!("{test}: {:.1?}", started.elapsed());
@@ -620,21 +531,14 @@ fn took(test: &str, started: Instant) {
 async fn a_replica_killed_under_load_removes_nothing_and_fails_no_rpc() {
     let test = "replica kill";
     let started = Instant::now();
-    let Some(etcd) = etcd_or_skip(test).await else {
-        return;
-    };
-    let mut r = replicas(&etcd, "/replica-kill/", 3).await;
     // Everyone starts at r[0], the replica that dies: the backends' leases
     // are bound to its streams, and the client watches through it.
-    let all = list(&[&r[0], &r[1], &r[2]]);
-    let backends = backends(&all, 2, &[]).await;
-    let expected = addresses(&backends);
-    let mut survivors = Vec::new();
-    for replica in &r[1..] {
-        let mut watcher = Watcher::start(&replica.client().await, SERVICE).await;
-        watcher.wait_for_set(&expected, STARTUP).await;
-        survivors.push(watcher);
-    }
+    let Some((_etcd, mut r, all)) = etcd_with_replicas(test, "/replica-kill/", 3).await else {
+        return;
+    };
+    let backends = start_backends(&all, 2, &[]).await;
+    let expected = addresses_of(&backends);
+    let mut survivors = watch_each(&r[1..], &expected).await;
     let mut follower = Follower::start(&all);
     follower.wait_for_set(&expected, STARTUP).await;
     let (channel, load) = load_through(&all, &expected).await;
@@ -650,11 +554,10 @@ async fn a_replica_killed_under_load_removes_nothing_and_fails_no_rpc() {
     let expected_after = with(&expected, &late.0);
     for (i, watcher) in survivors.iter_mut().enumerate() {
         watcher.wait_for_set(&expected_after, STARTUP).await;
-        assert_untouched(
-            watcher,
-            &format!("watcher of replica {}", i + 1),
-            &expected_after,
-        );
+        watcher
+            .view
+            .borrow()
+            .assert_untouched(&format!("watcher of replica {}", i + 1), &expected_after);
     }
     follower.wait_for_set(&expected_after, STARTUP).await;
     wait_ready_set(&channel, &expected_after, STARTUP).await;
@@ -683,13 +586,11 @@ async fn a_replica_killed_under_load_removes_nothing_and_fails_no_rpc() {
 async fn every_replica_killed_and_restarted_keeps_every_endpoint() {
     let test = "restart all";
     let started = Instant::now();
-    let Some(etcd) = etcd_or_skip(test).await else {
+    let Some((_etcd, mut r, all)) = etcd_with_replicas(test, "/restart-all/", 3).await else {
         return;
     };
-    let mut r = replicas(&etcd, "/restart-all/", 3).await;
-    let all = list(&[&r[0], &r[1], &r[2]]);
-    let backends = backends(&all, 2, &[]).await;
-    let expected = addresses(&backends);
+    let backends = start_backends(&all, 2, &[]).await;
+    let expected = addresses_of(&backends);
     let mut follower = Follower::start(&all);
     follower.wait_for_set(&expected, STARTUP).await;
     let (channel, load) = load_through(&all, &expected).await;
@@ -739,24 +640,17 @@ async fn every_replica_killed_and_restarted_keeps_every_endpoint() {
 async fn a_killed_backend_leaves_the_watchers_of_every_replica_within_a_second() {
     let test = "backend kill";
     let started = Instant::now();
-    let Some(etcd) = etcd_or_skip(test).await else {
+    let Some((_etcd, r, all)) = etcd_with_replicas(test, "/backend-kill/", 3).await else {
         return;
     };
-    let r = replicas(&etcd, "/backend-kill/", 3).await;
-    let all = list(&[&r[0], &r[1], &r[2]]);
-    let mut backends = backends(&all, 2, &[]).await;
-    let expected = addresses(&backends);
-    let mut watchers = Vec::new();
-    for replica in &r {
-        let mut watcher = Watcher::start(&replica.client().await, SERVICE).await;
-        watcher.wait_for_set(&expected, STARTUP).await;
-        watchers.push(watcher);
-    }
+    let mut backends = start_backends(&all, 2, &[]).await;
+    let expected = addresses_of(&backends);
+    let mut watchers = watch_each(&r, &expected).await;
 
     let (victim, mut victim_proc) = backends.remove(0);
     let killed = Instant::now();
     victim_proc.kill();
-    let survivors = addresses(&backends);
+    let survivors = addresses_of(&backends);
     for (i, watcher) in watchers.iter_mut().enumerate() {
         watcher.wait_for_set(&survivors, STARTUP).await;
         let view = watcher.view.borrow();
@@ -776,30 +670,25 @@ async fn a_killed_backend_leaves_the_watchers_of_every_replica_within_a_second()
 async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
     let test = "etcd down";
     let started = Instant::now();
-    let Some(mut etcd) = etcd_or_skip(test).await else {
-        return;
-    };
     const DOWN: Duration = Duration::from_secs(10);
     // Short leases: etcd's copy (a few TTLs) is shorter than the outage, so
     // the replicas must keep them alive across it.
     const TTL_MS: &str = "2000";
+    let Some(mut etcd) = etcd_or_skip(test).await else {
+        return;
+    };
     // The first replica also serves its status page: /healthz and the
     // etcd reachability gauge must follow etcd too.
-    let status = local(free_port());
+    let page = local(free_port());
     let r = vec![
-        Replica::start_with(&etcd.url(), "/etcd-down/", &["--metrics-listen", &status]).await,
+        Replica::start_with(&etcd.url(), "/etcd-down/", &["--metrics-listen", &page]).await,
         Replica::start(&etcd.url(), "/etcd-down/").await,
     ];
-    let both = list(&[&r[0], &r[1]]);
-    let backends = backends(&both, 2, &["--ttl-ms", TTL_MS]).await;
-    assert_etcd_seen(&status, true).await;
-    let expected = addresses(&backends);
-    let mut watchers = Vec::new();
-    for replica in &r {
-        let mut watcher = Watcher::start(&replica.client().await, SERVICE).await;
-        watcher.wait_for_set(&expected, STARTUP).await;
-        watchers.push(watcher);
-    }
+    let both = format!("{},{}", r[0].address(), r[1].address());
+    let backends = start_backends(&both, 2, &["--ttl-ms", TTL_MS]).await;
+    assert_etcd_seen(&page, true).await;
+    let expected = addresses_of(&backends);
+    let watchers = watch_each(&r, &expected).await;
     let (_channel, load) = load_through(&both, &expected).await;
     for replica in &r {
         wait_health(&replica.address(), ServingStatus::Serving, STARTUP).await;
@@ -817,7 +706,7 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
         .await;
     }
     eprintln!("{test}: NOT_SERVING after {:?}", stopped.elapsed());
-    assert_etcd_seen(&status, false).await;
+    assert_etcd_seen(&page, false).await;
     let mut client = r[0].client().await;
     let mut request = tonic::Request::new(register_request("127.0.0.1:1"));
     request.set_timeout(Duration::from_secs(8));
@@ -840,7 +729,7 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
         wait_health(&replica.address(), ServingStatus::Serving, STARTUP).await;
     }
     eprintln!("{test}: SERVING again {:?} after etcd", resumed.elapsed());
-    assert_etcd_seen(&status, true).await;
+    assert_etcd_seen(&page, true).await;
     // A lease etcd did not see refreshed would end within its etcd TTL (a
     // few switchboard TTLs) after etcd came back: keep the load going past
     // five TTLs.
@@ -850,7 +739,10 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
     }
     let rpcs = assert_no_failed_rpc(load, test).await;
     for (i, watcher) in watchers.iter().enumerate() {
-        assert_untouched(watcher, &format!("watcher of replica {i}"), &expected);
+        watcher
+            .view
+            .borrow()
+            .assert_untouched(&format!("watcher of replica {i}"), &expected);
     }
     assert_registrations_kept(&backends);
     let mut client = r[1].client().await;
@@ -1012,11 +904,10 @@ async fn compaction_under_a_lagging_watcher_sends_the_difference() {
 /// the next change.
 async fn resumed_watch(test: &str, at_other_replica: bool) {
     let started = Instant::now();
-    let Some(etcd) = etcd_or_skip(test).await else {
+    let prefix = format!("/resume-{}/", at_other_replica as u8);
+    let Some((_etcd, r, _)) = etcd_with_replicas(test, &prefix, 2).await else {
         return;
     };
-    let prefix = format!("/resume-{}/", at_other_replica as u8);
-    let r = replicas(&etcd, &prefix, 2).await;
     let mut writer = r[0].client().await;
     let (a, b, c, d) = (
         "127.0.0.1:1001",
@@ -1097,22 +988,16 @@ async fn a_watch_resumed_at_another_replica_gets_only_the_missed_deltas() {
 async fn a_stalled_replica_expires_no_lease() {
     let test = "stall";
     let started = Instant::now();
-    let Some(etcd) = etcd_or_skip(test).await else {
-        return;
-    };
     const TTL: Duration = Duration::from_secs(1);
     const STALL: Duration = Duration::from_secs(2);
-    let r = replicas(&etcd, "/stall/", 2).await;
+    let Some((_etcd, r, both)) = etcd_with_replicas(test, "/stall/", 2).await else {
+        return;
+    };
     // The backends' leases are bound to r[0], the replica that stalls.
-    let backends = backends(&r[0].address(), 2, &["--ttl-ms", "1000"]).await;
-    let expected = addresses(&backends);
-    let mut watchers = Vec::new();
-    for replica in &r {
-        let mut watcher = Watcher::start(&replica.client().await, SERVICE).await;
-        watcher.wait_for_set(&expected, STARTUP).await;
-        watchers.push(watcher);
-    }
-    let (_channel, load) = load_through(&list(&[&r[0], &r[1]]), &expected).await;
+    let backends = start_backends(&r[0].address(), 2, &["--ttl-ms", "1000"]).await;
+    let expected = addresses_of(&backends);
+    let watchers = watch_each(&r, &expected).await;
+    let (_channel, load) = load_through(&both, &expected).await;
 
     r[0].proc().signal(libc::SIGSTOP);
     // The stall's length is the input of the test, not a wait for a result.
@@ -1130,7 +1015,10 @@ async fn a_stalled_replica_expires_no_lease() {
     }
     let rpcs = assert_no_failed_rpc(load, test).await;
     for (i, watcher) in watchers.iter().enumerate() {
-        assert_untouched(watcher, &format!("watcher of replica {i}"), &expected);
+        watcher
+            .view
+            .borrow()
+            .assert_untouched(&format!("watcher of replica {i}"), &expected);
     }
     assert_registrations_kept(&backends);
     eprintln!("{test}: {rpcs} RPCs, 0 failed");
@@ -1141,13 +1029,11 @@ async fn a_stalled_replica_expires_no_lease() {
 async fn operator_commands_through_one_replica_reach_the_watchers_of_another() {
     let test = "operator";
     let started = Instant::now();
-    let Some(etcd) = etcd_or_skip(test).await else {
+    let Some((_etcd, r, both)) = etcd_with_replicas(test, "/operator/", 2).await else {
         return;
     };
-    let r = replicas(&etcd, "/operator/", 2).await;
-    let both = list(&[&r[0], &r[1]]);
-    let backends = backends(&both, 2, &["--ttl-ms", "2000"]).await;
-    let expected = addresses(&backends);
+    let backends = start_backends(&both, 2, &["--ttl-ms", "2000"]).await;
+    let expected = addresses_of(&backends);
     let (drained, removed) = (&backends[0], &backends[1]);
     // The commands go to r[1]; the leases are bound to r[0]'s streams, and
     // its watcher must see the changes.
@@ -1158,7 +1044,7 @@ async fn operator_commands_through_one_replica_reach_the_watchers_of_another() {
     // bound to r[0]'s streams).
     for replica in &r {
         let json: Value = serde_json::from_str(
-            &ok(&[
+            &run_ok(&[
                 "endpoints",
                 SERVICE,
                 "--registry",
@@ -1180,7 +1066,7 @@ async fn operator_commands_through_one_replica_reach_the_watchers_of_another() {
                 started.elapsed()
             );
         }
-        let table = ok(&["endpoints", SERVICE, "--registry", &replica.address()]).await;
+        let table = run_ok(&["endpoints", SERVICE, "--registry", &replica.address()]).await;
         assert!(
             table[0].contains("LEASE AGE") && table[0].contains("TTL"),
             "{table:?}"
@@ -1193,7 +1079,7 @@ async fn operator_commands_through_one_replica_reach_the_watchers_of_another() {
         );
     }
 
-    let lines = ok(&["drain", SERVICE, &drained.0, "--registry", &r[1].address()]).await;
+    let lines = run_ok(&["drain", SERVICE, &drained.0, "--registry", &r[1].address()]).await;
     assert!(lines[0].contains("drained"), "{lines:?}");
     other
         .wait_until("the drained endpoint DRAINING", STARTUP, |view| {
@@ -1201,7 +1087,7 @@ async fn operator_commands_through_one_replica_reach_the_watchers_of_another() {
         })
         .await;
 
-    ok(&[
+    run_ok(&[
         "deregister",
         SERVICE,
         &removed.0,

@@ -22,15 +22,6 @@ use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::proto::registry::registry_client::RegistryClient;
 
-/// Starts `switchboard <sub> <args>` and returns it with the address in
-/// its first line starting `prefix`.
-async fn start_with_address(sub: &str, args: &[&str], prefix: &str) -> (Proc, String) {
-    let proc = Proc::sub(sub, args);
-    let line = proc.wait_line(prefix, STARTUP).await;
-    let address = line.trim_start_matches(prefix).trim().to_owned();
-    (proc, address)
-}
-
 /// A registry on `listen` (`127.0.0.1:0` for any port): the process and
 /// its address.
 async fn registry_on(listen: &str) -> (Proc, String) {
@@ -55,23 +46,6 @@ async fn echo_on(registry: &str, extra: &[&str]) -> (Proc, String) {
     ];
     args.extend_from_slice(extra);
     start_with_address("echo", &args, "echo serving on ").await
-}
-
-/// The address a process printed as `metrics listening on <addr>`.
-async fn metrics_address(proc: &Proc) -> String {
-    let prefix = "metrics listening on ";
-    let line = proc.wait_line(prefix, STARTUP).await;
-    line.trim_start_matches(prefix).trim().to_owned()
-}
-
-/// Waits until the sample `name` (labels exactly as rendered) scraped from
-/// `address` satisfies `ok` (`None` while absent); returns its value.
-async fn wait_sample(address: &str, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    wait_for(&format!("{name} at {address}"), STARTUP, || async {
-        let (_, body) = get(address, "/metrics").await;
-        sample(&body, name).filter(|v| ok(*v))
-    })
-    .await
 }
 
 /// The sample `name` scraped from `address` now, 0 while absent.
@@ -393,20 +367,8 @@ async fn echo_counts_rpcs_by_code_and_follows_its_registration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_streams_are_counted_with_their_final_status_when_they_end() {
-    let (registry, reg) = start_with_address(
-        "registry",
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--warmup-ms",
-            "0",
-        ],
-        "registry listening on ",
-    )
-    .await;
-    let metrics = metrics_address(&registry).await;
+    let registry = StatusRegistry::start(&[]).await;
+    let (reg, metrics) = (registry.address.clone(), registry.status.clone());
     let (mut echo, address) = echo_on(&reg, &[]).await;
     wait_registered(&reg, SERVICE, std::slice::from_ref(&address), STARTUP).await;
     let mut client = RegistryClient::connect(format!("http://{reg}"))

@@ -12,81 +12,14 @@ use common::*;
 use serde_json::Value;
 use switchboard::client::{BalancedChannel, PolicyKind};
 
-/// A registry process with its status port.
-struct Registry {
-    /// The process, killed when the test ends.
-    _proc: Proc,
-    /// Its gRPC address.
-    address: String,
-    /// Its status page / metrics address.
-    status: String,
-}
-
-/// Starts a registry on free ports, with its status page, and `extra` flags.
-async fn start(extra: &[&str]) -> Registry {
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--warmup-ms",
-        "0",
-    ];
-    args.extend_from_slice(extra);
-    let proc = Proc::sub("registry", &args);
-    let line = proc.wait_line("registry listening on ", STARTUP).await;
-    let address = line.trim_start_matches("registry listening on ").to_owned();
-    let line = proc.wait_line("metrics listening on ", STARTUP).await;
-    let status = line.trim_start_matches("metrics listening on ").to_owned();
-    Registry {
-        _proc: proc,
-        address,
-        status,
-    }
-}
-
 /// Waits until the registry's metric `name` reads `value`.
-async fn wait_metric(registry: &Registry, name: &str, value: f64) {
-    let status = registry.status.clone();
-    wait_for(&format!("{name} to be {value}"), STARTUP, || {
-        let status = status.clone();
-        async move {
-            let (_, body) = get(&status, "/metrics").await;
-            (sample(&body, name) == Some(value)).then_some(())
-        }
-    })
-    .await
-}
-
-/// Runs `switchboard <args>` to its end; returns the exit code and output.
-async fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
-    let mut proc = Proc::sub(args[0], &args[1..]);
-    let code = proc.wait_exit(STARTUP).await;
-    // The reader threads finish when the pipes close; give them a moment
-    // by waiting for the line count to settle.
-    let output = proc.output.clone();
-    let mut last = usize::MAX;
-    wait_for("output to settle", Duration::from_secs(5), || {
-        let now = output.lock().unwrap().len();
-        let settled = now == last;
-        last = now;
-        async move { settled.then_some(()) }
-    })
-    .await;
-    let lines = output.lock().unwrap().clone();
-    (code, lines)
-}
-
-/// Runs an operator command that must succeed; returns its stdout lines.
-async fn ok(args: &[&str]) -> Vec<String> {
-    let (code, lines) = run(args).await;
-    assert_eq!(code, Some(0), "{args:?}: {lines:#?}");
-    lines
+async fn wait_metric(registry: &StatusRegistry, name: &str, value: f64) {
+    wait_sample(&registry.status, name, |v| v == value).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
-    let registry = start(&[]).await;
+    let registry = StatusRegistry::start(&[]).await;
     let reg = registry.address.as_str();
     let ports = [free_port(), free_port()];
     let backends: Vec<String> = ports.iter().map(|p| local(*p)).collect();
@@ -104,7 +37,7 @@ async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
     // services: a table, then JSON; a list with an unreachable first entry
     // falls through to the live one.
     let list = format!("127.0.0.1:{},{reg}", free_port());
-    let table = ok(&["services", "--registry", &list]).await;
+    let table = run_ok(&["services", "--registry", &list]).await;
     assert!(table[0].starts_with("SERVICE"), "{table:?}");
     assert!(
         table
@@ -113,12 +46,13 @@ async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
         "{table:?}"
     );
     let json: Value =
-        serde_json::from_str(&ok(&["services", "--registry", reg, "-o", "json"]).await[0]).unwrap();
+        serde_json::from_str(&run_ok(&["services", "--registry", reg, "-o", "json"]).await[0])
+            .unwrap();
     assert_eq!(json["services"][0]["service"], SERVICE);
     assert_eq!(json["services"][0]["endpoints"], 2);
 
     // endpoints: state, metadata, lease age and TTL.
-    let table = ok(&["endpoints", SERVICE, "--registry", reg]).await;
+    let table = run_ok(&["endpoints", SERVICE, "--registry", reg]).await;
     assert!(
         table[0].contains("LEASE AGE") && table[0].contains("TTL"),
         "{table:?}"
@@ -131,7 +65,7 @@ async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
         "{table:?}"
     );
     let json: Value = serde_json::from_str(
-        &ok(&["endpoints", SERVICE, "--registry", reg, "-o", "json"]).await[0],
+        &run_ok(&["endpoints", SERVICE, "--registry", reg, "-o", "json"]).await[0],
     )
     .unwrap();
     assert_eq!(json["endpoints"].as_array().unwrap().len(), 2);
@@ -166,7 +100,7 @@ async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
     assert_eq!(endpoint(&status, &backends[0]).unwrap()["state"], "SERVING");
 
     // drain by address: DRAINING everywhere, and counted.
-    let lines = ok(&["drain", SERVICE, &backends[0], "--registry", reg]).await;
+    let lines = run_ok(&["drain", SERVICE, &backends[0], "--registry", reg]).await;
     assert!(lines[0].contains("drained"), "{lines:?}");
     watch
         .wait_line(&format!("~{}(DRAINING)", backends[0]), STARTUP)
@@ -187,7 +121,7 @@ async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
 
     // deregister by address: gone, counted, and the backend does not
     // re-register it (it says so and stays out).
-    ok(&[
+    run_ok(&[
         "deregister",
         SERVICE,
         &backends[0],
@@ -201,7 +135,7 @@ async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
     wait_metric(&registry, "switchboard_registry_deregistrations_total", 1.0).await;
     echo.wait_line("an operator removed this endpoint", STARTUP)
         .await;
-    let table = ok(&["endpoints", SERVICE, "--registry", reg]).await;
+    let table = run_ok(&["endpoints", SERVICE, "--registry", reg]).await;
     assert!(
         !table.iter().any(|l| l.starts_with(&backends[0])),
         "{table:?}"
@@ -252,7 +186,7 @@ async fn refusals_are_counted_by_cap_and_by_token() {
     std::fs::write(&wrong, "nope\n").unwrap();
     let write_path = write.to_string_lossy().into_owned();
     let wrong_path = wrong.to_string_lossy().into_owned();
-    let registry = start(&[
+    let registry = StatusRegistry::start(&[
         "--max-endpoints-per-service",
         "1",
         "--token-file",
@@ -295,7 +229,7 @@ async fn refusals_are_counted_by_cap_and_by_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_operator_input_gets_one_error_line() {
-    let registry = start(&[]).await;
+    let registry = StatusRegistry::start(&[]).await;
     let reg = registry.address.clone();
     let nobody = local(free_port());
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -353,7 +287,7 @@ async fn bad_operator_input_gets_one_error_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_by_address_under_client_load_fails_no_rpc() {
-    let registry = start(&[]).await;
+    let registry = StatusRegistry::start(&[]).await;
     let reg = registry.address.clone();
     let ports = [free_port(), free_port()];
     let backends: Vec<String> = ports.iter().map(|p| local(*p)).collect();
@@ -371,7 +305,7 @@ async fn drain_by_address_under_client_load_fails_no_rpc() {
         Duration::from_secs(5),
     );
     load.wait_more(100, STARTUP).await;
-    ok(&["drain", SERVICE, &backends[0], "--registry", &reg]).await;
+    run_ok(&["drain", SERVICE, &backends[0], "--registry", &reg]).await;
     wait_ready_set(&channel, &backends[1..], STARTUP).await;
     load.wait_more(200, STARTUP).await;
     let shots = load.stop().await;

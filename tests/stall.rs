@@ -11,7 +11,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use switchboard::client::PolicyKind;
 use tokio::time::Instant;
 
 /// The short lease TTL the backends ask for, so a stall of 2×TTL is quick.
@@ -34,27 +33,13 @@ async fn setup() -> Setup {
     let registry = start_registry(port).await;
     let registry_addr = local(port);
     let ttl_ms = TTL.as_millis().to_string();
-    let mut backends = Vec::new();
-    for _ in 0..2 {
-        let port = free_port();
-        let proc = start_echo(&registry_addr, SERVICE, &[port], &["--ttl-ms", &ttl_ms]).await;
-        backends.push((local(port), proc));
-    }
-    let mut addresses: Vec<String> = backends.iter().map(|(a, _)| a.clone()).collect();
-    addresses.sort();
+    let backends = start_backends(&registry_addr, 2, &["--ttl-ms", &ttl_ms]).await;
+    let addresses = addresses_of(&backends);
     wait_registered(&registry_addr, SERVICE, &addresses, STARTUP).await;
     let client = registry_client(&registry_addr, STARTUP).await;
     let mut watcher = Watcher::start(&client, SERVICE).await;
     watcher.wait_for_set(&addresses, STARTUP).await;
-    let channel = channel(&registry_target(&registry_addr), PolicyKind::RoundRobin);
-    wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(
-        channel,
-        4,
-        Duration::from_millis(10),
-        Duration::from_secs(2),
-    );
-    load.wait_more(100, STARTUP).await;
+    let (_, load) = load_through(&registry_addr, &addresses).await;
     Setup {
         registry,
         backends,
@@ -90,30 +75,11 @@ async fn a_stalled_registry_expires_no_lease() {
     while Instant::now() < watch_until {
         s.load.wait_more(10, STARTUP).await;
     }
-    let shots = s.load.stop().await;
-    let view = s.watcher.view.borrow();
-    view.assert_clean("watcher");
-    assert!(
-        view.removed_at.is_empty(),
-        "endpoints removed after the stall: {}",
-        view.summary()
-    );
-    assert_eq!(
-        view.resets,
-        1,
-        "a reset besides the first: {}",
-        view.summary()
-    );
-    assert!(view.ended.is_none(), "watch ended: {}", view.summary());
-    assert_eq!(view.addresses(), s.addresses);
-    let failed = failures(&shots);
-    assert!(
-        failed.is_empty(),
-        "{} of {} RPCs failed: {:?}",
-        failed.len(),
-        shots.len(),
-        failed.first()
-    );
+    assert_no_failed_rpc(s.load, "stall").await;
+    s.watcher
+        .view
+        .borrow()
+        .assert_untouched("watcher after the stall", &s.addresses);
     for (_, backend) in &s.backends {
         assert!(
             !backend.has_line("registration lost") && !backend.has_line("registry stream lost"),

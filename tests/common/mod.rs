@@ -229,6 +229,81 @@ pub async fn start_registry(port: u16) -> Proc {
     proc
 }
 
+/// Starts `switchboard <sub> <args>` and returns it with the address in
+/// its first line starting `prefix`.
+pub async fn start_with_address(sub: &str, args: &[&str], prefix: &str) -> (Proc, String) {
+    let proc = Proc::sub(sub, args);
+    let line = proc.wait_line(prefix, STARTUP).await;
+    let address = line.trim_start_matches(prefix).trim().to_owned();
+    (proc, address)
+}
+
+/// The address a process printed as `metrics listening on <addr>`.
+pub async fn metrics_address(proc: &Proc) -> String {
+    let prefix = "metrics listening on ";
+    let line = proc.wait_line(prefix, STARTUP).await;
+    line.trim_start_matches(prefix).trim().to_owned()
+}
+
+/// A registry process on free ports with its status page (metrics).
+pub struct StatusRegistry {
+    /// The process, killed when the test ends.
+    pub proc: Proc,
+    /// Its gRPC address.
+    pub address: String,
+    /// Its status page / metrics address.
+    pub status: String,
+}
+
+impl StatusRegistry {
+    /// Starts a registry without warm-up, with `extra` flags, and waits
+    /// until both its ports listen.
+    pub async fn start(extra: &[&str]) -> Self {
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--warmup-ms",
+            "0",
+        ];
+        args.extend_from_slice(extra);
+        let (proc, address) = start_with_address("registry", &args, "registry listening on ").await;
+        let status = metrics_address(&proc).await;
+        Self {
+            proc,
+            address,
+            status,
+        }
+    }
+}
+
+/// Runs `switchboard <args>` to its end; returns the exit code and output.
+pub async fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
+    let mut proc = Proc::sub(args[0], &args[1..]);
+    let code = proc.wait_exit(STARTUP).await;
+    // The reader threads finish when the pipes close: wait for the line
+    // count to settle.
+    let output = proc.output.clone();
+    let mut last = usize::MAX;
+    wait_for("output to settle", Duration::from_secs(5), || {
+        let now = output.lock().unwrap().len();
+        let settled = now == last;
+        last = now;
+        async move { settled.then_some(()) }
+    })
+    .await;
+    let lines = output.lock().unwrap().clone();
+    (code, lines)
+}
+
+/// Runs an operator command that must succeed; returns its output lines.
+pub async fn run_ok(args: &[&str]) -> Vec<String> {
+    let (code, lines) = run(args).await;
+    assert_eq!(code, Some(0), "{args:?}: {lines:#?}");
+    lines
+}
+
 /// Connects a registry client to `addr`, retrying until `timeout`.
 pub async fn registry_client(addr: &str, timeout: Duration) -> RegistryClient<Channel> {
     let uri = format!("http://{addr}");
@@ -463,6 +538,55 @@ pub fn failures(shots: &[Shot]) -> Vec<&Shot> {
     shots.iter().filter(|s| s.result.is_err()).collect()
 }
 
+/// Stops `load` and asserts that no RPC failed; returns how many ran.
+pub async fn assert_no_failed_rpc(load: Load, what: &str) -> usize {
+    let shots = load.stop().await;
+    let failed = failures(&shots);
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} RPCs failed, the first: {:?}",
+        failed.len(),
+        shots.len(),
+        failed.first()
+    );
+    shots.len()
+}
+
+/// Starts `n` echo backends (one process each) registered as [`SERVICE`]
+/// through `registry` (one address or a replica list) with `extra` flags;
+/// returns them sorted by address.
+pub async fn start_backends(registry: &str, n: usize, extra: &[&str]) -> Vec<(String, Proc)> {
+    let mut backends = Vec::new();
+    for _ in 0..n {
+        let port = free_port();
+        let proc = start_echo(registry, SERVICE, &[port], extra).await;
+        backends.push((local(port), proc));
+    }
+    backends.sort_by(|a, b| a.0.cmp(&b.0));
+    backends
+}
+
+/// The addresses of `backends`, in their order.
+pub fn addresses_of(backends: &[(String, Proc)]) -> Vec<String> {
+    backends.iter().map(|(a, _)| a.clone()).collect()
+}
+
+/// A round_robin client of [`SERVICE`] through `registry` (one address or
+/// a replica list) under load (4 workers, an RPC each per 10 ms), once it
+/// uses every one of `expected` and 100 RPCs have run.
+pub async fn load_through(registry: &str, expected: &[String]) -> (BalancedChannel, Load) {
+    let channel = channel(&registry_target(registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, expected, STARTUP).await;
+    let load = Load::start(
+        channel.clone(),
+        4,
+        Duration::from_millis(10),
+        Duration::from_secs(2),
+    );
+    load.wait_more(100, STARTUP).await;
+    (channel, load)
+}
+
 /// The service every test registers.
 pub const SERVICE: &str = "lb.example.grpc.io";
 /// Deadline for processes to start on a loaded machine.
@@ -689,6 +813,16 @@ pub fn sample(metrics: &str, name: &str) -> Option<f64> {
         let rest = line.strip_prefix(name)?;
         rest.strip_prefix(' ')?.trim().parse().ok()
     })
+}
+
+/// Waits until the sample `name` (labels exactly as rendered) scraped from
+/// `address` satisfies `ok` (`None` while absent); returns its value.
+pub async fn wait_sample(address: &str, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
+    wait_for(&format!("{name} at {address}"), STARTUP, || async {
+        let (_, body) = get(address, "/metrics").await;
+        sample(&body, name).filter(|v| ok(*v))
+    })
+    .await
 }
 
 /// Opens a Watch of [`SERVICE`] and reads its first message, which proves

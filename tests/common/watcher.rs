@@ -122,6 +122,29 @@ impl View {
             self.summary()
         );
     }
+
+    /// A watch nothing disturbed: a clean protocol, one reset (the first),
+    /// no removal, the stream still open, and exactly `expected`.
+    pub fn assert_untouched(&self, who: &str, expected: &[String]) {
+        self.assert_clean(who);
+        assert!(
+            self.removed_at.is_empty(),
+            "{who}: endpoints removed: {}",
+            self.summary()
+        );
+        assert_eq!(
+            self.resets,
+            1,
+            "{who}: a reset besides the first: {}",
+            self.summary()
+        );
+        assert!(
+            self.ended.is_none(),
+            "{who}: the watch ended: {}",
+            self.summary()
+        );
+        assert_eq!(self.addresses(), expected, "{who}: {}", self.summary());
+    }
 }
 
 /// A watch stream read by its own task into a [`View`] the test can wait on.
