@@ -8,17 +8,21 @@
 //! accepts it. grpc-go and grpcio servers accept the same requests.
 //!
 //! So the fix sits below h2. [`AuthorityRepair`] wraps an accepted plaintext
-//! connection and follows the client's HPACK state through every header
-//! block it sends. Until a request carries an `:authority` h2 would refuse,
-//! every byte passes through unchanged. From that request on, header blocks
-//! are re-encoded as plain literals, with the bad authority replaced by the
-//! address the connection reached: once one block is rewritten, h2's HPACK
-//! table no longer matches the client's, so later blocks must not refer to
-//! it. Anything this module does not understand (a malformed frame or header
-//! block) makes it step aside and pass bytes through, for h2 to judge.
+//! connection and follows the client's HPACK state through the header
+//! blocks it sends. If the first request carries an `:authority` h2 would
+//! refuse, that block and every later one are re-encoded as plain literals,
+//! with the bad authority replaced by the address the connection reached:
+//! once one block is rewritten, h2's HPACK table no longer matches the
+//! client's, so later blocks must not refer to it. If the first request's
+//! authority is valid, the wrapper steps aside and every later byte passes
+//! straight through: a gRPC client sends its channel's one authority on
+//! every call of a connection, and decoding every request (loona-hpack
+//! builds a Huffman table per string) doubled a plaintext server's CPU per
+//! RPC. Anything this module does not understand (a malformed frame or
+//! header block) also makes it step aside, for h2 to judge.
 //!
-//! The cost is one extra HPACK decode per request and one copy of inbound
-//! bytes. Over TLS the bytes are ciphertext at this layer, so
+//! The cost is one HPACK decode per connection, or per request on a repaired
+//! one. Over TLS the bytes are ciphertext at this layer, so
 //! [`repair_authorities`] leaves TLS connections alone; clients then need
 //! the workaround in `docs/interop.md` (`grpc.default_authority`).
 
@@ -381,12 +385,14 @@ impl Repairer {
     fn header_block(&mut self, pending: Pending, out: &mut BytesMut) {
         let mut fields: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut malformed: Option<Vec<u8>> = None;
+        let mut valid_authority = false;
         let replacement = &self.replacement;
         let decoded = self.decoder.decode_with_cb(&pending.block, |name, value| {
             if &*name == b":authority" && http::uri::Authority::try_from(&*value).is_err() {
                 malformed = Some(value.into_owned());
                 fields.push((name.into_owned(), replacement.to_vec()));
             } else {
+                valid_authority |= &*name == b":authority";
                 fields.push((name.into_owned(), value.into_owned()));
             }
         });
@@ -410,6 +416,10 @@ impl Repairer {
         match self.mode {
             Mode::Forward | Mode::Transparent => out.extend_from_slice(&pending.frames),
             Mode::Reencode => encode_block(&fields, pending.stream_id, pending.end_stream, out),
+        }
+        if self.mode == Mode::Forward && valid_authority {
+            // The client's authority is fine; see the module docs.
+            self.mode = Mode::Transparent;
         }
     }
 }
@@ -529,6 +539,13 @@ mod tests {
         .collect()
     }
 
+    /// A request that names no authority (HTTP/2 allows it; h2 takes it).
+    fn request_without_authority() -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut fields = request("");
+        fields.retain(|(n, _)| n != b":authority");
+        fields
+    }
+
     fn encode(encoder: &mut Encoder<'_>, fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
         encoder.encode(fields.iter().map(|(n, v)| (&n[..], &v[..])))
     }
@@ -577,8 +594,9 @@ mod tests {
         let multi = "127.0.0.1:50051,127.0.0.1:50052";
         let mut encoder = Encoder::new();
         let mut input = PREFACE.to_vec();
-        // A valid request first, so h2's table holds entries of its own.
-        let ok = encode(&mut encoder, &request("127.0.0.1:50051"));
+        // A request without an authority first (judged no further), so
+        // h2's table holds entries of its own.
+        let ok = encode(&mut encoder, &request_without_authority());
         input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &ok));
         // Then the bad one split over HEADERS (padded) and CONTINUATION.
         let bad = encode(&mut encoder, &request(multi));
@@ -611,7 +629,7 @@ mod tests {
                 (HEADERS, END_HEADERS | END_STREAM, 5),
             ]
         );
-        for (kind, _, _, payload) in &frames {
+        for (kind, _, stream, payload) in &frames {
             if *kind != HEADERS {
                 continue;
             }
@@ -620,9 +638,29 @@ mod tests {
                 .iter()
                 .find(|(n, _)| n == b":authority")
                 .map(|(_, v)| v.clone());
+            if *stream == 1 {
+                assert_eq!(fields, request_without_authority());
+                continue;
+            }
             assert_eq!(authority.as_deref(), Some(&b"127.0.0.1:50051"[..]));
             assert_eq!(fields.len(), 6);
         }
+    }
+
+    #[test]
+    fn after_a_valid_authority_every_byte_passes_straight_through() {
+        let mut encoder = Encoder::new();
+        let mut input = PREFACE.to_vec();
+        let ok = encode(&mut encoder, &request("127.0.0.1:50051"));
+        input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &ok));
+        // Not a gRPC client (its channel has one authority), so left to h2.
+        let bad = encode(&mut encoder, &request("a,b"));
+        input.extend(frame(HEADERS, END_HEADERS | END_STREAM, 3, &bad));
+        let mut repairer = Repairer::new(Bytes::from_static(b"127.0.0.1:50051"), None);
+        let out = feed_bytewise(&mut repairer, &input);
+        assert_eq!(&out[..], &input[..]);
+        assert_eq!(repairer.repaired, 0);
+        assert_eq!(repairer.mode, Mode::Transparent);
     }
 
     #[test]
