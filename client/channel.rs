@@ -5,6 +5,7 @@ use std::error::Error as StdError;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use super::dns_resolver::DnsResolver;
 use super::error::{source_chain, Error};
 use super::health::HealthCheck;
 use super::least_request::{LeastRequest, LeastRequestConfig};
-use super::metrics::{ClientMetrics, EndpointMetrics};
+use super::metrics::{ChannelMetrics, ClientMetrics, EndpointMetrics};
 use super::outlier_detection::{OutlierDetection, OutlierDetectionConfig};
 use super::pick_first::PickFirst;
 use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
@@ -285,6 +286,7 @@ impl Builder {
     pub fn build(mut self) -> BalancedChannel {
         let metrics = self.metrics.as_ref().map(|m| m.channel(&self.target));
         self.connect.metrics = metrics.clone();
+        let unpicked = metrics.clone();
         let (sink, resolution) = ResolverSink::new();
         let resolve_now = sink.resolve_now();
         let (picker_changed, picker_waiter) = watch::channel(());
@@ -339,6 +341,7 @@ impl Builder {
                 wait_for_ready: self.wait_for_ready,
                 default_timeout: self.default_timeout,
                 connections,
+                metrics: unpicked,
                 _tasks: [resolver, balancer],
             }),
         }
@@ -383,6 +386,9 @@ struct Shared {
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
     connections: Arc<ConnectionStats>,
+    /// Counts the RPCs that end before any pick; per-endpoint outcomes are
+    /// counted by each connection.
+    metrics: Option<ChannelMetrics>,
     _tasks: [Tasks; 2],
 }
 
@@ -507,13 +513,20 @@ impl Shared {
         let deadline = timeout.map(|t| Instant::now() + t);
         let wait_for_ready =
             self.wait_for_ready || request.extensions().get::<WaitForReady>().is_some();
-        let attempt = self.send_to_ready(request, wait_for_ready, deadline);
-        match deadline {
+        let picked = AtomicBool::new(false);
+        let attempt = self.send_to_ready(request, wait_for_ready, deadline, &picked);
+        let sent = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, attempt)
                 .await
                 .unwrap_or_else(|_| Err(self.deadline_exceeded().into())),
             None => attempt.await,
+        };
+        if let (Err(status), Some(metrics)) = (&sent, &self.metrics) {
+            if !picked.load(Ordering::Relaxed) {
+                metrics.unpicked(status.code());
+            }
         }
+        sent
     }
 
     /// Picks a connection and sends; waits while connecting, fails fast in
@@ -523,6 +536,7 @@ impl Shared {
         mut request: http::Request<tonic::body::Body>,
         wait_for_ready: bool,
         deadline: Option<Instant>,
+        picked: &AtomicBool,
     ) -> Result<http::Response<ResponseBody>, Status> {
         let mut waiter = None;
         loop {
@@ -566,6 +580,7 @@ impl Shared {
                 }
             };
             drop(published);
+            picked.store(true, Ordering::Relaxed);
             if let Some(metrics) = &connection.metrics {
                 metrics.picked();
             }
@@ -597,6 +612,7 @@ impl Shared {
                     // before): safe to send elsewhere.
                     Some(unsent) => {
                         outcome.forget();
+                        picked.store(false, Ordering::Relaxed);
                         request = unsent;
                         // Let the balancer hear of the closed connection.
                         tokio::task::yield_now().await;

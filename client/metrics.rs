@@ -37,6 +37,13 @@ struct EndpointLabels {
     endpoint: Arc<str>,
 }
 
+/// The labels of a channel's RPCs that ended before any pick.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetCodeLabels {
+    grpc_target: Arc<str>,
+    code: &'static str,
+}
+
 /// The labels of one backend's RPC outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -55,6 +62,7 @@ pub struct ClientMetrics {
     open_connections: Family<EndpointLabels, Gauge>,
     picks: Family<EndpointLabels, Counter>,
     rpcs: Family<RpcLabels, Counter>,
+    unpicked: Family<TargetCodeLabels, Counter>,
     endpoints: Family<TargetLabels, Gauge>,
     endpoints_ready: Family<TargetLabels, Gauge>,
     resolver_updates: Family<TargetLabels, Counter>,
@@ -101,6 +109,11 @@ impl ClientMetrics {
             "rpcs",
             "RPCs that ended, by endpoint and status code",
             self.rpcs.clone(),
+        );
+        ours.register(
+            "unpicked_rpcs",
+            "RPCs that ended before reaching any endpoint (none ready, deadline while queued), by status code",
+            self.unpicked.clone(),
         );
         ours.register(
             "endpoints",
@@ -169,6 +182,17 @@ impl ChannelMetrics {
             codes: Default::default(),
             labels,
         }
+    }
+
+    /// An RPC ended with `code` before any endpoint was picked for it.
+    pub(crate) fn unpicked(&self, code: tonic::Code) {
+        self.families
+            .unpicked
+            .get_or_create(&TargetCodeLabels {
+                grpc_target: self.target.clone(),
+                code: code_name(code),
+            })
+            .inc();
     }
 
     /// The resolver delivered an update.

@@ -412,3 +412,31 @@ async fn registry_streams_are_counted_with_their_final_status_when_they_end() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpcs_that_reach_no_endpoint_are_counted_by_code() {
+    // Nothing listens there: the one subchannel fails to connect, and
+    // fail-fast RPCs end UNAVAILABLE without a pick.
+    let nowhere = local(free_port());
+    let target = format!("static:///{nowhere}");
+    let mut registry = Registry::default();
+    let channel = BalancedChannel::builder(&target)
+        .expect("valid target")
+        .backoff(BackoffConfig::fast())
+        .metrics(&mut registry)
+        .build();
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..3 {
+        let status = echo_once(&mut client, Duration::from_secs(5))
+            .await
+            .expect_err("no backend listens");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    let text = switchboard::metrics::render(&registry);
+    let unpicked = format!(
+        "switchboard_client_unpicked_rpcs_total{{grpc_target=\"{target}\",code=\"UNAVAILABLE\"}}"
+    );
+    assert_eq!(sample(&text, &unpicked), Some(3.0), "{text}");
+    let picks = per_endpoint("switchboard_client_picks_total", &target, &nowhere);
+    assert_eq!(sample(&text, &picks).unwrap_or(0.0), 0.0, "{text}");
+}
