@@ -36,6 +36,8 @@ pub(crate) const RPC_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What one RPC did.
 pub(crate) struct Shot {
+    /// When it was started.
+    pub(crate) sent: Instant,
     /// When it finished.
     pub(crate) done: Instant,
     /// The backend that answered, or the error.
@@ -127,11 +129,13 @@ impl Load {
                                 message: "failover".into(),
                             });
                             request.set_timeout(RPC_TIMEOUT);
+                            let sent = Instant::now();
                             let result = client
                                 .unary_echo(request)
                                 .await
                                 .map(|reply| backend_of(&reply.into_inner().message));
                             shots.lock().unwrap().push(Shot {
+                                sent,
                                 done: Instant::now(),
                                 result,
                             });

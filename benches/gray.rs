@@ -14,18 +14,14 @@
 //! which).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchboard::client::{
     BalancedChannel, LeastRequestConfig, OutlierDetectionConfig, PolicyKind,
 };
-use switchboard::proto::echo::echo_client::EchoClient;
-use switchboard::proto::echo::EchoRequest;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::failover::{Load, Shot, RPC_TIMEOUT};
 use crate::faulty::FaultyEcho;
 use crate::procs::Proc;
 use crate::stats::{ms, Samples, Table};
@@ -40,9 +36,6 @@ pub struct Config {
     /// How long each scenario is measured.
     pub window: Duration,
 }
-
-/// Each RPC's deadline.
-const RPC_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The policies compared.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -99,86 +92,6 @@ impl Lb {
             builder = builder.outlier_detection(OutlierDetectionConfig::default());
         }
         Ok(builder.build())
-    }
-}
-
-/// What one RPC did.
-struct Shot {
-    sent: Instant,
-    done: Instant,
-    /// The backend that answered, or the error.
-    result: Result<String, tonic::Status>,
-}
-
-/// Open-loop load: RPCs start on schedule, whatever the replies do.
-struct Load {
-    shots: Arc<Mutex<Vec<Shot>>>,
-    stop: Arc<AtomicBool>,
-    outstanding: Arc<AtomicUsize>,
-    driver: JoinHandle<()>,
-}
-
-impl Load {
-    fn start(channel: &BalancedChannel, rate: f64) -> Self {
-        let shots = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let outstanding = Arc::new(AtomicUsize::new(0));
-        let client = EchoClient::new(channel.clone());
-        let driver = tokio::spawn({
-            let (shots, stop, outstanding) = (shots.clone(), stop.clone(), outstanding.clone());
-            async move {
-                let start = Instant::now();
-                let mut started = 0u64;
-                let mut tick = tokio::time::interval(Duration::from_millis(1));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                while !stop.load(Ordering::Relaxed) {
-                    tick.tick().await;
-                    let due = (start.elapsed().as_secs_f64() * rate) as u64;
-                    while started < due {
-                        started += 1;
-                        let mut client = client.clone();
-                        let (shots, outstanding) = (shots.clone(), outstanding.clone());
-                        outstanding.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(async move {
-                            let mut request = tonic::Request::new(EchoRequest {
-                                message: "gray".into(),
-                            });
-                            request.set_timeout(RPC_TIMEOUT);
-                            let sent = Instant::now();
-                            let result = client.unary_echo(request).await.map(|reply| {
-                                let message = reply.into_inner().message;
-                                message
-                                    .rsplit_once("(from ")
-                                    .map(|(_, rest)| rest.trim_end_matches(')').to_owned())
-                                    .unwrap_or_default()
-                            });
-                            shots.lock().unwrap().push(Shot {
-                                sent,
-                                done: Instant::now(),
-                                result,
-                            });
-                            outstanding.fetch_sub(1, Ordering::Relaxed);
-                        });
-                    }
-                }
-            }
-        });
-        Self {
-            shots,
-            stop,
-            outstanding,
-            driver,
-        }
-    }
-
-    async fn stop(self) -> Vec<Shot> {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.driver.await;
-        let deadline = Instant::now() + RPC_TIMEOUT * 3;
-        while self.outstanding.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        std::mem::take(&mut *self.shots.lock().unwrap())
     }
 }
 
