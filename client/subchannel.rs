@@ -146,6 +146,10 @@ pub struct ConnectionStats {
     pub disconnections: AtomicU64,
     /// Connections a server ended with GOAWAY `too_many_pings`.
     pub too_many_pings: AtomicU64,
+    /// Ready connections closed because a keepalive ping went unanswered
+    /// within the keepalive timeout: a hung backend or a vanished network,
+    /// found by the client itself rather than by the registry's TTL.
+    pub keepalive_timeouts: AtomicU64,
 }
 
 impl ConnectionStats {
@@ -414,6 +418,10 @@ async fn run(
                     metrics.disconnected();
                 }
                 if let Err(error) = &ended {
+                    // The only timer on a client connection is keepalive's.
+                    if error.is_timeout() {
+                        ConnectionStats::count(&config.stats.keepalive_timeouts);
+                    }
                     if is_too_many_pings(error) {
                         ConnectionStats::count(&config.stats.too_many_pings);
                         let interval = config.keepalive.back_off();

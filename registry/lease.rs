@@ -144,7 +144,19 @@ pub struct Stall {
 impl LeaseTable {
     /// Grants a lease for `service`/`address` that ends after `ttl`.
     pub fn grant(&self, id: LeaseId, service: Arc<str>, address: Arc<str>, ttl: Duration) {
-        let deadline = Instant::now() + ttl;
+        self.grant_at(id, service, address, ttl, Instant::now());
+    }
+
+    /// [`LeaseTable::grant`] at `now`; tests step the clock with it.
+    fn grant_at(
+        &self,
+        id: LeaseId,
+        service: Arc<str>,
+        address: Arc<str>,
+        ttl: Duration,
+        now: Instant,
+    ) {
+        let deadline = now + ttl;
         let mut state = self.lock();
         let earliest = state.deadlines.first().map(|(at, _)| *at);
         state.deadlines.insert((deadline, id));
@@ -154,7 +166,7 @@ impl LeaseTable {
                 service,
                 address,
                 ttl,
-                granted: Instant::now(),
+                granted: now,
                 deadline,
                 stream: None,
             },
@@ -167,6 +179,16 @@ impl LeaseTable {
 
     /// Pushes a lease's deadline one TTL ahead and binds it to `stream`.
     pub fn refresh(&self, id: LeaseId, stream: StreamId) -> Result<Duration, RegistryError> {
+        self.refresh_at(id, stream, Instant::now())
+    }
+
+    /// [`LeaseTable::refresh`] at `now`.
+    fn refresh_at(
+        &self,
+        id: LeaseId,
+        stream: StreamId,
+        now: Instant,
+    ) -> Result<Duration, RegistryError> {
         let mut state = self.lock();
         let State {
             leases, deadlines, ..
@@ -175,7 +197,7 @@ impl LeaseTable {
             .get_mut(&id)
             .ok_or_else(|| RegistryError::LeaseNotFound(id.to_string()))?;
         deadlines.remove(&(lease.deadline, id));
-        lease.deadline = Instant::now() + lease.ttl;
+        lease.deadline = now + lease.ttl;
         lease.stream = Some(stream);
         deadlines.insert((lease.deadline, id));
         Ok(lease.ttl)
@@ -319,14 +341,27 @@ pub fn log_stall(stall: Stall) {
 mod tests {
     use super::*;
 
-    /// Lets `span` of paused time pass the way a running registry lives it:
-    /// in ticks of [`STALL_TICK`], each noticed, so none looks like a stall.
-    async fn run_for(table: &LeaseTable, span: Duration) {
-        let end = Instant::now() + span;
-        while Instant::now() < end {
-            let step = STALL_TICK.min(end - Instant::now());
-            tokio::time::advance(step).await;
-            assert_eq!(table.observe(Instant::now()), None);
+    /// A clock the test moves by hand.
+    struct Clock(Instant);
+
+    impl Clock {
+        fn start() -> Self {
+            Self(Instant::now())
+        }
+
+        /// Jumps `span` ahead without the registry noticing: a stall.
+        fn advance(&mut self, span: Duration) {
+            self.0 += span;
+        }
+
+        /// Lets `span` pass the way a running registry lives it: in ticks
+        /// of [`STALL_TICK`], each noticed, so none looks like a stall.
+        fn run_for(&mut self, table: &LeaseTable, span: Duration) {
+            let end = self.0 + span;
+            while self.0 < end {
+                self.0 += STALL_TICK.min(end - self.0);
+                assert_eq!(table.observe(self.0), None);
+            }
         }
     }
 
@@ -339,29 +374,30 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn expiry_orders_by_deadline_and_refresh_postpones() {
+    #[test]
+    fn expiry_orders_by_deadline_and_refresh_postpones() {
         let table = LeaseTable::default();
-        let start = Instant::now();
+        let mut clock = Clock::start();
+        let start = clock.0;
         let (a, b) = (LeaseId::random(), LeaseId::random());
-        table.grant(a, "s".into(), "h:1".into(), Duration::from_secs(1));
-        table.grant(b, "s".into(), "h:2".into(), Duration::from_secs(2));
-        run_for(&table, Duration::from_millis(900)).await;
+        table.grant_at(a, "s".into(), "h:1".into(), Duration::from_secs(1), start);
+        table.grant_at(b, "s".into(), "h:2".into(), Duration::from_secs(2), start);
+        clock.run_for(&table, Duration::from_millis(900));
         // Refreshed at 0.9 s, `a` now ends at 1.9 s instead of 1 s.
-        table.refresh(a, 7).unwrap();
-        run_for(&table, Duration::from_millis(200)).await;
-        let (expired, next) = table.take_expired(Instant::now());
+        table.refresh_at(a, 7, clock.0).unwrap();
+        clock.run_for(&table, Duration::from_millis(200));
+        let (expired, next) = table.take_expired(clock.0);
         assert!(expired.is_empty(), "refresh did not postpone: {expired:?}");
         assert_eq!(next, Some(start + Duration::from_millis(1900)));
         // At 1.95 s `a` is past its deadline and `b` (2 s) is not.
-        run_for(&table, Duration::from_millis(850)).await;
-        let (expired, next) = table.take_expired(Instant::now());
+        clock.run_for(&table, Duration::from_millis(850));
+        let (expired, next) = table.take_expired(clock.0);
         assert_eq!(
             expired.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
             vec![a]
         );
         assert_eq!(next, Some(start + Duration::from_secs(2)));
-        table.refresh(b, 7).unwrap();
+        table.refresh_at(b, 7, clock.0).unwrap();
         assert!(
             table.revoke_if_bound(b, 8).is_none(),
             "foreign stream revoked"
@@ -370,26 +406,27 @@ mod tests {
         assert!(table.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_stall_extends_every_lease_instead_of_expiring_it() {
+    #[test]
+    fn a_stall_extends_every_lease_instead_of_expiring_it() {
         let table = LeaseTable::default();
+        let mut clock = Clock::start();
         let ttl = Duration::from_secs(1);
         let id = LeaseId::random();
-        table.grant(id, "s".into(), "h:1".into(), ttl);
+        table.grant_at(id, "s".into(), "h:1".into(), ttl, clock.0);
         // Scheduling noise below the threshold is no stall.
-        tokio::time::advance(STALL_THRESHOLD / 2).await;
-        assert_eq!(table.observe(Instant::now()), None);
+        clock.advance(STALL_THRESHOLD / 2);
+        assert_eq!(table.observe(clock.0), None);
         // The registry does not run for two TTLs: on its first look after,
         // the lease is extended rather than expired.
         let stalled = 2 * ttl;
-        tokio::time::advance(stalled).await;
-        let (expired, next) = table.take_expired(Instant::now());
+        clock.advance(stalled);
+        let (expired, next) = table.take_expired(clock.0);
         assert!(expired.is_empty(), "expired after a stall: {expired:?}");
-        let left = next.unwrap() - Instant::now();
+        let left = next.unwrap() - clock.0;
         assert_eq!(left, ttl - STALL_THRESHOLD / 2 + STALL_GRACE);
         // Without a heartbeat it still ends once the grace is over.
-        run_for(&table, left).await;
-        let (expired, _) = table.take_expired(Instant::now());
+        clock.run_for(&table, left);
+        let (expired, _) = table.take_expired(clock.0);
         assert_eq!(expired.len(), 1);
     }
 }

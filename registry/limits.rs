@@ -129,11 +129,15 @@ impl RegistrationRate {
     /// Takes one registration from `peer`'s budget, or refuses with
     /// RESOURCE_EXHAUSTED naming the cap. Unknown peers are not capped.
     pub fn admit(&self, peer: Option<SocketAddr>) -> Result<(), RegistryError> {
+        self.admit_at(peer, Instant::now())
+    }
+
+    /// [`RegistrationRate::admit`] at `now`; tests step the clock with it.
+    fn admit_at(&self, peer: Option<SocketAddr>, now: Instant) -> Result<(), RegistryError> {
         let (Some(rate), Some(peer)) = (self.per_second, peer) else {
             return Ok(());
         };
         let rate = f64::from(rate.get());
-        let now = Instant::now();
         let admitted = {
             let mut bucket = self.buckets.entry(peer).or_insert(Bucket {
                 tokens: rate,
@@ -187,47 +191,51 @@ impl RegistrationRate {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn registrations_are_capped_per_connection_and_refill_with_time() {
+    #[test]
+    fn registrations_are_capped_per_connection_and_refill_with_time() {
         let rate = RegistrationRate::new(NonZeroU32::new(3));
         let (a, b): (SocketAddr, SocketAddr) = (
             "127.0.0.1:1".parse().unwrap(),
             "127.0.0.1:2".parse().unwrap(),
         );
+        let start = Instant::now();
         for _ in 0..3 {
-            rate.admit(Some(a)).unwrap();
+            rate.admit_at(Some(a), start).unwrap();
         }
-        let refused = rate.admit(Some(a)).unwrap_err();
+        let refused = rate.admit_at(Some(a), start).unwrap_err();
         assert_eq!(
             refused.to_string(),
             "registrations per second per connection limit of 3 reached"
         );
-        rate.admit(Some(b))
+        rate.admit_at(Some(b), start)
             .expect("another connection has its own budget");
-        rate.admit(None).expect("unknown peers are not capped");
-        tokio::time::advance(Duration::from_millis(340)).await;
-        rate.admit(Some(a))
+        rate.admit_at(None, start)
+            .expect("unknown peers are not capped");
+        let later = start + Duration::from_millis(340);
+        rate.admit_at(Some(a), later)
             .expect("a third of a second refills one");
-        assert!(rate.admit(Some(a)).is_err());
-        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(rate.admit_at(Some(a), later).is_err());
+        let much_later = later + Duration::from_secs(10);
         for _ in 0..3 {
-            rate.admit(Some(a)).unwrap();
+            rate.admit_at(Some(a), much_later).unwrap();
         }
         assert!(
-            rate.admit(Some(a)).is_err(),
+            rate.admit_at(Some(a), much_later).is_err(),
             "the burst is one second's worth"
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn idle_connections_are_forgotten() {
+    #[test]
+    fn idle_connections_are_forgotten() {
         let rate = RegistrationRate::new(NonZeroU32::new(10));
+        let start = Instant::now();
         for port in 0..=SWEEP_ABOVE as u16 {
-            rate.admit(Some(SocketAddr::from(([127, 0, 0, 1], port))))
+            rate.admit_at(Some(SocketAddr::from(([127, 0, 0, 1], port))), start)
                 .unwrap();
         }
-        tokio::time::advance(Duration::from_secs(2)).await;
-        rate.admit(Some("127.0.0.2:1".parse().unwrap())).unwrap();
+        let later = start + Duration::from_secs(2);
+        rate.admit_at(Some("127.0.0.2:1".parse().unwrap()), later)
+            .unwrap();
         assert_eq!(rate.tracked(), 1);
     }
 

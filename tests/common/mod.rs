@@ -6,6 +6,7 @@
 pub mod cases;
 pub mod faulty;
 pub mod pki;
+pub mod python;
 pub mod watcher;
 #[allow(unused_imports)]
 pub use watcher::{View, Watcher};
@@ -55,6 +56,35 @@ where
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// For a test that looks at the whole test process (its sockets, say),
+/// which other tests share while they run beside it: `true` inside a run of
+/// this test binary limited to `test` (`module::name`) alone, where the
+/// test does its work; otherwise it starts that run, fails if the run
+/// failed, and returns `false` so the caller returns at once.
+pub fn in_a_process_of_its_own(test: &str) -> bool {
+    const ALONE: &str = "SWITCHBOARD_TEST_ALONE";
+    if std::env::var(ALONE).is_ok_and(|t| t == test) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let out = Command::new(exe)
+        .args([test, "--exact", "--test-threads=1", "--nocapture"])
+        .env(ALONE, test)
+        .output()
+        .expect("run the test binary again");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{test} failed in a process of its own:\n{text}"
+    );
+    assert!(text.contains("1 passed"), "{test} did not run:\n{text}");
+    false
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped. Its output
@@ -648,6 +678,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub async fn start(backends: usize) -> Self {
+        Self::start_with(backends, &[]).await
+    }
+
+    /// As [`Cluster::start`], with `echo_args` passed to every backend.
+    pub async fn start_with(backends: usize, echo_args: &[&str]) -> Self {
         let port = free_port();
         let registry_proc = start_registry(port).await;
         let registry = local(port);
@@ -657,7 +692,9 @@ impl Cluster {
             backends: Vec::new(),
         };
         for _ in 0..backends {
-            cluster.add_backend().await;
+            let port = free_port();
+            let proc = start_echo(&cluster.registry, SERVICE, &[port], echo_args).await;
+            cluster.backends.push((local(port), proc));
         }
         let addresses = cluster.addresses();
         wait_registered(&cluster.registry, SERVICE, &addresses, STARTUP).await;
@@ -817,12 +854,22 @@ pub fn sample(metrics: &str, name: &str) -> Option<f64> {
 
 /// Waits until the sample `name` (labels exactly as rendered) scraped from
 /// `address` satisfies `ok` (`None` while absent); returns its value.
+/// On timeout it shows every sample of the metric, so a failure says what
+/// the value was, not only that it was not the one awaited.
 pub async fn wait_sample(address: &str, name: &str, ok: impl Fn(f64) -> bool) -> f64 {
-    wait_for(&format!("{name} at {address}"), STARTUP, || async {
+    let deadline = Instant::now() + STARTUP;
+    loop {
         let (_, body) = get(address, "/metrics").await;
-        sample(&body, name).filter(|v| ok(*v))
-    })
-    .await
+        if let Some(value) = sample(&body, name).filter(|v| ok(*v)) {
+            return value;
+        }
+        if Instant::now() >= deadline {
+            let family = name.split('{').next().unwrap_or(name);
+            let seen: Vec<&str> = body.lines().filter(|l| l.starts_with(family)).collect();
+            panic!("timed out after {STARTUP:?} waiting for {name} at {address}; its samples: {seen:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Opens a Watch of [`SERVICE`] and reads its first message, which proves

@@ -1,7 +1,5 @@
 //! Python with a pinned grpcio, for the tests that talk to stock gRPC
-//! (`interop.rs`, `xds.rs`). Kept out of `mod.rs` so only the test binaries
-//! that use it compile it: include it with
-//! `#[path = "common/python.rs"] mod python;`.
+//! (`interop.rs`, `xds.rs`).
 #![allow(dead_code)]
 
 use std::path::PathBuf;

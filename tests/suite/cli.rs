@@ -2,26 +2,21 @@
 //! files stop it before it serves anything, with exit status 1 and one line,
 //! `error: ...`, that says what is wrong.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::path::PathBuf;
 
-use common::cases::{self, case, Case};
-use common::*;
+use crate::common::cases::{self, case, Case};
+use crate::common::*;
 
 /// A binary and its arguments, which it must refuse at startup.
 type CommandLine = (&'static str, Vec<String>);
 
 /// Where this run's certificates are written (they are made fresh by a
-/// throwaway CA, see `common::pki`).
+/// throwaway CA, see `crate::common::pki`).
 fn pki_dir() -> PathBuf {
     let dir =
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    common::pki::write_files(&dir);
+    crate::common::pki::write_files(&dir);
     dir
 }
 

@@ -8,14 +8,10 @@
 //! server is a child process on port 0), so the library test can check
 //! that the channel opened none.
 
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use prometheus_client::registry::Registry;
 use switchboard::client::{BackoffConfig, BalancedChannel, PolicyKind};
 use switchboard::proto::echo::echo_client::EchoClient;
@@ -93,6 +89,13 @@ fn listening_sockets_of_this_process() -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builder_metrics_count_into_the_applications_registry_and_open_no_port() {
+    // Other tests in this binary listen in process; the socket check below
+    // must see this test's sockets only.
+    if !in_a_process_of_its_own(
+        "metrics::builder_metrics_count_into_the_applications_registry_and_open_no_port",
+    ) {
+        return;
+    }
     let (_registry, reg) = registry_on("127.0.0.1:0").await;
     let (_a, a) = echo_on(&reg, &[]).await;
     let (_b, b) = echo_on(&reg, &[]).await;
@@ -369,8 +372,18 @@ async fn echo_counts_rpcs_by_code_and_follows_its_registration() {
 async fn registry_streams_are_counted_with_their_final_status_when_they_end() {
     let registry = StatusRegistry::start(&[]).await;
     let (reg, metrics) = (registry.address.clone(), registry.status.clone());
-    let (mut echo, address) = echo_on(&reg, &[]).await;
+    let (mut echo, address) = echo_on(&reg, &["--metrics-listen", "127.0.0.1:0"]).await;
+    let echo_metrics = metrics_address(&echo).await;
     wait_registered(&reg, SERVICE, std::slice::from_ref(&address), STARTUP).await;
+    // The registry lists an endpoint as soon as Register returns, before its
+    // keeper has opened the KeepAlive stream; the keeper says registered
+    // once that stream has answered, so there is a stream to end.
+    wait_sample(
+        &echo_metrics,
+        &format!("switchboard_echo_registered{{service=\"{SERVICE}\",address=\"{address}\"}}"),
+        |v| v == 1.0,
+    )
+    .await;
     let mut client = RegistryClient::connect(format!("http://{reg}"))
         .await
         .expect("connect to the registry");

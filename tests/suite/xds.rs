@@ -9,18 +9,11 @@
 //!   over the backends, a SIGKILLed backend loses only its in-flight RPCs, a
 //!   new backend gets traffic within a second, a SIGTERM drain fails nothing.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-#[path = "common/python.rs"]
-mod python;
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
 use envoy_types::pb::envoy::config::core::v3::{address, HealthStatus, Node};
@@ -658,7 +651,7 @@ async fn xds_cluster(python_path: &Path) -> (Cluster, XdsClient) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_xds_client_spreads_calls_over_both_backends() {
-    let Some(python_path) = python::python_with_grpcio() else {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
         eprintln!("python3 not found: skipping");
         return;
     };
@@ -684,7 +677,7 @@ async fn grpcio_xds_client_spreads_calls_over_both_backends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_xds_client_moves_off_a_killed_backend_within_a_second() {
-    let Some(python_path) = python::python_with_grpcio() else {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
         eprintln!("python3 not found: skipping");
         return;
     };
@@ -725,7 +718,7 @@ async fn grpcio_xds_client_moves_off_a_killed_backend_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_xds_client_sends_to_a_new_backend_within_a_second() {
-    let Some(python_path) = python::python_with_grpcio() else {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
         eprintln!("python3 not found: skipping");
         return;
     };
@@ -768,7 +761,7 @@ async fn grpcio_xds_client_loses_nothing_to_a_sigterm_drain() {
     /// How long the client may take to hear of the drain: a push on
     /// loopback, well inside echo's one-second drain grace.
     const NOTICE_MS: f64 = 500.0;
-    let Some(python_path) = python::python_with_grpcio() else {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
         eprintln!("python3 not found: skipping");
         return;
     };

@@ -13,11 +13,6 @@
 //! are also checked against every generated service name, so a generator bug
 //! cannot hide a registry bug.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -25,8 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Once;
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::{Buf, BufMut};
-use common::*;
 use http::uri::PathAndQuery;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};

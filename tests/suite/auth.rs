@@ -2,16 +2,11 @@
 //! readers without the right one (UNAUTHENTICATED, nothing changed), and the
 //! echo and client binaries and library present them from token files.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::cases::{self, case, expect_status, Case};
-use common::*;
+use crate::common::cases::{self, case, expect_status, Case};
+use crate::common::*;
 use switchboard::client::{BalancedChannel, PolicyKind};
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::registry::registry_client::RegistryClient;

@@ -7,17 +7,12 @@
 //! choose its limits; the restart test runs the real binary. Nothing is
 //! mocked: every call crosses a real HTTP/2 connection.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::cases::{self, case, expect_status, Case};
-use common::*;
+use crate::common::cases::{self, case, expect_status, Case};
+use crate::common::*;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::watch_response::Event;
 use switchboard::proto::registry::{

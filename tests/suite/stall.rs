@@ -3,14 +3,9 @@
 //! after SIGCONT no lease expires because of the pause, while a backend
 //! that really died meanwhile still goes within a TTL.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::time::Instant;
 
 /// The short lease TTL the backends ask for, so a stall of 2×TTL is quick.

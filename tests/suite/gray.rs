@@ -5,17 +5,12 @@
 //! (SIGSTOP; `--fail-rate`), an in-process echo with switchable faults
 //! where a test must turn a fault on and off.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::faulty::FaultyEcho;
-use common::*;
+use crate::common::faulty::FaultyEcho;
+use crate::common::*;
 use switchboard::client::outlier_detection::FailurePercentageEjection;
 use switchboard::client::{
     BackoffConfig, BalancedChannel, LeastRequestConfig, OutlierDetectionConfig, PolicyKind,

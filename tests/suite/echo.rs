@@ -4,16 +4,11 @@
 //! outages, a busy port), and the in-process [`EchoServerHandle`] that
 //! other tests start backends with. Bad flags are in `tests/cli.rs`.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::StreamExt;
 use switchboard::discovery::{EndpointSet, EndpointState, Versioned};
 use switchboard::echo::{EchoServerHandle, LeaseState, ServerConfig};

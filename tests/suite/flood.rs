@@ -6,16 +6,11 @@
 //! the flood's streams must be given back when it leaves, and nothing may
 //! panic.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use futures_util::{stream, StreamExt};
 use switchboard::discovery::{EndpointSet, Versioned};
 use switchboard::proto::registry::registry_client::RegistryClient;

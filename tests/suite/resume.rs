@@ -2,14 +2,9 @@
 //! position it holds is not sent what it already has, and backends and
 //! clients given several replicas move to the next one when theirs dies.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use switchboard::client::PolicyKind;
 use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::registry::{watch_response::Event, RegisterRequest, WatchRequest};

@@ -2,13 +2,9 @@
 //! registry's metrics moving on their events, the status page, and a drain
 //! by address under client load that fails no RPC.
 
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use switchboard::client::{BalancedChannel, PolicyKind};
 

@@ -11,20 +11,13 @@
 //! When grpcio is missing the tests install it (pinned) under the target
 //! directory, so nothing outside the checkout changes.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-#[path = "common/python.rs"]
-mod python;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
-use python::python_with_grpcio;
+use crate::common::python::python_with_grpcio;
+use crate::common::*;
 use switchboard::client::{BalancedChannel, PolicyKind};
 use switchboard::proto::echo::echo_client::EchoClient;
 use tokio::time::Instant;

@@ -2,18 +2,13 @@
 //! latency, a health switch), client-side health checking against real echo
 //! processes, and `dns:///` targets with their re-resolution.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use switchboard::client::{BackoffConfig, BalancedChannel, Builder, DnsResolver, PolicyKind};
 use switchboard::echo::EchoService;
 use switchboard::proto::echo::echo_client::EchoClient;

@@ -4,17 +4,12 @@
 //! certificate and key. Every certificate is made here, for this run, by a
 //! throwaway CA.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::cases::{self, case, expect_status, Case};
-use common::*;
+use crate::common::cases::{self, case, expect_status, Case};
+use crate::common::*;
 use futures_util::StreamExt;
 use switchboard::client::error::status_chain;
 use switchboard::client::transport;
@@ -47,7 +42,7 @@ impl Pki {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        common::pki::write_files(&dir);
+        crate::common::pki::write_files(&dir);
         Self { dir }
     }
 

@@ -11,15 +11,11 @@
 //! `cargo test --release --features etcd --test etcd` (the feature needs
 //! `protoc`).
 
-#![cfg(all(feature = "cli", feature = "etcd"))]
-
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use switchboard::client::resolver::ResolverEvent;
 use switchboard::client::{BackoffConfig, RegistryResolver, Resolver, ResolverSink};

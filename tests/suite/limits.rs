@@ -1,15 +1,10 @@
 //! Caps: past a cap the registry answers RESOURCE_EXHAUSTED naming it, and
 //! keeps serving everyone else; closed streams give their slots back.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::time::Duration;
 
-use common::cases::expect_status;
-use common::*;
+use crate::common::cases::expect_status;
+use crate::common::*;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{RegisterRequest, WatchRequest};
 use switchboard::registry::RegistryConfig;

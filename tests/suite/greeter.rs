@@ -4,17 +4,12 @@
 //! and the module's `Server` in-process (health, lease, drain report,
 //! refused settings).
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use switchboard::client::PolicyKind;
 use switchboard::proto::helloworld::greeter_client::GreeterClient;
 use switchboard::proto::helloworld::greeter_server::{Greeter, GreeterServer};

@@ -2,15 +2,10 @@
 //! with real registry and echo processes and real signals. Each test
 //! asserts how many RPCs failed.
 
-// These suites drive the binaries and servers: the default build only.
-#![cfg(feature = "cli")]
-
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use switchboard::client::PolicyKind;
 use switchboard::proto::echo::echo_client::EchoClient;
 use tokio::time::Instant;

@@ -7,8 +7,6 @@
 //! removal reaching the replica that holds the lease, and a replica's
 //! shutdown leaving its leases for another replica.
 //! Skipped, saying so, when there is no `etcd` on PATH.
-#![cfg(all(feature = "cli", feature = "etcd"))]
-
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
