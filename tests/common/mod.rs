@@ -93,6 +93,8 @@ pub struct Proc {
     pub name: String,
     child: Option<Child>,
     pub output: Arc<Mutex<Vec<String>>>,
+    /// The threads reading stdout and stderr; each ends at its pipe's EOF.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Proc {
@@ -119,6 +121,7 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let output = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         let name = std::path::Path::new(bin)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -137,16 +140,17 @@ impl Proc {
         .flatten()
         {
             let output = output.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                     output.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         Self {
             name,
             child: Some(child),
             output,
+            readers,
         }
     }
 
@@ -172,6 +176,8 @@ impl Proc {
     }
 
     /// Waits (up to `timeout`) for the process to exit and returns its code.
+    /// Its output is complete by then: the readers have reached EOF (unless
+    /// a child of its own still holds the pipes, which is not waited for).
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let child = self.child.as_mut().expect("running");
         let status = wait_for("process exit", timeout, || {
@@ -180,7 +186,23 @@ impl Proc {
         })
         .await;
         self.child = None;
+        let readers = &self.readers;
+        let _ = tokio::time::timeout(
+            STARTUP,
+            wait_for("the output to end", 2 * STARTUP, || {
+                let done = readers.iter().all(|r| r.is_finished());
+                async move { done.then_some(()) }
+            }),
+        )
+        .await;
         status.code()
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| child.try_wait().expect("try_wait").is_none())
     }
 
     /// Whether some output line contains `needle`.
@@ -308,22 +330,44 @@ impl StatusRegistry {
     }
 }
 
+impl StatusRegistry {
+    /// See [`assert_removals`]: `n` removed by a broken stream, none by TTL.
+    pub async fn assert_removed_by_stream_break(&self, n: usize) {
+        assert_removals(&self.status, n, 0).await;
+    }
+}
+
+/// Waits until the registry whose metrics are at `status` has removed
+/// `stream_breaks` endpoints because their KeepAlive stream broke (the
+/// backend died and its connection closed), then checks that exactly
+/// `expiries` leases ran out their TTL (a hung backend, its stream open):
+/// each removal had the cause the test means, whatever the timing.
+pub async fn assert_removals(status: &str, stream_breaks: usize, expiries: usize) {
+    let (breaks, expired) = (
+        "switchboard_registry_stream_break_removals_total",
+        "switchboard_registry_lease_expiries_total",
+    );
+    let want = |n: usize| move |v: f64| v == n as f64;
+    if stream_breaks > 0 {
+        wait_sample(status, breaks, want(stream_breaks)).await;
+    }
+    if expiries > 0 {
+        wait_sample(status, expired, want(expiries)).await;
+    }
+    let text = get(status, "/metrics").await.1;
+    let got = |name| sample(&text, name).unwrap_or(0.0);
+    assert_eq!(
+        (got(breaks), got(expired)),
+        (stream_breaks as f64, expiries as f64),
+        "(stream-break removals, TTL expiries):\n{text}"
+    );
+}
+
 /// Runs `switchboard <args>` to its end; returns the exit code and output.
 pub async fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
     let mut proc = Proc::sub(args[0], &args[1..]);
     let code = proc.wait_exit(STARTUP).await;
-    // The reader threads finish when the pipes close: wait for the line
-    // count to settle.
-    let output = proc.output.clone();
-    let mut last = usize::MAX;
-    wait_for("output to settle", Duration::from_secs(5), || {
-        let now = output.lock().unwrap().len();
-        let settled = now == last;
-        last = now;
-        async move { settled.then_some(()) }
-    })
-    .await;
-    let lines = output.lock().unwrap().clone();
+    let lines = proc.output.lock().unwrap().clone();
     (code, lines)
 }
 
@@ -607,11 +651,12 @@ pub fn addresses_of(backends: &[(String, Proc)]) -> Vec<String> {
 pub async fn load_through(registry: &str, expected: &[String]) -> (BalancedChannel, Load) {
     let channel = channel(&registry_target(registry), PolicyKind::RoundRobin);
     wait_ready_set(&channel, expected, STARTUP).await;
+    // A slow RPC on a loaded machine is no failure.
     let load = Load::start(
         channel.clone(),
         4,
         Duration::from_millis(10),
-        Duration::from_secs(2),
+        Duration::from_secs(10),
     );
     load.wait_more(100, STARTUP).await;
     (channel, load)
@@ -622,13 +667,15 @@ pub const SERVICE: &str = "lb.example.grpc.io";
 /// Deadline for processes to start on a loaded machine.
 pub const STARTUP: Duration = Duration::from_secs(30);
 
-/// A channel with test-friendly reconnect backoff and keepalive.
+/// A channel with test-friendly reconnect backoff and keepalive: a hung
+/// backend with RPCs in flight is dropped within seconds, and a healthy one
+/// on a loaded machine still answers its pings in time.
 pub fn channel(target: &str, policy: PolicyKind) -> BalancedChannel {
     BalancedChannel::builder(target)
         .expect("valid target")
         .policy(policy)
         .backoff(BackoffConfig::fast())
-        .keepalive(Duration::from_millis(500), Duration::from_millis(1000))
+        .keepalive(Duration::from_millis(500), Duration::from_secs(2))
         .build()
 }
 
@@ -672,6 +719,8 @@ pub async fn wait_ready_set(channel: &BalancedChannel, expected: &[String], time
 /// A registry process and one echo process per backend.
 pub struct Cluster {
     pub registry: String,
+    /// The registry's metrics address (for [`assert_removals`]).
+    pub metrics: String,
     pub registry_proc: Proc,
     pub backends: Vec<(String, Proc)>,
 }
@@ -684,10 +733,18 @@ impl Cluster {
     /// As [`Cluster::start`], with `echo_args` passed to every backend.
     pub async fn start_with(backends: usize, echo_args: &[&str]) -> Self {
         let port = free_port();
-        let registry_proc = start_registry(port).await;
         let registry = local(port);
+        let registry_proc = Proc::sub(
+            "registry",
+            &["--listen", &registry, "--metrics-listen", "127.0.0.1:0"],
+        );
+        registry_proc
+            .wait_line("registry listening on", STARTUP)
+            .await;
+        let metrics = metrics_address(&registry_proc).await;
         let mut cluster = Self {
             registry,
+            metrics,
             registry_proc,
             backends: Vec::new(),
         };
@@ -772,7 +829,19 @@ impl Loaded {
         rpc_timeout: Duration,
         warmup: usize,
     ) -> Self {
-        let cluster = Cluster::start(backends).await;
+        Self::start_with(backends, &[], concurrency, pace, rpc_timeout, warmup).await
+    }
+
+    /// As [`Loaded::start`], with `echo_args` passed to every backend.
+    pub async fn start_with(
+        backends: usize,
+        echo_args: &[&str],
+        concurrency: usize,
+        pace: Duration,
+        rpc_timeout: Duration,
+        warmup: usize,
+    ) -> Self {
+        let cluster = Cluster::start_with(backends, echo_args).await;
         let addresses = cluster.addresses();
         let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
         wait_ready_set(&channel, &addresses, STARTUP).await;
@@ -813,7 +882,7 @@ pub async fn refused_at_startup(bin_name: &str, args: &[String], expected: &str)
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut proc = Proc::sub(bin_name, &args);
     let code = proc.wait_exit(STARTUP).await;
-    let line = proc.wait_line("error: ", Duration::from_secs(5)).await;
+    let line = proc.wait_line("error: ", STARTUP).await;
     let output = proc.output.lock().unwrap().clone();
     assert_eq!(code, Some(1), "{bin_name} {args:?}: {output:#?}");
     assert_eq!(output.len(), 1, "{bin_name} {args:?}: {output:#?}");

@@ -38,20 +38,37 @@ async fn round_robin_spreads_evenly_over_three_backends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_joining_backend_gets_traffic_within_a_second_without_rpcs() {
+async fn a_joining_backend_gets_traffic_pushed_by_the_registry_without_rpcs() {
     let mut cluster = Cluster::start(2).await;
-    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    let mut metrics = prometheus_client::registry::Registry::default();
+    let target = registry_target(&cluster.registry);
+    let channel = BalancedChannel::builder(&target)
+        .expect("valid target")
+        .policy(PolicyKind::RoundRobin)
+        .backoff(BackoffConfig::fast())
+        .metrics(&mut metrics)
+        .build();
     wait_ready_set(&channel, &cluster.addresses(), STARTUP).await;
 
+    // No RPC is in flight: the channel can learn of the newcomer only from
+    // the registry's Watch, in one more update.
+    let updates = format!("switchboard_client_resolver_updates_total{{grpc_target=\"{target}\"}}");
+    let before = sample(&switchboard::metrics::render(&metrics), &updates);
     let newcomer = cluster.add_backend().await;
-    // Measured from the moment the registry lists it; no RPC is in flight.
-    wait_registered(&cluster.registry, SERVICE, &cluster.addresses(), STARTUP).await;
-    let listed = Instant::now();
-    wait_ready_set(&channel, &cluster.addresses(), Duration::from_secs(10)).await;
-    let noticed = listed.elapsed();
+    wait_ready_set(&channel, &cluster.addresses(), STARTUP).await;
+    let text = switchboard::metrics::render(&metrics);
+    let after = sample(&text, &updates);
     assert!(
-        noticed < Duration::from_secs(1),
-        "took {noticed:?} to take the new backend into rotation"
+        after > before,
+        "no resolver update: {before:?} -> {after:?}\n{text}"
+    );
+    let picked = text
+        .lines()
+        .filter(|l| l.starts_with("switchboard_client_picks_total{"))
+        .any(|l| !l.ends_with(" 0"));
+    assert!(
+        !picked,
+        "an RPC was picked before the newcomer joined:\n{text}"
     );
 
     let mut client = EchoClient::new(channel);
@@ -126,19 +143,15 @@ async fn all_backends_gone_fails_fast_with_unavailable() {
     )
     .await;
     let mut client = EchoClient::new(channel);
-    let started = Instant::now();
-    let status = echo_once(&mut client, Duration::from_secs(5))
+    // A call that waited for a backend would end DEADLINE_EXCEEDED; one that
+    // fails fast ends UNAVAILABLE, naming why.
+    let status = echo_once(&mut client, Duration::from_secs(120))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(
         status.message().contains(SERVICE),
         "message does not name the service: {status:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "did not fail fast: {:?}",
-        started.elapsed()
     );
 }
 
@@ -385,20 +398,19 @@ async fn the_default_timeout_bounds_an_rpc_to_a_hung_backend() {
     wait_ready_set(&channel, &[local(port)], STARTUP).await;
     echo.signal(libc::SIGSTOP);
     let mut client = EchoClient::new(channel);
-    let started = Instant::now();
-    let status = client
-        .unary_echo(EchoRequest {
+    // The stopped server cannot answer and keepalive waits a minute: only
+    // the client's own deadline can end the call, as DEADLINE_EXCEEDED.
+    let status = tokio::time::timeout(
+        STARTUP,
+        client.unary_echo(EchoRequest {
             message: "x".into(),
-        })
-        .await
-        .unwrap_err();
+        }),
+    )
+    .await
+    .expect("the default timeout ended the call")
+    .unwrap_err();
     echo.signal(libc::SIGCONT);
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "took {:?}",
-        started.elapsed()
-    );
 }
 
 /// How a listener that never speaks HTTP/2 treats each connection it takes.

@@ -4,8 +4,6 @@
 //! outages, a busy port), and the in-process [`EchoServerHandle`] that
 //! other tests start backends with. Bad flags are in `tests/cli.rs`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
@@ -339,6 +337,10 @@ async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream(
             &address,
             "--drain-grace-ms",
             "300",
+            // Long enough that only the test's closing its side ends the
+            // stream.
+            "--shutdown-timeout-ms",
+            "300000",
         ],
         std::slice::from_ref(&address),
     )
@@ -352,27 +354,31 @@ async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream(
     )
     .await;
 
-    // 40 replies 100 ms apart: the stream outlives the drain by seconds.
-    const COUNT: usize = 40;
+    // A bidi stream that lasts as long as the test keeps its side open: the
+    // order below holds by construction, however slow the machine.
     let mut client = echo_client(&address).await;
-    let mut stream = client
-        .server_streaming_echo(stream_request("long", COUNT as u64, 100))
+    let (send, requests) = tokio::sync::mpsc::unbounded_channel();
+    let mut replies = client
+        .bidirectional_streaming_echo(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            requests,
+        ))
         .await
         .unwrap()
         .into_inner();
-    stream.message().await.unwrap().expect("the first reply");
-    let received = Arc::new(AtomicUsize::new(1));
-    let reader = tokio::spawn({
-        let received = received.clone();
-        let expected = format!("long (from {address})");
-        async move {
-            while let Some(reply) = stream.message().await? {
-                assert_eq!(reply.message, expected);
-                received.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok::<(), tonic::Status>(())
-        }
-    });
+    let expected = format!("long (from {address})");
+    let exchange = async |replies: &mut tonic::Streaming<EchoResponse>| {
+        send.send(EchoRequest {
+            message: "long".into(),
+        })
+        .expect("the request stream is open");
+        let reply = tokio::time::timeout(GENEROUS, replies.message())
+            .await
+            .expect("a reply in time")
+            .expect("the stream serves")
+            .expect("a reply");
+        assert_eq!(reply.message, expected);
+    };
+    exchange(&mut replies).await;
 
     echo.signal(libc::SIGTERM);
     // The endpoint turns DRAINING, then leaves the set...
@@ -387,24 +393,19 @@ async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream(
         set.apply(&update);
         saw_draining |= set.state(&address) == Some(EndpointState::Draining);
     }
-    // ...while the stream is still delivering, so the process is still up.
-    let received_at_removal = received.load(Ordering::SeqCst);
     assert!(
         saw_draining,
         "the endpoint was removed without being DRAINING"
     );
-    assert!(
-        received_at_removal < COUNT,
-        "deregistered only after the stream had finished"
-    );
+    // ...while the stream still serves: the process is still up.
+    exchange(&mut replies).await;
 
     // The stream completes normally, and only then does the process exit 0.
-    let outcome = tokio::time::timeout(GENEROUS, reader)
+    drop(send);
+    let end = tokio::time::timeout(GENEROUS, replies.message())
         .await
-        .expect("stream finishes")
-        .unwrap();
-    assert!(outcome.is_ok(), "the stream failed: {outcome:?}");
-    assert_eq!(received.load(Ordering::SeqCst), COUNT);
+        .expect("the stream finishes");
+    assert!(matches!(end, Ok(None)), "the stream failed: {end:?}");
     assert_eq!(
         echo.wait_exit(GENEROUS).await,
         Some(0),
@@ -418,7 +419,7 @@ async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream(
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_registry_restart_the_endpoints_are_back_within_2s_without_restarting_echo() {
+async fn after_a_registry_restart_the_endpoints_come_back_without_restarting_echo() {
     let registry_port = free_port();
     let mut registry_proc = start_registry(registry_port).await;
     let registry = local(registry_port);
@@ -469,15 +470,10 @@ async fn after_a_registry_restart_the_endpoints_are_back_within_2s_without_resta
     })
     .await;
 
+    // Each keeper comes back by itself, on its next retry (how soon is
+    // measured in BENCHMARKS.md, not here).
     let _registry_proc = start_registry(registry_port).await;
-    let listening = Instant::now();
     wait_registered(&registry, SERVICE, &addresses, GENEROUS).await;
-    let back_after = listening.elapsed();
-    eprintln!("registry restart: endpoints back after {back_after:?}");
-    assert!(
-        back_after < Duration::from_secs(2),
-        "endpoints took {back_after:?} to come back after the registry restarted"
-    );
     // The same process, still serving, announced each server only once.
     for address in &addresses {
         assert_eq!(count_lines(&echo, &format!("echo serving on {address}")), 1);
@@ -606,7 +602,8 @@ async fn an_in_process_server_registers_drains_and_reports() {
     let _registry = start_registry(registry_port).await;
     let registry = local(registry_port);
     let server = start_in_process(ServerConfig {
-        drain_grace: Duration::from_secs(3),
+        // Long enough for the checks below to run inside it, however slow.
+        drain_grace: Duration::from_secs(10),
         ..in_process(Some(registry.clone()))
     })
     .await;
@@ -675,18 +672,13 @@ async fn streams_that_outlive_the_shutdown_timeout_are_cut() {
         .into_inner();
     stream.message().await.unwrap().expect("the first reply");
 
-    let started = Instant::now();
+    // The stream would take 100 s; the 300 ms shutdown timeout cuts it.
     let report = tokio::time::timeout(GENEROUS, server.shutdown())
         .await
         .expect("shutdown is bounded");
     assert!(
         !report.in_flight_finished && !report.deregistered,
         "{report:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
     );
     let end = tokio::time::timeout(GENEROUS, async {
         loop {
@@ -703,10 +695,13 @@ async fn streams_that_outlive_the_shutdown_timeout_are_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_server_is_a_crash_the_registry_notices_at_once() {
-    let registry_port = free_port();
-    let _registry = start_registry(registry_port).await;
-    let registry = local(registry_port);
-    let server = start_in_process(in_process(Some(registry.clone()))).await;
+    let registry = StatusRegistry::start(&[]).await;
+    // A lease that outlives the test: only the broken stream can end it.
+    let server = start_in_process(ServerConfig {
+        ttl: Duration::from_secs(300),
+        ..in_process(Some(registry.address.clone()))
+    })
+    .await;
     let address = server.address().to_owned();
     // Registered: the lease is bound to the keepalive stream.
     tokio::time::timeout(
@@ -716,17 +711,17 @@ async fn dropping_a_server_is_a_crash_the_registry_notices_at_once() {
     .await
     .expect("registered in time")
     .unwrap();
-    wait_registered(&registry, SERVICE, std::slice::from_ref(&address), GENEROUS).await;
+    wait_registered(
+        &registry.address,
+        SERVICE,
+        std::slice::from_ref(&address),
+        GENEROUS,
+    )
+    .await;
 
-    let dropped = Instant::now();
     server.abort();
-    wait_registered(&registry, SERVICE, &[], GENEROUS).await;
-    // Far sooner than the 5 s TTL: the keepalive stream broke.
-    assert!(
-        dropped.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        dropped.elapsed()
-    );
+    wait_registered(&registry.address, SERVICE, &[], GENEROUS).await;
+    registry.assert_removed_by_stream_break(1).await;
     wait_for("the port to close", GENEROUS, || {
         let uri = format!("http://{address}");
         async move { EchoClient::connect(uri).await.is_err().then_some(()) }

@@ -14,7 +14,13 @@ use tokio::time::Instant;
 /// hundred RPC/s in all.
 const CONCURRENCY: usize = 4;
 const PACE: Duration = Duration::from_millis(10);
-const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// Long enough that a slow RPC on a loaded machine is no failure; an RPC on
+/// a hung backend fails sooner, when keepalive drops its connection.
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The backends' lease TTL where a test needs the registry's view to lag
+/// the client's.
+const TTL: Duration = Duration::from_secs(15);
 
 fn assert_only_on(shots: &[Shot], after: Instant, allowed: &[String]) -> usize {
     let later: Vec<&Shot> = shots.iter().filter(|s| s.sent >= after).collect();
@@ -32,7 +38,7 @@ fn assert_only_on(shots: &[Shot], after: Instant, allowed: &[String]) -> usize {
 
 /// Fault 1: a backend SIGKILLed under load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_fails_at_most_the_rpcs_in_flight_and_leaves_the_registry_within_1s() {
+async fn sigkill_fails_at_most_the_rpcs_in_flight_and_its_broken_stream_removes_it() {
     let Loaded {
         mut cluster,
         addresses,
@@ -42,31 +48,18 @@ async fn sigkill_fails_at_most_the_rpcs_in_flight_and_leaves_the_registry_within
 
     let victim = addresses[1].clone();
     let survivors = all_but(&addresses, &victim);
-    let killed_at = Instant::now();
     cluster.kill(&victim);
-    wait_registered(
-        &cluster.registry,
-        SERVICE,
-        &survivors,
-        Duration::from_secs(5),
-    )
-    .await;
-    let removed_after = killed_at.elapsed();
-    wait_ready_set(&channel, &survivors, Duration::from_secs(10)).await;
+    wait_registered(&cluster.registry, SERVICE, &survivors, STARTUP).await;
+    // Its connection closed with the process: the registry removed it for
+    // that, not at the end of its TTL.
+    assert_removals(&cluster.metrics, 1, 0).await;
+    wait_ready_set(&channel, &survivors, STARTUP).await;
     let settled = Instant::now();
     load.wait_more(200, STARTUP).await;
     let shots = load.stop().await;
 
     let failed = failures(&shots);
-    eprintln!(
-        "SIGKILL: {} failed, registry removal after {removed_after:?}, client settled after {:?}",
-        failed.len(),
-        settled - killed_at
-    );
-    assert!(
-        removed_after < Duration::from_secs(1),
-        "registry kept the dead backend for {removed_after:?}"
-    );
+    eprintln!("SIGKILL: {} failed", failed.len());
     assert!(
         failed.len() <= CONCURRENCY,
         "{} RPCs failed, but at most {CONCURRENCY} were in flight: {failed:?}",
@@ -78,28 +71,43 @@ async fn sigkill_fails_at_most_the_rpcs_in_flight_and_leaves_the_registry_within
 /// Fault 2: a backend SIGSTOPped (hung with its connections open).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_is_caught_by_keepalive_then_the_ttl_and_sigcont_brings_it_back() {
+    // A 15 s TTL leaves the client's keepalive (500 ms + 2 s) far ahead of
+    // the registry, however loaded the machine.
     let Loaded {
         cluster,
         addresses,
         channel,
         load,
-    } = Loaded::start(3, CONCURRENCY, PACE, RPC_TIMEOUT, 150).await;
+    } = Loaded::start_with(
+        3,
+        &["--ttl-ms", &TTL.as_millis().to_string()],
+        CONCURRENCY,
+        PACE,
+        RPC_TIMEOUT,
+        150,
+    )
+    .await;
 
     let victim = addresses[0].clone();
     let survivors = all_but(&addresses, &victim);
     let stopped_at = Instant::now();
     cluster.backend(&victim).signal(libc::SIGSTOP);
-    wait_ready_set(&channel, &survivors, Duration::from_secs(10)).await;
-    let left_client = stopped_at.elapsed();
+    wait_ready_set(&channel, &survivors, STARTUP).await;
     let settled = Instant::now();
-    wait_registered(
-        &cluster.registry,
-        SERVICE,
-        &survivors,
-        Duration::from_secs(15),
-    )
-    .await;
+    // The client dropped it on its own: a keepalive ping went unanswered
+    // on a connection with RPCs in flight.
+    let stats = channel.connection_stats();
+    assert_eq!(
+        stats
+            .keepalive_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "{stats:?}"
+    );
+    wait_registered(&cluster.registry, SERVICE, &survivors, STARTUP).await;
     let left_registry = stopped_at.elapsed();
+    // Its connection stayed open: the registry ended it at its TTL.
+    assert_removals(&cluster.metrics, 0, 1).await;
     load.wait_more(100, STARTUP).await;
 
     cluster.backend(&victim).signal(libc::SIGCONT);
@@ -110,21 +118,15 @@ async fn sigstop_is_caught_by_keepalive_then_the_ttl_and_sigcont_brings_it_back(
     let shots = load.stop().await;
 
     let failed = failures(&shots);
-    eprintln!("SIGSTOP: client dropped it after {left_client:?}, registry after {left_registry:?}, {} failed", failed.len());
-    // keepalive: 500 ms interval + 1 s timeout, plus scheduling slack.
-    assert!(
-        left_client < Duration::from_secs(4),
-        "client kept sending to the hung backend for {left_client:?}"
+    eprintln!(
+        "SIGSTOP: registry dropped it after {left_registry:?}, {} failed",
+        failed.len()
     );
-    // The echo lease TTL is 5 s, counted from the last heartbeat before the
-    // stop (heartbeats go every TTL/3): removal 3.3-5 s after the stop.
+    // The TTL counts from the last heartbeat before the stop (heartbeats go
+    // every TTL/3): not removed before two thirds of it.
     assert!(
-        left_registry >= Duration::from_millis(3200),
+        left_registry >= TTL * 2 / 3,
         "registry removed it before the TTL: {left_registry:?}"
-    );
-    assert!(
-        left_registry < Duration::from_secs(9),
-        "registry kept it for {left_registry:?}"
     );
     // Only RPCs sent to the victim before the client dropped it may fail.
     for shot in &failed {
@@ -190,9 +192,9 @@ async fn rolling_restart_with_sigterm_fails_no_rpc() {
 }
 
 /// Fault 4: the registry SIGKILLed and restarted costs no RPC; backends
-/// are back within 2 s, and one started during the outage joins after.
+/// come back by themselves, and one started during the outage joins after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn registry_restart_fails_no_rpc_and_backends_return_within_2s() {
+async fn registry_restart_fails_no_rpc_and_backends_return_by_themselves() {
     let Loaded {
         mut cluster,
         channel,
@@ -218,23 +220,17 @@ async fn registry_restart_fails_no_rpc_and_backends_return_within_2s() {
         .parse()
         .unwrap();
     cluster.registry_proc = start_registry(port).await;
-    let back_at = Instant::now();
     let all = cluster.addresses();
     wait_registered(&cluster.registry, SERVICE, &all, STARTUP).await;
-    let returned_after = back_at.elapsed();
     wait_ready_set(&channel, &all, STARTUP).await;
     load.wait_more(150, STARTUP).await;
     let shots = load.stop().await;
 
     let failed = failures(&shots);
     eprintln!(
-        "registry restart: backends back after {returned_after:?}, {} failed of {}",
+        "registry restart: {} failed of {}",
         failed.len(),
         shots.len()
-    );
-    assert!(
-        returned_after < Duration::from_secs(2),
-        "backends took {returned_after:?} to re-register"
     );
     assert!(
         failed.is_empty(),
@@ -358,12 +354,13 @@ async fn pick_first_sticks_to_the_first_and_fails_over_to_the_next() {
         channel.clone(),
         concurrency,
         Duration::from_millis(5),
-        Duration::from_secs(2),
+        RPC_TIMEOUT,
     );
     load.wait_more(50, STARTUP).await;
     let killed_at = Instant::now();
     cluster.kill(&addresses[0]);
-    wait_ready_set(&channel, &addresses[1..2], Duration::from_secs(10)).await;
+    wait_ready_set(&channel, &addresses[1..2], STARTUP).await;
+    let settled = Instant::now();
     load.wait_more(100, STARTUP).await;
     let shots = load.stop().await;
 
@@ -373,10 +370,7 @@ async fn pick_first_sticks_to_the_first_and_fails_over_to_the_next() {
         "{} failed, more than the {concurrency} in flight: {failed:?}",
         failed.len()
     );
-    for shot in shots
-        .iter()
-        .filter(|s| s.sent > killed_at + Duration::from_secs(2))
-    {
+    for shot in shots.iter().filter(|s| s.sent >= settled) {
         assert_eq!(
             shot.result.as_ref().ok(),
             Some(&addresses[1]),

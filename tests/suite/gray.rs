@@ -20,6 +20,9 @@ use tokio::time::Instant;
 
 /// Each load RPC's deadline: a hung backend's RPCs fail after this.
 const RPC_TIMEOUT: Duration = Duration::from_secs(1);
+/// The deadline where no backend hangs: a slow RPC on a loaded machine is
+/// no failure.
+const HEALTHY_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A channel on `target` with `policy`, fast reconnects and the default
 /// keepalive (10 s / 5 s), so a hung backend stays connected for the whole
@@ -54,7 +57,10 @@ fn split(shots: &[Shot]) -> BTreeMap<String, usize> {
 async fn least_request_moves_traffic_off_a_hung_backend() {
     let cluster = Cluster::start(3).await;
     let addresses = cluster.addresses();
-    let channel = builder(&registry_target(&cluster.registry), least_request()).build();
+    // Keepalive that never gives up here: only the policy can move traffic.
+    let channel = builder(&registry_target(&cluster.registry), least_request())
+        .keepalive(Duration::from_secs(600), Duration::from_secs(600))
+        .build();
     assert_eq!(channel.policy(), "least_request");
     wait_ready_set(&channel, &addresses, STARTUP).await;
     let load = Load::start(channel.clone(), 8, Duration::from_millis(2), RPC_TIMEOUT);
@@ -66,9 +72,16 @@ async fn least_request_moves_traffic_off_a_hung_backend() {
     cluster.backend(&victim).signal(libc::SIGSTOP);
     let stopped = Instant::now();
     load.wait_more(2_000, STARTUP * 2).await;
-    // Still connected (keepalive has not given up): the policy, not the
-    // connection's death, moved the traffic.
-    let still_ready = channel.state().is_ready(&victim);
+    // Still connected: the policy, not the connection's death, moved the
+    // traffic.
+    assert!(channel.state().is_ready(&victim), "{:?}", channel.state());
+    assert_eq!(
+        channel
+            .connection_stats()
+            .disconnections
+            .load(Ordering::Relaxed),
+        0
+    );
     let shots = load.stop().await;
     cluster.backend(&victim).signal(libc::SIGCONT);
 
@@ -79,7 +92,7 @@ async fn least_request_moves_traffic_off_a_hung_backend() {
     // victim); least_request only the few the victim holds at a time.
     assert!(
         failed * 100 <= after.len() * 3,
-        "{failed} of {} RPCs failed after SIGSTOP (still ready: {still_ready}); served: {served:?}",
+        "{failed} of {} RPCs failed after SIGSTOP; served: {served:?}",
         after.len()
     );
     for address in all_but(&addresses, &victim) {
@@ -158,8 +171,9 @@ async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_f
     ];
     let addresses: Vec<String> = backends.iter().map(|b| b.address.clone()).collect();
     let config = OutlierDetectionConfig {
-        // Short, so the test also sees the backend come back.
-        base_ejection_time: Duration::from_secs(1),
+        // Longer than the test: the failing backend stays out while the
+        // calls after its ejection are counted.
+        base_ejection_time: Duration::from_secs(300),
         ..OutlierDetectionConfig::default()
     };
     let channel = builder(&static_target(&addresses), PolicyKind::RoundRobin)
@@ -167,7 +181,12 @@ async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_f
         .build();
     assert_eq!(channel.policy(), "outlier_detection");
     wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(channel.clone(), 4, Duration::from_millis(2), RPC_TIMEOUT);
+    let load = Load::start(
+        channel.clone(),
+        4,
+        Duration::from_millis(2),
+        HEALTHY_RPC_TIMEOUT,
+    );
     load.wait_more(200, STARTUP).await;
 
     let victim = &backends[0];
@@ -176,7 +195,7 @@ async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_f
     let ejected = Instant::now();
     let calls_at_ejection = victim.faults.calls();
     load.wait_more(1_000, STARTUP).await;
-    let shots = load.shots();
+    let shots = load.stop().await;
     let after: Vec<&Shot> = shots.iter().filter(|s| s.sent >= ejected).collect();
     let failed: Vec<&&Shot> = after.iter().filter(|s| s.result.is_err()).collect();
     assert!(
@@ -188,6 +207,34 @@ async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_f
     );
     // Only calls already picked when the ejection happened reached it.
     assert!(victim.faults.calls() <= calls_at_ejection + 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_lets_a_healed_backend_back_after_its_ejection() {
+    let backends = [
+        FaultyEcho::start().await,
+        FaultyEcho::start().await,
+        FaultyEcho::start().await,
+    ];
+    let addresses: Vec<String> = backends.iter().map(|b| b.address.clone()).collect();
+    let config = OutlierDetectionConfig {
+        // Short, so the test sees it come back.
+        base_ejection_time: Duration::from_secs(1),
+        ..OutlierDetectionConfig::default()
+    };
+    let channel = builder(&static_target(&addresses), PolicyKind::RoundRobin)
+        .outlier_detection(config)
+        .build();
+    wait_ready_set(&channel, &addresses, STARTUP).await;
+    let load = Load::start(
+        channel.clone(),
+        4,
+        Duration::from_millis(2),
+        HEALTHY_RPC_TIMEOUT,
+    );
+    let victim = &backends[0];
+    victim.faults.set_fail(true);
+    wait_ready_set(&channel, &addresses[1..], STARTUP).await;
 
     // Healthy again: let back after the ejection time, and served.
     victim.faults.set_fail(false);
@@ -256,7 +303,18 @@ async fn outlier_detection_wraps_least_request_too() {
     let channel = builder(&static_target(&addresses), least_request())
         .outlier_detection(config)
         .build();
-    let load = Load::start(channel.clone(), 4, Duration::from_millis(2), RPC_TIMEOUT);
+    let load = Load::start(
+        channel.clone(),
+        4,
+        Duration::from_millis(2),
+        HEALTHY_RPC_TIMEOUT,
+    );
+    // It was picked (so it had been ready), then ejected.
+    wait_for("the failing backend to be called", STARTUP, || {
+        let called = backends[2].faults.calls() > 0;
+        async move { called.then_some(()) }
+    })
+    .await;
     wait_ready_set(&channel, &addresses[..2], STARTUP).await;
     let ejected = Instant::now();
     load.wait_more(500, STARTUP).await;
@@ -313,7 +371,12 @@ async fn echo_failing_every_call_is_ejected_with_real_processes() {
     let channel = builder(&registry_target(&cluster.registry), PolicyKind::RoundRobin)
         .outlier_detection(OutlierDetectionConfig::default())
         .build();
-    let load = Load::start(channel.clone(), 4, Duration::from_millis(2), RPC_TIMEOUT);
+    let load = Load::start(
+        channel.clone(),
+        4,
+        Duration::from_millis(2),
+        HEALTHY_RPC_TIMEOUT,
+    );
     wait_for("the failing backend to be used", STARTUP, || {
         let failed = !failures(&load.shots()).is_empty();
         async move { failed.then_some(()) }

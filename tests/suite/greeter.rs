@@ -227,7 +227,7 @@ async fn greeter_refuses_bad_flags_and_a_busy_port_in_one_line() {
     ] {
         let mut proc = Proc::spawn(greeter_bin(), &args);
         let code = proc.wait_exit(STARTUP).await;
-        let line = proc.wait_line("error: ", Duration::from_secs(5)).await;
+        let line = proc.wait_line("error: ", STARTUP).await;
         let output = proc.output.lock().unwrap().clone();
         assert_eq!(code, Some(1), "{args:?}: {output:#?}");
         assert_eq!(output.len(), 1, "{args:?}: {output:#?}");
@@ -238,7 +238,7 @@ async fn greeter_refuses_bad_flags_and_a_busy_port_in_one_line() {
     }
     let mut help = Proc::spawn(greeter_bin(), &["--help"]);
     assert_eq!(help.wait_exit(STARTUP).await, Some(0));
-    help.wait_line("--registry", Duration::from_secs(5)).await;
+    help.wait_line("--registry", STARTUP).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -287,7 +287,8 @@ async fn any_tonic_service_registers_under_its_name_and_drains() {
     let server = Server::builder()
         .registry(registry.clone())
         .metadata("zone", "a")
-        .drain_grace(Duration::from_millis(500))
+        // Long enough for the checks below to run inside it, however slow.
+        .drain_grace(Duration::from_secs(10))
         .add_service(GreeterServer::new(Greeting {
             from: address.clone(),
         }))

@@ -179,13 +179,17 @@ async fn switchboard_client_against_grpcio_servers_classic_and_live() {
 
     for policy in [PolicyKind::PickFirst, PolicyKind::RoundRobin] {
         let channel = static_channel(&addresses, policy);
-        let mut client = EchoClient::new(channel.clone());
-        // Classic: one RPC after another.
-        let served = served_by(&mut client, 20).await;
         let expected = match policy {
             PolicyKind::PickFirst => BTreeSet::from([a.clone()]),
             _ => both.clone(),
         };
+        // The calls below judge the policy, so every backend it uses is
+        // connected first.
+        let ready: Vec<String> = expected.iter().cloned().collect();
+        wait_ready_set(&channel, &ready, STARTUP).await;
+        let mut client = EchoClient::new(channel.clone());
+        // Classic: one RPC after another.
+        let served = served_by(&mut client, 20).await;
         assert_eq!(served, expected, "{policy:?} classic");
 
         // Live: a steady RPC loop from several workers.
@@ -214,6 +218,11 @@ async fn switchboard_client_fails_over_when_a_grpcio_server_is_killed() {
         let (_second, b) = start_grpcio_server(&python_path).await;
         let addresses = vec![a.clone(), b.clone()];
         let channel = static_channel(&addresses, policy);
+        let ready = match policy {
+            PolicyKind::PickFirst => vec![a.clone()],
+            _ => addresses.clone(),
+        };
+        wait_ready_set(&channel, &ready, STARTUP).await;
         let load = Load::start(
             channel.clone(),
             WORKERS,
@@ -230,7 +239,7 @@ async fn switchboard_client_fails_over_when_a_grpcio_server_is_killed() {
 
         let killed_at = Instant::now();
         first.kill();
-        wait_ready_set(&channel, std::slice::from_ref(&b), Duration::from_secs(10)).await;
+        wait_ready_set(&channel, std::slice::from_ref(&b), STARTUP).await;
         let settled = Instant::now();
         load.wait_more(200, STARTUP).await;
         let shots = load.stop().await;

@@ -19,7 +19,6 @@ use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{watch_response, RegisterRequest, ResolveRequest, WatchRequest};
 use switchboard::registry::RegistryConfig;
 use switchboard::tls::{ClientTls, ServerTls};
-use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -381,8 +380,6 @@ impl TlsCluster {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let mut client = Proc::sub("client", &all);
         let code = client.wait_exit(STARTUP).await;
-        // The output readers may still be draining the pipes.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let output = client.output.lock().unwrap().clone();
         (code, output)
     }
@@ -441,12 +438,11 @@ async fn fails_fast_naming_the_certificate(channel: BalancedChannel) {
     .expect("the channel gives up connecting")
     .unwrap();
     let mut client = EchoClient::new(channel.clone());
-    let started = Instant::now();
-    let status = echo_once(&mut client, Duration::from_secs(10))
+    // One that waited would end DEADLINE_EXCEEDED, not UNAVAILABLE.
+    let status = echo_once(&mut client, Duration::from_secs(120))
         .await
         .expect_err("no backend can be trusted");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "it hung");
     names_certificate_problem(status.message());
 }
 
