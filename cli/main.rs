@@ -2,15 +2,12 @@
 //! operator's tools, as subcommands of one binary (so `cargo install`
 //! puts one unambiguous name on the PATH).
 
-#[path = "../client/main.rs"]
-mod client_cmd;
-#[path = "../client/demo.rs"]
-mod demo_cmd;
-#[path = "../echo/main.rs"]
-mod echo_cmd;
+mod client;
+mod demo;
+mod echo;
+mod flags;
 mod operator;
-#[path = "../registry/main.rs"]
-mod registry_cmd;
+mod registry;
 
 use clap::{Parser, Subcommand};
 use switchboard::process;
@@ -28,13 +25,13 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the registry: leased endpoint registrations and live watches.
-    Registry(registry_cmd::Args),
+    Registry(registry::Args),
     /// Run echo backends that register themselves and drain on shutdown.
-    Echo(echo_cmd::Args),
+    Echo(echo::Args),
     /// Call the echo service through a balanced channel.
-    Client(client_cmd::Args),
+    Client(client::Args),
     /// Run the failover scenario end to end with real processes.
-    Demo(demo_cmd::Args),
+    Demo(demo::Args),
     /// List the services a registry holds.
     Services(operator::ServicesArgs),
     /// List one service's endpoints: state, metadata, lease age and TTL.
@@ -51,10 +48,10 @@ enum Command {
 async fn main() {
     let cli: Cli = process::parse_args();
     match cli.command {
-        Command::Registry(args) => registry_cmd::run(args).await,
-        Command::Echo(args) => echo_cmd::run(args).await,
-        Command::Client(args) => client_cmd::run(args).await,
-        Command::Demo(args) => demo_cmd::run(args).await,
+        Command::Registry(args) => registry::run(args).await,
+        Command::Echo(args) => echo::run(args).await,
+        Command::Client(args) => client::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
         Command::Services(args) => operator::services(args).await,
         Command::Endpoints(args) => operator::endpoints(args).await,
         Command::Watch(args) => operator::watch(args).await,

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::flags::ClientTlsFlags;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use switchboard::client::transport;
@@ -18,7 +19,6 @@ use switchboard::proto::registry::{
 };
 use switchboard::registry::auth::{Bearer, Token};
 use switchboard::registry::validate;
-use switchboard::tls::{self, ClientTls};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -54,21 +54,8 @@ pub struct Connection {
     /// write token for drain and deregister).
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
-    /// PEM CA certificate to verify the registry's TLS certificate with;
-    /// turns on TLS. Without it, plaintext.
-    #[arg(long, value_name = "PATH")]
-    ca: Option<PathBuf>,
-    /// PEM client certificate for a registry that demands mutual TLS; needs
-    /// --key and --ca.
-    #[arg(long, value_name = "PATH")]
-    cert: Option<PathBuf>,
-    /// PEM private key of --cert.
-    #[arg(long, value_name = "PATH")]
-    key: Option<PathBuf>,
-    /// Verify the registry's certificate against this DNS name or IP
-    /// address instead of the host dialled; needs --ca.
-    #[arg(long, value_name = "NAME")]
-    tls_server_name: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsFlags,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -105,24 +92,6 @@ pub struct EndpointArgs {
 type Client = RegistryClient<InterceptedService<Channel, Bearer>>;
 
 impl Connection {
-    /// The TLS settings of the flags; `None` for plaintext.
-    fn tls(&self) -> Result<Option<ClientTls>, String> {
-        let tls = tls::client_from_flags(
-            ["--ca", "--cert", "--key"],
-            self.ca.as_deref(),
-            self.cert.as_deref(),
-            self.key.as_deref(),
-        )?;
-        match (tls, &self.tls_server_name) {
-            (Some(tls), Some(name)) => tls
-                .with_server_name(name)
-                .map(Some)
-                .map_err(|e| format!("--tls-server-name: {e}")),
-            (None, Some(_)) => Err("--tls-server-name needs --ca: it only applies to TLS".into()),
-            (tls, None) => Ok(tls),
-        }
-    }
-
     /// Checks every flag, then connects to the first reachable registry.
     async fn connect(&self) -> Result<(Client, String), String> {
         let addresses: Vec<&str> = self.registry.split(',').map(str::trim).collect();
@@ -134,7 +103,7 @@ impl Connection {
             .as_deref()
             .map(Token::from_file)
             .transpose()?;
-        let tls = self.tls()?;
+        let tls = self.tls.load()?;
         let mut failures = Vec::new();
         for address in addresses {
             match transport::channel(address, tls.as_ref(), CONNECT_TIMEOUT).await {

@@ -16,9 +16,7 @@ use tokio::task::JoinHandle;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::transport::server::TcpIncoming;
 
-use crate::authority_repair::repair_authorities;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -29,6 +27,7 @@ use super::{
 };
 use crate::client::backoff::BackoffConfig;
 use crate::client::error::source_chain;
+use crate::net::server as transport;
 use crate::registry::auth::Token;
 use crate::registry::validate;
 use crate::tls::{ClientTls, ServerTls};
@@ -297,13 +296,8 @@ impl Builder {
         let address = advertised(self.advertise.as_deref(), local_addr)?;
         let service = self.registered_service().map(str::to_owned);
 
-        let plaintext = self.tls.is_none();
-        let mut server = tonic::transport::Server::builder();
-        if let Some(tls) = &self.tls {
-            server = server
-                .tls_config(tls.tonic_config())
-                .map_err(|e| RegistrationError::Tls(source_chain(&e)))?;
-        }
+        let mut server = transport::builder(self.tls.as_ref())
+            .map_err(|e| RegistrationError::Tls(source_chain(&e)))?;
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in &self.health_checked {
             health
@@ -314,20 +308,9 @@ impl Builder {
             .services
             .into_iter()
             .fold(self.routes, |routes, add| add(routes));
-        let router = server
-            // Frees streams whose client vanished without a FIN, so they do
-            // not hold a drain up until its deadline.
-            .http2_keepalive_interval(Some(Duration::from_secs(10)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-            .add_routes(routes)
-            .add_service(health_service);
+        let router = server.add_routes(routes).add_service(health_service);
         let kill_switch = KillSwitch::new();
-        // grpcio's multi-address targets send an authority h2 refuses; see
-        // `authority_repair` (plaintext only: TLS bytes are opaque there).
-        let incoming = kill_switch.guard(repair_authorities(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            plaintext,
-        ));
+        let incoming = kill_switch.guard(transport::incoming(listener, self.tls.is_some()));
         let (stop_accepting, stop_rx) = oneshot::channel::<()>();
         let serving = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             // A dropped sender (the handle is gone) stops accepting too.

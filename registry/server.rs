@@ -6,8 +6,6 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
 
 use super::auth::{AccessTokens, RequireTokensLayer};
 use super::message_size::MessageSizeLayer;
@@ -15,7 +13,7 @@ use super::metrics::RegistryMetrics;
 use super::rpc_metrics::RpcMetricsLayer;
 use super::xds::AdsService;
 use super::Registry;
-use crate::authority_repair::repair_authorities;
+use crate::net::server;
 use crate::proto::registry::registry_server::RegistryServer;
 use crate::tls::ServerTls;
 
@@ -140,15 +138,10 @@ pub async fn serve_registry(
         ads_closer.close_streams();
         let _ = began.send(());
     };
-    let mut server = Server::builder();
     if let Some(tls) = &config.tls {
         tracing::info!(mutual = tls.requires_client_certificate(), "serving TLS");
-        server = server.tls_config(tls.tonic_config())?;
     }
-    let serving = server
-        .tcp_nodelay(true)
-        // Finds connections whose peer vanished without a FIN (power loss,
-        // network partition) so their watch streams are freed.
+    let serving = server::builder(config.tls.as_ref())?
         // Bounds every kind of stream one connection may hold open (hyper
         // sets no limit); the headroom above the Watch cap keeps that cap's
         // RESOURCE_EXHAUSTED, not an HTTP/2 queue, as what a Watch flood meets.
@@ -160,8 +153,6 @@ pub async fn serve_registry(
             )
             .unwrap_or(u32::MAX),
         )
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .layer(RpcMetricsLayer::new(config.metrics.clone()))
         .layer(RequireTokensLayer::new(config.tokens.clone()))
         .layer(MessageSizeLayer::new(config.max_message_bytes))
@@ -173,10 +164,7 @@ pub async fn serve_registry(
                 .max_decoding_message_size(config.max_message_bytes.saturating_add(1)),
         )
         .add_service(ads.into_server(config.max_message_bytes))
-        .serve_with_incoming_shutdown(
-            repair_authorities(TcpIncoming::from(listener), config.tls.is_none()),
-            shutdown,
-        );
+        .serve_with_incoming_shutdown(server::incoming(listener, config.tls.is_some()), shutdown);
     // A client that stops reading can keep its stream from ever finishing;
     // past the grace period the connections are left to close with the
     // process.

@@ -8,12 +8,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::flags::{self, ServerTlsFlags};
 use clap::Parser;
 use switchboard::echo::{self, EchoMetrics, EchoServerHandle, Faults, ServerConfig};
 use switchboard::process;
 use switchboard::registry::auth::Token;
 use switchboard::registry::{self, validate};
-use switchboard::tls::{self, ServerTlsFlags};
 
 /// switchboard echo: grpc.examples.echo.Echo backends that register
 /// themselves, stay registered, and drain gracefully.
@@ -174,7 +174,7 @@ fn plan(args: &Args) -> Result<Plan, String> {
         .map(Token::from_file)
         .transpose()?;
     let tls = args.tls.load()?;
-    let registry_tls = tls::client_from_flags(
+    let registry_tls = flags::client_tls(
         ["--registry-ca", "--registry-cert", "--registry-key"],
         args.registry_ca.as_deref(),
         args.registry_cert.as_deref(),

@@ -1,10 +1,10 @@
 //! `switchboard registry`: runs the switchboard control plane.
 
+use crate::flags::ServerTlsFlags;
 use clap::Parser;
 use switchboard::process;
 use switchboard::registry::auth::{AccessTokens, Token};
 use switchboard::registry::{self, RegistryConfig};
-use switchboard::tls::ServerTlsFlags;
 
 /// switchboard registry: leased endpoint registrations and live watches.
 #[derive(Parser, Debug)]

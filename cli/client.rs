@@ -2,9 +2,9 @@
 //! that shows traffic moving between backends as they come and go.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::flags::ClientTlsFlags;
 use clap::Parser;
 use switchboard::client::{
     BackoffConfig, BalancedChannel, ClientMetrics, ConnectivityState, LeastRequestConfig,
@@ -15,7 +15,7 @@ use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::registry::auth::Token;
 use switchboard::registry::DEFAULT_SERVICE;
-use switchboard::tls::{self, ClientTls};
+use switchboard::tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -97,21 +97,8 @@ pub struct Args {
     /// one.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
-    /// PEM CA certificate to verify servers' TLS certificates with; turns on
-    /// TLS to the backends and to the registry. Without it, plaintext.
-    #[arg(long, value_name = "PATH")]
-    ca: Option<PathBuf>,
-    /// PEM client certificate to present to servers that demand mutual TLS
-    /// (backends and registry); needs --key and --ca.
-    #[arg(long, value_name = "PATH")]
-    cert: Option<PathBuf>,
-    /// PEM private key of --cert.
-    #[arg(long, value_name = "PATH")]
-    key: Option<PathBuf>,
-    /// Verify every server certificate against this DNS name or IP address
-    /// instead of the host dialled; needs --ca.
-    #[arg(long, value_name = "NAME")]
-    tls_server_name: Option<String>,
+    #[command(flatten)]
+    tls: ClientTlsFlags,
     /// Log lines as text or as JSON objects.
     #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
     log_format: process::LogFormat,
@@ -133,7 +120,10 @@ pub async fn run(args: Args) {
     if let Err(err) = BalancedChannel::builder(&target) {
         process::exit_with(&err.to_string());
     }
-    let tls = load_tls(&args).unwrap_or_else(|err| process::exit_with(&err));
+    let tls = args
+        .tls
+        .load()
+        .unwrap_or_else(|err| process::exit_with(&err));
     let policy = match (args.policy, args.peak_ewma) {
         (Some(PolicyKind::LeastRequest(_)), true) => {
             Some(PolicyKind::LeastRequest(LeastRequestConfig::peak_ewma()))
@@ -181,25 +171,6 @@ pub async fn run(args: Args) {
                 println!();
             }
         }
-    }
-}
-
-/// The TLS settings of --ca, --cert, --key and --tls-server-name, for the
-/// backends and the registry alike; `None` for plaintext.
-fn load_tls(args: &Args) -> Result<Option<ClientTls>, String> {
-    let tls = tls::client_from_flags(
-        ["--ca", "--cert", "--key"],
-        args.ca.as_deref(),
-        args.cert.as_deref(),
-        args.key.as_deref(),
-    )?;
-    match (tls, &args.tls_server_name) {
-        (Some(tls), Some(name)) => tls
-            .with_server_name(name)
-            .map(Some)
-            .map_err(|e| format!("--tls-server-name: {e}")),
-        (None, Some(_)) => Err("--tls-server-name needs --ca: it only applies to TLS".into()),
-        (tls, None) => Ok(tls),
     }
 }
 
