@@ -31,13 +31,12 @@
 //! their text, as they are neither `Clone` nor comparable, and the states
 //! that carry these errors are compared to tell observers of real changes.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::subchannel::ConnectivityState;
+use super::connectivity::ConnectivityState;
 use super::target::TargetError;
 
 /// Why an RPC failed inside the channel. Converts into a [`tonic::Status`]
@@ -391,37 +390,13 @@ impl<T: fmt::Display> fmt::Display for Suffix<'_, T> {
     }
 }
 
-/// An error and its causes on one line. Transport errors say little at the
-/// top ("transport error", "connection error"); the useful part is below.
-pub fn source_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut text = err.to_string();
-    append_causes(&mut text, err.source());
-    text
-}
-
-/// A status's message and the causes behind it on one line. For a
-/// connection that failed (refused TLS, a reset), tonic's message says only
-/// "transport error"; the cause is in the status's source.
-pub fn status_chain(status: &tonic::Status) -> String {
-    let mut text = status.message().to_owned();
-    append_causes(&mut text, status.source());
-    text
-}
-
-/// Appends `source` and its causes to `text`, skipping what it already says.
-fn append_causes(text: &mut String, mut source: Option<&(dyn StdError + 'static)>) {
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-}
+// Kept at their old path.
+pub use crate::net::error_chain::{source_chain, status_chain};
 
 #[cfg(test)]
 mod tests {
+    use std::error::Error as _;
+
     use super::*;
 
     fn address() -> Arc<str> {

@@ -1,49 +1,47 @@
-//! The client library: a streaming resolver feeding live `pick_first` and
-//! `round_robin` balancers, behind a tower service that any tonic-generated
-//! client accepts.
+//! The client library: a streaming resolver feeding live balancers, behind
+//! a tower service that any tonic-generated client accepts.
 //!
 //! - [`target`]: `registry://`, `static:///` and `dns:///` target strings;
-//! - [`resolver`]: the [`Resolver`] trait and the static resolver;
-//! - [`registry_resolver`]: endpoints from a registry watch stream;
-//! - [`dns_resolver`]: endpoints from DNS, for `dns:///` targets;
-//! - [`subchannel`]: one backend connection and its state machine;
-//! - [`health`]: client-side health checking of each subchannel;
+//! - [`resolver`]: the [`Resolver`] trait, the static resolver, and the
+//!   registry's ([`resolver::registry`]) and DNS ([`resolver::dns`]) ones;
+//! - [`subchannel`]: one backend connection and its state machine, with
+//!   client-side health checking ([`subchannel::health`]);
+//! - [`connectivity`]: the connectivity states every layer speaks;
 //! - [`transport`]: dialling a backend, over TLS if configured;
-//! - [`policy`], [`round_robin`], [`pick_first`]: who gets RPCs;
-//! - [`least_request`], [`weighted_round_robin`]: policies for backends
-//!   that are unequal or unwell (built on [`ready_set`]);
-//! - [`outlier_detection`]: ejects failing backends, around any policy;
+//! - [`policy`]: who gets RPCs: the [`Policy`] seam and every policy
+//!   (`pick_first`, `round_robin`, `least_request`, `weighted_round_robin`,
+//!   and `outlier_detection` around any of them);
 //! - [`balancer`]: the task that turns all of the above into a picker;
 //! - [`metrics`]: the channel's Prometheus metrics, in a registry the
 //!   application serves;
-//! - [`channel`]: [`BalancedChannel`], the tower service;
-//! - [`backoff`]: gRPC's connection backoff;
+//! - [`channel`]: [`BalancedChannel`], the tower service, its builder and
+//!   the send path;
 //! - [`error`]: [`Error`], [`ConnectError`] and [`ResolverError`], the causes
 //!   of failures.
 
-pub mod backoff;
 pub mod balancer;
 pub mod channel;
-pub mod dns_resolver;
+pub mod connectivity;
 pub mod error;
-pub mod health;
-pub mod least_request;
 pub mod metrics;
-pub mod outlier_detection;
-pub mod pick_first;
 pub mod policy;
-pub mod ready_set;
-pub mod registry_resolver;
 pub mod resolver;
-pub mod round_robin;
 pub mod subchannel;
 pub mod target;
 pub mod transport;
-pub mod weighted_round_robin;
+
+// The paths these modules had before they moved into their folders.
+pub use crate::net::backoff;
+pub use policy::{
+    least_request, outlier_detection, pick_first, ready_set, round_robin, weighted_round_robin,
+};
+pub use resolver::{dns as dns_resolver, registry as registry_resolver};
+pub use subchannel::health;
 
 pub use backoff::BackoffConfig;
 pub use balancer::{BalancerState, BalancerStats};
 pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
+pub use connectivity::ConnectivityState;
 pub use dns_resolver::DnsResolver;
 pub use error::{ConnectError, Error, ResolverError};
 pub use health::HealthCheck;
@@ -55,5 +53,5 @@ pub use registry_resolver::RegistryResolver;
 pub use resolver::{
     Endpoint, EndpointState, ResolveNow, Resolver, ResolverSink, StaticResolver, Update,
 };
-pub use subchannel::{ConnectionStats, ConnectivityState};
+pub use subchannel::ConnectionStats;
 pub use target::Target;

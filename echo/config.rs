@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::metrics::EchoMetrics;
 use super::EchoError;
-use crate::client::backoff::BackoffConfig;
+use crate::net::backoff::BackoffConfig;
 use crate::registration::{self, registry_backoff};
 pub use crate::registration::{DEFAULT_DRAIN_GRACE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL};
 use crate::registry::auth::Token;

@@ -4,6 +4,8 @@
 
 #[cfg(any(feature = "registry", feature = "registration"))]
 pub mod authority_repair;
+pub mod backoff;
+pub mod error_chain;
 #[cfg(any(feature = "registry", feature = "registration"))]
 pub mod server;
 pub mod tls;

@@ -34,9 +34,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::client::backoff::{Backoff, BackoffConfig};
-use crate::client::error::status_chain;
 use crate::client::transport;
+use crate::net::backoff::{Backoff, BackoffConfig};
+use crate::net::error_chain::status_chain;
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::registry::auth::{Bearer, Token};
 use crate::registry::validate;

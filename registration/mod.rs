@@ -61,7 +61,7 @@ pub use error::RegistrationError;
 pub use lease_keeper::{LeaseKeeper, LeaseState, Registration, CALL_TIMEOUT};
 pub use server::{advertised, bind, Builder, Server, ShutdownReport};
 
-use crate::client::backoff::BackoffConfig;
+use crate::net::backoff::BackoffConfig;
 use crate::registry::validate;
 
 /// Lease TTL asked for when none is given: the registry's own default.

@@ -25,8 +25,8 @@ use super::lease_keeper::{LeaseKeeper, LeaseState, Registration};
 use super::{
     registry_backoff, RegistrationError, DEFAULT_DRAIN_GRACE, DEFAULT_SHUTDOWN_TIMEOUT, DEFAULT_TTL,
 };
-use crate::client::backoff::BackoffConfig;
-use crate::client::error::source_chain;
+use crate::net::backoff::BackoffConfig;
+use crate::net::error_chain::source_chain;
 use crate::net::server as transport;
 use crate::registry::auth::Token;
 use crate::registry::validate;

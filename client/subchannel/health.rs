@@ -23,9 +23,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
-use super::backoff::{Backoff, BackoffConfig};
-use super::error::{status_chain, ConnectError};
-use super::subchannel::{ReadyConnection, SubchannelState};
+use crate::client::backoff::{Backoff, BackoffConfig};
+use crate::client::error::{status_chain, ConnectError};
+use crate::client::subchannel::{ReadyConnection, SubchannelState};
 
 /// Health checking settings of one channel (see the module docs).
 #[derive(Debug)]

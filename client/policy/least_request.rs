@@ -21,11 +21,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::policy::{
+use crate::client::policy::{
     CallOutcome, OnDone, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
 };
-use super::ready_set::ReadySet;
-use super::subchannel::ReadyConnection;
+use crate::client::ready_set::ReadySet;
+use crate::client::subchannel::ReadyConnection;
 use crate::discovery::{Applied, EndpointSet};
 
 /// How least_request weighs its two choices.

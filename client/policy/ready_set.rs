@@ -1,8 +1,8 @@
 //! The bookkeeping every "use all backends" policy shares: connect to each
 //! serving endpoint, redial lost connections, and keep the Ready ones in a
-//! list a picker can copy. [`round_robin`](super::round_robin),
-//! [`least_request`](super::least_request) and
-//! [`weighted_round_robin`](super::weighted_round_robin) all stand on it and
+//! list a picker can copy. [`round_robin`](crate::client::round_robin),
+//! [`least_request`](crate::client::least_request) and
+//! [`weighted_round_robin`](crate::client::weighted_round_robin) all stand on it and
 //! differ only in how their pickers choose.
 //!
 //! Every event costs O(1): the Ready list is kept incrementally and the
@@ -11,9 +11,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::error::ConnectError;
-use super::policy::{PolicyContext, StateCounts, SubchannelId};
-use super::subchannel::{ConnectivityState, ReadyConnection, SubchannelState};
+use crate::client::error::ConnectError;
+use crate::client::policy::{PolicyContext, StateCounts, SubchannelId};
+use crate::client::subchannel::{ConnectivityState, ReadyConnection, SubchannelState};
 use crate::discovery::{Applied, EndpointSet};
 
 /// The subchannels of a policy that connects to every serving endpoint.

@@ -38,11 +38,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::error::ConnectError;
-use super::policy::{
+use crate::client::error::ConnectError;
+use crate::client::policy::{
     CallOutcome, OnDone, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
 };
-use super::subchannel::{ReadyConnection, SubchannelState};
+use crate::client::subchannel::{ReadyConnection, SubchannelState};
 use crate::discovery::{Applied, EndpointSet};
 
 /// When and how outlier detection ejects. The defaults suit a standalone

@@ -5,9 +5,11 @@
 
 use std::sync::Arc;
 
-use super::error::ConnectError;
-use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId};
-use super::subchannel::{ConnectivityState, ReadyConnection, SubchannelState};
+use crate::client::error::ConnectError;
+use crate::client::policy::{
+    Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
+};
+use crate::client::subchannel::{ConnectivityState, ReadyConnection, SubchannelState};
 use crate::discovery::{Applied, EndpointSet};
 
 /// The pick_first policy.

@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use super::backoff::{Backoff, BackoffConfig};
-use super::error::{status_chain, ResolverError};
-use super::resolver::{BoxFuture, Resolver, ResolverSink};
-use super::transport;
+use crate::client::backoff::{Backoff, BackoffConfig};
+use crate::client::error::{status_chain, ResolverError};
+use crate::client::resolver::{BoxFuture, Resolver, ResolverSink};
+use crate::client::transport;
 use crate::discovery::Versioned;
 use crate::proto::registry::registry_client::RegistryClient;
 use crate::proto::registry::WatchRequest;

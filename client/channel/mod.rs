@@ -18,24 +18,24 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::backoff::BackoffConfig;
-use super::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
-use super::dns_resolver::DnsResolver;
-use super::error::{source_chain, Error};
-use super::health::HealthCheck;
-use super::least_request::{LeastRequest, LeastRequestConfig};
-use super::metrics::{ChannelMetrics, ClientMetrics, EndpointMetrics};
-use super::outlier_detection::{OutlierDetection, OutlierDetectionConfig};
-use super::pick_first::PickFirst;
-use super::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
-use super::registry_resolver::RegistryResolver;
-use super::resolver::{Resolver, ResolverSink, StaticResolver};
-use super::round_robin::RoundRobin;
-use super::subchannel::{
+use crate::client::backoff::BackoffConfig;
+use crate::client::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
+use crate::client::dns_resolver::DnsResolver;
+use crate::client::error::{source_chain, Error};
+use crate::client::health::HealthCheck;
+use crate::client::least_request::{LeastRequest, LeastRequestConfig};
+use crate::client::metrics::{ChannelMetrics, ClientMetrics, EndpointMetrics};
+use crate::client::outlier_detection::{OutlierDetection, OutlierDetectionConfig};
+use crate::client::pick_first::PickFirst;
+use crate::client::policy::{CallOutcome, OnDone, Pick, PickInfo, Policy};
+use crate::client::registry_resolver::RegistryResolver;
+use crate::client::resolver::{Resolver, ResolverSink, StaticResolver};
+use crate::client::round_robin::RoundRobin;
+use crate::client::subchannel::{
     ConnectConfig, ConnectionStats, ConnectivityState, InFlightGuard, Keepalive,
 };
-use super::target::{Target, TargetError};
-use super::weighted_round_robin::WeightedRoundRobin;
+use crate::client::target::{Target, TargetError};
+use crate::client::weighted_round_robin::WeightedRoundRobin;
 use crate::registry::auth::Token;
 use crate::tls::ClientTls;
 
@@ -174,7 +174,7 @@ impl Builder {
     }
 
     /// Balances with a policy of your own instead of a built-in one (see
-    /// [`Policy`](super::policy::Policy)).
+    /// [`Policy`](crate::client::policy::Policy)).
     pub fn custom_policy(mut self, policy: impl Policy) -> Self {
         self.custom_policy = Some(Box::new(policy));
         self
@@ -182,7 +182,7 @@ impl Builder {
 
     /// Wraps the policy (built-in or custom) in outlier detection: backends
     /// whose calls fail far more than they should are ejected for a while
-    /// (see [`outlier_detection`](super::outlier_detection)). Off by
+    /// (see [`outlier_detection`](crate::client::outlier_detection)). Off by
     /// default, as in gRPC.
     pub fn outlier_detection(mut self, config: OutlierDetectionConfig) -> Self {
         self.outlier_detection = Some(config);
@@ -258,7 +258,7 @@ impl Builder {
         self
     }
 
-    /// Registers the channel's metrics (see [`metrics`](super::metrics)) in
+    /// Registers the channel's metrics (see [`metrics`](crate::client::metrics)) in
     /// `registry`, which the application serves on its own `/metrics`; the
     /// channel opens no port. For several channels, register one
     /// [`ClientMetrics`] and give it to each with [`Builder::with_metrics`]

@@ -9,9 +9,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId};
-use super::ready_set::ReadySet;
-use super::subchannel::ReadyConnection;
+use crate::client::policy::{
+    Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
+};
+use crate::client::ready_set::ReadySet;
+use crate::client::subchannel::ReadyConnection;
 use crate::discovery::{Applied, EndpointSet};
 
 /// The round_robin policy.

@@ -7,13 +7,16 @@
 //! watch stream's deltas reach the policy as deltas, and a reset after a
 //! reconnect costs only the difference.
 
+pub mod dns;
+pub mod registry;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
 
-use super::error::ResolverError;
+use crate::client::error::ResolverError;
 
 pub use crate::discovery::{Endpoint, EndpointState, Update};
 

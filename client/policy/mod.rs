@@ -11,6 +11,13 @@
 //! lets weighted, least-request and outlier-ejecting policies exist without
 //! touching the channel.
 
+pub mod least_request;
+pub mod outlier_detection;
+pub mod pick_first;
+pub mod ready_set;
+pub mod round_robin;
+pub mod weighted_round_robin;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
@@ -18,8 +25,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::error::ConnectError;
-use super::subchannel::{
+use crate::client::error::ConnectError;
+use crate::client::subchannel::{
     ConnectConfig, ConnectivityState, ReadyConnection, Subchannel, SubchannelEvent,
 };
 use crate::discovery::{Applied, EndpointSet};

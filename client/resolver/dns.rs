@@ -3,7 +3,7 @@
 //!
 //! DNS has no change stream, so the name is looked up again on a timer
 //! (30 s by default) and whenever the balancer says a connection failed
-//! ([`ResolveNow`](super::resolver::ResolveNow)), since a backend that went
+//! ([`ResolveNow`](crate::client::resolver::ResolveNow)), since a backend that went
 //! away may have moved to another address. Those nudges are rate-limited so
 //! that a flapping backend cannot turn into a stream of lookups. Each answer
 //! is published whole, as a reset, and the balancer applies only the
@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::error::ResolverError;
-use super::resolver::{BoxFuture, Endpoint, Resolver, ResolverSink};
+use crate::client::error::ResolverError;
+use crate::client::resolver::{BoxFuture, Endpoint, Resolver, ResolverSink};
 
 /// A name service: turns `host:port` into socket addresses. The default is
 /// the system resolver ([`tokio::net::lookup_host`]); tests and custom name

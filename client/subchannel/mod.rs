@@ -29,25 +29,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use super::backoff::{Backoff, BackoffConfig};
-use super::error::{source_chain, ConnectError};
-use super::health::{self, HealthCheck};
-use super::metrics::{ChannelMetrics, EndpointMetrics};
-use super::transport::{self, Stream};
+use crate::client::backoff::{Backoff, BackoffConfig};
+use crate::client::error::{source_chain, ConnectError};
+use crate::client::metrics::{ChannelMetrics, EndpointMetrics};
+use crate::client::transport::{self, Stream};
 use crate::tls::{self, ClientTls};
+use health::HealthCheck;
 
-/// The aggregate or per-subchannel connectivity state, as in gRPC.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ConnectivityState {
-    /// Not connected and not trying to.
-    Idle,
-    /// A connection attempt is under way.
-    Connecting,
-    /// Connected; RPCs can be sent.
-    Ready,
-    /// The last attempt failed; waiting out the backoff.
-    TransientFailure,
-}
+pub mod health;
+
+// Kept at its old path.
+pub use crate::client::connectivity::ConnectivityState;
 
 /// Settings shared by every subchannel of a channel.
 #[derive(Debug, Clone)]
