@@ -637,7 +637,20 @@ pub async fn start_backends(registry: &str, n: usize, extra: &[&str]) -> Vec<(St
         backends.push((local(port), proc));
     }
     backends.sort_by(|a, b| a.0.cmp(&b.0));
+    wait_keepers(&backends).await;
     backends
+}
+
+/// Waits until each backend says its lease keeper holds its lease: granted
+/// and bound to a KeepAlive stream the registry has answered. Being listed
+/// is not that: the registry lists an endpoint when Register returns,
+/// before the keeper's stream is open, and a backend killed in between
+/// leaves when its TTL runs out, not when its stream breaks.
+pub async fn wait_keepers(backends: &[(String, Proc)]) {
+    for (address, proc) in backends {
+        proc.wait_line(&format!(": registered address={address} "), STARTUP)
+            .await;
+    }
 }
 
 /// The addresses of `backends`, in their order.
@@ -753,11 +766,14 @@ impl Cluster {
             let proc = start_echo(&cluster.registry, SERVICE, &[port], echo_args).await;
             cluster.backends.push((local(port), proc));
         }
+        wait_keepers(&cluster.backends).await;
         let addresses = cluster.addresses();
         wait_registered(&cluster.registry, SERVICE, &addresses, STARTUP).await;
         cluster
     }
 
+    /// Starts one more backend; it may be unregistered yet (the registry may
+    /// be down): see [`wait_keepers`].
     pub async fn add_backend(&mut self) -> String {
         let port = free_port();
         let proc = start_echo(&self.registry, SERVICE, &[port], &[]).await;
