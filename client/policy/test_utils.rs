@@ -28,7 +28,9 @@ use crate::client::policy::{
     CallOutcome, Pick, PickInfo, Policy, PolicyContext, PolicyPicker, SubchannelFactory,
     SubchannelId, Subchannels,
 };
-use crate::client::subchannel::{ConnectivityState, InFlight, ReadyConnection, SubchannelState};
+use crate::client::subchannel::{
+    ConnectivityState, InFlight, ReadyConnection, Subchannel, SubchannelState,
+};
 use crate::discovery::{Applied, Endpoint, EndpointSet, Update};
 
 /// A subchannel the policy created, as the factory hands it over.
@@ -42,14 +44,14 @@ struct Created {
 struct Recorder(Arc<Mutex<Vec<Created>>>);
 
 impl SubchannelFactory for Recorder {
-    fn create(&mut self, id: SubchannelId, address: Arc<str>) -> super::Subchannel {
+    fn create(&mut self, id: SubchannelId, address: Arc<str>) -> Subchannel {
         let (connect, requests) = mpsc::unbounded_channel();
         self.0.lock().unwrap().push(Created {
             id,
             address: address.clone(),
             requests,
         });
-        super::Subchannel::new(id, address, connect)
+        Subchannel::new(id, address, connect)
     }
 }
 
