@@ -202,7 +202,7 @@ impl<'a> PolicyContext<'a> {
 /// one. The seam between policies and sockets: the balancer's factory
 /// spawns a task that dials, the tests' (`test_utils`) one that records, so
 /// a policy can be driven without I/O.
-pub(crate) trait SubchannelFactory: Send {
+pub(crate) trait SubchannelFactory: Send + Sync {
     /// The Idle subchannel `id` for `address`.
     fn create(&mut self, id: SubchannelId, address: Arc<str>) -> Subchannel;
 }
