@@ -265,6 +265,134 @@ impl PeakEwma {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::policy::test_utils::{addresses, FakeController};
+    use crate::client::subchannel::ConnectivityState;
+    use crate::discovery::{Delta, Endpoint, Update};
+
+    /// Two Ready backends, a and b.
+    fn two(config: LeastRequestConfig) -> FakeController<LeastRequest> {
+        let mut fake = FakeController::new(LeastRequest::new(config));
+        fake.reset(&["a:1", "b:1"]);
+        fake.ready("a:1");
+        fake.ready("b:1");
+        fake
+    }
+
+    /// How many of `n` calls went to `address`.
+    fn count(fake: &FakeController<LeastRequest>, n: usize, address: &str) -> usize {
+        fake.calls(n)
+            .iter()
+            .filter(|a| a.as_deref() == Some(address))
+            .count()
+    }
+
+    /// Slow by an hour: no estimate decays during a test.
+    fn ewma() -> LeastRequestConfig {
+        LeastRequestConfig {
+            peak_ewma: Some(Duration::from_secs(3600)),
+        }
+    }
+
+    /// Calls, each taking 1 ms, until one reaches a:1 and takes 100 ms
+    /// there: equal costs draw at random.
+    fn slow_a(fake: &FakeController<LeastRequest>) {
+        for _ in 0..1000 {
+            let called = fake.call_with(|address| {
+                let millis = if address == "a:1" { 100 } else { 1 };
+                (tonic::Code::Ok, Duration::from_millis(millis))
+            });
+            if called.as_deref() == Some("a:1") {
+                return;
+            }
+        }
+        panic!("a:1 never picked");
+    }
+
+    #[test]
+    fn picks_the_connection_with_fewer_rpcs_in_flight() {
+        let fake = two(LeastRequestConfig::default());
+        let a = fake.picker().picker.connections()[0].clone();
+        let busy_a: Vec<_> = (0..3).map(|_| a.in_flight.start()).collect();
+        assert_eq!(count(&fake, 50, "b:1"), 50);
+        // Without peak-EWMA nothing listens for outcomes.
+        assert!(matches!(fake.pick(), Pick::Connection { done: None, .. }));
+        drop(busy_a);
+        let b = fake.picker().picker.connections()[1].clone();
+        let _busy_b = b.in_flight.start();
+        assert_eq!(count(&fake, 50, "a:1"), 50);
+    }
+
+    #[test]
+    fn with_one_connection_takes_it_and_with_none_queues() {
+        let mut fake = FakeController::new(LeastRequest::default());
+        fake.reset(&["a:1", "b:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Connecting);
+        assert!(matches!(fake.pick(), Pick::Queue));
+        fake.ready("a:1");
+        assert_eq!(fake.connectivity(), ConnectivityState::Ready);
+        assert_eq!(addresses(&fake.calls(3)), ["a:1", "a:1", "a:1"]);
+        fake.close("a:1");
+        assert!(matches!(fake.pick(), Pick::Queue));
+        fake.fail("b:1");
+        fake.lost("a:1");
+        assert_eq!(
+            fake.take_actions().last().map(String::as_str),
+            Some("connect a:1")
+        );
+        fake.fail("a:1");
+        assert_eq!(fake.connectivity(), ConnectivityState::TransientFailure);
+    }
+
+    #[test]
+    fn skips_a_connection_that_closed_unreported() {
+        let mut fake = two(LeastRequestConfig::default());
+        let b = fake.picker().picker.connections()[1].clone();
+        let _busy_b: Vec<_> = (0..5).map(|_| b.in_flight.start()).collect();
+        fake.close("a:1");
+        assert_eq!(count(&fake, 20, "b:1"), 20);
+        fake.close("b:1");
+        assert!(matches!(fake.pick(), Pick::Queue));
+    }
+
+    #[test]
+    fn peak_ewma_avoids_a_slow_backend_until_the_other_is_loaded_enough() {
+        let fake = two(ewma());
+        assert!(matches!(
+            fake.pick(),
+            Pick::Connection { done: Some(_), .. }
+        ));
+        slow_a(&fake);
+        assert_eq!(count(&fake, 50, "b:1"), 50);
+        let a = fake.picker().picker.connections()[0].clone();
+        let _busy: Vec<_> = (0..2).map(|_| a.in_flight.start()).collect();
+        let b = fake.picker().picker.connections()[1].clone();
+        // 100 ms × 3 against 1 ms × (n + 1): b wins until n + 1 > 300.
+        let busy_b: Vec<_> = (0..250).map(|_| b.in_flight.start()).collect();
+        assert_eq!(count(&fake, 20, "b:1"), 20);
+        drop(busy_b);
+        let _busy_b: Vec<_> = (0..350).map(|_| b.in_flight.start()).collect();
+        assert_eq!(count(&fake, 20, "a:1"), 20);
+    }
+
+    #[test]
+    fn peak_ewma_remembers_across_pickers_and_reconnections_but_not_removals() {
+        let mut fake = two(ewma());
+        slow_a(&fake);
+        fake.lost("a:1");
+        fake.ready("a:1");
+        assert_eq!(count(&fake, 50, "b:1"), 50, "forgiven by a reconnection");
+        fake.update(Update::Delta(Delta {
+            removed: vec!["a:1".into()],
+            ..Delta::default()
+        }));
+        fake.update(Update::Delta(Delta {
+            added: vec![Endpoint::new("a:1")],
+            ..Delta::default()
+        }));
+        fake.ready("a:1");
+        // A fresh start: equal costs again, so a gets its share.
+        assert!(count(&fake, 200, "a:1") > 0);
+    }
 
     fn outcome(code: tonic::Code, millis: u64) -> CallOutcome {
         CallOutcome {

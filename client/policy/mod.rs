@@ -16,6 +16,8 @@ pub mod outlier_detection;
 pub mod pick_first;
 pub mod ready_set;
 pub mod round_robin;
+#[cfg(test)]
+pub(crate) mod test_utils;
 pub mod weighted_round_robin;
 
 use std::collections::HashMap;
@@ -24,6 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::client::error::ConnectError;
 use crate::client::subchannel::{
@@ -134,16 +137,39 @@ pub struct CallOutcome {
 /// What a policy can do while handling an event.
 pub struct PolicyContext<'a> {
     subchannels: &'a mut Subchannels,
-    timer: &'a mut Option<tokio::time::Instant>,
+    timer: &'a mut Option<Instant>,
+    /// The time policies go by: `None` reads the clock, which is what the
+    /// balancer wants; a test pins it so that timers and ejection terms
+    /// are stepped, never slept through.
+    now: Option<Instant>,
 }
 
 impl<'a> PolicyContext<'a> {
     /// A context over `subchannels`; `timer` holds the earliest due time.
-    pub fn new(
-        subchannels: &'a mut Subchannels,
-        timer: &'a mut Option<tokio::time::Instant>,
-    ) -> Self {
-        Self { subchannels, timer }
+    pub fn new(subchannels: &'a mut Subchannels, timer: &'a mut Option<Instant>) -> Self {
+        Self {
+            subchannels,
+            timer,
+            now: None,
+        }
+    }
+
+    /// The same context at the fixed instant `now`, for tests.
+    #[cfg(test)]
+    pub(crate) fn at(mut self, now: Instant) -> Self {
+        self.now = Some(now);
+        self
+    }
+
+    /// A context for a child policy: the same subchannels and time, but
+    /// timer requests go to `timer`, so that a wrapper's own timer and its
+    /// child's do not overwrite each other.
+    pub fn for_child<'b>(&'b mut self, timer: &'b mut Option<Instant>) -> PolicyContext<'b> {
+        PolicyContext {
+            subchannels: self.subchannels,
+            timer,
+            now: self.now,
+        }
     }
 
     /// The policy's subchannels.
@@ -151,18 +177,45 @@ impl<'a> PolicyContext<'a> {
         self.subchannels
     }
 
+    /// The current time, which policies use instead of the clock so that
+    /// tests can step it.
+    pub fn now(&self) -> Instant {
+        self.now.unwrap_or_else(Instant::now)
+    }
+
     /// Calls [`Policy::timer_fired`] after `after` (the earliest request
     /// wins while one is pending).
     pub fn schedule(&mut self, after: Duration) {
-        self.schedule_at(tokio::time::Instant::now() + after);
+        self.schedule_at(self.now() + after);
     }
 
     /// Calls [`Policy::timer_fired`] at `at` (the earliest request wins
     /// while one is pending).
-    pub fn schedule_at(&mut self, at: tokio::time::Instant) {
+    pub fn schedule_at(&mut self, at: Instant) {
         if self.timer.is_none_or(|due| at < due) {
             *self.timer = Some(at);
         }
+    }
+}
+
+/// Makes the subchannel for an address the first time a policy asks for
+/// one. The seam between policies and sockets: the balancer's factory
+/// spawns a task that dials, the tests' (`test_utils`) one that records, so
+/// a policy can be driven without I/O.
+pub(crate) trait SubchannelFactory: Send + Sync {
+    /// The Idle subchannel `id` for `address`.
+    fn create(&mut self, id: SubchannelId, address: Arc<str>) -> Subchannel;
+}
+
+/// The balancer's factory: a subchannel task per address.
+struct Spawner {
+    config: Arc<ConnectConfig>,
+    events: mpsc::UnboundedSender<SubchannelEvent>,
+}
+
+impl SubchannelFactory for Spawner {
+    fn create(&mut self, id: SubchannelId, address: Arc<str>) -> Subchannel {
+        Subchannel::spawn(id, address, self.config.clone(), self.events.clone())
     }
 }
 
@@ -173,19 +226,22 @@ pub struct Subchannels {
     by_id: HashMap<SubchannelId, Subchannel>,
     by_address: HashMap<Arc<str>, SubchannelId>,
     next_id: SubchannelId,
-    config: Arc<ConnectConfig>,
-    events: mpsc::UnboundedSender<SubchannelEvent>,
+    factory: Box<dyn SubchannelFactory>,
 }
 
 impl Subchannels {
     /// An empty set whose subchannels report to `events`.
     pub fn new(config: Arc<ConnectConfig>, events: mpsc::UnboundedSender<SubchannelEvent>) -> Self {
+        Self::with_factory(Box::new(Spawner { config, events }))
+    }
+
+    /// An empty set whose subchannels `factory` makes.
+    pub(crate) fn with_factory(factory: Box<dyn SubchannelFactory>) -> Self {
         Self {
             by_id: HashMap::new(),
             by_address: HashMap::new(),
             next_id: 0,
-            config,
-            events,
+            factory,
         }
     }
 
@@ -197,12 +253,7 @@ impl Subchannels {
         self.next_id += 1;
         let id = self.next_id;
         let address: Arc<str> = Arc::from(address);
-        let subchannel = Subchannel::spawn(
-            id,
-            address.clone(),
-            self.config.clone(),
-            self.events.clone(),
-        );
+        let subchannel = self.factory.create(id, address.clone());
         self.by_address.insert(address, id);
         self.by_id.insert(id, subchannel);
         id

@@ -208,3 +208,148 @@ impl Picker for PickFirstPicker {
         self.connection.as_slice()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::policy::test_utils::{addresses, FakeController};
+    use crate::discovery::{Endpoint, EndpointState, Update};
+
+    fn started(endpoints: &[&str]) -> FakeController<PickFirst> {
+        let mut fake = FakeController::new(PickFirst::default());
+        fake.reset(endpoints);
+        fake
+    }
+
+    #[test]
+    fn tries_endpoints_in_order_and_sticks_to_the_first_that_connects() {
+        let mut fake = started(&["a:1", "b:1", "c:1"]);
+        // One address at a time, in the resolver's order.
+        assert_eq!(fake.take_actions(), ["create a:1", "connect a:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Connecting);
+        assert!(matches!(fake.pick(), Pick::Queue));
+        fake.connecting("a:1");
+        assert!(fake.take_actions().is_empty());
+        let refused = fake.fail("a:1");
+        assert_eq!(fake.take_actions(), ["create b:1", "connect b:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Connecting);
+        assert_eq!(fake.picker().last_error, Some(refused));
+        fake.ready("b:1");
+        // No other connection is held.
+        assert_eq!(fake.take_actions(), ["remove a:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Ready);
+        assert_eq!(addresses(&fake.calls(3)), ["b:1", "b:1", "b:1"]);
+        assert!(matches!(fake.pick(), Pick::Connection { done: None, .. }));
+    }
+
+    #[test]
+    fn moves_on_to_the_next_address_at_once_when_the_chosen_one_is_lost() {
+        let mut fake = started(&["a:1", "b:1", "c:1"]);
+        fake.ready("a:1");
+        fake.take_actions();
+        fake.lost("a:1");
+        // The next address, not a redial of the lost one.
+        assert_eq!(fake.take_actions(), ["create b:1", "connect b:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Connecting);
+        assert!(matches!(fake.pick(), Pick::Queue));
+        assert!(matches!(
+            fake.picker().last_error.as_deref(),
+            Some(ConnectError::Lost { .. })
+        ));
+        fake.ready("b:1");
+        assert_eq!(fake.take_actions(), ["remove a:1"]);
+        assert_eq!(addresses(&fake.calls(2)), ["b:1", "b:1"]);
+    }
+
+    #[test]
+    fn wraps_around_from_the_last_address() {
+        let mut fake = started(&["a:1", "b:1"]);
+        fake.fail("a:1");
+        fake.ready("b:1");
+        fake.take_actions();
+        fake.lost("b:1");
+        assert_eq!(fake.take_actions(), ["create a:1", "connect a:1"]);
+    }
+
+    #[test]
+    fn fails_when_every_address_failed_and_takes_whichever_recovers_first() {
+        let mut fake = started(&["a:1", "b:1"]);
+        fake.fail("a:1");
+        let last = fake.fail("b:1");
+        assert_eq!(fake.connectivity(), ConnectivityState::TransientFailure);
+        assert_eq!(fake.picker().last_error, Some(last));
+        assert!(matches!(fake.pick(), Pick::Queue));
+        fake.take_actions();
+        // Backoff over, a subchannel that went Idle is asked to connect.
+        fake.set_state("a:1", SubchannelState::Idle { last_error: None });
+        assert_eq!(fake.take_actions(), ["connect a:1"]);
+        // Still retrying on their own: the first to connect wins.
+        fake.ready("b:1");
+        assert_eq!(fake.take_actions(), ["remove a:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Ready);
+        assert_eq!(addresses(&fake.calls(1)), ["b:1"]);
+    }
+
+    #[test]
+    fn stays_on_its_connection_while_the_resolver_still_lists_it() {
+        let mut fake = started(&["a:1", "b:1"]);
+        fake.ready("a:1");
+        fake.take_actions();
+        let pickers = fake.pickers();
+        fake.reset(&["b:1", "a:1", "c:1"]);
+        assert!(fake.take_actions().is_empty());
+        assert_eq!(fake.pickers(), pickers);
+        assert_eq!(addresses(&fake.calls(1)), ["a:1"]);
+        // Unlisted: start over from the top of the new list.
+        fake.reset(&["c:1", "b:1"]);
+        assert_eq!(
+            fake.take_actions(),
+            ["create c:1", "connect c:1", "remove a:1"]
+        );
+        assert_eq!(fake.connectivity(), ConnectivityState::Connecting);
+        assert!(matches!(fake.pick(), Pick::Queue));
+    }
+
+    #[test]
+    fn skips_draining_endpoints() {
+        let mut fake = FakeController::new(PickFirst::default());
+        fake.update(Update::Reset(vec![
+            Endpoint::new("a:1").with_state(EndpointState::Draining),
+            Endpoint::new("b:1"),
+        ]));
+        assert_eq!(fake.take_actions(), ["create b:1", "connect b:1"]);
+    }
+
+    #[test]
+    fn takes_an_earlier_address_that_recovers_while_trying_a_later_one() {
+        let mut fake = started(&["a:1", "b:1"]);
+        fake.fail("a:1");
+        fake.connecting("b:1");
+        fake.take_actions();
+        // a retried on its own backoff and made it first.
+        fake.ready("a:1");
+        assert_eq!(fake.take_actions(), ["remove b:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Ready);
+        assert_eq!(addresses(&fake.calls(1)), ["a:1"]);
+    }
+
+    #[test]
+    fn with_no_endpoints_fails_and_closes_everything() {
+        let mut fake = started(&["a:1"]);
+        fake.ready("a:1");
+        fake.take_actions();
+        fake.reset(&[]);
+        assert_eq!(fake.take_actions(), ["remove a:1"]);
+        assert_eq!(fake.connectivity(), ConnectivityState::TransientFailure);
+        assert!(matches!(fake.pick(), Pick::Queue));
+    }
+
+    #[test]
+    fn queues_when_its_connection_closed_before_the_balancer_heard() {
+        let mut fake = started(&["a:1"]);
+        fake.ready("a:1");
+        fake.close("a:1");
+        assert!(matches!(fake.pick(), Pick::Queue));
+        assert_eq!(fake.picker().picker.connections().len(), 1);
+    }
+}

@@ -164,3 +164,172 @@ impl ReadySet {
         self.dirty = true;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::policy::round_robin::RoundRobinPicker;
+    use crate::client::policy::test_utils::FakeController;
+    use crate::client::policy::{Policy, PolicyPicker};
+    use crate::discovery::{Delta, Endpoint, EndpointState, Update};
+
+    /// A policy that is only a ready set, remembering what it removed, and
+    /// owning one subchannel of its own besides.
+    #[derive(Default)]
+    struct Only {
+        set: ReadySet,
+        removed: Vec<SubchannelId>,
+        foreign: Option<&'static str>,
+    }
+
+    impl Policy for Only {
+        fn name(&self) -> &'static str {
+            "ready_set"
+        }
+
+        fn endpoints_changed(
+            &mut self,
+            endpoints: &EndpointSet,
+            changes: &Applied,
+            cx: &mut PolicyContext<'_>,
+        ) {
+            if let Some(address) = self.foreign {
+                cx.subchannels().get_or_create(address);
+            }
+            let removed = self.set.endpoints_changed(endpoints, changes, cx);
+            self.removed.extend(removed);
+        }
+
+        fn subchannel_changed(&mut self, id: SubchannelId, cx: &mut PolicyContext<'_>) {
+            self.set.subchannel_changed(id, cx);
+        }
+
+        fn take_picker(&mut self) -> Option<PolicyPicker> {
+            if !self.set.take_dirty() {
+                return None;
+            }
+            let connections = self.set.ready().iter().map(|(_, c)| c.clone()).collect();
+            Some(PolicyPicker {
+                picker: Arc::new(RoundRobinPicker::new(connections)),
+                connectivity: self.set.connectivity(),
+                last_error: self.set.last_error().cloned(),
+            })
+        }
+    }
+
+    /// The Ready addresses, sorted.
+    fn ready(fake: &FakeController<Only>) -> Vec<String> {
+        let mut ready: Vec<String> = fake
+            .policy
+            .set
+            .ready()
+            .iter()
+            .map(|(_, c)| c.address.to_string())
+            .collect();
+        ready.sort();
+        ready
+    }
+
+    fn delta(added: &[&str], updated: Vec<Endpoint>, removed: &[&str]) -> Update {
+        Update::Delta(Delta {
+            added: added.iter().map(|a| Endpoint::new(*a)).collect(),
+            updated,
+            removed: removed.iter().map(|a| a.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn keeps_the_ready_list_in_step_with_every_state_change() {
+        let mut fake = FakeController::new(Only::default());
+        fake.reset(&["a:1", "b:1", "c:1", "d:1"]);
+        for address in ["a:1", "b:1", "c:1", "d:1"] {
+            fake.ready(address);
+        }
+        assert_eq!(ready(&fake), ["a:1", "b:1", "c:1", "d:1"]);
+        // Out of the middle and off the front: each slot moves correctly.
+        fake.fail("b:1");
+        fake.lost("a:1");
+        assert_eq!(ready(&fake), ["c:1", "d:1"]);
+        // A new connection for one already Ready replaces it in place.
+        let fresh = fake.ready("d:1");
+        assert_eq!(ready(&fake), ["c:1", "d:1"]);
+        let (_, held) = fake
+            .policy
+            .set
+            .ready()
+            .iter()
+            .find(|(_, c)| c.address.as_ref() == "d:1")
+            .unwrap();
+        assert!(Arc::ptr_eq(held, &fresh));
+        fake.ready("a:1");
+        fake.fail("c:1");
+        assert_eq!(ready(&fake), ["a:1", "d:1"]);
+        assert_eq!(fake.picker().picker.connections().len(), 2);
+    }
+
+    #[test]
+    fn connects_new_serving_endpoints_and_reports_those_it_removed() {
+        let mut fake = FakeController::new(Only::default());
+        fake.reset(&["a:1", "b:1"]);
+        assert_eq!(
+            fake.take_actions(),
+            ["create a:1", "create b:1", "connect a:1", "connect b:1"]
+        );
+        let a = fake.policy.removed.len();
+        assert_eq!(a, 0);
+        fake.ready("a:1");
+        fake.update(delta(
+            &["c:1"],
+            vec![Endpoint::new("b:1").with_state(EndpointState::Draining)],
+            &["a:1"],
+        ));
+        assert_eq!(
+            fake.take_actions(),
+            ["create c:1", "connect c:1", "remove a:1", "remove b:1"]
+        );
+        assert_eq!(fake.policy.removed, [1, 2]);
+        assert!(ready(&fake).is_empty());
+        // A metadata change neither recreates nor redials.
+        fake.update(delta(
+            &[],
+            vec![Endpoint::new("c:1").with_metadata("zone", "z")],
+            &[],
+        ));
+        assert!(fake.take_actions().is_empty());
+        // Back after removal: a new subchannel.
+        fake.update(delta(&["a:1"], vec![], &[]));
+        assert_eq!(fake.take_actions(), ["create a:1", "connect a:1"]);
+    }
+
+    #[test]
+    fn leaves_subchannels_it_does_not_own_alone() {
+        let mut fake = FakeController::new(Only {
+            foreign: Some("x:1"),
+            ..Only::default()
+        });
+        fake.reset(&["a:1"]);
+        assert_eq!(
+            fake.take_actions(),
+            ["create x:1", "create a:1", "connect a:1"]
+        );
+        fake.lost("x:1");
+        fake.ready("x:1");
+        assert!(ready(&fake).is_empty());
+        assert!(fake.take_actions().is_empty());
+    }
+
+    #[test]
+    fn wants_a_picker_only_when_something_changed() {
+        let mut fake = FakeController::new(Only::default());
+        assert!(fake.policy.set.take_dirty(), "the first picker is due");
+        fake.reset(&["a:1"]);
+        let pickers = fake.pickers();
+        fake.set_state("a:1", SubchannelState::Idle { last_error: None });
+        assert_eq!(fake.pickers(), pickers, "Idle again is no change");
+        fake.connecting("a:1");
+        assert_eq!(fake.pickers(), pickers + 1);
+        fake.policy.set.mark_dirty();
+        assert!(fake.policy.set.take_dirty());
+        assert!(!fake.policy.set.take_dirty());
+    }
+}

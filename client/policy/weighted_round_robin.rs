@@ -1,6 +1,6 @@
 //! weighted_round_robin: rotate over the Ready endpoints in proportion to
 //! their `weight` metadata (`Endpoint::weight`, 1 when absent or invalid),
-//! interleaved smoothly: weights 1:2:3 give `c b c a b c`, never `a b b c c
+//! interleaved smoothly: weights 1:2:3 give `c b a c b c`, never `a b b c c
 //! c`, so no backend gets a burst.
 //!
 //! The order is an earliest-deadline-first schedule, as gRFC A58's
@@ -234,6 +234,125 @@ fn gcd(a: u64, b: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::policy::test_utils::{addresses, FakeController};
+    use crate::client::subchannel::ConnectivityState;
+    use crate::discovery::{Delta, Endpoint, Update};
+
+    fn weighted(address: &str, weight: &str) -> Endpoint {
+        Endpoint::new(address).with_metadata("weight", weight)
+    }
+
+    /// A policy over `endpoints`, all Ready.
+    fn ready(endpoints: Vec<Endpoint>) -> FakeController<WeightedRoundRobin> {
+        let mut fake = FakeController::new(WeightedRoundRobin::default());
+        let addresses: Vec<String> = endpoints.iter().map(|e| e.address.clone()).collect();
+        fake.update(Update::Reset(endpoints));
+        for address in &addresses {
+            fake.ready(address);
+        }
+        fake
+    }
+
+    /// Whether `picks` is `cycle` started anywhere.
+    fn is_rotation(picks: &[&str], cycle: &[&str]) -> bool {
+        (0..cycle.len()).any(|start| {
+            picks
+                .iter()
+                .enumerate()
+                .all(|(i, p)| *p == cycle[(start + i) % cycle.len()])
+        })
+    }
+
+    fn shares(picks: &[&str], address: &str) -> usize {
+        picks.iter().filter(|p| **p == address).count()
+    }
+
+    #[test]
+    fn rotates_in_proportion_to_weights_smoothly() {
+        let fake = ready(vec![
+            weighted("a:1", "1"),
+            weighted("b:1", "2"),
+            weighted("c:1", "3"),
+        ]);
+        assert_eq!(fake.connectivity(), ConnectivityState::Ready);
+        let picks = fake.calls(12);
+        let picks = addresses(&picks);
+        let cycle = ["c:1", "b:1", "a:1", "c:1", "b:1", "c:1"];
+        assert!(is_rotation(&picks, &cycle), "{picks:?}");
+        // Weights are metadata, not load: no pick listens for outcomes.
+        assert!(matches!(fake.pick(), Pick::Connection { done: None, .. }));
+    }
+
+    #[test]
+    fn rpcs_in_flight_do_not_move_the_schedule() {
+        let fake = ready(vec![weighted("a:1", "1"), weighted("b:1", "3")]);
+        let b = fake
+            .picker()
+            .picker
+            .connections()
+            .iter()
+            .find(|c| &*c.address == "b:1")
+            .unwrap()
+            .clone();
+        let _busy: Vec<_> = (0..100).map(|_| b.in_flight.start()).collect();
+        let picks = fake.calls(40);
+        assert_eq!(shares(&addresses(&picks), "b:1"), 30);
+    }
+
+    #[test]
+    fn counts_an_absent_or_invalid_weight_as_one() {
+        let fake = ready(vec![
+            Endpoint::new("a:1"),
+            weighted("b:1", "0"),
+            weighted("c:1", "heavy"),
+            weighted("d:1", "2"),
+        ]);
+        let picks = fake.calls(10);
+        let picks = addresses(&picks);
+        for light in ["a:1", "b:1", "c:1"] {
+            assert_eq!(shares(&picks, light), 2, "{picks:?}");
+        }
+        assert_eq!(shares(&picks, "d:1"), 4, "{picks:?}");
+    }
+
+    #[test]
+    fn follows_weight_updates_without_reconnecting() {
+        let mut fake = ready(vec![weighted("a:1", "1"), weighted("b:1", "1")]);
+        fake.take_actions();
+        let pickers = fake.pickers();
+        fake.update(Update::Delta(Delta {
+            updated: vec![weighted("b:1", "3")],
+            ..Delta::default()
+        }));
+        assert!(fake.take_actions().is_empty());
+        assert_eq!(fake.pickers(), pickers + 1);
+        assert_eq!(shares(&addresses(&fake.calls(8)), "b:1"), 6);
+        // The same weight again is no change.
+        fake.update(Update::Delta(Delta {
+            updated: vec![weighted("b:1", "3").with_metadata("zone", "z")],
+            ..Delta::default()
+        }));
+        assert_eq!(fake.pickers(), pickers + 1);
+    }
+
+    #[test]
+    fn only_ready_endpoints_share_the_schedule() {
+        let mut fake = FakeController::new(WeightedRoundRobin::default());
+        fake.update(Update::Reset(vec![
+            weighted("a:1", "1"),
+            weighted("b:1", "5"),
+        ]));
+        assert_eq!(fake.connectivity(), ConnectivityState::Connecting);
+        assert!(matches!(fake.pick(), Pick::Queue));
+        fake.ready("a:1");
+        assert_eq!(addresses(&fake.calls(3)), ["a:1", "a:1", "a:1"]);
+        fake.ready("b:1");
+        fake.close("b:1");
+        // Closed before the balancer heard: skipped, not waited for.
+        assert_eq!(addresses(&fake.calls(3)), ["a:1", "a:1", "a:1"]);
+        fake.close("a:1");
+        assert!(matches!(fake.pick(), Pick::Queue));
+    }
 
     #[test]
     fn schedule_interleaves_in_proportion() {
