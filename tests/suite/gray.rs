@@ -162,8 +162,11 @@ async fn weighted_round_robin_splits_by_weight_without_bursts() {
     assert!(longest <= 2, "a run of {longest} calls to one backend");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_fails() {
+/// Three in-process backends behind a round_robin channel with outlier
+/// detection ejecting for `base_ejection_time`, all Ready, under load.
+async fn ejecting(
+    base_ejection_time: Duration,
+) -> ([FaultyEcho; 3], Vec<String>, BalancedChannel, Load) {
     let backends = [
         FaultyEcho::start().await,
         FaultyEcho::start().await,
@@ -171,9 +174,7 @@ async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_f
     ];
     let addresses: Vec<String> = backends.iter().map(|b| b.address.clone()).collect();
     let config = OutlierDetectionConfig {
-        // Longer than the test: the failing backend stays out while the
-        // calls after its ejection are counted.
-        base_ejection_time: Duration::from_secs(300),
+        base_ejection_time,
         ..OutlierDetectionConfig::default()
     };
     let channel = builder(&static_target(&addresses), PolicyKind::RoundRobin)
@@ -187,6 +188,14 @@ async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_f
         Duration::from_millis(2),
         HEALTHY_RPC_TIMEOUT,
     );
+    (backends, addresses, channel, load)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_fails() {
+    // Longer than the test: the failing backend stays out while the calls
+    // after its ejection are counted.
+    let (backends, addresses, channel, load) = ejecting(Duration::from_secs(300)).await;
     load.wait_more(200, STARTUP).await;
 
     let victim = &backends[0];
@@ -211,27 +220,8 @@ async fn outlier_detection_ejects_a_backend_that_fails_every_call_then_nothing_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outlier_detection_lets_a_healed_backend_back_after_its_ejection() {
-    let backends = [
-        FaultyEcho::start().await,
-        FaultyEcho::start().await,
-        FaultyEcho::start().await,
-    ];
-    let addresses: Vec<String> = backends.iter().map(|b| b.address.clone()).collect();
-    let config = OutlierDetectionConfig {
-        // Short, so the test sees it come back.
-        base_ejection_time: Duration::from_secs(1),
-        ..OutlierDetectionConfig::default()
-    };
-    let channel = builder(&static_target(&addresses), PolicyKind::RoundRobin)
-        .outlier_detection(config)
-        .build();
-    wait_ready_set(&channel, &addresses, STARTUP).await;
-    let load = Load::start(
-        channel.clone(),
-        4,
-        Duration::from_millis(2),
-        HEALTHY_RPC_TIMEOUT,
-    );
+    // Short, so the test sees it come back.
+    let (backends, addresses, channel, load) = ejecting(Duration::from_secs(1)).await;
     let victim = &backends[0];
     victim.faults.set_fail(true);
     wait_ready_set(&channel, &addresses[1..], STARTUP).await;

@@ -537,6 +537,16 @@ struct PyShot {
     result: Result<String, String>,
 }
 
+/// Whether the last `n` of the calls sent since `since` all went to
+/// `backend`: traffic has moved there, however long that took.
+fn last_all_on(shots: &[PyShot], since: f64, n: usize, backend: &str) -> bool {
+    let after: Vec<&PyShot> = shots.iter().filter(|s| s.sent >= since).collect();
+    after.len() >= n
+        && after[after.len() - n..]
+            .iter()
+            .all(|s| s.result.as_deref() == Ok(backend))
+}
+
 /// The grpcio client process (`tests/xds/xds_client.py`).
 struct XdsClient {
     proc: Proc,
@@ -689,14 +699,9 @@ async fn grpcio_xds_client_moves_off_a_killed_backend() {
     cluster.kill(&victim);
     // However long the client takes to move, it ends up sending every call
     // to the survivor.
-    const IN_A_ROW: usize = 200;
     client
         .wait_until("200 calls in a row on the survivor", STARTUP, |shots| {
-            let after: Vec<&PyShot> = shots.iter().filter(|s| s.sent >= killed).collect();
-            after.len() >= IN_A_ROW
-                && after[after.len() - IN_A_ROW..]
-                    .iter()
-                    .all(|s| s.result.as_deref() == Ok(survivor.as_str()))
+            last_all_on(shots, killed, 200, &survivor)
         })
         .await;
     let shots = client.stop().await;
@@ -773,14 +778,9 @@ async fn grpcio_xds_client_loses_nothing_to_a_sigterm_drain() {
         })
         .await;
     let draining = now_ms();
-    const IN_A_ROW: usize = 100;
     client
         .wait_until("100 calls in a row on the survivor", STARTUP, |shots| {
-            let after: Vec<&PyShot> = shots.iter().filter(|s| s.sent >= draining).collect();
-            after.len() >= IN_A_ROW
-                && after[after.len() - IN_A_ROW..]
-                    .iter()
-                    .all(|s| s.result.as_deref() == Ok(survivor.as_str()))
+            last_all_on(shots, draining, 100, &survivor)
         })
         .await;
     // It moved because it heard DRAINING, not because the victim closed its
