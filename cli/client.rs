@@ -142,12 +142,9 @@ pub async fn run(args: Args) {
             let metrics = ClientMetrics::new();
             let mut registry = prometheus_client::registry::Registry::default();
             metrics.register(&mut registry);
-            let render = move || switchboard::metrics::render(&registry);
-            tokio::spawn(switchboard::metrics::http::serve(
-                listener,
-                switchboard::metrics::http::metrics_handler(std::sync::Arc::new(render)),
-                std::future::pending(),
-            ));
+            switchboard::metrics::http::spawn_metrics(listener, move || {
+                switchboard::metrics::render(&registry)
+            });
             Some(metrics)
         }
         None => None,

@@ -313,11 +313,7 @@ fn serve_metrics(
         }
         switchboard::metrics::render(&registry)
     };
-    tokio::spawn(switchboard::metrics::http::serve(
-        listener,
-        switchboard::metrics::http::metrics_handler(std::sync::Arc::new(render)),
-        std::future::pending(),
-    ))
+    switchboard::metrics::http::spawn_metrics(listener, render)
 }
 
 /// Waits for SIGINT or SIGTERM, meanwhile switching health as asked: NOT_SERVING

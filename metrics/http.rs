@@ -93,3 +93,17 @@ pub fn metrics_handler(render: Arc<dyn Fn() -> String + Send + Sync>) -> Handler
         })
     })
 }
+
+/// Serves `/metrics` (rendered by `render` at each scrape) and `/healthz`
+/// on `listener` in a task of its own, for a process's `--metrics-listen`:
+/// the one bootstrap the client and echo binaries share.
+pub fn spawn_metrics(
+    listener: TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(serve(
+        listener,
+        metrics_handler(Arc::new(render)),
+        std::future::pending(),
+    ))
+}
