@@ -281,6 +281,26 @@ impl LeaseTable {
         self.earlier_deadline.notified().await
     }
 
+    /// The table's one timer, for the task that owns it (each store runs
+    /// one): hands every lease whose deadline passed to `expired`, then
+    /// sleeps until the next deadline or until an earlier one appears. It
+    /// never ends; its owner aborts the task.
+    pub async fn run_expiry(&self, mut expired: impl FnMut(LeaseId, Lease)) {
+        loop {
+            let (due, next) = self.take_expired(Instant::now());
+            for (id, lease) in due {
+                expired(id, lease);
+            }
+            match next {
+                Some(deadline) => tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = self.earlier_deadline() => {}
+                },
+                None => self.earlier_deadline().await,
+            }
+        }
+    }
+
     /// How many leases are live.
     pub fn len(&self) -> usize {
         self.lock().leases.len()

@@ -7,21 +7,14 @@ use super::*;
 
 /// Revokes the etcd leases whose local heartbeats stopped.
 pub(super) async fn expire_leases(inner: Arc<Inner>) {
-    loop {
-        let (expired, next) = inner.leases.take_expired(Instant::now());
-        for (id, lease) in expired {
+    inner
+        .leases
+        .run_expiry(|id, lease| {
             tracing::info!(service = %lease.service, address = %lease.address, "lease expired");
             inner.metrics.expiries.inc();
             inner.revoke_in_background(id);
-        }
-        match next {
-            Some(deadline) => tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = inner.leases.earlier_deadline() => {}
-            },
-            None => inner.leases.earlier_deadline().await,
-        }
-    }
+        })
+        .await
 }
 
 /// Keeps `reachable` (the replica's health) and its gauge up to date.

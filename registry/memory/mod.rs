@@ -538,20 +538,13 @@ impl Inner {
 
 /// The one task that ends leases whose heartbeats stopped.
 async fn expire_leases(inner: Arc<Inner>) {
-    loop {
-        let (expired, next) = inner.leases.take_expired(Instant::now());
-        for (id, lease) in expired {
+    inner
+        .leases
+        .run_expiry(|id, lease| {
             tracing::info!(service = %lease.service, address = %lease.address, ttl = ?lease.ttl, "lease expired");
             if inner.remove(&lease.service, &lease.address, id) {
                 inner.metrics.expiries.inc();
             }
-        }
-        match next {
-            Some(deadline) => tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = inner.leases.earlier_deadline() => {}
-            },
-            None => inner.leases.earlier_deadline().await,
-        }
-    }
+        })
+        .await
 }
