@@ -385,6 +385,41 @@ impl EndpointSet {
     pub fn to_reset(&self) -> Update {
         Update::Reset(self.endpoints.values().map(|e| (**e).clone()).collect())
     }
+
+    /// Sets each address to its final state (`None`: absent), as a store's
+    /// change feed reports them, and says what that changed. Unlike a delta,
+    /// a state may repeat what is held or remove what is absent: nothing is
+    /// an anomaly, and only real changes are reported.
+    pub fn put_states(
+        &mut self,
+        states: impl IntoIterator<Item = (String, Option<Endpoint>)>,
+    ) -> Applied {
+        let mut applied = Applied::default();
+        for (address, state) in states {
+            match state {
+                Some(endpoint) => self.put(endpoint, &mut applied),
+                None => {
+                    if self.endpoints.shift_remove(&address).is_some() {
+                        applied.removed.push(address);
+                    }
+                }
+            }
+        }
+        applied
+    }
+
+    /// The delta that brings a follower of this set, as it was before
+    /// `applied`, to the set as it is now. Whatever a change was fed as (a
+    /// relisted reset, a change feed's final states), its followers are
+    /// told exactly what changed.
+    pub fn delta_of(&self, applied: &Applied) -> Delta {
+        let held = |address: &String| self.endpoints.get(address).map(|e| (**e).clone());
+        Delta {
+            added: applied.added.iter().filter_map(held).collect(),
+            updated: applied.updated.iter().filter_map(held).collect(),
+            removed: applied.removed.clone(),
+        }
+    }
 }
 
 mod proto;
@@ -498,6 +533,35 @@ mod tests {
         let restart = set.apply_versioned(stamp(8, 1, Update::Reset(vec![])));
         assert!(restart.anomalies.is_empty());
         assert_eq!((set.epoch(), set.version()), (Some(8), Some(1)));
+    }
+
+    #[test]
+    fn final_states_report_only_real_changes_and_their_delta() {
+        let mut set = EndpointSet::new();
+        set.apply(Update::Reset(vec![
+            Endpoint::new("a:1"),
+            Endpoint::new("b:1"),
+        ]));
+        let before = set.clone();
+        let draining = Endpoint::new("b:1").with_state(EndpointState::Draining);
+        let applied = set.put_states([
+            ("a:1".to_string(), Some(Endpoint::new("a:1"))),
+            ("b:1".to_string(), Some(draining.clone())),
+            ("c:1".to_string(), Some(Endpoint::new("c:1"))),
+            ("d:1".to_string(), None),
+        ]);
+        assert_eq!(applied.added, vec!["c:1".to_string()]);
+        assert_eq!(applied.updated, vec!["b:1".to_string()]);
+        assert!(applied.removed.is_empty() && applied.anomalies.is_empty());
+        let delta = set.delta_of(&applied);
+        assert_eq!(delta.added, vec![Endpoint::new("c:1")]);
+        assert_eq!(delta.updated, vec![draining]);
+        // The delta takes a follower of the old set to the new one.
+        let mut follower = before;
+        assert!(follower.apply(Update::Delta(delta)).anomalies.is_empty());
+        assert_eq!(follower.to_reset(), set.to_reset());
+        let gone = set.put_states([("a:1".to_string(), None)]);
+        assert_eq!(set.delta_of(&gone).removed, vec!["a:1".to_string()]);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! was closed (that ends its lease at once), or its heartbeats stay missing
 //! past the moved deadline.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -320,6 +320,88 @@ impl LeaseTable {
     }
 }
 
+/// How long an operator's removal of a lease is remembered: far longer than
+/// any TTL, so its holder has heartbeated (and been told) long before it is
+/// forgotten. The etcd store keeps its shared record of a removal as long.
+pub const REMOVED_MEMORY: Duration = Duration::from_secs(3600);
+
+/// Most removals remembered at once; past it the oldest are forgotten
+/// first, so an operator's script cannot grow the registry without bound.
+const REMOVED_CAP: usize = 100_000;
+
+/// Leases an operator removed: their holders' heartbeats are refused as
+/// removed rather than unknown, so they do not register again. One rule for
+/// both stores: a removal is remembered for [`REMOVED_MEMORY`], and at most
+/// the last `REMOVED_CAP` of them.
+#[derive(Debug, Default)]
+pub struct RemovedLeases {
+    state: Mutex<Removed>,
+}
+
+#[derive(Debug, Default)]
+struct Removed {
+    /// When each lease was last removed.
+    at: HashMap<LeaseId, Instant>,
+    /// The same, oldest first, to forget in order.
+    order: VecDeque<(Instant, LeaseId)>,
+}
+
+impl RemovedLeases {
+    /// Remembers that an operator removed `id`.
+    pub fn remember(&self, id: LeaseId) {
+        self.remember_at(id, Instant::now());
+    }
+
+    /// [`RemovedLeases::remember`] as of `now`.
+    pub fn remember_at(&self, id: LeaseId, now: Instant) {
+        let mut state = self.lock();
+        state.forget_before(now);
+        state.at.insert(id, now);
+        state.order.push_back((now, id));
+        while state.at.len() > REMOVED_CAP {
+            state.pop_oldest();
+        }
+    }
+
+    /// Whether an operator removed `id` within [`REMOVED_MEMORY`].
+    pub fn contains(&self, id: LeaseId) -> bool {
+        self.contains_at(id, Instant::now())
+    }
+
+    /// [`RemovedLeases::contains`] as of `now`.
+    pub fn contains_at(&self, id: LeaseId, now: Instant) -> bool {
+        self.lock()
+            .at
+            .get(&id)
+            .is_some_and(|at| now.saturating_duration_since(*at) < REMOVED_MEMORY)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Removed> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Removed {
+    fn forget_before(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= REMOVED_MEMORY)
+        {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((at, id)) = self.order.pop_front() {
+            // A lease removed again later is remembered from then.
+            if self.at.get(&id) == Some(&at) {
+                self.at.remove(&id);
+            }
+        }
+    }
+}
+
 impl State {
     fn observe(&mut self, now: Instant) -> Option<Stall> {
         let gap = now.saturating_duration_since(self.awake_at);
@@ -359,6 +441,32 @@ pub fn log_stall(stall: Stall) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn removals_are_remembered_for_an_hour_and_capped() {
+        let removed = RemovedLeases::default();
+        let start = Instant::now();
+        let first = LeaseId::random();
+        removed.remember_at(first, start);
+        assert!(removed.contains_at(first, start + REMOVED_MEMORY - Duration::from_secs(1)));
+        assert!(!removed.contains_at(first, start + REMOVED_MEMORY));
+        // Removed again later: remembered from then, not forgotten early.
+        let later = start + Duration::from_secs(60);
+        removed.remember_at(first, later);
+        removed.remember_at(LeaseId::random(), start + REMOVED_MEMORY);
+        assert!(removed.contains_at(first, start + REMOVED_MEMORY));
+        let now = start + REMOVED_MEMORY * 3;
+        let ids: Vec<LeaseId> = (0..REMOVED_CAP + 1).map(|_| LeaseId::random()).collect();
+        for &id in &ids {
+            removed.remember_at(id, now);
+        }
+        assert!(
+            !removed.contains_at(ids[0], now),
+            "the oldest goes past the cap"
+        );
+        assert!(removed.contains_at(ids[REMOVED_CAP], now));
+        assert_eq!(removed.lock().at.len(), REMOVED_CAP);
+    }
+
     use super::*;
 
     /// A clock the test moves by hand.

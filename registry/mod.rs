@@ -31,6 +31,8 @@ pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "registry")]
+pub(crate) mod fanout;
+#[cfg(feature = "registry")]
 pub mod lease;
 #[cfg(feature = "registry")]
 pub mod limits;

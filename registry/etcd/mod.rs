@@ -45,19 +45,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
-use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as PromRegistry;
 use prost::Message;
-use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use self::hub::{difference, follow, to_delta, Hub, Subscription};
+use self::hub::{follow, Hub};
 use self::keys::{unix_ms, Holder};
 use self::tasks::{expire_leases, follow_removals, probe};
-use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId, REMOVED_MEMORY};
 use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
@@ -66,11 +64,10 @@ use super::store::{
 use super::{RegistryConfig, RegistryError};
 use crate::discovery::{Endpoint, EndpointSet, EndpointState, Update, Versioned};
 use crate::proto::registry as pb;
+use crate::registry::fanout::Subscription;
 
 /// The etcd lease lives this many switchboard TTLs; see the module doc.
 pub const ETCD_TTL_FACTOR: u32 = 4;
-/// How long an operator's removal is remembered: far longer than any TTL.
-const REMOVED_TTL_SECS: i64 = 3600;
 /// How often etcd's reachability is checked.
 const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a probe or a background etcd call may take.
@@ -102,7 +99,7 @@ struct Inner {
     /// The etcd lease and its last refresh, for each local lease.
     bound: Mutex<HashMap<LeaseId, Bound>>,
     /// Removals this replica heard of, to answer their holders at once.
-    removed: Mutex<HashSet<LeaseId>>,
+    removed: RemovedLeases,
     /// One per watched service.
     hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
     max_endpoints_per_service: usize,
@@ -166,7 +163,7 @@ impl EtcdStore {
             epoch,
             leases: LeaseTable::default(),
             bound: Mutex::new(HashMap::new()),
-            removed: Mutex::new(HashSet::new()),
+            removed: RemovedLeases::default(),
             hubs: tokio::sync::Mutex::new(HashMap::new()),
             max_endpoints_per_service: config.max_endpoints_per_service,
             max_services: config.max_services,

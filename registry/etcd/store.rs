@@ -96,7 +96,7 @@ impl Store for EtcdStore {
         stream: StreamId,
     ) -> Result<Duration, RegistryError> {
         let inner = &self.inner;
-        if inner.was_removed(lease) {
+        if inner.removed.contains(lease) {
             return Err(RegistryError::RemovedByOperator(lease.to_string()));
         }
         let local = inner
@@ -210,34 +210,13 @@ impl Store for EtcdStore {
         from: Option<Position>,
     ) -> Result<UpdateStream, RegistryError> {
         let (subscription, hub) = self.inner.subscribe(service, from).await?;
-        let Subscription {
-            first,
-            receiver,
-            skip_through,
-            ..
-        } = subscription;
-        let epoch = self.inner.epoch;
-        let rest = futures_util::stream::unfold(
-            (receiver, hub, skip_through),
-            move |(mut receiver, hub, mut skip_through)| async move {
-                loop {
-                    let update: Arc<Versioned> = match receiver.recv().await {
-                        Ok(update) => update,
-                        Err(RecvError::Lagged(_)) => {
-                            let mut fresh = hub.subscribe(epoch, None);
-                            receiver = fresh.receiver;
-                            skip_through = 0;
-                            fresh.first.pop()?
-                        }
-                        Err(RecvError::Closed) => return None,
-                    };
-                    if update.version > skip_through {
-                        return Some((update, (receiver, hub, skip_through)));
-                    }
-                }
-            },
-        );
-        Ok(Box::pin(futures_util::stream::iter(first).chain(rest)))
+        let resets = self.inner.metrics.watcher_resets.clone();
+        Ok(crate::registry::fanout::follow(
+            Arc::from(service),
+            subscription,
+            resets,
+            move || hub.subscribe(None),
+        ))
     }
 
     async fn resolve(&self, service: &str) -> Result<ServiceSnapshot, RegistryError> {
@@ -342,7 +321,7 @@ impl Store for EtcdStore {
         // Remembered before the lease ends, so no heartbeat in between can
         // be told "not found" and re-register.
         let memory = client
-            .lease_grant(REMOVED_TTL_SECS, None)
+            .lease_grant(REMOVED_MEMORY.as_secs() as i64, None)
             .await
             .map_err(unreachable)?
             .id();

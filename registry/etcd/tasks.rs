@@ -165,23 +165,11 @@ impl Inner {
     /// Notes an operator's removal of `id` heard from etcd: a holder bound
     /// here stops being kept alive and is told at its next heartbeat.
     pub(super) fn note_removed(&self, id: LeaseId) {
-        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
-        if removed.len() >= 100_000 {
-            removed.clear();
-        }
-        removed.insert(id);
-        drop(removed);
+        self.removed.remember(id);
         self.bound
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         self.leases.revoke(id);
-    }
-
-    pub(super) fn was_removed(&self, id: LeaseId) -> bool {
-        self.removed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&id)
     }
 }

@@ -58,13 +58,13 @@ impl Inner {
             ) {
                 let mut old = EndpointSet::new();
                 old.apply(Update::Reset(then));
-                let delta = to_delta(&old, difference(&old, now.clone()));
-                subscription.first = match delta.is_empty() {
+                let applied = old.apply(Update::Reset(now.clone()));
+                subscription.first = match applied.is_empty() {
                     true => Vec::new(),
                     false => vec![Arc::new(Versioned {
                         epoch: reset.epoch,
                         version: reset.version,
-                        update: Update::Delta(delta),
+                        update: Update::Delta(old.delta_of(&applied)),
                     })],
                 };
             }
@@ -81,11 +81,11 @@ impl Inner {
     ) -> Result<(Subscription, Arc<Hub>), RegistryError> {
         let mut hubs = self.hubs.lock().await;
         if let Some(hub) = hubs.get(service) {
-            return Ok((hub.subscribe(self.epoch, from), hub.clone()));
+            return Ok((hub.subscribe(from), hub.clone()));
         }
         let (endpoints, revision) = self.list_service(service).await?;
-        let hub = Arc::new(Hub::new(endpoints, revision));
-        let subscription = hub.subscribe(self.epoch, from);
+        let hub = Arc::new(Hub::new(self.epoch, endpoints, revision));
+        let subscription = hub.subscribe(from);
         tokio::spawn(follow(self.clone(), service.to_owned(), hub.clone()));
         hubs.insert(service.to_owned(), hub.clone());
         Ok((subscription, hub))

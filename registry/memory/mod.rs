@@ -2,11 +2,8 @@
 //! install; a restart starts empty (see `RegistryConfig::warmup`).
 //!
 //! Services live in a `DashMap`, so traffic for one service never contends
-//! with another. Each service owns an [`EndpointSet`], changed only through
-//! [`EndpointSet::apply`], and a bounded `broadcast` ring of updates:
-//! publishing costs one `Arc` per change whatever the number of watchers,
-//! and a watcher that falls behind loses its place in the ring instead of
-//! growing a queue (it is then sent a fresh reset).
+//! with another. Each service owns a [`Fanout`]: its endpoint set and its
+//! watchers' ring, the same one the etcd store's hubs use.
 //!
 //! Snapshots and subscriptions are taken under the service's map lock, the
 //! same lock every change is published under, so a watcher sees each change
@@ -26,18 +23,18 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use futures_util::StreamExt;
-use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::lease::{LeaseId, LeaseTable, StreamId};
+use super::fanout::{Fanout, Subscription};
+use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId};
 use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
     Store, UpdateStream,
 };
 use super::{RegistryConfig, RegistryError};
-use crate::discovery::{Delta, Endpoint, EndpointSet, EndpointState, Update, Versioned};
+use crate::discovery::{Delta, Endpoint, EndpointState, Update};
 
 /// The registry's state in this process.
 pub struct MemoryStore {
@@ -68,25 +65,17 @@ struct Inner {
     watch_buffer: usize,
     /// Until when Watch holds back its first snapshot.
     warm_until: Instant,
-    /// Leases an operator removed, and when: their holders' heartbeats are
-    /// refused as removed rather than unknown, so they do not re-register.
-    removed: std::sync::Mutex<HashMap<LeaseId, Instant>>,
+    /// Leases an operator removed.
+    removed: RemovedLeases,
     /// Counts registrations, removals and watcher resets.
     metrics: RegistryMetrics,
 }
 
-/// How long a removed lease is remembered: far longer than any TTL, so its
-/// holder has heartbeated (and been told) long before it is forgotten.
-const REMOVED_MEMORY: Duration = Duration::from_secs(3600);
-
-/// One service: its endpoints, the lease holding each, and its watchers'
-/// channel.
+/// One service: its endpoints and their watchers, and the lease holding
+/// each endpoint.
 struct ServiceEntry {
-    /// Version of the last change.
-    version: u64,
-    endpoints: EndpointSet,
+    fanout: Fanout,
     leases: HashMap<Arc<str>, LeaseId>,
-    updates: broadcast::Sender<Arc<Versioned>>,
 }
 
 impl MemoryStore {
@@ -109,7 +98,7 @@ impl MemoryStore {
             populated: AtomicUsize::new(0),
             watch_buffer: config.watch_buffer.max(1),
             warm_until: Instant::now() + config.warmup,
-            removed: std::sync::Mutex::new(HashMap::new()),
+            removed: RemovedLeases::default(),
             metrics: config.metrics.clone(),
         });
         let expiry = tokio::spawn(expire_leases(inner.clone()));
@@ -177,7 +166,7 @@ impl Store for MemoryStore {
         stream: StreamId,
     ) -> Result<Duration, RegistryError> {
         self.inner.leases.refresh(lease, stream).map_err(|err| {
-            match self.inner.was_removed(lease) {
+            match self.inner.removed.contains(lease) {
                 true => RegistryError::RemovedByOperator(lease.to_string()),
                 false => err,
             }
@@ -236,8 +225,8 @@ impl Store for MemoryStore {
         Ok(match inner.services.get(service) {
             Some(entry) => ServiceSnapshot {
                 epoch: inner.epoch,
-                version: entry.version,
-                endpoints: entry.endpoints.iter().map(|e| (**e).clone()).collect(),
+                version: entry.fanout.version(),
+                endpoints: entry.fanout.set().iter().map(|e| (**e).clone()).collect(),
             },
             None => ServiceSnapshot {
                 epoch: inner.epoch,
@@ -252,10 +241,10 @@ impl Store for MemoryStore {
             .inner
             .services
             .iter()
-            .filter(|entry| !entry.endpoints.is_empty())
+            .filter(|entry| !entry.fanout.set().is_empty())
             .map(|entry| ServiceCount {
                 service: entry.key().to_string(),
-                endpoints: entry.endpoints.len(),
+                endpoints: entry.fanout.set().len(),
             })
             .collect();
         services.sort_by(|a, b| a.service.cmp(&b.service));
@@ -277,7 +266,8 @@ impl Store for MemoryStore {
         };
         let now = Instant::now();
         let endpoints = entry
-            .endpoints
+            .fanout
+            .set()
             .iter()
             .map(|endpoint| {
                 let lease = entry
@@ -295,7 +285,7 @@ impl Store for MemoryStore {
             .collect();
         Ok(LeasedSnapshot {
             epoch: inner.epoch,
-            version: entry.version,
+            version: entry.fanout.version(),
             endpoints,
         })
     }
@@ -319,7 +309,7 @@ impl Store for MemoryStore {
         let id = self.inner.lease_at(service, address)?;
         // Remembered before the lease ends, so no heartbeat in between can
         // be told "not found" and re-register.
-        self.inner.remember_removed(id);
+        self.inner.removed.remember(id);
         self.inner.leases.revoke(id);
         if !self.inner.remove(service, address, id) {
             return Err(RegistryError::EndpointNotFound {
@@ -344,23 +334,6 @@ impl Inner {
             })
     }
 
-    /// Records that an operator removed `lease`, forgetting removals older
-    /// than [`REMOVED_MEMORY`].
-    fn remember_removed(&self, lease: LeaseId) {
-        let now = Instant::now();
-        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
-        removed.retain(|_, at| now.saturating_duration_since(*at) < REMOVED_MEMORY);
-        removed.insert(lease, now);
-    }
-
-    /// Whether an operator removed `lease`.
-    fn was_removed(&self, lease: LeaseId) -> bool {
-        self.removed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&lease)
-    }
-
     /// Adds or replaces the endpoint at `address`, held by `lease`. Returns
     /// the lease that held the address before, if another one did.
     fn upsert(
@@ -380,15 +353,15 @@ impl Inner {
             metadata,
             state: EndpointState::Serving,
         };
-        let present = entry.endpoints.contains(address);
+        let present = entry.fanout.set().contains(address);
         if !present {
-            if entry.endpoints.is_empty() && !self.take_service_slot() {
+            if entry.fanout.set().is_empty() && !self.take_service_slot() {
                 return Err(RegistryError::ResourceExhausted {
                     what: "services".into(),
                     limit: self.max_services,
                 });
             }
-            if entry.endpoints.len() >= self.max_endpoints_per_service {
+            if entry.fanout.set().len() >= self.max_endpoints_per_service {
                 return Err(RegistryError::ResourceExhausted {
                     what: format!("endpoints per service ({service})"),
                     limit: self.max_endpoints_per_service,
@@ -423,7 +396,7 @@ impl Inner {
                         ..Delta::default()
                     };
                     self.apply(entry, Update::Delta(delta));
-                    if entry.endpoints.is_empty() {
+                    if entry.fanout.set().is_empty() {
                         self.populated.fetch_sub(1, Ordering::AcqRel);
                     }
                     true
@@ -452,7 +425,7 @@ impl Inner {
         if entry.leases.get(address) != Some(&lease) {
             return false;
         }
-        let Some(current) = entry.endpoints.get(address) else {
+        let Some(current) = entry.fanout.set().get(address) else {
             return false;
         };
         if current.state != state {
@@ -466,26 +439,25 @@ impl Inner {
         true
     }
 
-    /// The current set of `service` as a reset, and a receiver of every
-    /// change after it.
-    fn subscribe(&self, service: &str) -> (Arc<Versioned>, broadcast::Receiver<Arc<Versioned>>) {
+    /// Subscribes a watcher of `service` that holds `from` (if anything).
+    fn subscribe(&self, service: &str, from: Option<Position>) -> Subscription {
         // Read the entry first: a write lock is only needed to create it.
         if let Some(entry) = self.services.get(service) {
-            return (self.reset_of(&entry), entry.updates.subscribe());
+            return entry.fanout.subscribe(from);
         }
-        let entry = self
-            .services
+        self.services
             .entry(Arc::from(service))
             .or_insert_with(|| self.new_entry())
-            .downgrade();
-        (self.reset_of(&entry), entry.updates.subscribe())
+            .downgrade()
+            .fanout
+            .subscribe(from)
     }
 
     /// Drops the entry of `service` once it has neither endpoints nor
     /// watchers, so names that come and go do not accumulate.
     fn release(&self, service: &str) {
         self.services.remove_if(service, |_, entry| {
-            entry.endpoints.is_empty() && entry.updates.receiver_count() == 0
+            entry.fanout.set().is_empty() && entry.fanout.watchers() == 0
         });
     }
 
@@ -499,40 +471,22 @@ impl Inner {
     }
 
     fn new_entry(&self) -> ServiceEntry {
-        let mut endpoints = EndpointSet::new();
-        endpoints.apply(Update::Reset(Vec::new()));
+        // No history beyond the ring: a resumed watch skips its reset only
+        // when it missed nothing (a connection blip).
+        let version = self.revision.load(Ordering::Acquire);
         ServiceEntry {
-            version: self.revision.load(Ordering::Acquire),
-            endpoints,
+            fanout: Fanout::new(self.epoch, Vec::new(), version, self.watch_buffer, 0),
             leases: HashMap::new(),
-            updates: broadcast::channel(self.watch_buffer).0,
         }
-    }
-
-    fn reset_of(&self, entry: &ServiceEntry) -> Arc<Versioned> {
-        Arc::new(Versioned {
-            epoch: self.epoch,
-            version: entry.version,
-            update: entry.endpoints.to_reset(),
-        })
     }
 
     /// Applies `update` to the service's set and, if it changed anything,
     /// stamps it with the next version and sends it to every watcher. Called
     /// with the entry's lock held, which orders it against snapshots.
     fn apply(&self, entry: &mut ServiceEntry, update: Update) {
-        let applied = entry.endpoints.apply(update.clone());
-        if applied.is_empty() {
-            return;
-        }
-        entry.version = self.revision.fetch_add(1, Ordering::AcqRel) + 1;
-        let update = Versioned {
-            epoch: self.epoch,
-            version: entry.version,
-            update,
-        };
-        // An error only means nobody is watching right now.
-        let _ = entry.updates.send(Arc::new(update));
+        entry
+            .fanout
+            .apply(update, || self.revision.fetch_add(1, Ordering::AcqRel) + 1);
     }
 }
 
