@@ -7,6 +7,8 @@
 //! - [`echo`]: the `grpc.examples.echo.Echo` backend, one user of
 //!   [`registration`].
 //! - [`client`]: the resolver and balancers behind a tower/tonic channel.
+//! - [`service_config`]: the gRPC service config (balancing, timeouts,
+//!   retries, hedging), typed and validated.
 //! - [`metrics`]: Prometheus metrics and the small server exposing them.
 //! - [`net`]: what every side shares on the wire: [`tls`] (TLS and mutual
 //!   TLS settings), [`authority_repair`] (lets clients with a multi-address
@@ -24,6 +26,7 @@ pub mod proto;
 #[cfg(feature = "registration")]
 pub mod registration;
 pub mod registry;
+pub mod service_config;
 
 /// The `:authority` repair; lives in [`net`].
 #[cfg(any(feature = "registry", feature = "registration"))]

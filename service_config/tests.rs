@@ -1,0 +1,241 @@
+use std::time::Duration;
+
+use tonic::Code;
+
+use super::*;
+
+const FULL: &str = r#"{
+  "loadBalancingConfig": [{"round_robin": {}}],
+  "methodConfig": [
+    {
+      "name": [{"service": "grpc.examples.echo.Echo", "method": "UnaryEcho"}],
+      "timeout": "1.5s",
+      "waitForReady": true,
+      "retryPolicy": {
+        "maxAttempts": 9,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE", "resource_exhausted", 4]
+      }
+    },
+    {
+      "name": [{"service": "grpc.examples.echo.Echo"}],
+      "hedgingPolicy": {"maxAttempts": 3, "hedgingDelay": "0.05s", "nonFatalStatusCodes": ["UNAVAILABLE"]}
+    },
+    {"name": [{}], "timeout": "10s"},
+    {"timeout": "3s"}
+  ],
+  "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+  "healthCheckConfig": {"serviceName": "echo"},
+  "somethingNew": {"ignored": true}
+}"#;
+
+fn error_of(text: &str) -> ConfigError {
+    ServiceConfig::from_json(text).expect_err(text)
+}
+
+#[test]
+fn a_full_config_parses_into_its_typed_parts() {
+    let config = ServiceConfig::from_json(FULL).unwrap();
+    assert_eq!(config.load_balancing[0].name, "round_robin");
+    assert_eq!(
+        config.methods.len(),
+        3,
+        "an entry that names nothing is skipped"
+    );
+    assert_eq!(config.health_check_service.as_deref(), Some("echo"));
+    assert_eq!(
+        config.retry_throttling,
+        Some(RetryThrottling {
+            max_milli_tokens: 10_000,
+            milli_token_ratio: 100,
+        })
+    );
+    let unary = config.method("/grpc.examples.echo.Echo/UnaryEcho").unwrap();
+    assert_eq!(unary.timeout, Some(Duration::from_millis(1500)));
+    assert_eq!(unary.wait_for_ready, Some(true));
+    let Some(CallPolicy::Retry(retry)) = &unary.policy else {
+        panic!("{unary:?}")
+    };
+    assert_eq!(retry.max_attempts, MAX_ATTEMPTS, "clamped, not refused");
+    assert_eq!(
+        retry.retryable_codes,
+        CodeSet::of(&[
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::DeadlineExceeded
+        ])
+    );
+}
+
+#[test]
+fn the_most_specific_entry_wins_whole() {
+    let config = ServiceConfig::from_json(FULL).unwrap();
+    let other_method = config
+        .method("/grpc.examples.echo.Echo/ServerStreamingEcho")
+        .unwrap();
+    assert!(matches!(other_method.policy, Some(CallPolicy::Hedging(_))));
+    assert_eq!(other_method.timeout, None, "entries are not merged");
+    let other_service = config.method("/other.Service/Call").unwrap();
+    assert_eq!(other_service.timeout, Some(Duration::from_secs(10)));
+    assert!(ServiceConfig::default().method("/a.B/C").is_none());
+    let no_default = ServiceConfig::from_json(
+        r#"{"methodConfig": [{"name": [{"service": "a.B"}], "timeout": "1s"}]}"#,
+    )
+    .unwrap();
+    assert!(no_default.method("/x.Y/Z").is_none());
+}
+
+#[test]
+fn it_writes_what_it_reads() {
+    let config = ServiceConfig::from_json(FULL).unwrap();
+    let again = ServiceConfig::from_json(&config.to_json()).unwrap();
+    assert_eq!(again, config);
+}
+
+#[test]
+fn durations_are_exact_decimal_seconds() {
+    let timeout = |text: &str| {
+        ServiceConfig::from_json(&format!(
+            r#"{{"methodConfig": [{{"name": [{{}}], "timeout": "{text}"}}]}}"#
+        ))
+        .map(|c| c.methods[0].timeout.unwrap())
+    };
+    assert_eq!(timeout("1.000000001s"), Ok(Duration::new(1, 1)));
+    assert_eq!(timeout(".5s"), Ok(Duration::from_millis(500)));
+    assert_eq!(timeout("3s"), Ok(Duration::from_secs(3)));
+    for bad in ["1", "1.0000000001s", "s", "-1s", "1ms", "1e3s"] {
+        let err = timeout(bad).expect_err(bad);
+        assert_eq!(err.field, "methodConfig[0].timeout", "{bad}");
+    }
+}
+
+#[test]
+fn each_bad_value_is_refused_naming_its_field() {
+    let retry = |body: &str| {
+        format!(r#"{{"methodConfig": [{{"name": [{{"service": "s"}}], "retryPolicy": {body}}}]}}"#)
+    };
+    let ok =
+        r#""maxAttempts": 3, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2"#;
+    let cases = [
+        ("{", "line 1 column 1"),
+        ("[]", "(top level)"),
+        (
+            &retry(&format!(r#"{{{ok}}}"#)),
+            "methodConfig[0].retryPolicy.retryableStatusCodes",
+        ),
+        (
+            &retry(&format!(r#"{{{ok}, "retryableStatusCodes": []}}"#)),
+            "methodConfig[0].retryPolicy.retryableStatusCodes",
+        ),
+        (
+            &retry(&format!(r#"{{{ok}, "retryableStatusCodes": ["NOPE"]}}"#)),
+            "methodConfig[0].retryPolicy.retryableStatusCodes[0]",
+        ),
+        (
+            &retry(&format!(r#"{{{ok}, "retryableStatusCodes": ["OK"]}}"#)),
+            "methodConfig[0].retryPolicy.retryableStatusCodes[0]",
+        ),
+        (
+            &retry(
+                r#"{"maxAttempts": 1, "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2, "retryableStatusCodes": [14]}"#,
+            ),
+            "methodConfig[0].retryPolicy.maxAttempts",
+        ),
+        (
+            &retry(
+                r#"{"maxAttempts": 2, "initialBackoff": "0s", "maxBackoff": "1s", "backoffMultiplier": 2, "retryableStatusCodes": [14]}"#,
+            ),
+            "methodConfig[0].retryPolicy.initialBackoff",
+        ),
+        (
+            &retry(
+                r#"{"maxAttempts": 2, "initialBackoff": "1s", "maxBackoff": "1s", "backoffMultiplier": 0, "retryableStatusCodes": [14]}"#,
+            ),
+            "methodConfig[0].retryPolicy.backoffMultiplier",
+        ),
+        (
+            r#"{"methodConfig": [{"name": [{"service": "s"}], "retryPolicy": {}, "hedgingPolicy": {}}]}"#,
+            "methodConfig[0].hedgingPolicy",
+        ),
+        (
+            r#"{"methodConfig": [{"name": [{"method": "M"}]}]}"#,
+            "methodConfig[0].name[0].service",
+        ),
+        (
+            r#"{"methodConfig": [{"name": [{}]}, {"name": [{"service": ""}]}]}"#,
+            "methodConfig[1].name[0]",
+        ),
+        (
+            r#"{"methodConfig": [{"name": [{}], "waitForReady": "yes"}]}"#,
+            "methodConfig[0].waitForReady",
+        ),
+        (
+            r#"{"retryThrottling": {"maxTokens": 1001, "tokenRatio": 0.1}}"#,
+            "retryThrottling.maxTokens",
+        ),
+        (
+            r#"{"retryThrottling": {"maxTokens": 10, "tokenRatio": 0.0001}}"#,
+            "retryThrottling.tokenRatio",
+        ),
+        (
+            r#"{"retryThrottling": {"maxTokens": 10}}"#,
+            "retryThrottling.tokenRatio",
+        ),
+        (
+            r#"{"loadBalancingConfig": [{"round_robin": {}, "pick_first": {}}]}"#,
+            "loadBalancingConfig[0]",
+        ),
+    ];
+    for (text, field) in cases {
+        let err = error_of(text);
+        assert_eq!(err.field, field, "{text}: {err}");
+        assert!(err.to_string().starts_with("service config: "), "{err}");
+        assert!(!err.to_string().contains('\n'), "one line: {err}");
+    }
+}
+
+#[test]
+fn token_ratios_keep_three_decimal_places() {
+    let ratio = |text: &str| {
+        ServiceConfig::from_json(&format!(
+            r#"{{"retryThrottling": {{"maxTokens": 10, "tokenRatio": {text}}}}}"#
+        ))
+        .unwrap()
+        .retry_throttling
+        .unwrap()
+        .milli_token_ratio
+    };
+    assert_eq!(ratio("0.7"), 700);
+    assert_eq!(ratio("0.5466"), 546);
+    assert_eq!(ratio("1"), 1000);
+}
+
+#[test]
+fn backoff_grows_to_its_cap() {
+    let policy = RetryPolicy {
+        max_attempts: 4,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(350),
+        backoff_multiplier: 2.0,
+        retryable_codes: CodeSet::of(&[Code::Unavailable]),
+    };
+    let ms = |n| policy.backoff(n).as_millis();
+    assert_eq!((ms(1), ms(2), ms(3), ms(40)), (100, 200, 350, 350));
+}
+
+#[test]
+fn a_typed_config_is_checked_as_json_is() {
+    let err = ServiceConfig::with_methods(vec![MethodConfig {
+        names: vec![MethodName::default()],
+        policy: Some(CallPolicy::Hedging(HedgingPolicy {
+            max_attempts: 1,
+            hedging_delay: Duration::ZERO,
+            non_fatal_codes: CodeSet::default(),
+        })),
+        ..MethodConfig::default()
+    }])
+    .unwrap_err();
+    assert_eq!(err.field, "methodConfig[0].hedgingPolicy.maxAttempts");
+}
