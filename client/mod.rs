@@ -26,6 +26,7 @@ pub mod error;
 pub mod metrics;
 pub mod policy;
 pub mod resolver;
+pub(crate) mod retry;
 pub mod subchannel;
 pub mod target;
 pub mod transport;
