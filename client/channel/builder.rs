@@ -8,6 +8,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use super::call::RetrySettings;
 use super::{BalancedChannel, Shared, Tasks};
 use crate::client::backoff::BackoffConfig;
 use crate::client::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
@@ -24,7 +25,10 @@ use crate::client::round_robin::RoundRobin;
 use crate::client::subchannel::{ConnectConfig, Keepalive};
 use crate::client::target::{Target, TargetError};
 use crate::client::weighted_round_robin::WeightedRoundRobin;
+use crate::client::retry::replay::ChannelBudget;
+use crate::client::retry::throttle::Throttle;
 use crate::registry::auth::Token;
+use crate::service_config::{ConfigError, ServiceConfig};
 use crate::tls::ClientTls;
 
 /// The built-in balancing policies, by the names grpc gives them.
@@ -105,7 +109,8 @@ pub struct Builder {
     source: Source,
     registry_token: Option<Token>,
     registry_tls: Option<ClientTls>,
-    policy: PolicyKind,
+    /// `None` until set: the service config may name one.
+    policy: Option<PolicyKind>,
     custom_policy: Option<Box<dyn Policy>>,
     outlier_detection: Option<OutlierDetectionConfig>,
     connect: ConnectConfig,
@@ -113,7 +118,18 @@ pub struct Builder {
     default_timeout: Option<Duration>,
     dns_refresh: Option<Duration>,
     metrics: Option<ClientMetrics>,
+    service_config: ServiceConfig,
+    retries: bool,
+    per_call_buffer: usize,
+    per_channel_buffer: usize,
 }
+
+/// Most request bytes one call keeps for replay by default (grpc-go's and
+/// grpc-core's 256 KiB).
+pub const DEFAULT_PER_CALL_RETRY_BUFFER: usize = 256 << 10;
+/// Most request bytes all calls of a channel keep by default (grpc-java's
+/// 16 MiB).
+pub const DEFAULT_PER_CHANNEL_RETRY_BUFFER: usize = 16 << 20;
 
 impl Builder {
     /// Starts from a target string (`registry://host:port/service`,
@@ -137,7 +153,7 @@ impl Builder {
             source,
             registry_token: None,
             registry_tls: None,
-            policy: PolicyKind::default(),
+            policy: None,
             custom_policy: None,
             outlier_detection: None,
             connect: ConnectConfig::default(),
@@ -145,12 +161,51 @@ impl Builder {
             default_timeout: None,
             dns_refresh: None,
             metrics: None,
+            service_config: ServiceConfig::default(),
+            retries: true,
+            per_call_buffer: DEFAULT_PER_CALL_RETRY_BUFFER,
+            per_channel_buffer: DEFAULT_PER_CHANNEL_RETRY_BUFFER,
         }
+    }
+
+    /// Calls under `config` (see [`service_config`](crate::service_config)):
+    /// each method's timeout, wait-for-ready and retry or hedging policy,
+    /// the channel's retry throttling, and its balancing policy when it
+    /// names a built-in one and [`Builder::policy`] names none. A caller's
+    /// own shorter deadline, or its [`WaitForReady`](super::WaitForReady),
+    /// still wins.
+    pub fn service_config(mut self, config: ServiceConfig) -> Self {
+        self.service_config = config;
+        self
+    }
+
+    /// [`Builder::service_config`] from its JSON text; a bad document is an
+    /// error naming the field.
+    pub fn service_config_json(self, json: &str) -> Result<Self, ConfigError> {
+        Ok(self.service_config(ServiceConfig::from_json(json)?))
+    }
+
+    /// Turns the service config's retry and hedging policies off (on by
+    /// default). Transparent retries of requests that never reached the
+    /// server's application stay on: they are always safe.
+    pub fn disable_retries(mut self) -> Self {
+        self.retries = false;
+        self
+    }
+
+    /// Caps the request bytes kept so a call can be retried: `per_call` for
+    /// one call, `per_channel` for all of them (defaults 256 KiB and
+    /// 16 MiB). A call past either cap is committed to the attempt it is
+    /// on: it goes on, but is not retried.
+    pub fn retry_buffer(mut self, per_call: usize, per_channel: usize) -> Self {
+        self.per_call_buffer = per_call;
+        self.per_channel_buffer = per_channel;
+        self
     }
 
     /// Sets the balancing policy (default pick_first, as in gRPC).
     pub fn policy(mut self, policy: PolicyKind) -> Self {
-        self.policy = policy;
+        self.policy = Some(policy);
         self.custom_policy = None;
         self
     }
@@ -274,7 +329,15 @@ impl Builder {
         let (picker_changed, picker_waiter) = watch::channel(());
         let (state_tx, state) = watch::channel(BalancerState::default());
         let picker = Arc::new(ArcSwap::from_pointee(Published::empty()));
-        let mut policy = self.custom_policy.unwrap_or_else(|| self.policy.build());
+        let kind = self.policy.unwrap_or_else(|| {
+            // The first built-in policy the service config names.
+            self.service_config
+                .load_balancing
+                .iter()
+                .find_map(|p| p.name.parse::<PolicyKind>().ok())
+                .unwrap_or_default()
+        });
+        let mut policy = self.custom_policy.unwrap_or_else(|| kind.build());
         if let Some(config) = self.outlier_detection {
             policy = Box::new(OutlierDetection::new(policy, config));
         }
@@ -324,6 +387,17 @@ impl Builder {
                 default_timeout: self.default_timeout,
                 connections,
                 metrics: unpicked,
+                throttle: self
+                    .service_config
+                    .retry_throttling
+                    .map(|t| Arc::new(Throttle::new(t))),
+                service_config: Arc::new(self.service_config),
+                retries: RetrySettings {
+                    enabled: self.retries,
+                    per_call_buffer: self.per_call_buffer,
+                    budget: Arc::new(ChannelBudget::new(self.per_channel_buffer)),
+                    stats: Arc::default(),
+                },
                 _tasks: [resolver, balancer],
             }),
         }

@@ -1,25 +1,38 @@
-//! The send path: one RPC from its pick to the end of its response body.
-//! Deadlines (the call's `grpc-timeout` or the channel's default) bound the
-//! wait for a backend and the call; wait-for-ready RPCs queue instead of
-//! failing fast; each call's outcome reaches its picker's `OnDone` and the
-//! endpoint's metrics exactly once.
+//! The send path of one call: its method's service config (timeout,
+//! wait-for-ready, retry or hedging policy), its deadline over every
+//! attempt, and the attempts themselves (gRFC A6).
+//!
+//! Every call's request body is kept for replay until the call commits,
+//! which happens when response headers arrive or the body passes its
+//! buffer caps. Before that:
+//! - a request that never left this process is picked again, as often as
+//!   it takes until the deadline (inside [`Shared::attempt`]);
+//! - one the server refused unseen (REFUSED_STREAM, a graceful GOAWAY) is
+//!   sent once more, whatever the policy;
+//! - a retry policy retries a trailers-only or failed attempt whose status
+//!   it lists, after a backoff or the server's pushback, within
+//!   `maxAttempts` and the channel's throttle;
+//! - a hedging policy sends attempts `hedgingDelay` apart (at once after a
+//!   non-fatal status), and the first answer wins: the others are
+//!   cancelled by dropping them.
+//!
+//! None of the transparent sends count toward `maxAttempts` or the
+//! throttle.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tonic::Status;
 
+use super::attempt::{grpc_status, grpc_timeout, Attempt, ResponseBody};
 use super::Shared;
-use crate::client::error::{source_chain, Error};
-use crate::client::metrics::EndpointMetrics;
-use crate::client::policy::{CallOutcome, OnDone, Pick, PickInfo};
-use crate::client::subchannel::{ConnectivityState, InFlightGuard};
+use crate::client::error::Error;
+use crate::client::retry::replay::{AttemptId, Replay};
+use crate::client::retry::{Pushback, Retries, Stop, PREVIOUS_ATTEMPTS};
+use crate::service_config::{CallPolicy, HedgingPolicy, RetryPolicy};
 
 /// Marks a request as wait-for-ready: instead of failing fast when no
 /// backend is Ready, it waits for one until its deadline. Insert it into a
@@ -27,139 +40,77 @@ use crate::client::subchannel::{ConnectivityState, InFlightGuard};
 #[derive(Debug, Clone, Copy)]
 pub struct WaitForReady;
 
+/// What a call hands back to tonic.
+type Answer = Result<http::Response<ResponseBody>, Status>;
+
+/// One call between its start and its commit.
+struct Call<'a> {
+    shared: &'a Shared,
+    /// The request as the caller made it, less its body: each attempt
+    /// sends a copy.
+    parts: http::request::Parts,
+    replay: Replay,
+    deadline: Option<Instant>,
+    wait_for_ready: bool,
+    /// Whether any attempt reached a pick (for the unpicked count).
+    picked: AtomicBool,
+    /// Attempts sent so far, transparent ones included: each reads the
+    /// body under its own id.
+    sent: std::sync::atomic::AtomicU32,
+    /// Sends that did not count toward the policy.
+    transparent: std::sync::atomic::AtomicU32,
+}
+
 impl Shared {
-    pub(super) async fn send(
-        &self,
-        mut request: http::Request<tonic::body::Body>,
-    ) -> Result<http::Response<ResponseBody>, Status> {
-        let timeout = match grpc_timeout(request.headers()) {
-            Some(timeout) => Some(timeout),
-            None => self.default_timeout.inspect(|timeout| {
-                // Tell the server too, so it can stop working on it in time.
-                let millis = timeout.as_millis().clamp(1, 99_999_999);
-                if let Ok(value) = http::HeaderValue::from_str(&format!("{millis}m")) {
-                    request.headers_mut().insert("grpc-timeout", value);
-                }
-            }),
+    pub(super) async fn send(&self, request: http::Request<tonic::body::Body>) -> Answer {
+        let config = self.service_config.clone();
+        let method = config.method(request.uri().path());
+        let (parts, body) = request.into_parts();
+        // The config's timeout bounds the call unless the caller's own
+        // deadline is sooner.
+        let timeout = match (grpc_timeout(&parts.headers), method.and_then(|m| m.timeout)) {
+            (Some(caller), Some(config)) => Some(caller.min(config)),
+            (caller, config) => caller.or(config).or(self.default_timeout),
         };
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let wait_for_ready =
-            self.wait_for_ready || request.extensions().get::<WaitForReady>().is_some();
-        let picked = AtomicBool::new(false);
-        let attempt = self.send_to_ready(request, wait_for_ready, deadline, &picked);
-        let sent = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, attempt)
+        let wait_for_ready = parts.extensions.get::<WaitForReady>().is_some()
+            || method
+                .and_then(|m| m.wait_for_ready)
+                .unwrap_or(self.wait_for_ready);
+        let policy = method
+            .and_then(|m| m.policy.as_ref())
+            .filter(|_| self.retries.enabled);
+        let call = Call {
+            shared: self,
+            parts,
+            replay: Replay::new(body, self.retries.per_call_buffer, self.retries.budget.clone()),
+            deadline: timeout.map(|t| Instant::now() + t),
+            wait_for_ready,
+            picked: AtomicBool::new(false),
+            sent: Default::default(),
+            transparent: Default::default(),
+        };
+        let run = async {
+            match policy {
+                Some(CallPolicy::Retry(retry)) => call.retry(retry).await,
+                Some(CallPolicy::Hedging(hedging)) => call.hedge(hedging).await,
+                None => call.once().await,
+            }
+        };
+        let answer = match call.deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, run)
                 .await
                 .unwrap_or_else(|_| Err(self.deadline_exceeded().into())),
-            None => attempt.await,
+            None => run.await,
         };
-        if let (Err(status), Some(metrics)) = (&sent, &self.metrics) {
-            if !picked.load(Ordering::Relaxed) {
+        if let (Err(status), Some(metrics)) = (&answer, &self.metrics) {
+            if !call.picked.load(Ordering::Relaxed) {
                 metrics.unpicked(status.code());
             }
         }
-        sent
-    }
-
-    /// Picks a connection and sends; waits while connecting, fails fast in
-    /// TransientFailure unless `wait_for_ready`.
-    async fn send_to_ready(
-        &self,
-        mut request: http::Request<tonic::body::Body>,
-        wait_for_ready: bool,
-        deadline: Option<Instant>,
-        picked: &AtomicBool,
-    ) -> Result<http::Response<ResponseBody>, Status> {
-        let mut waiter = None;
-        loop {
-            let published = self.picker.load();
-            let pick = published.picker.pick(&PickInfo {
-                method: request.uri().path(),
-            });
-            let (connection, done) = match pick {
-                Pick::Connection { connection, done } => (connection, done),
-                Pick::Fail(status) if !wait_for_ready => return Err(status),
-                Pick::Fail(_) | Pick::Queue => {
-                    if published.connectivity == ConnectivityState::TransientFailure
-                        && !wait_for_ready
-                    {
-                        let error = published.error.clone().unwrap_or_else(|| {
-                            Arc::new(Error::NoReadyEndpoint {
-                                service: self.service.clone(),
-                                last: None,
-                            })
-                        });
-                        return Err(error.into_status());
-                    }
-                    // Subscribe, then look again, so a picker published in
-                    // between is not missed.
-                    let waiter = match &mut waiter {
-                        Some(waiter) => waiter,
-                        None => {
-                            let mut fresh = self.picker_waiter.clone();
-                            fresh.mark_unchanged();
-                            waiter.insert(fresh)
-                        }
-                    };
-                    if !Arc::ptr_eq(&published, &self.picker.load()) {
-                        continue;
-                    }
-                    drop(published);
-                    if waiter.changed().await.is_err() {
-                        return Err(Error::BalancerStopped.into());
-                    }
-                    continue;
-                }
-            };
-            drop(published);
-            picked.store(true, Ordering::Relaxed);
-            if let Some(metrics) = &connection.metrics {
-                metrics.picked();
-            }
-            set_origin(&mut request, &connection.scheme, &connection.authority)?;
-            let outcome = Outcome::new(
-                connection.in_flight.start(),
-                done,
-                connection.metrics.clone(),
-                deadline,
-            );
-            let mut sender = connection.sender.clone();
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    // A trailers-only response carries its status in the
-                    // headers.
-                    let code = grpc_status(&parts.headers);
-                    return Ok(http::Response::from_parts(
-                        parts,
-                        ResponseBody {
-                            inner: body,
-                            code,
-                            outcome,
-                        },
-                    ));
-                }
-                Err(mut error) => match error.take_message() {
-                    // Never left this process (the connection closed just
-                    // before): safe to send elsewhere.
-                    Some(unsent) => {
-                        outcome.forget();
-                        picked.store(false, Ordering::Relaxed);
-                        request = unsent;
-                        // Let the balancer hear of the closed connection.
-                        tokio::task::yield_now().await;
-                    }
-                    None => {
-                        outcome.finish(tonic::Code::Unavailable);
-                        return Err(Error::RpcFailed {
-                            address: connection.address.clone(),
-                            detail: source_chain(error.error()),
-                        }
-                        .into());
-                    }
-                },
-            }
-        }
+        self.retries
+            .stats
+            .count_transparent(call.transparent.load(Ordering::Relaxed));
+        answer
     }
 
     /// What an RPC whose deadline passed gets: the state it was waiting in.
@@ -173,186 +124,303 @@ impl Shared {
     }
 }
 
-/// Points the request at the chosen backend: HTTP/2 needs a scheme and an
-/// authority, which tonic leaves to the channel.
-fn set_origin(
-    request: &mut http::Request<tonic::body::Body>,
-    scheme: &Scheme,
-    authority: &Authority,
-) -> Result<(), Status> {
-    let mut parts = std::mem::take(request.uri_mut()).into_parts();
-    parts.scheme = Some(scheme.clone());
-    parts.authority = Some(authority.clone());
-    if parts.path_and_query.is_none() {
-        parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    *request.uri_mut() = Uri::from_parts(parts).map_err(|e| Error::InvalidUri {
-        authority: authority.to_string(),
-        detail: e.to_string(),
-    })?;
-    Ok(())
+/// How an attempt that did not commit the call ended.
+struct Failure {
+    code: tonic::Code,
+    pushback: Option<Pushback>,
+    /// What the caller gets if it is the last.
+    answer: Answer,
 }
 
-/// The `grpc-timeout` header, which tonic sets from `Request::set_timeout`.
-fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
+/// An attempt's end, sorted for the policies.
+enum Sorted {
+    /// Headers without a status, or an OK: the call is answered.
+    Commit(Answer),
+    /// Refused unseen: may be sent again once.
+    Refused(Status),
+    /// Failed before any headers, or trailers-only with a failure.
+    Failure(Failure),
 }
 
-/// The `grpc-status` header or trailer, if present.
-fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
-    let value = headers.get("grpc-status")?.to_str().ok()?;
-    Some(tonic::Code::from_i32(value.parse().ok()?))
-}
-
-/// One RPC's bookkeeping: counted in flight on its subchannel until it ends,
-/// and its outcome reported to the picker's [`OnDone`] and the endpoint's
-/// metrics, exactly once.
-struct Outcome {
-    _in_flight: InFlightGuard,
-    done: Option<OnDone>,
-    /// Until the outcome is reported.
-    metrics: Option<Arc<EndpointMetrics>>,
-    started: Instant,
-    /// The call's deadline: a call dropped after it timed out, which
-    /// policies must tell from one the caller abandoned.
-    deadline: Option<Instant>,
-}
-
-impl Outcome {
-    fn new(
-        in_flight: InFlightGuard,
-        done: Option<OnDone>,
-        metrics: Option<Arc<EndpointMetrics>>,
-        deadline: Option<Instant>,
-    ) -> Self {
-        Self {
-            _in_flight: in_flight,
-            done,
-            metrics,
-            started: Instant::now(),
-            deadline,
-        }
-    }
-
-    /// Reports `code` (once; later calls do nothing).
-    fn finish(mut self, code: tonic::Code) {
-        self.report(code);
-    }
-
-    fn report(&mut self, code: tonic::Code) {
-        if let Some(metrics) = self.metrics.take() {
-            metrics.rpc_ended(code);
-        }
-        if let Some(done) = self.done.take() {
-            done(&CallOutcome {
+fn sort(attempt: Attempt) -> Sorted {
+    match attempt {
+        Attempt::Answered(response) => match grpc_status(response.headers()) {
+            None | Some(tonic::Code::Ok) => Sorted::Commit(Ok(response)),
+            Some(code) => Sorted::Failure(Failure {
                 code,
-                latency: self.started.elapsed(),
-            });
+                pushback: Pushback::of(response.headers()),
+                answer: Ok(response),
+            }),
+        },
+        Attempt::Failed {
+            status,
+            refused: true,
+        } => Sorted::Refused(status),
+        Attempt::Failed { status, .. } => Sorted::Failure(Failure {
+            code: status.code(),
+            pushback: None,
+            answer: Err(status),
+        }),
+    }
+}
+
+impl Call<'_> {
+    /// Sends attempt number `previous + 1` (the header a server reads it
+    /// from is absent on the first) with what is left of the deadline.
+    async fn attempt(&self, previous: u32) -> (AttemptId, Attempt) {
+        let id = self.sent.fetch_add(1, Ordering::Relaxed);
+        let mut request = http::Request::new(tonic::body::Body::new(self.replay.body(id)));
+        *request.method_mut() = self.parts.method.clone();
+        *request.uri_mut() = self.parts.uri.clone();
+        *request.version_mut() = self.parts.version;
+        *request.headers_mut() = self.parts.headers.clone();
+        *request.extensions_mut() = self.parts.extensions.clone();
+        let headers = request.headers_mut();
+        if let Some(deadline) = self.deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            headers.insert("grpc-timeout", encode_timeout(left));
         }
-    }
-
-    /// The RPC never left: nothing to report.
-    fn forget(mut self) {
-        self.done = None;
-        self.metrics = None;
-    }
-}
-
-impl Drop for Outcome {
-    fn drop(&mut self) {
-        // Dropped before the status arrived: the deadline passed, or the
-        // caller gave up.
-        let code = match self.deadline {
-            Some(deadline) if Instant::now() >= deadline => tonic::Code::DeadlineExceeded,
-            _ => tonic::Code::Cancelled,
-        };
-        self.report(code);
-    }
-}
-
-/// A response body that keeps its RPC counted as in flight on its
-/// subchannel until it is read to the end or dropped, and tells the
-/// picker's [`OnDone`] how the call ended.
-pub struct ResponseBody {
-    inner: hyper::body::Incoming,
-    /// The status, once the headers or trailers have said it.
-    code: Option<tonic::Code>,
-    outcome: Outcome,
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        // tonic drops a trailers-only response's body unread: its status,
-        // from the headers, is the call's outcome, not a cancellation.
-        if let Some(code) = self.code {
-            self.outcome.report(code);
+        headers.remove(PREVIOUS_ATTEMPTS);
+        if previous > 0 {
+            headers.insert(PREVIOUS_ATTEMPTS, previous.into());
         }
+        let picked = AtomicBool::new(false);
+        let attempt = self
+            .shared
+            .attempt(request, self.wait_for_ready, self.deadline, &picked)
+            .await;
+        if picked.load(Ordering::Relaxed) {
+            self.picked.store(true, Ordering::Relaxed);
+        }
+        (id, attempt)
     }
-}
 
-impl http_body::Body for ResponseBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                // The trailers end the call: tonic may never poll again.
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    self.code = Some(code);
-                    self.outcome.report(code);
+    /// No policy: one attempt, sent once more if it was refused unseen.
+    async fn once(&self) -> Answer {
+        let mut refused_before = false;
+        loop {
+            let (id, attempt) = self.attempt(0).await;
+            match sort(attempt) {
+                Sorted::Refused(status) if refused_before => return Err(status),
+                Sorted::Refused(_) => {
+                    refused_before = true;
+                    self.transparent.fetch_add(1, Ordering::Relaxed);
+                }
+                Sorted::Commit(answer) | Sorted::Failure(Failure { answer, .. }) => {
+                    self.replay.commit(id);
+                    return answer;
                 }
             }
-            Poll::Ready(None) => {
-                let code = self.code.unwrap_or(tonic::Code::Unknown);
-                self.outcome.report(code);
-            }
-            Poll::Ready(Some(Err(_))) => self.outcome.report(tonic::Code::Unavailable),
-            Poll::Pending => {}
         }
-        polled
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+    /// A retry policy: one attempt at a time.
+    async fn retry(&self, policy: &RetryPolicy) -> Answer {
+        let throttle = self.shared.throttle.as_deref();
+        let stats = &self.shared.retries.stats;
+        let mut retries = Retries::new(policy, throttle);
+        let mut refused_before = false;
+        loop {
+            let (id, attempt) = self.attempt(retries.attempts() - 1).await;
+            let failure = match sort(attempt) {
+                Sorted::Commit(answer) => {
+                    self.replay.commit(id);
+                    return answer;
+                }
+                Sorted::Refused(_) if !refused_before => {
+                    refused_before = true;
+                    self.transparent.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Sorted::Refused(status) => Failure {
+                    code: status.code(),
+                    pushback: None,
+                    answer: Err(status),
+                },
+                Sorted::Failure(failure) => failure,
+            };
+            // A body past its buffer cap cannot be sent again.
+            if self.replay.committed().is_some() {
+                return failure.answer;
+            }
+            if failure.pushback.is_some() {
+                stats.count_pushback();
+            }
+            match retries.after_failure(failure.code, failure.pushback) {
+                Ok(delay) => {
+                    drop(failure);
+                    stats.count_retry();
+                    tokio::time::sleep(delay).await;
+                }
+                Err(stop) => {
+                    if stop == Stop::Throttled {
+                        stats.count_throttled();
+                    }
+                    self.replay.commit(id);
+                    return failure.answer;
+                }
+            }
+        }
     }
 
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+    /// A hedging policy: attempts side by side, the first answer wins.
+    async fn hedge(&self, policy: &HedgingPolicy) -> Answer {
+        let throttle = self.shared.throttle.as_deref();
+        let stats = &self.shared.retries.stats;
+        let mut live = FuturesUnordered::new();
+        live.push(self.attempt(0));
+        let mut hedges = 1;
+        let mut next_hedge = Instant::now() + policy.hedging_delay;
+        // No more hedges: a pushback said so, or the throttle.
+        let mut frozen = false;
+        let mut refused_before = false;
+        let mut last: Option<Answer> = None;
+        loop {
+            let may_hedge = hedges < policy.max_attempts && !frozen;
+            tokio::select! {
+                Some((id, attempt)) = live.next() => {
+                    let failure = match sort(attempt) {
+                        Sorted::Commit(answer) => {
+                            self.replay.commit(id);
+                            return answer;
+                        }
+                        Sorted::Refused(_) if !refused_before => {
+                            // It replaces itself, uncounted.
+                            refused_before = true;
+                            self.transparent.fetch_add(1, Ordering::Relaxed);
+                            live.push(self.attempt(hedges - 1));
+                            continue;
+                        }
+                        Sorted::Refused(status) => Failure {
+                            code: status.code(),
+                            pushback: None,
+                            answer: Err(status),
+                        },
+                        Sorted::Failure(failure) => failure,
+                    };
+                    let fatal = !policy.non_fatal_codes.contains(failure.code);
+                    if fatal || self.replay.committed() == Some(id) {
+                        self.replay.commit(id);
+                        return failure.answer;
+                    }
+                    if throttle.is_some_and(|t| !t.failure()) {
+                        frozen = true;
+                        stats.count_throttled();
+                    }
+                    match failure.pushback {
+                        Some(Pushback::Stop) => frozen = true,
+                        Some(Pushback::After(delay)) => next_hedge = Instant::now() + delay,
+                        None => next_hedge = Instant::now(),
+                    }
+                    if failure.pushback.is_some() {
+                        stats.count_pushback();
+                    }
+                    last = Some(failure.answer);
+                    let may_hedge = hedges < policy.max_attempts && !frozen;
+                    if live.is_empty() && (!may_hedge || self.replay.committed().is_some()) {
+                        return last.unwrap_or_else(|| Err(Status::internal("no attempt")));
+                    }
+                }
+                () = tokio::time::sleep_until(next_hedge), if may_hedge => {
+                    if self.replay.committed().is_some() || throttle.is_some_and(|t| !t.allows()) {
+                        frozen = true;
+                        if live.is_empty() {
+                            return last.unwrap_or_else(|| Err(Status::internal("no attempt")));
+                        }
+                        continue;
+                    }
+                    live.push(self.attempt(hedges));
+                    hedges += 1;
+                    stats.count_hedge();
+                    next_hedge = Instant::now() + policy.hedging_delay;
+                }
+                else => {
+                    return last.unwrap_or_else(|| Err(Status::internal("no attempt")));
+                }
+            }
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `duration` as a `grpc-timeout` value: at most 8 digits, in the finest
+/// unit that fits.
+fn encode_timeout(duration: Duration) -> http::HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let nanos = duration.as_nanos().max(1);
+    let (amount, unit) = [
+        (nanos, 'n'),
+        (nanos / 1_000, 'u'),
+        (nanos / 1_000_000, 'm'),
+        (nanos / 1_000_000_000, 'S'),
+        (nanos / 60_000_000_000, 'M'),
+    ]
+    .into_iter()
+    .find(|(amount, _)| *amount <= MAX)
+    .unwrap_or(((nanos / 3_600_000_000_000).min(MAX), 'H'));
+    http::HeaderValue::from_str(&format!("{amount}{unit}"))
+        .unwrap_or_else(|_| http::HeaderValue::from_static("99999999H"))
+}
 
-    #[test]
-    fn parses_grpc_timeout() {
-        let mut headers = http::HeaderMap::new();
-        for (value, expected) in [
-            ("100m", Duration::from_millis(100)),
-            ("2S", Duration::from_secs(2)),
-            ("5u", Duration::from_micros(5)),
-        ] {
-            headers.insert("grpc-timeout", value.parse().unwrap());
-            assert_eq!(grpc_timeout(&headers), Some(expected));
-        }
-        headers.insert("grpc-timeout", "x".parse().unwrap());
-        assert_eq!(grpc_timeout(&headers), None);
+/// Counts of the channel's retries, for its metrics and for tests.
+#[derive(Debug, Default)]
+pub struct RetryStats {
+    retries: std::sync::atomic::AtomicU64,
+    transparent: std::sync::atomic::AtomicU64,
+    hedges: std::sync::atomic::AtomicU64,
+    throttled: std::sync::atomic::AtomicU64,
+    pushbacks: std::sync::atomic::AtomicU64,
+}
+
+impl RetryStats {
+    fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
     }
+    fn count_transparent(&self, n: u32) {
+        if n > 0 {
+            self.transparent.fetch_add(u64::from(n), Ordering::Relaxed);
+        }
+    }
+    fn count_hedge(&self) {
+        self.hedges.fetch_add(1, Ordering::Relaxed);
+    }
+    fn count_throttled(&self) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+    fn count_pushback(&self) {
+        self.pushbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Retries sent under a retry policy.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+    /// Requests sent again because the server refused them unseen.
+    pub fn transparent_retries(&self) -> u64 {
+        self.transparent.load(Ordering::Relaxed)
+    }
+    /// Hedged attempts sent after the first.
+    pub fn hedges(&self) -> u64 {
+        self.hedges.load(Ordering::Relaxed)
+    }
+    /// Retries or hedges the throttle held back.
+    pub fn throttled(&self) -> u64 {
+        self.throttled.load(Ordering::Relaxed)
+    }
+    /// Attempts whose server sent `grpc-retry-pushback-ms`.
+    pub fn pushbacks(&self) -> u64 {
+        self.pushbacks.load(Ordering::Relaxed)
+    }
+}
+
+/// The channel's retry settings.
+pub(super) struct RetrySettings {
+    /// Whether service-config retry and hedging policies apply
+    /// (transparent retries always do).
+    pub(super) enabled: bool,
+    /// Most request bytes one call keeps for replay.
+    pub(super) per_call_buffer: usize,
+    /// Most request bytes all calls keep together.
+    pub(super) budget: Arc<crate::client::retry::replay::ChannelBudget>,
+    /// Counts; always kept, they cost an atomic add per retry.
+    pub(super) stats: Arc<RetryStats>,
 }

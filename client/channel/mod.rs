@@ -2,15 +2,21 @@
 //! balancing each RPC over the backends a resolver names.
 //!
 //! - [`builder`]: [`PolicyKind`] and the [`Builder`] that makes a channel;
-//! - [`call`]: the send path: one RPC from pick to the end of its response
-//!   body, with deadlines, wait-for-ready and each call's outcome;
+//! - [`call`]: the send path of one call: its service config, deadline,
+//!   retries and hedges (gRFC A6);
+//! - [`attempt`]: one attempt, from its pick to the end of its response
+//!   body, and its outcome;
 //! - here: the channel itself, its shared state and its tasks.
 
+mod attempt;
 mod builder;
 mod call;
 
-pub use builder::{Builder, PolicyKind};
-pub use call::{ResponseBody, WaitForReady};
+pub use attempt::ResponseBody;
+pub use builder::{
+    Builder, PolicyKind, DEFAULT_PER_CALL_RETRY_BUFFER, DEFAULT_PER_CHANNEL_RETRY_BUFFER,
+};
+pub use call::{RetryStats, WaitForReady};
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -61,6 +67,11 @@ struct Shared {
     /// Counts the RPCs that end before any pick; per-endpoint outcomes are
     /// counted by each connection.
     metrics: Option<ChannelMetrics>,
+    /// The service config calls follow.
+    service_config: Arc<crate::service_config::ServiceConfig>,
+    /// The retry token bucket, if the config has one.
+    throttle: Option<Arc<crate::client::retry::throttle::Throttle>>,
+    retries: call::RetrySettings,
     _tasks: [Tasks; 2],
 }
 
@@ -113,6 +124,12 @@ impl BalancedChannel {
     /// failures, disconnections and `too_many_pings` GOAWAYs.
     pub fn connection_stats(&self) -> &ConnectionStats {
         &self.shared.connections
+    }
+
+    /// How many retries, transparent retries and hedges the channel sent,
+    /// and how many the throttle held back.
+    pub fn retry_stats(&self) -> &RetryStats {
+        &self.shared.retries.stats
     }
 
     /// RPCs in flight now on each connection in use, by address.

@@ -66,6 +66,7 @@ impl ChannelBudget {
     }
 
     /// Bytes kept now by every call.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
