@@ -5,6 +5,7 @@
 
 pub mod cases;
 pub mod faulty;
+pub mod refusing;
 pub mod pki;
 pub mod python;
 pub mod watcher;

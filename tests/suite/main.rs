@@ -27,6 +27,7 @@ mod ops;
 mod properties;
 mod registry;
 mod resume;
+mod retry;
 mod stall;
 mod tls;
 mod xds;
