@@ -20,6 +20,8 @@ pub mod discovery;
 pub mod echo;
 pub mod metrics;
 pub mod net;
+#[cfg(feature = "cli")]
+pub mod process;
 pub mod proto;
 #[cfg(feature = "registration")]
 pub mod registration;
@@ -30,7 +32,3 @@ pub mod registry;
 pub use net::authority_repair;
 /// TLS settings; lives in [`net`].
 pub use net::tls;
-
-/// A service binary's edges; lives in [`registration`].
-#[cfg(feature = "cli")]
-pub use registration::process;
