@@ -28,7 +28,7 @@ use tokio::time::Instant;
 /// before it starts (etcd's ports, a backend started again on the same
 /// address). The kernel picks it by binding port 0; the listener is closed
 /// before this returns, so another process could take the port in between,
-/// which is rare because the kernel hands ports out in turn.
+/// which is rare in practice.
 pub fn free_port() -> io::Result<u16> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
