@@ -14,7 +14,9 @@
 //!   TLS settings), [`authority_repair`] (lets clients with a multi-address
 //!   target, grpcio's, past h2's `:authority` check) and the one tonic
 //!   server setup.
-//! - [`process`]: a service binary's edges (flags, logging, signals).
+//! - [`process`]: a service binary's edges (flags, logging, signals) and
+//!   the child processes the demo, the etcd store's throwaway etcd, the
+//!   tests and the benchmarks start.
 
 pub mod client;
 pub mod discovery;
@@ -22,6 +24,11 @@ pub mod discovery;
 pub mod echo;
 pub mod metrics;
 pub mod net;
+// Built for the binaries (`cli`) and for the etcd store's throwaway etcd
+// (`etcd`, which implies `registry` but not `cli`); a client-only build
+// starts no process.
+#[cfg(any(feature = "cli", feature = "etcd"))]
+pub mod process;
 pub mod proto;
 #[cfg(feature = "registration")]
 pub mod registration;
@@ -33,7 +40,3 @@ pub mod service_config;
 pub use net::authority_repair;
 /// TLS settings; lives in [`net`].
 pub use net::tls;
-
-/// A service binary's edges; lives in [`registration`].
-#[cfg(feature = "cli")]
-pub use registration::process;

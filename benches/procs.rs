@@ -2,69 +2,36 @@
 //! echo children (killed when dropped, panics included), free ports, the
 //! machine, and CPU and memory counters from `/proc` and `getrusage`.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-/// A child process, SIGKILLed and reaped when dropped: every exit path of
-/// the harness, a panic included, leaves no process behind.
+use switchboard::process::{Child, Stream};
+
+/// A registry or echo child, SIGKILLed and reaped when dropped: every exit
+/// path of the harness, a panic included, leaves no process behind. The
+/// mechanism is the library's [`Child`]; this adds the subcommands the
+/// benches start and what they read about them.
 pub struct Proc {
-    /// `registry` or `echo`, for messages.
-    name: &'static str,
-    /// The running child; `None` once it has been reaped.
-    child: Option<Child>,
-    /// The process id, kept after reaping for messages.
-    pid: i32,
-    /// Lines the child prints on stdout, read by a thread.
-    lines: mpsc::Receiver<String>,
+    child: Child,
 }
 
 impl Proc {
-    /// Starts `switchboard <name> <args>`. Stdout is read line by line (for the
-    /// "listening" line); stderr goes to a log file under the target
-    /// directory, so a failed run can be diagnosed.
+    /// Starts `switchboard <name> <args>`. Stdout is kept line by line (for
+    /// the "listening" line); stderr goes to a log file under the target
+    /// directory, `bench-logs/<name>-<pid>.log`, so a failed run can be
+    /// diagnosed.
     fn spawn(name: &'static str, args: &[String]) -> Self {
         let bin = env!("CARGO_BIN_EXE_switchboard");
         let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-logs");
-        let _ = std::fs::create_dir_all(&logs);
         let mut command = Command::new(bin);
-        command
-            .arg(name)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped());
+        command.arg(name).args(args);
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
-        let mut child = command
-            .stderr(Stdio::piped())
-            .spawn()
+        let child = Child::spawn_with(name, command, Stream::Lines, Stream::LogIn(logs))
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let pid = child.id() as i32;
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log_path = logs.join(format!("{name}-{pid}.log"));
-        std::thread::spawn(move || {
-            if let Ok(mut file) = std::fs::File::create(log_path) {
-                let _ = std::io::copy(&mut BufReader::new(stderr), &mut file);
-            }
-        });
-        Self {
-            name,
-            child: Some(child),
-            pid,
-            lines,
-        }
+        Self { child }
     }
 
     /// Starts a registry on a free port (no warm-up, so watches answer at
@@ -110,75 +77,54 @@ impl Proc {
     }
 
     /// Waits for a stdout line starting with `prefix`; returns the rest.
+    /// Blocks the thread: the benches' setup code is synchronous.
     fn wait_line(&mut self, prefix: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(30)) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(prefix) {
-                        return rest.trim().to_owned();
-                    }
-                }
-                Err(e) => panic!(
-                    "{} (pid {}) never printed {prefix:?}: {e}",
-                    self.name, self.pid
-                ),
-            }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let line = self.child.wait_for_line_blocking(prefix, deadline);
+        match line.as_deref().and_then(|l| l.split_once(prefix)) {
+            Some((_, rest)) => rest.trim().to_owned(),
+            None => panic!(
+                "{} (pid {}) never printed {prefix:?}",
+                self.child.name(),
+                self.child.pid()
+            ),
         }
     }
 
     /// Sends `signal` (SIGTERM, SIGSTOP, ...) if the child still runs.
     pub fn signal(&self, signal: i32) {
-        if self.child.is_some() {
-            // SAFETY: kill(2) on our own, not yet reaped, child.
-            unsafe {
-                libc::kill(self.pid, signal);
-            }
-        }
+        self.child.signal(signal)
     }
 
     /// Whether the child has exited (and reaps it if so).
     pub fn exited(&mut self) -> bool {
-        match &mut self.child {
-            Some(child) => match child.try_wait() {
-                Ok(Some(_)) | Err(_) => {
-                    self.child = None;
-                    true
-                }
-                Ok(None) => false,
-            },
-            None => true,
-        }
+        !self.child.is_running()
     }
 
-    /// SIGKILLs and reaps the child.
+    /// SIGKILLs and reaps the child (the HA section's replicas and backends).
+    #[cfg(feature = "etcd")]
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // A stopped process dies of SIGKILL too; SIGCONT is not needed.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.kill()
     }
 
     /// User + system CPU time the child has used so far.
     pub fn cpu(&self) -> Duration {
-        proc_cpu(self.pid)
+        proc_cpu(self.pid())
     }
 
     /// The child's resident memory now, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
-}
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
+    fn pid(&self) -> i32 {
+        self.child.pid() as i32
     }
 }
 

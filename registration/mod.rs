@@ -51,8 +51,6 @@
 pub mod error;
 pub mod kill_switch;
 pub mod lease_keeper;
-#[cfg(feature = "cli")]
-pub mod process;
 pub mod server;
 
 use std::time::Duration;

@@ -5,11 +5,13 @@
 //! their own etcd cluster instead.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::process::{free_port, Child, Stream};
 
 /// How long a fresh or restarted etcd may take to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,13 +39,6 @@ pub fn etcd_binary() -> Option<PathBuf> {
         .find(|candidate| candidate.is_file())
 }
 
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
-}
-
 impl LocalEtcd {
     /// Starts etcd and waits until it answers. `Err` says why (no binary, a
     /// failed start).
@@ -57,12 +52,13 @@ impl LocalEtcd {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir:?}: {e}"))?;
+        let port = || free_port().map_err(|e| format!("cannot find a free port: {e}"));
         let mut etcd = Self {
             binary,
             dir,
-            client_port: free_port()?,
-            peer_port: free_port()?,
-            metrics_port: free_port()?,
+            client_port: port()?,
+            peer_port: port()?,
+            metrics_port: port()?,
             child: None,
         };
         etcd.resume().await?;
@@ -81,14 +77,13 @@ impl LocalEtcd {
 
     /// The running process's pid.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child.as_ref().map(Child::pid)
     }
 
     /// Kills etcd (SIGKILL) and reaps it; its data stays for [`resume`](Self::resume).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            child.kill();
         }
     }
 
@@ -99,9 +94,8 @@ impl LocalEtcd {
             return Ok(());
         }
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::File::create(self.dir.join("etcd.log"))
-            .map_err(|e| format!("cannot create etcd's log: {e}"))?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .arg("--name=switchboard")
             .arg(format!("--data-dir={}", self.dir.join("data").display()))
             .arg(format!("--listen-client-urls={}", self.url()))
@@ -112,22 +106,21 @@ impl LocalEtcd {
             .arg(format!(
                 "--listen-metrics-urls=http://127.0.0.1:{}",
                 self.metrics_port
-            ))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+            ));
+        // etcd logs to stderr, a lot over a long run: to a file in its
+        // directory, read only when it fails to start.
+        let logs = Stream::LogIn(self.dir.clone());
+        let child = Child::spawn_with("etcd", command, Stream::Discard, logs)
             .map_err(|e| format!("cannot start {:?}: {e}", self.binary))?;
         self.child = Some(child);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                self.child = None;
-                let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
+            if let Some(mut child) = self.child.take_if(|c| !c.is_running()) {
+                // Its log is complete once the copy reaches the end.
+                let status = child.wait_exit(READY_TIMEOUT).await;
+                let status = status.map(|s| s.to_string()).unwrap_or_default();
+                let log = child.log_file().map(std::fs::read_to_string);
+                let log = log.and_then(Result::ok).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 return Err(format!("etcd exited ({status}): {}", tail.join(" | ")));
             }

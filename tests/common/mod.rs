@@ -13,28 +13,20 @@ pub mod watcher;
 pub use watcher::{View, Watcher};
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchboard::client::{BackoffConfig, BalancedChannel, PolicyKind};
+/// Free ports for the processes a test starts; see the library's docs.
+pub use switchboard::process::free_port;
+use switchboard::process::Child;
 use switchboard::proto::echo::{echo_client::EchoClient, EchoRequest};
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{ResolveRequest, WatchRequest, WatchResponse};
 use tokio::time::Instant;
 use tonic::transport::Channel;
-
-/// A free port on 127.0.0.1, found by binding port 0. The listener is closed
-/// before returning, so there is a small window where another test could
-/// take it; ports are drawn at random by the kernel so this is rare.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
 
 /// `127.0.0.1:<port>`.
 pub fn local(port: u16) -> String {
@@ -88,14 +80,12 @@ pub fn in_a_process_of_its_own(test: &str) -> bool {
     false
 }
 
-/// A child process killed (SIGKILL) and reaped when dropped. Its output
-/// lines are kept for assertions and for diagnosing a failed test.
+/// A child process killed (SIGKILL) and reaped when dropped; its output
+/// lines are kept for assertions, and printed when the test fails. The
+/// mechanism is the library's [`Child`]; this adds what tests want: the
+/// `switchboard` binary, `RUST_LOG=info`, and waits that fail the test.
 pub struct Proc {
-    pub name: String,
-    child: Option<Child>,
-    pub output: Arc<Mutex<Vec<String>>>,
-    /// The threads reading stdout and stderr; each ends at its pipe's EOF.
-    readers: Vec<std::thread::JoinHandle<()>>,
+    child: Child,
 }
 
 impl Proc {
@@ -106,146 +96,92 @@ impl Proc {
 
     /// Starts `bin` with `args` and extra environment variables.
     pub fn spawn_env(bin: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(bin);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        let output = Arc::new(Mutex::new(Vec::new()));
-        let mut readers = Vec::new();
         let name = std::path::Path::new(bin)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let output = output.clone();
-            readers.push(std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    output.lock().unwrap().push(line);
-                }
-            }));
+        Self::start(name, bin, args, env)
+    }
+
+    fn start(name: String, bin: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(bin);
+        command.args(args);
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
         }
-        Self {
-            name,
-            child: Some(child),
-            output,
-            readers,
-        }
+        command.envs(env.iter().copied());
+        let child = Child::spawn(name, command).unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        Self { child }
     }
 
     /// The process id.
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
+        self.child.pid() as i32
     }
 
     /// Sends `signal` (e.g. `libc::SIGTERM`).
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        unsafe {
-            libc::kill(self.pid(), signal);
-        }
+        self.child.signal(signal)
     }
 
     /// SIGKILLs the process and reaps it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child.kill()
     }
 
     /// Waits (up to `timeout`) for the process to exit and returns its code.
     /// Its output is complete by then: the readers have reached EOF (unless
     /// a child of its own still holds the pipes, which is not waited for).
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let child = self.child.as_mut().expect("running");
-        let status = wait_for("process exit", timeout, || {
-            let status = child.try_wait().expect("try_wait");
-            async move { status }
-        })
-        .await;
-        self.child = None;
-        let readers = &self.readers;
-        let _ = tokio::time::timeout(
-            STARTUP,
-            wait_for("the output to end", 2 * STARTUP, || {
-                let done = readers.iter().all(|r| r.is_finished());
-                async move { done.then_some(()) }
-            }),
-        )
-        .await;
-        status.code()
+        let status = self.child.wait_exit(timeout).await;
+        status
+            .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for process exit"))
+            .code()
     }
 
     /// Whether the process has not exited yet.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|child| child.try_wait().expect("try_wait").is_none())
+        self.child.is_running()
     }
 
     /// Whether some output line contains `needle`.
     pub fn has_line(&self, needle: &str) -> bool {
-        self.output
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|l| l.contains(needle))
+        self.child.has_line(needle)
     }
 
     /// Waits for an output line containing `needle` and returns it.
     pub async fn wait_line(&self, needle: &str, timeout: Duration) -> String {
-        let output = self.output.clone();
-        wait_for(
-            &format!("{} to print {needle:?}", self.name),
-            timeout,
-            || {
-                let found = output
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|l| l.contains(needle))
-                    .cloned();
-                async move { found }
-            },
-        )
-        .await
+        let deadline = Instant::now() + timeout;
+        match self.child.wait_for_line(needle, deadline).await {
+            Some(line) => line,
+            None if Instant::now() < deadline => panic!(
+                "{} ended its output without printing {needle:?}",
+                self.child.name()
+            ),
+            None => panic!(
+                "timed out after {timeout:?} waiting for {} to print {needle:?}",
+                self.child.name()
+            ),
+        }
+    }
+
+    /// Every output line so far.
+    pub fn output(&self) -> Vec<String> {
+        self.child.output()
     }
 
     /// All output so far, for failure messages.
     pub fn dump(&self) -> String {
-        self.output.lock().unwrap().join("\n")
+        self.child.dump()
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- output of {} ----\n{}", self.name, self.dump());
+            eprintln!("---- output of {} ----\n{}", self.child.name(), self.dump());
         }
-        self.kill();
+        // Dropping the child kills it.
     }
 }
 
@@ -267,9 +203,7 @@ impl Proc {
         let all: Vec<&str> = std::iter::once(subcommand)
             .chain(args.iter().copied())
             .collect();
-        let mut proc = Self::spawn_env(switchboard(), &all, env);
-        proc.name = subcommand.to_owned();
-        proc
+        Self::start(subcommand.to_owned(), switchboard(), &all, env)
     }
 }
 
@@ -368,7 +302,7 @@ pub async fn assert_removals(status: &str, stream_breaks: usize, expiries: usize
 pub async fn run(args: &[&str]) -> (Option<i32>, Vec<String>) {
     let mut proc = Proc::sub(args[0], &args[1..]);
     let code = proc.wait_exit(STARTUP).await;
-    let lines = proc.output.lock().unwrap().clone();
+    let lines = proc.output();
     (code, lines)
 }
 
@@ -633,7 +567,7 @@ pub async fn assert_no_failed_rpc(load: Load, what: &str) -> usize {
 pub async fn start_backends(registry: &str, n: usize, extra: &[&str]) -> Vec<(String, Proc)> {
     let mut backends = Vec::new();
     for _ in 0..n {
-        let port = free_port();
+        let port = free_port().expect("free port");
         let proc = start_echo(registry, SERVICE, &[port], extra).await;
         backends.push((local(port), proc));
     }
@@ -746,7 +680,7 @@ impl Cluster {
 
     /// As [`Cluster::start`], with `echo_args` passed to every backend.
     pub async fn start_with(backends: usize, echo_args: &[&str]) -> Self {
-        let port = free_port();
+        let port = free_port().expect("free port");
         let registry = local(port);
         let registry_proc = Proc::sub(
             "registry",
@@ -763,7 +697,7 @@ impl Cluster {
             backends: Vec::new(),
         };
         for _ in 0..backends {
-            let port = free_port();
+            let port = free_port().expect("free port");
             let proc = start_echo(&cluster.registry, SERVICE, &[port], echo_args).await;
             cluster.backends.push((local(port), proc));
         }
@@ -776,7 +710,7 @@ impl Cluster {
     /// Starts one more backend; it may be unregistered yet (the registry may
     /// be down): see [`wait_keepers`].
     pub async fn add_backend(&mut self) -> String {
-        let port = free_port();
+        let port = free_port().expect("free port");
         let proc = start_echo(&self.registry, SERVICE, &[port], &[]).await;
         self.backends.push((local(port), proc));
         local(port)
@@ -900,7 +834,7 @@ pub async fn refused_at_startup(bin_name: &str, args: &[String], expected: &str)
     let mut proc = Proc::sub(bin_name, &args);
     let code = proc.wait_exit(STARTUP).await;
     let line = proc.wait_line("error: ", STARTUP).await;
-    let output = proc.output.lock().unwrap().clone();
+    let output = proc.output();
     assert_eq!(code, Some(1), "{bin_name} {args:?}: {output:#?}");
     assert_eq!(output.len(), 1, "{bin_name} {args:?}: {output:#?}");
     assert!(

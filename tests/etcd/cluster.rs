@@ -81,7 +81,7 @@ impl Replica {
     async fn start_with(etcd: &str, prefix: &str, extra: &[&str]) -> Self {
         let mut replica = Self {
             proc: None,
-            port: free_port(),
+            port: free_port().expect("free port"),
             etcd: etcd.to_owned(),
             prefix: prefix.to_owned(),
         };
@@ -179,7 +179,7 @@ async fn watch_each(replicas: &[Replica], expected: &[String]) -> Vec<Watcher> {
 
 /// One more backend registered through `registry`, once it serves.
 async fn one_more_backend(registry: &str) -> (String, Proc) {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let proc = start_echo(registry, SERVICE, &[port], &[]).await;
     (local(port), proc)
 }
@@ -199,9 +199,7 @@ fn with(addresses: &[String], more: &str) -> Vec<String> {
 fn assert_registrations_kept(backends: &[(String, Proc)]) {
     for (address, proc) in backends {
         let fresh = proc
-            .output
-            .lock()
-            .unwrap()
+            .output()
             .iter()
             .filter(|l| l.contains(" registered ") && l.contains("resumed=false"))
             .count();
@@ -653,7 +651,7 @@ async fn a_killed_backend_leaves_the_watchers_of_every_replica_for_its_broken_st
     // The replica that held its stream removed it, for that reason.
     let removed_by: Vec<usize> = (0..r.len())
         .filter(|&i| {
-            r[i].proc().output.lock().unwrap().iter().any(|l| {
+            r[i].proc().output().iter().any(|l| {
                 l.contains("keepalive stream ended; endpoint removed") && l.contains(&victim)
             })
         })
@@ -679,7 +677,7 @@ async fn etcd_down_for_ten_seconds_loses_no_live_endpoint() {
     };
     // The first replica also serves its status page: /healthz and the
     // etcd reachability gauge must follow etcd too.
-    let page = local(free_port());
+    let page = local(free_port().expect("free port"));
     let r = vec![
         Replica::start_with(&etcd.url(), "/etcd-down/", &["--metrics-listen", &page]).await,
         Replica::start(&etcd.url(), "/etcd-down/").await,
@@ -765,7 +763,7 @@ async fn compaction_under_a_lagging_watcher_sends_the_difference() {
     let prefix = "/compaction/";
     // r0 reaches etcd through a relay the test cuts; r1 directly.
     let relay = Relay::start(etcd.url().trim_start_matches("http://").to_owned()).await;
-    let status = local(free_port());
+    let status = local(free_port().expect("free port"));
     let lagging = Replica::start_with(
         &format!("http://{}", relay.address),
         prefix,

@@ -21,7 +21,8 @@ const READ: &str = "read-9a77b2";
 
 /// Writes `token` to a fresh file for this test run.
 fn token_file(name: &str, token: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tokens-{}", free_port()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("tokens-{}", free_port().expect("free port")));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, format!("{token}\n")).unwrap();
@@ -190,7 +191,7 @@ async fn each_rpc_needs_its_token_and_refusals_change_nothing() {
 async fn binaries_present_their_token_files() {
     let write = token_file("write", WRITE);
     let read = token_file("read", READ);
-    let port = free_port();
+    let port = free_port().expect("free port");
     let registry = local(port);
     let registry_proc = Proc::sub(
         "registry",
@@ -210,11 +211,11 @@ async fn binaries_present_their_token_files() {
         .await;
 
     // Without the token: refused, still serving.
-    let untrusted = free_port();
+    let untrusted = free_port().expect("free port");
     let refused = start_echo(&registry, SERVICE, &[untrusted], &[]).await;
     refused.wait_line("refused the registration", STARTUP).await;
     // With it: registered.
-    let trusted = free_port();
+    let trusted = free_port().expect("free port");
     let _trusted = start_echo(
         &registry,
         SERVICE,

@@ -39,10 +39,10 @@ fn command_lines(pki: &std::path::Path) -> Vec<Case<CommandLine, &'static str>> 
     };
     let listening = |items: &[&str]| {
         let mut all = args(items);
-        all.extend(["--listen".into(), local(free_port())]);
+        all.extend(["--listen".into(), local(free_port().expect("free port"))]);
         all
     };
-    let port = || free_port().to_string();
+    let port = || free_port().expect("free port").to_string();
     vec![
         // Flags every binary parses.
         case(

@@ -88,10 +88,10 @@ async fn a_joining_backend_gets_traffic_pushed_by_the_registry_without_rpcs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registry_outage_keeps_the_last_set_and_recovery_adds_new_backends() {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let mut registry_proc = start_registry(port).await;
     let registry = local(port);
-    let first = free_port();
+    let first = free_port().expect("free port");
     let _first = start_echo(&registry, SERVICE, &[first], &[]).await;
     wait_registered(&registry, SERVICE, &[local(first)], STARTUP).await;
     let channel = channel(&registry_target(&registry), PolicyKind::RoundRobin);
@@ -115,7 +115,7 @@ async fn registry_outage_keeps_the_last_set_and_recovery_adds_new_backends() {
     }
 
     let _registry_proc = start_registry(port).await;
-    let second = free_port();
+    let second = free_port().expect("free port");
     let _second = start_echo(&registry, SERVICE, &[second], &[]).await;
     wait_ready_set(&channel, &[local(first), local(second)], STARTUP).await;
     let served = served_by(&mut client, 4).await;
@@ -159,8 +159,11 @@ async fn all_backends_gone_fails_fast_with_unavailable() {
 async fn static_target_needs_no_registry() {
     // A registry address nobody listens on: the echo servers keep retrying
     // it, which must not stop them serving.
-    let nowhere = local(free_port());
-    let ports = [free_port(), free_port()];
+    let nowhere = local(free_port().expect("free port"));
+    let ports = [
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    ];
     let _echo = start_echo(&nowhere, SERVICE, &ports, &[]).await;
     let target = format!("static:///{},{}", local(ports[0]), local(ports[1]));
     let channel = channel(&target, PolicyKind::RoundRobin);
@@ -172,7 +175,7 @@ async fn static_target_needs_no_registry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_static_backends_fail_fast_with_the_connection_error() {
-    let dead = local(free_port());
+    let dead = local(free_port().expect("free port"));
     let channel = channel(&format!("static:///{dead}"), PolicyKind::PickFirst);
     wait_for("TransientFailure", STARTUP, || {
         let state = channel.state();
@@ -189,7 +192,7 @@ async fn unreachable_static_backends_fail_fast_with_the_connection_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_for_ready_waits_for_a_backend_until_the_deadline() {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let channel = channel(&format!("static:///{}", local(port)), PolicyKind::PickFirst);
     let mut client = EchoClient::new(channel.clone());
 
@@ -209,7 +212,13 @@ async fn wait_for_ready_waits_for_a_backend_until_the_deadline() {
     request.set_timeout(Duration::from_secs(20));
     request.extensions_mut().insert(WaitForReady);
     let pending = tokio::spawn(async move { client.unary_echo(request).await });
-    let _echo = start_echo(&local(free_port()), SERVICE, &[port], &[]).await;
+    let _echo = start_echo(
+        &local(free_port().expect("free port")),
+        SERVICE,
+        &[port],
+        &[],
+    )
+    .await;
     let reply = pending
         .await
         .unwrap()
@@ -301,8 +310,11 @@ async fn a_custom_resolver_drives_the_balancer() {
         }
     }
 
-    let nowhere = local(free_port());
-    let ports = [free_port(), free_port()];
+    let nowhere = local(free_port().expect("free port"));
+    let ports = [
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    ];
     let _echo = start_echo(&nowhere, SERVICE, &ports, &[]).await;
     let (a, b) = (local(ports[0]), local(ports[1]));
     let (push, sets) = mpsc::unbounded_channel();
@@ -386,8 +398,8 @@ async fn a_draining_backend_finishes_in_flight_streams_and_gets_no_new_rpcs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_default_timeout_bounds_an_rpc_to_a_hung_backend() {
-    let nowhere = local(free_port());
-    let port = free_port();
+    let nowhere = local(free_port().expect("free port"));
+    let port = free_port().expect("free port");
     let echo = start_echo(&nowhere, SERVICE, &[port], &[]).await;
     // Keepalive slower than the test, so only the deadline can end the RPC.
     let channel = BalancedChannel::builder(&format!("static:///{}", local(port)))
@@ -453,8 +465,8 @@ async fn mute_listener(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_hangs_up_before_settings_is_never_ready_and_backs_off() {
-    let echo_port = free_port();
-    let nowhere = local(free_port());
+    let echo_port = free_port().expect("free port");
+    let nowhere = local(free_port().expect("free port"));
     let echo = start_echo(&nowhere, SERVICE, &[echo_port], &[]).await;
     let real = local(echo_port);
     for how in [Mute::Close, Mute::Reset] {
@@ -603,8 +615,8 @@ async fn a_custom_policy_plugs_in_and_hears_every_call_outcome() {
         }
     }
 
-    let nowhere = local(free_port());
-    let port = free_port();
+    let nowhere = local(free_port().expect("free port"));
+    let port = free_port().expect("free port");
     let _echo = start_echo(&nowhere, SERVICE, &[port], &[]).await;
     let outcomes = Outcomes::default();
     let channel = BalancedChannel::builder(&format!("static:///{}", local(port)))
@@ -659,7 +671,7 @@ async fn a_fail_fast_status_carries_its_typed_cause() {
     }
 
     // Nothing listens: the last connection error says the dial was refused.
-    let dead = local(free_port());
+    let dead = local(free_port().expect("free port"));
     let channel = channel(&format!("static:///{dead}"), PolicyKind::PickFirst);
     wait_for("TransientFailure", STARTUP, || {
         let state = channel.state();

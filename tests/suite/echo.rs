@@ -142,7 +142,7 @@ async fn spawn_echo(args: &[&str], serving: &[String]) -> Proc {
 
 /// Every output line of `proc`, stdout and stderr.
 fn lines(proc: &Proc) -> Vec<String> {
-    proc.output.lock().unwrap().clone()
+    proc.output()
 }
 
 // ---------------------------------------------------------------------------
@@ -151,14 +151,17 @@ fn lines(proc: &Proc) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_appear_in_a_registry_watch_with_their_addresses() {
-    let registry_port = free_port();
+    let registry_port = free_port().expect("free port");
     let _registry = start_registry(registry_port).await;
     let registry = local(registry_port);
     let mut client = registry_client(&registry, GENEROUS).await;
     let mut watch = watch(&mut client, SERVICE).await;
     let mut set = WatchedSet::default();
 
-    let ports = [free_port(), free_port()];
+    let ports = [
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    ];
     let addresses: Vec<String> = ports.iter().map(|p| local(*p)).collect();
     let (p0, p1) = (ports[0].to_string(), ports[1].to_string());
     // Ports as positional arguments, the classic example's shape; the
@@ -210,10 +213,15 @@ async fn two_servers_appear_in_a_registry_watch_with_their_addresses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_shape_answers_in_the_promised_format() {
     // No registry needed to serve; one is configured but absent.
-    let port = free_port();
+    let port = free_port().expect("free port");
     let address = local(port);
     let _echo = spawn_echo(
-        &["--registry", &local(free_port()), "--listen", &address],
+        &[
+            "--registry",
+            &local(free_port().expect("free port")),
+            "--listen",
+            &address,
+        ],
         std::slice::from_ref(&address),
     )
     .await;
@@ -322,13 +330,13 @@ async fn reflected_services(addr: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream() {
-    let registry_port = free_port();
+    let registry_port = free_port().expect("free port");
     let _registry = start_registry(registry_port).await;
     let registry = local(registry_port);
     let mut registry_client = registry_client(&registry, GENEROUS).await;
     let mut watch = watch(&mut registry_client, SERVICE).await;
     let mut set = WatchedSet::default();
-    let address = local(free_port());
+    let address = local(free_port().expect("free port"));
     let mut echo = spawn_echo(
         &[
             "--registry",
@@ -420,10 +428,13 @@ async fn sigterm_during_a_long_stream_deregisters_first_and_finishes_the_stream(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_registry_restart_the_endpoints_come_back_without_restarting_echo() {
-    let registry_port = free_port();
+    let registry_port = free_port().expect("free port");
     let mut registry_proc = start_registry(registry_port).await;
     let registry = local(registry_port);
-    let addresses = vec![local(free_port()), local(free_port())];
+    let addresses = vec![
+        local(free_port().expect("free port")),
+        local(free_port().expect("free port")),
+    ];
     let echo = Proc::sub_env(
         "echo",
         &[
@@ -488,9 +499,9 @@ fn count_lines(proc: &Proc, needle: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_registry_unreachable_echo_serves_and_registers_once_it_starts() {
-    let registry_port = free_port();
+    let registry_port = free_port().expect("free port");
     let registry = local(registry_port);
-    let address = local(free_port());
+    let address = local(free_port().expect("free port"));
     let echo = spawn_echo(
         &["--registry", &registry, "--listen", &address],
         std::slice::from_ref(&address),
@@ -520,7 +531,7 @@ async fn with_the_registry_unreachable_echo_serves_and_registers_once_it_starts(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_port_fails_in_one_line_naming_it_and_registers_nothing() {
-    let registry_port = free_port();
+    let registry_port = free_port().expect("free port");
     let _registry = start_registry(registry_port).await;
     let registry = local(registry_port);
     let mut client = registry_client(&registry, GENEROUS).await;
@@ -529,7 +540,7 @@ async fn a_busy_port_fails_in_one_line_naming_it_and_registers_nothing() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let busy_port = busy.local_addr().unwrap().port();
     // The free port comes first: it binds, and must still not register.
-    let free = local(free_port());
+    let free = local(free_port().expect("free port"));
     let mut echo = Proc::sub(
         "echo",
         &[
@@ -598,7 +609,7 @@ async fn start_in_process(config: ServerConfig) -> EchoServerHandle {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_process_server_registers_drains_and_reports() {
-    let registry_port = free_port();
+    let registry_port = free_port().expect("free port");
     let _registry = start_registry(registry_port).await;
     let registry = local(registry_port);
     let server = start_in_process(ServerConfig {

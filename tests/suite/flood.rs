@@ -542,7 +542,7 @@ async fn flood_round(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_one_client_leaves_legitimate_watchers_served_and_memory_bounded() {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let address = local(port);
     let max_watch_streams = MAX_WATCH_STREAMS.to_string();
     let registry = Proc::sub(

@@ -105,12 +105,12 @@ async fn least_request_moves_traffic_off_a_hung_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_splits_by_weight_without_bursts() {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let _registry = start_registry(port).await;
     let registry = local(port);
     let mut backends = Vec::new();
     for weight in [1, 2, 3] {
-        let port = free_port();
+        let port = free_port().expect("free port");
         let meta = format!("weight={weight}");
         let proc = start_echo(&registry, SERVICE, &[port], &["--meta", &meta]).await;
         backends.push((local(port), weight, proc));
@@ -353,7 +353,7 @@ async fn peak_ewma_avoids_a_slow_backend_that_plain_least_request_would_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_failing_every_call_is_ejected_with_real_processes() {
     let cluster = Cluster::start(2).await;
-    let port = free_port();
+    let port = free_port().expect("free port");
     let bad = local(port);
     let _bad = start_echo(&cluster.registry, SERVICE, &[port], &["--fail-rate", "1"]).await;
     let mut addresses = cluster.addresses();

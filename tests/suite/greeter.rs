@@ -144,7 +144,7 @@ fn greet_load(channel: switchboard::client::BalancedChannel) -> Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_greeters_share_the_load_and_a_sigterm_drain_fails_no_rpc() {
-    let registry_port = free_port();
+    let registry_port = free_port().expect("free port");
     let _registry = start_registry(registry_port).await;
     let registry = local(registry_port);
     let (leaving, mut leaving_proc) = start_greeter(&registry, &[]).await;
@@ -228,7 +228,7 @@ async fn greeter_refuses_bad_flags_and_a_busy_port_in_one_line() {
         let mut proc = Proc::spawn(greeter_bin(), &args);
         let code = proc.wait_exit(STARTUP).await;
         let line = proc.wait_line("error: ", STARTUP).await;
-        let output = proc.output.lock().unwrap().clone();
+        let output = proc.output();
         assert_eq!(code, Some(1), "{args:?}: {output:#?}");
         assert_eq!(output.len(), 1, "{args:?}: {output:#?}");
         assert!(

@@ -31,8 +31,8 @@ fn health_checked(target: &str) -> BalancedChannel {
 /// address has nothing behind it and its service is the test's own, so it
 /// registers nowhere and can never appear in another test's registry.
 async fn lone_echo(service: &str, extra: &[&str]) -> (String, Proc) {
-    let port = free_port();
-    let nowhere = local(free_port());
+    let port = free_port().expect("free port");
+    let nowhere = local(free_port().expect("free port"));
     let proc = start_echo(&nowhere, service, &[port], extra).await;
     (local(port), proc)
 }
@@ -340,9 +340,7 @@ async fn client_cli_health_checks_a_dns_target() {
         client.dump()
     );
     let replies = client
-        .output
-        .lock()
-        .unwrap()
+        .output()
         .iter()
         .filter(|line| line.ends_with(&format!("(from {address})")))
         .count();

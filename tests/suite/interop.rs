@@ -28,8 +28,14 @@ async fn python_grpcio_calls_every_rpc_shape() {
         eprintln!("python3 not found: skipping the grpcio interop test");
         return;
     };
-    let port = free_port();
-    let _echo = start_echo(&local(free_port()), SERVICE, &[port], &[]).await;
+    let port = free_port().expect("free port");
+    let _echo = start_echo(
+        &local(free_port().expect("free port")),
+        SERVICE,
+        &[port],
+        &[],
+    )
+    .await;
     let address = local(port);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/echo_client.py");
     let output = tokio::process::Command::new("python3")
@@ -102,8 +108,14 @@ async fn grpcio_client_with_one_address_and_either_policy() {
         eprintln!("python3 not found: skipping");
         return;
     };
-    let port = free_port();
-    let _echo = start_echo(&local(free_port()), SERVICE, &[port], &[]).await;
+    let port = free_port().expect("free port");
+    let _echo = start_echo(
+        &local(free_port().expect("free port")),
+        SERVICE,
+        &[port],
+        &[],
+    )
+    .await;
     for policy in ["pick_first", "round_robin"] {
         let served = grpcio_client(&python_path, &local(port), policy, 10, None).await;
         assert_eq!(served, vec![local(port); 10], "{policy}");
@@ -119,8 +131,17 @@ async fn grpcio_client_with_a_multi_address_target_and_either_policy() {
         eprintln!("python3 not found: skipping");
         return;
     };
-    let ports = [free_port(), free_port()];
-    let _echo = start_echo(&local(free_port()), SERVICE, &ports, &[]).await;
+    let ports = [
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    ];
+    let _echo = start_echo(
+        &local(free_port().expect("free port")),
+        SERVICE,
+        &ports,
+        &[],
+    )
+    .await;
     let both: BTreeSet<String> = ports.iter().map(|p| local(*p)).collect();
     let target = format!("ipv4:{},{}", local(ports[0]), local(ports[1]));
 

@@ -430,7 +430,7 @@ async fn registry_streams_are_counted_with_their_final_status_when_they_end() {
 async fn rpcs_that_reach_no_endpoint_are_counted_by_code() {
     // Nothing listens there: the one subchannel fails to connect, and
     // fail-fast RPCs end UNAVAILABLE without a pick.
-    let nowhere = local(free_port());
+    let nowhere = local(free_port().expect("free port"));
     let target = format!("static:///{nowhere}");
     let mut registry = Registry::default();
     let channel = BalancedChannel::builder(&target)

@@ -17,7 +17,10 @@ async fn wait_metric(registry: &StatusRegistry, name: &str, value: f64) {
 async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
     let registry = StatusRegistry::start(&[]).await;
     let reg = registry.address.as_str();
-    let ports = [free_port(), free_port()];
+    let ports = [
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    ];
     let backends: Vec<String> = ports.iter().map(|p| local(*p)).collect();
     let mut echo = start_echo(reg, SERVICE, &ports, &["--meta", "zone=a"]).await;
     wait_registered(reg, SERVICE, &backends, STARTUP).await;
@@ -32,7 +35,7 @@ async fn operator_commands_metrics_and_status_page_follow_a_live_registry() {
 
     // services: a table, then JSON; a list with an unreachable first entry
     // falls through to the live one.
-    let list = format!("127.0.0.1:{},{reg}", free_port());
+    let list = format!("127.0.0.1:{},{reg}", free_port().expect("free port"));
     let table = run_ok(&["services", "--registry", &list]).await;
     assert!(table[0].starts_with("SERVICE"), "{table:?}");
     assert!(
@@ -190,7 +193,10 @@ async fn refusals_are_counted_by_cap_and_by_token() {
     ])
     .await;
     let reg = registry.address.as_str();
-    let ports = [free_port(), free_port()];
+    let ports = [
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    ];
     let _echo = start_echo(reg, SERVICE, &ports, &["--token-file", &write_path]).await;
     wait_metric(
         &registry,
@@ -227,7 +233,7 @@ async fn refusals_are_counted_by_cap_and_by_token() {
 async fn bad_operator_input_gets_one_error_line() {
     let registry = StatusRegistry::start(&[]).await;
     let reg = registry.address.clone();
-    let nobody = local(free_port());
+    let nobody = local(free_port().expect("free port"));
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec!["services", "--registry", "nonsense"],
@@ -285,7 +291,10 @@ async fn bad_operator_input_gets_one_error_line() {
 async fn drain_by_address_under_client_load_fails_no_rpc() {
     let registry = StatusRegistry::start(&[]).await;
     let reg = registry.address.clone();
-    let ports = [free_port(), free_port()];
+    let ports = [
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    ];
     let backends: Vec<String> = ports.iter().map(|p| local(*p)).collect();
     let _echo = start_echo(&reg, SERVICE, &ports, &[]).await;
     wait_registered(&reg, SERVICE, &backends, STARTUP).await;

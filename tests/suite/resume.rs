@@ -78,11 +78,14 @@ async fn a_resumed_watch_skips_the_reset_it_already_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backends_and_clients_move_to_the_next_registry() {
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2) = (
+        free_port().expect("free port"),
+        free_port().expect("free port"),
+    );
     let mut r1 = start_registry(p1).await;
     let _r2 = start_registry(p2).await;
     let replicas = format!("{},{}", local(p1), local(p2));
-    let port = free_port();
+    let port = free_port().expect("free port");
     let backend = local(port);
     let _echo = start_echo(&replicas, SERVICE, &[port], &["--ttl-ms", "1000"]).await;
     wait_registered(&local(p1), SERVICE, std::slice::from_ref(&backend), STARTUP).await;

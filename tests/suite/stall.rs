@@ -25,7 +25,7 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let registry = start_registry(port).await;
     let registry_addr = local(port);
     let ttl_ms = TTL.as_millis().to_string();

@@ -113,7 +113,7 @@ impl Drop for Pki {
 /// Starts the registry binary serving TLS (mutual if `mutual`), without a
 /// warm-up; returns its address and process.
 async fn tls_registry(pki: &Pki, mutual: bool) -> (String, Proc) {
-    let address = local(free_port());
+    let address = local(free_port().expect("free port"));
     let mut args = vec![
         "--listen".to_owned(),
         address.clone(),
@@ -332,7 +332,10 @@ impl TlsCluster {
     async fn start() -> Self {
         let pki = Pki::new();
         let (registry, registry_proc) = tls_registry(&pki, true).await;
-        let ports = [free_port(), free_port()];
+        let ports = [
+            free_port().expect("free port"),
+            free_port().expect("free port"),
+        ];
         let mut extra = pki.server_flags(true);
         extra.extend([
             "--registry-ca".into(),
@@ -380,7 +383,7 @@ impl TlsCluster {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let mut client = Proc::sub("client", &all);
         let code = client.wait_exit(STARTUP).await;
-        let output = client.output.lock().unwrap().clone();
+        let output = client.output();
         (code, output)
     }
 }

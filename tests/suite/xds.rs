@@ -579,9 +579,7 @@ impl XdsClient {
     /// Every RPC so far.
     fn shots(&self) -> Vec<PyShot> {
         self.proc
-            .output
-            .lock()
-            .unwrap()
+            .output()
             .iter()
             .filter_map(|line| parse_shot(line))
             .collect()

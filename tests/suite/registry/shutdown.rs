@@ -4,7 +4,7 @@ use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_registry_even_with_open_watch_and_keepalive_streams() {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let mut registry = start_registry(port).await;
     let mut client = registry_client(&local(port), STARTUP).await;
     let lease = register(&mut client, request(SERVICE, &addr(1))).await;
@@ -45,7 +45,7 @@ async fn sigterm_stops_the_registry_even_with_open_watch_and_keepalive_streams()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_the_registry_even_when_a_watcher_never_reads() {
-    let port = free_port();
+    let port = free_port().expect("free port");
     // No warm-up: the watcher must be subscribed before the changes.
     let mut registry = start_registry_with(port, &["--warmup-ms", "0"]).await;
     let mut client = registry_client(&local(port), STARTUP).await;

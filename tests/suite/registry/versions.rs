@@ -145,7 +145,7 @@ async fn a_fresh_registry_holds_back_first_snapshots_until_its_warm_up_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_registry_reports_a_new_epoch() {
-    let port = free_port();
+    let port = free_port().expect("free port");
     let target = local(port);
     let mut first = start_registry(port).await;
     let mut client = registry_client(&target, STARTUP).await;

@@ -1,0 +1,174 @@
+//! `switchboard demo`: the failover scenario end to end, with real
+//! processes. It starts a registry, one echo process per backend and the
+//! client in live mode; kills a backend with SIGKILL, starts it again, then
+//! stops one with SIGTERM, for round_robin and for pick_first; and prints a
+//! timeline and a summary table. `--scenario gray` instead makes one backend
+//! go bad without dying (hung by SIGSTOP, then failing every call) and
+//! compares round_robin with least_request plus outlier detection. `--ha`
+//! (a build with `--features etcd`, and `etcd` on PATH) runs three registry
+//! replicas on a throwaway etcd instead of one registry, and kills one
+//! replica, a backend, then every replica. Every process it started is
+//! killed when it ends, Ctrl-C included.
+
+mod children;
+mod scenario;
+mod summary;
+mod view;
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use switchboard::client::PolicyKind;
+use switchboard::process;
+#[cfg(feature = "etcd")]
+use switchboard::registry::etcd::local::LocalEtcd;
+
+use scenario::Scenario;
+use summary::print_summary;
+
+/// Runs the failover scenario with real processes and prints what happens.
+#[derive(Parser, Debug)]
+#[command(version)]
+pub struct Args {
+    /// What to show: `failover` (kill, restart, drain) or `gray` (a backend
+    /// that hangs, then fails every call, without dying).
+    #[arg(long, value_enum, default_value_t = DemoScenario::Failover)]
+    scenario: DemoScenario,
+    /// Only this policy (default: round_robin, then pick_first; with
+    /// `--scenario gray`: round_robin, then least_request with outlier
+    /// detection).
+    #[arg(long)]
+    policy: Option<PolicyKind>,
+    /// Client RPCs per second.
+    #[arg(long, default_value_t = 200)]
+    rate: u32,
+    /// Number of echo backends (at least 2).
+    #[arg(long, default_value_t = 3)]
+    backends: usize,
+    /// How long each phase of steady traffic lasts, in seconds.
+    #[arg(long, default_value_t = 3.0)]
+    phase_secs: f64,
+    /// High availability: 3 registry replicas on a throwaway etcd; kill one
+    /// replica, then a backend, then restart every replica. Needs a build
+    /// with `--features etcd` and `etcd` on PATH.
+    #[arg(long, conflicts_with = "scenario")]
+    ha: bool,
+}
+
+/// The demo's scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DemoScenario {
+    /// A backend killed, restarted and drained.
+    Failover,
+    /// A backend that is up but not well: hung, then failing every call.
+    Gray,
+}
+
+/// One client configuration the demo runs the scenario with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Contender {
+    policy: PolicyKind,
+    /// Wrap the policy in outlier detection.
+    outlier_detection: bool,
+}
+
+impl std::fmt::Display for Contender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.policy)?;
+        if self.outlier_detection {
+            f.write_str("+od")?;
+        }
+        Ok(())
+    }
+}
+
+/// How long any one expected event may take before the demo gives up on it.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs `switchboard demo`.
+// The etcd is dropped (killed) before each `exit`, which runs no
+// destructors; without the feature it is never there to drop.
+#[cfg_attr(not(feature = "etcd"), allow(clippy::drop_non_drop))]
+pub async fn run(args: Args) {
+    if args.backends < 2 {
+        process::exit_with("--backends must be at least 2 to show a failover");
+    }
+    if args.rate == 0 {
+        process::exit_with("--rate must be at least 1");
+    }
+    // Every process the demo starts is one of this executable's
+    // subcommands, so a fresh checkout needs no separate build step.
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => process::exit_with(&format!("cannot locate the switchboard binary: {err}")),
+    };
+    let plain = |policy| Contender {
+        policy,
+        outlier_detection: false,
+    };
+    let etcd = if args.ha {
+        match LocalEtcd::start().await {
+            Ok(etcd) => Some(etcd),
+            Err(err) => process::exit_with(&format!("demo --ha: {err}")),
+        }
+    } else {
+        None
+    };
+    let etcd_url = etcd.as_ref().map(LocalEtcd::url);
+    let contenders = match (args.policy, args.scenario) {
+        (policy, _) if args.ha => vec![plain(policy.unwrap_or(PolicyKind::RoundRobin))],
+        (Some(policy), DemoScenario::Failover) => vec![plain(policy)],
+        (Some(policy), DemoScenario::Gray) => vec![Contender {
+            policy,
+            outlier_detection: policy != PolicyKind::RoundRobin,
+        }],
+        (None, DemoScenario::Failover) => {
+            vec![plain(PolicyKind::RoundRobin), plain(PolicyKind::PickFirst)]
+        }
+        (None, DemoScenario::Gray) => vec![
+            plain(PolicyKind::RoundRobin),
+            Contender {
+                policy: "least_request".parse().expect("a built-in policy"),
+                outlier_detection: true,
+            },
+        ],
+    };
+    let mut rows = Vec::new();
+    for contender in contenders {
+        let mut scenario = Scenario::new(exe.clone(), &args, contender, etcd_url.clone());
+        let outcome = tokio::select! {
+            outcome = scenario.run() => outcome,
+            _ = process::shutdown_signal() => {
+                println!("\ninterrupted: stopping every process the demo started");
+                drop(scenario);
+                drop(etcd);
+                std::process::exit(130);
+            }
+        };
+        rows.extend(scenario.into_rows());
+        if let Err(err) = outcome {
+            print_summary(&rows);
+            drop(etcd);
+            process::exit_with(&err);
+        }
+    }
+    print_summary(&rows);
+}
+
+/// Without the `etcd` feature there is no etcd store to show: `--ha` stops
+/// with a one-line error before anything would hold an etcd.
+#[cfg(not(feature = "etcd"))]
+enum LocalEtcd {}
+
+#[cfg(not(feature = "etcd"))]
+impl LocalEtcd {
+    async fn start() -> Result<Self, String> {
+        Err("it needs a build with `--features etcd` \
+             (cargo build --release --features etcd; protoc must be installed)"
+            .into())
+    }
+
+    fn url(&self) -> String {
+        match *self {}
+    }
+}

@@ -1,0 +1,549 @@
+//! One run of the scenario for one client configuration: the setup
+//! (registry replicas, the demo's watch, the backends, the client), then the
+//! events of its [`Plan`], each measured and counted into a row of the
+//! summary.
+//!
+//! What the run knows is typed: a [`View`] of what the registry lists and
+//! what the client does, built from observations alone; the [`Phase`] it is
+//! in, which owns the event under way and the [`Tally`] of what happened
+//! since it began; and the [`Row`]s it has finished (see `summary.rs`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use switchboard::client::PolicyKind;
+use switchboard::registry::DEFAULT_SERVICE;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::children::{free_address, wait_listening, Children, Observation, RegistryWatch};
+use super::summary::{ClientSaw, Event, Outcome, RegistrySaw, Row, Stop};
+use super::view::{Client, Tally, Total, View};
+use super::{Args, Contender, DemoScenario, EVENT_TIMEOUT};
+
+/// The events a run goes through after its setup.
+enum Plan {
+    /// A backend SIGKILLed, started again, then one SIGTERMed (drained).
+    Failover,
+    /// A backend hung (SIGSTOP), resumed, then failing every call.
+    Gray,
+    /// Registry replicas on the etcd at this URL: a replica SIGKILLed, a
+    /// backend, then every replica.
+    Ha { etcd: String },
+}
+
+/// Where the run is.
+enum Phase {
+    /// Starting the registry, the backends and the client: nothing is counted.
+    Setup,
+    /// `event` is under way: `tally` counts what happened since it began,
+    /// and `outcome` is what it was seen to do, once measured. Its row is
+    /// finished when the next event begins, so that the failures it caused
+    /// afterwards are its own.
+    In {
+        event: Event,
+        tally: Tally,
+        outcome: Option<Outcome>,
+    },
+}
+
+/// One run of the scenario for one client configuration.
+pub struct Scenario<'a> {
+    args: &'a Args,
+    contender: Contender,
+    plan: Plan,
+    started: Instant,
+    /// The demo's watch of the registry, once it runs.
+    watch: Option<RegistryWatch>,
+    /// Every child process; killed when the scenario is dropped.
+    children: Children,
+    observed: mpsc::UnboundedReceiver<Observation>,
+    view: View,
+    phase: Phase,
+    /// The rows finished so far.
+    rows: Vec<Row>,
+}
+
+/// The label of registry replica `i` among the demo's children.
+fn replica_label(i: usize) -> String {
+    format!("registry-{}", i + 1)
+}
+
+/// The label of the backend at `address` among the demo's children.
+fn backend_label(address: &str) -> String {
+    format!("backend-{}", address.rsplit(':').next().unwrap_or(address))
+}
+
+impl<'a> Scenario<'a> {
+    /// A run of `args`' scenario with `contender`, starting `exe`'s
+    /// subcommands; `etcd` is the `--ha` run's etcd.
+    pub fn new(exe: PathBuf, args: &'a Args, contender: Contender, etcd: Option<String>) -> Self {
+        let (observations, observed) = mpsc::unbounded_channel();
+        let plan = match (etcd, args.scenario) {
+            (Some(etcd), _) => Plan::Ha { etcd },
+            (None, DemoScenario::Gray) => Plan::Gray,
+            (None, DemoScenario::Failover) => Plan::Failover,
+        };
+        Self {
+            args,
+            contender,
+            plan,
+            started: Instant::now(),
+            watch: None,
+            children: Children::new(exe, observations),
+            observed,
+            view: View::new(),
+            phase: Phase::Setup,
+            rows: Vec::new(),
+        }
+    }
+
+    /// The rows it finished, and stops every process it started. An event
+    /// measured but not followed by another (the run failed first) has no
+    /// failures counted: they are counted until the next event.
+    pub fn into_rows(self) -> Vec<Row> {
+        let mut rows = self.rows;
+        if let Phase::In {
+            event,
+            outcome: Some(outcome),
+            ..
+        } = self.phase
+        {
+            rows.push(Row {
+                policy: self.contender,
+                event,
+                failed: 0,
+                outcome,
+            });
+        }
+        rows
+    }
+
+    fn log(&self, source: &str, text: &str) {
+        println!(
+            "[{:>7.3}s] {source:<8} {text}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    pub async fn run(&mut self) -> Result<(), String> {
+        println!("\n######## {} ########", self.contender);
+        let replicas = match self.plan {
+            Plan::Ha { .. } => 3,
+            Plan::Failover | Plan::Gray => 1,
+        };
+        let replicas: Vec<String> = (0..replicas)
+            .map(|_| free_address())
+            .collect::<Result<_, _>>()?;
+        let backends: Vec<String> = (0..self.args.backends)
+            .map(|_| free_address())
+            .collect::<Result<_, _>>()?;
+
+        for (i, replica) in replicas.iter().enumerate() {
+            self.start_registry(i, replica)?;
+        }
+        // Backends, the client and the demo's own watch name every replica.
+        let registry = replicas.join(",");
+        let observations = self.children.observations();
+        self.watch = Some(RegistryWatch::start(&registry, observations).await?);
+
+        for backend in &backends {
+            self.start_echo(&registry, backend, &[])?;
+        }
+        self.wait("every backend registered", |v| {
+            backends.iter().all(|b| v.is_serving(b))
+        })
+        .await?;
+        self.start_client(&registry)?;
+        self.wait("the client to send traffic", |v| {
+            !v.client.ready().is_empty()
+        })
+        .await?;
+        self.steady().await;
+
+        match self.plan {
+            Plan::Ha { .. } => self.ha(&replicas, &backends[1]).await?,
+            Plan::Gray => self.gray(&registry, &backends[1]).await?,
+            Plan::Failover => self.failover(&registry, &backends).await?,
+        }
+        self.stop_client().await
+    }
+
+    /// The failover events: a backend the client uses is SIGKILLed (the
+    /// middle one for round_robin), started again, then the one the client
+    /// uses now is SIGTERMed: a graceful drain.
+    async fn failover(&mut self, registry: &str, backends: &[String]) -> Result<(), String> {
+        let pick_first = self.contender.policy == PolicyKind::PickFirst;
+        let victim = match self.view.client.ready().first() {
+            Some(first) if pick_first => first.clone(),
+            // Every other policy uses every backend.
+            _ => backends[1].clone(),
+        };
+        self.take_away(&victim, Stop::Crash).await?;
+        self.steady().await;
+
+        self.begin(Event::Restarted {
+            backend: victim.clone(),
+        });
+        let since = Instant::now();
+        self.start_echo(registry, &victim, &[])?;
+        self.wait("the backend to re-register", |v| v.is_serving(&victim))
+            .await?;
+        let registered = since.elapsed();
+        let client = if pick_first {
+            ClientSaw::StaysOnCurrent
+        } else {
+            self.wait("the client to use it again", |v| {
+                v.client.ready().contains(&victim)
+            })
+            .await?;
+            ClientSaw::BackInRotation(since.elapsed())
+        };
+        self.steady().await;
+        self.measured(RegistrySaw::Registered(registered), client);
+
+        let drained = self.view.client.ready().first().cloned();
+        let drained = drained.ok_or("the client has no backend left to drain")?;
+        self.take_away(&drained, Stop::Drain).await?;
+        self.steady().await;
+        Ok(())
+    }
+
+    /// One backend goes bad without dying: hung (SIGSTOP) for a phase, back
+    /// (SIGCONT), then restarted failing every call. The rows show what
+    /// each cost the client.
+    async fn gray(&mut self, registry: &str, victim: &str) -> Result<(), String> {
+        let label = backend_label(victim);
+        if self.children.pid(&label).is_none() {
+            return Err(format!("{victim} is not running"));
+        }
+        let backend = victim.to_owned();
+        self.begin(Event::Hung {
+            backend: backend.clone(),
+        });
+        self.children.signal(&label, libc::SIGSTOP);
+        self.steady().await;
+        self.measured(RegistrySaw::StillRegistered, ClientSaw::Nothing);
+
+        self.begin(Event::Resumed {
+            backend: backend.clone(),
+        });
+        self.children.signal(&label, libc::SIGCONT);
+        self.steady().await;
+        self.measured(RegistrySaw::Nothing, ClientSaw::Nothing);
+
+        self.begin(Event::FailingEveryCall { backend });
+        self.children.kill(&label);
+        self.wait("the old backend to leave", |v| {
+            !v.listed.contains_key(victim)
+        })
+        .await?;
+        self.start_echo(registry, victim, &["--fail-rate", "1"])?;
+        self.wait("the failing backend to register", |v| v.is_serving(victim))
+            .await?;
+        self.steady().await;
+        self.steady().await;
+        self.measured(RegistrySaw::ServingErrors, ClientSaw::Nothing);
+        Ok(())
+    }
+
+    /// The `--ha` events: a replica is SIGKILLed, then a backend, then
+    /// every replica is SIGKILLed and started again. Endpoints must stay
+    /// (no removal, no re-add) through replica losses, and a dead backend
+    /// must still leave.
+    async fn ha(&mut self, replicas: &[String], victim: &str) -> Result<(), String> {
+        // 1. The first replica: every backend and the client started on it.
+        self.begin(Event::ReplicaKilled {
+            replica: 1,
+            address: replicas[0].clone(),
+        });
+        self.kill_replica(0)?;
+        self.steady().await;
+        self.measure_kept();
+
+        // 2. A backend: its stream breaks at the replica it moved to.
+        self.take_away(victim, Stop::Crash).await?;
+        self.steady().await;
+
+        // 3. Every replica, then all of them again on the same addresses.
+        self.begin(Event::ReplicasRestarted);
+        for i in 1..replicas.len() {
+            self.kill_replica(i)?;
+        }
+        let since = Instant::now();
+        for (i, replica) in replicas.iter().enumerate() {
+            self.start_registry(i, replica)?;
+        }
+        for replica in replicas {
+            wait_listening(replica).await?;
+        }
+        let after = since.elapsed().as_millis();
+        self.log(
+            "demo",
+            &format!("every replica answers again after {after} ms"),
+        );
+        self.steady().await;
+        self.measure_kept();
+        Ok(())
+    }
+
+    /// Stops the client, which prints its summary: the whole run's row.
+    async fn stop_client(&mut self) -> Result<(), String> {
+        self.begin(Event::ClientStopped);
+        self.children.signal("client", libc::SIGINT);
+        self.wait("the client's summary", |v| {
+            matches!(v.client, Client::Exited(_))
+        })
+        .await?;
+        let total = match self.view.client {
+            Client::Exited(total) => total,
+            _ => Total::default(),
+        };
+        let outcome = Outcome {
+            registry: RegistrySaw::Nothing,
+            client: ClientSaw::Served(total.ok),
+        };
+        // The client's own count, not the tally: the whole run's.
+        self.finish(Event::ClientStopped, total.failed, outcome);
+        Ok(())
+    }
+
+    /// Takes `backend` away, measuring how long until the registry drops
+    /// it and the client stops using it.
+    async fn take_away(&mut self, backend: &str, how: Stop) -> Result<(), String> {
+        let label = backend_label(backend);
+        let pid = self
+            .children
+            .pid(&label)
+            .ok_or_else(|| format!("{backend} is not running"))?;
+        self.begin(Event::Stopped {
+            backend: backend.to_owned(),
+            how,
+            pid,
+        });
+        let since = Instant::now();
+        self.children.signal(&label, how.signal());
+        let mut client_left = None;
+        let mut registry_left = None;
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            if client_left.is_none() && !self.view.client.ready().iter().any(|b| b == backend) {
+                client_left = Some(since.elapsed());
+                let after = since.elapsed().as_millis();
+                let text = format!("client stopped sending to {backend} after {after} ms");
+                self.log("demo", &text);
+            }
+            if registry_left.is_none() && !self.view.listed.contains_key(backend) {
+                registry_left = Some(since.elapsed());
+                let after = since.elapsed().as_millis();
+                self.log(
+                    "demo",
+                    &format!("registry removed {backend} after {after} ms"),
+                );
+            }
+            if let (Some(client), Some(registry)) = (client_left, registry_left) {
+                self.children.kill(&label);
+                let client = ClientSaw::StoppedUsing(client);
+                self.measured(RegistrySaw::Removed(registry), client);
+                return Ok(());
+            }
+            if !self.pump_until(deadline).await {
+                return Err(format!(
+                    "{backend} was still in use {EVENT_TIMEOUT:?} after {}",
+                    how.name()
+                ));
+            }
+        }
+    }
+
+    /// Starts registry number `i` (of the replicas) on `address`: in
+    /// memory, or on the shared etcd with `--ha`.
+    fn start_registry(&mut self, i: usize, address: &str) -> Result<(), String> {
+        let mut args = vec!["--listen", address];
+        match &self.plan {
+            Plan::Ha { etcd } => {
+                self.log(
+                    "demo",
+                    &format!(
+                        "starting registry replica {} on {address} (etcd at {etcd})",
+                        i + 1
+                    ),
+                );
+                // The state lives in etcd: a replica needs no warm-up.
+                args.extend(["--store", "etcd", "--etcd-endpoints", etcd]);
+                args.extend(["--warmup-ms", "0"]);
+            }
+            Plan::Failover | Plan::Gray => {
+                self.log("demo", &format!("starting the registry on {address}"))
+            }
+        }
+        let label = replica_label(i);
+        self.children
+            .start(&label, "registry", &args, |_| None, None)
+    }
+
+    /// SIGKILLs registry replica `i` and forgets it.
+    fn kill_replica(&mut self, i: usize) -> Result<(), String> {
+        let label = replica_label(i);
+        let pid = self
+            .children
+            .pid(&label)
+            .ok_or_else(|| format!("{label} is not running"))?;
+        self.log("demo", &format!("SIGKILL {label} (pid {pid})"));
+        self.children.kill(&label);
+        Ok(())
+    }
+
+    /// Starts an echo backend at `backend` with `extra` flags.
+    fn start_echo(&mut self, registry: &str, backend: &str, extra: &[&str]) -> Result<(), String> {
+        self.log(
+            "demo",
+            &format!("starting echo backend {backend} {}", extra.join(" ")),
+        );
+        let args: Vec<&str> = [
+            "--registry",
+            registry,
+            "--listen",
+            backend,
+            "--drain-grace-ms",
+            "500",
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+        let serving = |line: String| line.contains("serving").then_some(Observation::Echo(line));
+        let label = backend_label(backend);
+        self.children.start(&label, "echo", &args, serving, None)
+    }
+
+    /// Starts the client in live mode on `registry`, with the contender's
+    /// policy at the demo's rate.
+    fn start_client(&mut self, registry: &str) -> Result<(), String> {
+        let target = format!("registry://{registry}/{DEFAULT_SERVICE}");
+        let (policy, rate) = (self.contender.policy, self.args.rate);
+        self.log(
+            "demo",
+            &format!("starting the client: {policy} at {rate} RPC/s"),
+        );
+        let (policy, rate) = (policy.to_string(), rate.to_string());
+        let outlier: &[&str] = if self.contender.outlier_detection {
+            &["--outlier-detection"]
+        } else {
+            &[]
+        };
+        let args: Vec<&str> = [
+            "--target",
+            &target,
+            "--policy",
+            &policy,
+            "--rate",
+            &rate,
+            "--timeout",
+            "1s",
+            "--backoff-initial",
+            "200ms",
+            "--backoff-max",
+            "2s",
+            "--keepalive-interval",
+            "1s",
+            "--keepalive-timeout",
+            "1s",
+        ]
+        .into_iter()
+        .chain(outlier.iter().copied())
+        .collect();
+        let line = |line| Some(Observation::Client(line));
+        let exited = Some(Observation::ClientExited);
+        self.children.start("client", "client", &args, line, exited)
+    }
+
+    /// Begins `event`, and finishes the row of the event before it with
+    /// the failures counted since that one began.
+    fn begin(&mut self, event: Event) {
+        self.log("EVENT", &format!(">>> {}", event.timeline()));
+        let tally = Tally {
+            min_ready: self.view.client.ready().len(),
+            ..Tally::default()
+        };
+        let next = Phase::In {
+            event,
+            tally,
+            outcome: None,
+        };
+        if let Phase::In {
+            event,
+            tally,
+            outcome: Some(outcome),
+        } = std::mem::replace(&mut self.phase, next)
+        {
+            self.finish(event, tally.failed, outcome);
+        }
+    }
+
+    /// Records what the event under way was seen to do.
+    fn measured(&mut self, registry: RegistrySaw, client: ClientSaw) {
+        if let Phase::In { outcome, .. } = &mut self.phase {
+            *outcome = Some(Outcome { registry, client });
+        }
+    }
+
+    /// Records what the registry watch and the client kept through the
+    /// event under way: the cells of an event no endpoint should notice.
+    fn measure_kept(&mut self) {
+        let Phase::In { tally, .. } = &self.phase else {
+            return;
+        };
+        let registry = RegistrySaw::Kept {
+            removed: tally.removed,
+            added: tally.added,
+            listed: self.view.listed.len(),
+        };
+        let client = ClientSaw::ReadyNeverBelow(tally.min_ready);
+        self.measured(registry, client);
+    }
+
+    /// Adds the row of `event`.
+    fn finish(&mut self, event: Event, failed: u64, outcome: Outcome) {
+        self.rows.push(Row {
+            policy: self.contender,
+            event,
+            failed,
+            outcome,
+        });
+    }
+
+    /// Pumps observations for one phase of steady traffic.
+    async fn steady(&mut self) {
+        let until = Instant::now() + Duration::from_secs_f64(self.args.phase_secs);
+        while self.pump_until(until).await {}
+    }
+
+    /// Pumps observations until `done` holds, or fails after the timeout.
+    async fn wait(&mut self, what: &str, done: impl Fn(&View) -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        while !done(&self.view) {
+            if !self.pump_until(deadline).await {
+                return Err(format!(
+                    "gave up waiting for {what} after {EVENT_TIMEOUT:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one observation; false once `deadline` passed first.
+    async fn pump_until(&mut self, deadline: Instant) -> bool {
+        let observation = match tokio::time::timeout_at(deadline, self.observed.recv()).await {
+            Ok(Some(observation)) => observation,
+            _ => return false,
+        };
+        let tally = match &mut self.phase {
+            Phase::In { tally, .. } => Some(tally),
+            Phase::Setup => None,
+        };
+        if let Some((source, text)) = self.view.observe(observation, tally) {
+            self.log(source, &text);
+        }
+        true
+    }
+}
