@@ -41,7 +41,7 @@ pub use subchannel::health;
 
 pub use backoff::BackoffConfig;
 pub use balancer::{BalancerState, BalancerStats};
-pub use channel::{BalancedChannel, Builder, PolicyKind, WaitForReady};
+pub use channel::{BalancedChannel, Builder, PolicyKind, RetryStats, WaitForReady};
 pub use connectivity::ConnectivityState;
 pub use dns_resolver::DnsResolver;
 pub use error::{ConnectError, Error, ResolverError};

@@ -336,7 +336,7 @@ async fn disabled_retries_leave_failures_to_the_caller() {
 async fn the_config_wait_for_ready_queues_instead_of_failing_fast() {
     // Nothing listens there: fail fast means UNAVAILABLE at once; waiting
     // for a Ready backend ends at the deadline instead.
-    let port = crate::common::free_port();
+    let port = crate::common::free_port().expect("free port");
     let config = r#"{"methodConfig": [{"name": [{}], "waitForReady": true, "timeout": "1s"}]}"#;
     let channel = BalancedChannel::builder(&format!("static:///127.0.0.1:{port}"))
         .unwrap()
