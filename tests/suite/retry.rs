@@ -349,3 +349,50 @@ async fn the_config_wait_for_ready_queues_instead_of_failing_fast() {
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 }
+
+/// The failover scenario with a retry policy: each `kill -9` under load,
+/// and the backend's return, cost no RPC at all. The calls in flight on
+/// the killed backend fail before any response headers, so they are
+/// retried on a survivor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkills_under_load_cost_no_rpc_with_a_retry_policy() {
+    use crate::common::{
+        all_but, assert_no_failed_rpc, registry_target, Cluster, Load, SERVICE,
+    };
+    let mut cluster = Cluster::start_with(3, &[]).await;
+    let addresses = cluster.addresses();
+    let channel = BalancedChannel::builder(&registry_target(&cluster.registry))
+        .unwrap()
+        .policy(PolicyKind::RoundRobin)
+        .backoff(switchboard::client::BackoffConfig::fast())
+        .service_config_json(&retry_config(5, "0.05s", r#""UNAVAILABLE""#))
+        .unwrap()
+        .build();
+    wait_ready_set(&channel, &addresses, STARTUP).await;
+    let load = Load::start(
+        channel.clone(),
+        8,
+        Duration::from_millis(2),
+        Duration::from_secs(10),
+    );
+    load.wait_more(200, STARTUP).await;
+    let mut live = addresses.clone();
+    for victim in addresses[..2].to_vec() {
+        cluster.kill(&victim);
+        live = all_but(&live, &victim);
+        wait_ready_set(&channel, &live, STARTUP).await;
+        load.wait_more(200, STARTUP).await;
+    }
+    let back = cluster.add_backend().await;
+    live.push(back);
+    live.sort();
+    crate::common::wait_registered(&cluster.registry, SERVICE, &live, STARTUP).await;
+    wait_ready_set(&channel, &live, STARTUP).await;
+    load.wait_more(200, STARTUP).await;
+    let ran = assert_no_failed_rpc(load, "two SIGKILLs and a return").await;
+    eprintln!(
+        "SIGKILL with retries: {ran} RPCs, 0 failed, {} retried, {} sent again transparently",
+        channel.retry_stats().retries(),
+        channel.retry_stats().transparent_retries()
+    );
+}
