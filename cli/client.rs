@@ -15,6 +15,7 @@ use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::registry::auth::Token;
 use switchboard::registry::DEFAULT_SERVICE;
+use switchboard::service_config::ServiceConfig;
 use switchboard::tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -107,6 +108,22 @@ pub struct Args {
     /// /healthz, at this HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// A gRPC service config (JSON): per-method timeouts, wait-for-ready,
+    /// retry or hedging policies, retry throttling, and the balancing
+    /// policy when --policy names none. See docs/service-config.md.
+    #[arg(long, value_name = "FILE")]
+    service_config: Option<std::path::PathBuf>,
+}
+
+/// Reads and checks `--service-config`; a bad file ends the process with a
+/// one-line error naming the field.
+fn load_service_config(path: &std::path::Path) -> ServiceConfig {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|err| {
+        process::exit_with(&format!("--service-config {}: {err}", path.display()))
+    });
+    ServiceConfig::from_json(&text).unwrap_or_else(|err| {
+        process::exit_with(&format!("--service-config {}: {err}", path.display()))
+    })
 }
 
 /// Runs this subcommand until it is told to stop.
@@ -134,6 +151,7 @@ pub async fn run(args: Args) {
     if args.rate == Some(0) {
         process::exit_with("--rate must be at least 1");
     }
+    let config = args.service_config.as_deref().map(load_service_config);
     // Served before any channel exists, so a client still waiting for a
     // backend or a registry shows why.
     let metrics = match args.metrics_listen {
@@ -152,8 +170,22 @@ pub async fn run(args: Args) {
     let metrics = metrics.as_ref();
     match args.rate {
         Some(rate) => {
-            let policy = policy.unwrap_or(PolicyKind::RoundRobin);
-            let channel = connect(&args, &target, policy, tls.as_ref(), metrics).await;
+            // round_robin unless a flag or the service config says.
+            let config_names_one = config.as_ref().is_some_and(|c| {
+                c.load_balancing
+                    .iter()
+                    .any(|p| p.name.parse::<PolicyKind>().is_ok())
+            });
+            let policy = policy.or((!config_names_one).then_some(PolicyKind::RoundRobin));
+            let channel = connect(
+                &args,
+                &target,
+                policy,
+                tls.as_ref(),
+                metrics,
+                config.as_ref(),
+            )
+            .await;
             live(&args, channel, rate).await;
         }
         None => {
@@ -163,7 +195,15 @@ pub async fn run(args: Args) {
             };
             for policy in policies {
                 println!("==== Calling grpc.examples.echo.Echo/UnaryEcho with {policy} ====");
-                let channel = connect(&args, &target, policy, tls.as_ref(), metrics).await;
+                let channel = connect(
+                    &args,
+                    &target,
+                    Some(policy),
+                    tls.as_ref(),
+                    metrics,
+                    config.as_ref(),
+                )
+                .await;
                 classic(&args, channel).await;
                 println!();
             }
@@ -176,9 +216,10 @@ pub async fn run(args: Args) {
 async fn connect(
     args: &Args,
     target: &str,
-    policy: PolicyKind,
+    policy: Option<PolicyKind>,
     tls: Option<&ClientTls>,
     metrics: Option<&ClientMetrics>,
+    config: Option<&ServiceConfig>,
 ) -> BalancedChannel {
     let backoff = BackoffConfig {
         initial: args.backoff_initial,
@@ -206,8 +247,13 @@ async fn connect(
     if let Some(metrics) = metrics {
         builder = builder.with_metrics(metrics);
     }
+    if let Some(config) = config {
+        builder = builder.service_config(config.clone());
+    }
+    if let Some(policy) = policy {
+        builder = builder.policy(policy);
+    }
     let channel = builder
-        .policy(policy)
         .backoff(backoff)
         .keepalive(args.keepalive_interval, args.keepalive_timeout)
         .build();
@@ -271,7 +317,12 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
     let started = Instant::now();
     println!(
         "live: {rate} RPC/s with {}{} to {}; Ctrl-C to stop",
-        args.policy.map_or("round_robin", PolicyKind::name),
+        match (args.policy, args.outlier_detection) {
+            (Some(policy), _) => policy.name(),
+            (None, false) => channel.policy(),
+            // The channel names the wrapper; the wrapped one is the default.
+            (None, true) => "round_robin",
+        },
         if args.outlier_detection {
             " and outlier_detection"
         } else {

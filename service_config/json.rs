@@ -33,10 +33,10 @@ impl ConfigError {
 
 pub(super) fn parse(text: &str) -> Result<ServiceConfig, ConfigError> {
     let root: Value = serde_json::from_str(text).map_err(|e| {
-        ConfigError::new(
-            format!("line {} column {}", e.line(), e.column()),
-            format!("not valid JSON: {e}"),
-        )
+        let at = format!("line {} column {}", e.line(), e.column());
+        let message = e.to_string();
+        let what = message.trim_end_matches(&format!(" at {at}"));
+        ConfigError::new(at, format!("not valid JSON: {what}"))
     })?;
     let root = object(&root, "(top level)")?;
     let mut config = ServiceConfig::default();

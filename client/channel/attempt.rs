@@ -351,4 +351,3 @@ impl http_body::Body for ResponseBody {
         self.inner.size_hint()
     }
 }
-

@@ -82,7 +82,11 @@ impl Shared {
         let call = Call {
             shared: self,
             parts,
-            replay: Replay::new(body, self.retries.per_call_buffer, self.retries.budget.clone()),
+            replay: Replay::new(
+                body,
+                self.retries.per_call_buffer,
+                self.retries.budget.clone(),
+            ),
             deadline: timeout.map(|t| Instant::now() + t),
             wait_for_ready,
             picked: AtomicBool::new(false),

@@ -162,7 +162,11 @@ mod tests {
             Some(Pushback::After(Duration::from_millis(250)))
         );
         for stop in [&["-1"][..], &["x"], &["1", "2"], &["99999999999"]] {
-            assert_eq!(Pushback::of(&headers(stop)), Some(Pushback::Stop), "{stop:?}");
+            assert_eq!(
+                Pushback::of(&headers(stop)),
+                Some(Pushback::Stop),
+                "{stop:?}"
+            );
         }
     }
 

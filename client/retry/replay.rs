@@ -329,7 +329,10 @@ mod tests {
         assert_eq!(budget.held(), 4);
         let second = read_all(&mut replay.body(1)).unwrap();
         assert_eq!(first, second);
-        assert_eq!(first, vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]);
+        assert_eq!(
+            first,
+            vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")]
+        );
         assert_eq!(replay.committed(), None);
         drop(replay);
         assert_eq!(budget.held(), 0, "the channel's budget is given back");
@@ -343,7 +346,10 @@ mod tests {
         assert_eq!(read_all(&mut first).unwrap().len(), 3);
         assert_eq!(replay.committed(), Some(0));
         assert_eq!(budget.held(), 0, "once committed, nothing is kept");
-        assert!(read_all(&mut replay.body(1)).is_err(), "a later attempt cannot replay");
+        assert!(
+            read_all(&mut replay.body(1)).is_err(),
+            "a later attempt cannot replay"
+        );
     }
 
     #[test]

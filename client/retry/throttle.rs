@@ -80,6 +80,10 @@ mod tests {
         for _ in 0..100 {
             throttle.success();
         }
-        assert_eq!(throttle.milli_tokens(), 10_000, "capped at the bucket's size");
+        assert_eq!(
+            throttle.milli_tokens(),
+            10_000,
+            "capped at the bucket's size"
+        );
     }
 }

@@ -5,9 +5,9 @@
 
 pub mod cases;
 pub mod faulty;
-pub mod refusing;
 pub mod pki;
 pub mod python;
+pub mod refusing;
 pub mod watcher;
 #[allow(unused_imports)]
 pub use watcher::{View, Watcher};

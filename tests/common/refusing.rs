@@ -85,7 +85,9 @@ async fn answer(
     let mut frame = received.freeze();
     let message = if frame.len() >= 5 {
         frame.advance(5);
-        EchoRequest::decode(frame).map(|r| r.message).unwrap_or_default()
+        EchoRequest::decode(frame)
+            .map(|r| r.message)
+            .unwrap_or_default()
     } else {
         String::new()
     };

@@ -17,6 +17,18 @@ fn pki_dir() -> PathBuf {
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     crate::common::pki::write_files(&dir);
+    // Service configs for the client's --service-config cases.
+    for (name, text) in [
+        ("syntax.json", "{\"methodConfig\": ["),
+        (
+            "codes.json",
+            r#"{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 3,
+                "initialBackoff": "0.1s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "SOMETIMES"]}}]}"#,
+        ),
+    ] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
     dir
 }
 
@@ -30,7 +42,7 @@ fn command_lines(pki: &std::path::Path) -> Vec<Case<CommandLine, &'static str>> 
         items
             .iter()
             .map(|item| match *item {
-                file if file.ends_with(".crt") || file.ends_with(".key") => {
+                file if [".crt", ".key", ".json"].iter().any(|e| file.ends_with(e)) => {
                     pki.join(file).to_string_lossy().into_owned()
                 }
                 other => other.to_owned(),
@@ -59,6 +71,21 @@ fn command_lines(pki: &std::path::Path) -> Vec<Case<CommandLine, &'static str>> 
             "client: unknown flag",
             ("client", args(&["--bogus"])),
             "unexpected argument '--bogus'",
+        ),
+        case(
+            "client: --service-config not JSON",
+            ("client", args(&["--service-config", "syntax.json"])),
+            "service config: line 1 column 18: not valid JSON: EOF while parsing a list",
+        ),
+        case(
+            "client: --service-config with an unknown status code",
+            ("client", args(&["--service-config", "codes.json"])),
+            "methodConfig[0].retryPolicy.retryableStatusCodes[1]: \"SOMETIMES\" is not a gRPC status code",
+        ),
+        case(
+            "client: --service-config missing",
+            ("client", args(&["--service-config", "missing.json"])),
+            "missing.json: No such file",
         ),
         case(
             "demo: unknown flag",

@@ -89,13 +89,18 @@ async fn a_failing_backend_costs_no_call_under_a_retry_policy() {
         .filter_map(|s| s.previous)
         .collect();
     assert_eq!(retried.len() as u64, failures, "{retried:?}");
-    assert!(retried.iter().all(|p| p.parse::<u32>().is_ok_and(|n| (1..5).contains(&n))));
+    assert!(retried
+        .iter()
+        .all(|p| p.parse::<u32>().is_ok_and(|n| (1..5).contains(&n))));
 }
 
 #[tokio::test]
 async fn only_the_listed_codes_are_retried_and_attempts_are_capped() {
     let server = FaultyEcho::start().await;
-    let channel = channel(&[&server.address], &retry_config(3, "0.01s", r#""UNAVAILABLE""#));
+    let channel = channel(
+        &[&server.address],
+        &retry_config(3, "0.01s", r#""UNAVAILABLE""#),
+    );
     server.faults.script([Step::Fail(Code::Internal)]);
     let status = echo(&channel, "x").await.unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -104,7 +109,11 @@ async fn only_the_listed_codes_are_retried_and_attempts_are_capped() {
     server.faults.script(vec![Step::Fail(Code::Unavailable); 3]);
     let status = echo(&channel, "x").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(server.faults.calls(), 4, "3 attempts in all, then the status");
+    assert_eq!(
+        server.faults.calls(),
+        4,
+        "3 attempts in all, then the status"
+    );
     let previous: Vec<_> = server.faults.seen()[1..]
         .iter()
         .map(|s| s.previous.clone())
@@ -117,11 +126,16 @@ async fn only_the_listed_codes_are_retried_and_attempts_are_capped() {
 async fn pushback_replaces_the_backoff_or_stops_retries() {
     let server = FaultyEcho::start().await;
     // A backoff far beyond the deadline: only the pushback lets a retry in.
-    let channel = channel(&[&server.address], &retry_config(3, "600s", r#""UNAVAILABLE""#));
+    let channel = channel(
+        &[&server.address],
+        &retry_config(3, "600s", r#""UNAVAILABLE""#),
+    );
     server
         .faults
         .script([Step::Pushback(Code::Unavailable, "200"), Step::Answer]);
-    echo(&channel, "x").await.expect("retried after the pushback");
+    echo(&channel, "x")
+        .await
+        .expect("retried after the pushback");
     let seen = server.faults.seen();
     assert!(seen[1].at - seen[0].at >= Duration::from_millis(200));
 
@@ -130,7 +144,11 @@ async fn pushback_replaces_the_backoff_or_stops_retries() {
         .script([Step::Pushback(Code::Unavailable, "-1"), Step::Answer]);
     let status = echo(&channel, "x").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(server.faults.calls(), 3, "a negative pushback means no retry");
+    assert_eq!(
+        server.faults.calls(),
+        3,
+        "a negative pushback means no retry"
+    );
     assert_eq!(counts(channel.retry_stats()), [1, 0, 0, 0, 2]);
 }
 
@@ -153,7 +171,9 @@ async fn the_throttle_stops_retries_while_tokens_are_at_half_or_below() {
     for _ in 0..6 {
         echo(&channel, "x").await.unwrap();
     }
-    server.faults.script([Step::Fail(Code::Unavailable), Step::Answer]);
+    server
+        .faults
+        .script([Step::Fail(Code::Unavailable), Step::Answer]);
     echo(&channel, "x").await.expect("retried again");
     assert_eq!(counts(channel.retry_stats()), [2, 0, 0, 2, 0]);
 }
@@ -172,7 +192,9 @@ async fn the_deadline_covers_every_attempt_and_each_is_sent_what_is_left() {
     // No deadline of its own: the config's 1.5 s covers all attempts,
     // which 4 backoffs of at least 0.4 s each cannot all fit in.
     let status = client
-        .unary_echo(EchoRequest { message: "x".into() })
+        .unary_echo(EchoRequest {
+            message: "x".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -205,9 +227,8 @@ async fn a_streamed_request_is_replayed_until_commit_and_not_past_its_cap() {
     let server = FaultyEcho::start().await;
     let config = retry_config(3, "0.01s", r#""UNAVAILABLE""#);
     let channel = channel(&[&server.address], &config);
-    let messages = || {
-        futures_util::stream::iter(["a", "b", "c"].map(|m| EchoRequest { message: m.into() }))
-    };
+    let messages =
+        || futures_util::stream::iter(["a", "b", "c"].map(|m| EchoRequest { message: m.into() }));
     server
         .faults
         .script([Step::Fail(Code::Unavailable), Step::Answer]);
@@ -247,7 +268,12 @@ async fn hedging_answers_from_whichever_backend_answers_and_cancels_the_rest() {
             "hedgingPolicy": {{"maxAttempts": 2, "hedgingDelay": "0.05s"}}}}]}}"#
     );
     let channel = channel(&[&hung.address, &fast.address], &config);
-    wait_ready_set(&channel, &[hung.address.clone(), fast.address.clone()], STARTUP).await;
+    wait_ready_set(
+        &channel,
+        &[hung.address.clone(), fast.address.clone()],
+        STARTUP,
+    )
+    .await;
     for i in 0..10 {
         // The hung backend never answers within the 20 s deadline: only a
         // hedge to the other one can.
@@ -284,7 +310,9 @@ async fn a_non_fatal_status_sends_the_next_hedge_at_once_and_a_fatal_one_ends_th
     )
     .await;
     for i in 0..10 {
-        echo(&channel, &format!("m{i}")).await.expect("hedged at once");
+        echo(&channel, &format!("m{i}"))
+            .await
+            .expect("hedged at once");
     }
     assert!(failing.faults.calls() > 0);
     // INTERNAL is fatal: no hedge follows it.
@@ -328,7 +356,10 @@ async fn disabled_retries_leave_failures_to_the_caller() {
         .disable_retries()
         .build();
     server.faults.script([Step::Fail(Code::Unavailable)]);
-    assert_eq!(echo(&channel, "x").await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(
+        echo(&channel, "x").await.unwrap_err().code(),
+        Code::Unavailable
+    );
     assert_eq!(server.faults.calls(), 1);
 }
 
@@ -344,7 +375,9 @@ async fn the_config_wait_for_ready_queues_instead_of_failing_fast() {
         .unwrap()
         .build();
     let status = EchoClient::new(channel)
-        .unary_echo(EchoRequest { message: "x".into() })
+        .unary_echo(EchoRequest {
+            message: "x".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
@@ -356,9 +389,7 @@ async fn the_config_wait_for_ready_queues_instead_of_failing_fast() {
 /// retried on a survivor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_under_load_cost_no_rpc_with_a_retry_policy() {
-    use crate::common::{
-        all_but, assert_no_failed_rpc, registry_target, Cluster, Load, SERVICE,
-    };
+    use crate::common::{all_but, assert_no_failed_rpc, registry_target, Cluster, Load, SERVICE};
     let mut cluster = Cluster::start_with(3, &[]).await;
     let addresses = cluster.addresses();
     let channel = BalancedChannel::builder(&registry_target(&cluster.registry))
