@@ -10,6 +10,8 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
+use super::cap::Cap;
+
 /// Bytes of the gRPC length prefix: one flag byte, four length bytes.
 const PREFIX_LEN: usize = 5;
 
@@ -172,9 +174,10 @@ impl FrameSizes {
             if len > self.max_bytes {
                 return Err((
                     prefix_start,
-                    Status::resource_exhausted(format!(
-                        "message size limit of {} bytes reached: the request carries a {len}-byte \
+                    Cap::MessageSize.refusal(format!(
+                        "{} limit of {} bytes reached: the request carries a {len}-byte \
                      message; send smaller requests (metadata is capped far below this)",
+                        Cap::MessageSize,
                         self.max_bytes
                     )),
                 ));
@@ -230,6 +233,10 @@ mod tests {
             "the whole first message comes before"
         );
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(status.message().contains("message size limit of 10 bytes"));
+        assert_eq!(
+            status.message(),
+            "message size limit of 10 bytes reached: the request carries a 11-byte message; \
+             send smaller requests (metadata is capped far below this)"
+        );
     }
 }
