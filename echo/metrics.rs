@@ -5,7 +5,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -14,7 +13,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::Service;
 
-use crate::metrics::rpc::{RpcCounts, RpcEnd, RpcObserver};
+use crate::metrics::rpc::{CallEnd, RpcCounts, RpcEnd, RpcObserver};
 use crate::metrics::Labels;
 use crate::registration::LeaseState;
 
@@ -57,8 +56,8 @@ impl EchoMetrics {
 }
 
 impl RpcObserver for EchoMetrics {
-    fn rpc_ended(&self, method: &str, code: tonic::Code, _message: &str, elapsed: Duration) {
-        self.rpcs.observe(method, code, elapsed);
+    fn rpc_ended(&self, call: &CallEnd<'_>) {
+        self.rpcs.observe(call.method, call.code, call.elapsed);
     }
 }
 

@@ -1,5 +1,6 @@
 //! A tower layer that tells an [`RpcObserver`] how each gRPC call a server
-//! answers ended: its method, final status code and message, and how long
+//! answers ended ([`CallEnd`]): its method, final status code, the typed
+//! error behind that status when the server's code gave one, and how long
 //! it ran. Shared by the registry and echo.
 //!
 //! A call ends when its response body does, not when its headers go out,
@@ -10,14 +11,29 @@
 //! before its status was sent is a call the client cancelled (or whose
 //! connection went): CANCELLED.
 //!
+//! The error behind a status travels two ways. A status tonic turns into
+//! a trailers-only response (a handler's error, a request that could not
+//! be decoded) is left in the response's extensions, source and all, and
+//! read there. A stream's last status is written as trailers and the value
+//! dropped. For that, and for code that knows why a call ends better than
+//! the status it causes says (a request body's error reaches the handler
+//! rebuilt by tonic, the original only deep in its chain of sources), the
+//! layer puts an [`EndCause`] in each request's extensions, a slot that
+//! code fills ([`keep_end_cause`] fills it from a response stream). What
+//! the slot holds comes first. The message is not passed on: what an
+//! observer branches on travels typed, never as text.
+//!
 //! [`RpcCounts`] is what both servers' observers keep: calls by method and
 //! code, and their duration by method.
 
+use std::error::Error;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -76,11 +92,80 @@ impl RpcCounts {
     }
 }
 
+/// How one call ended, as an [`RpcObserver`] hears it.
+#[derive(Debug, Clone, Copy)]
+pub struct CallEnd<'a> {
+    /// The last segment of the call's path, e.g. `Watch`.
+    pub method: &'a str,
+    /// Its final status code.
+    pub code: tonic::Code,
+    /// The typed error behind `code`, if the server's code gave one: the
+    /// source of the status a handler returned, or what was put in the
+    /// call's [`EndCause`].
+    pub cause: Option<&'a (dyn Error + 'static)>,
+    /// How long it ran.
+    pub elapsed: Duration,
+}
+
+impl CallEnd<'_> {
+    /// The first `T` in the cause's chain of sources (the cause included),
+    /// so an observer finds its own error type however it was wrapped.
+    pub fn find_cause<T: Error + 'static>(&self) -> Option<&T> {
+        let mut next = self.cause;
+        while let Some(error) = next {
+            if let Some(found) = error.downcast_ref::<T>() {
+                return Some(found);
+            }
+            next = error.source();
+        }
+        None
+    }
+}
+
 /// Hears how each call ended.
 pub trait RpcObserver: Clone + Send + Sync + Unpin + 'static {
-    /// Call `method` (the last segment of its path, e.g. `Watch`) ended
-    /// with `code` and `message` after `elapsed`.
-    fn rpc_ended(&self, method: &str, code: tonic::Code, message: &str, elapsed: Duration);
+    /// One call ended.
+    fn rpc_ended(&self, call: &CallEnd<'_>);
+}
+
+/// One call's slot for the error it ends with, when its response cannot
+/// carry that error to the layer (see the module comment). [`RpcEnd`] puts
+/// one in every request's extensions; the first error put in stays.
+#[derive(Clone, Debug, Default)]
+pub struct EndCause(Arc<OnceLock<Arc<dyn Error + Send + Sync>>>);
+
+impl EndCause {
+    /// The slot of the call whose request carries `extensions`; `None`
+    /// when no [`RpcEnd`] follows the call.
+    pub fn of(extensions: &http::Extensions) -> Option<Self> {
+        extensions.get::<Self>().cloned()
+    }
+
+    /// Records why the call ends, unless something already did.
+    pub fn set(&self, cause: impl Error + Send + Sync + 'static) {
+        let _ = self.0.set(Arc::new(cause));
+    }
+
+    /// What was recorded, if anything.
+    pub fn get(&self) -> Option<&(dyn Error + 'static)> {
+        self.0.get().map(|cause| &**cause as &(dyn Error + 'static))
+    }
+}
+
+/// Passes a response stream on, recording in `slot` the status it fails
+/// with when that status has a source: tonic sends it as trailers and
+/// drops it, source and all.
+pub fn keep_end_cause<T>(
+    slot: Option<EndCause>,
+    stream: impl Stream<Item = Result<T, tonic::Status>>,
+) -> impl Stream<Item = Result<T, tonic::Status>> {
+    stream.inspect(move |item| {
+        if let (Some(slot), Err(status)) = (&slot, item) {
+            if status.source().is_some() {
+                slot.set(status.clone());
+            }
+        }
+    })
 }
 
 /// Adds [`RpcEnd`] around a service.
@@ -131,7 +216,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let cause = EndCause::default();
+        request.extensions_mut().insert(cause.clone());
         let method = request
             .uri()
             .path()
@@ -145,6 +232,7 @@ where
                 observer: self.observer.clone(),
                 method,
                 started: Instant::now(),
+                cause,
             }),
         }
     }
@@ -155,12 +243,26 @@ struct Call<O: RpcObserver> {
     observer: O,
     method: String,
     started: Instant,
+    /// What the call's code recorded about its end.
+    cause: EndCause,
 }
 
 impl<O: RpcObserver> Call<O> {
-    fn end(self, code: tonic::Code, message: &str) {
-        self.observer
-            .rpc_ended(&self.method, code, message, self.started.elapsed());
+    /// Reports the call ended with `code`; `returned` is the status tonic
+    /// left in a trailers-only response. What the call's code recorded
+    /// comes first: it was put there on purpose, while a returned status
+    /// may have a source that explains nothing (an error wrapping another).
+    fn end(self, code: tonic::Code, returned: Option<&tonic::Status>) {
+        let cause = self
+            .cause
+            .get()
+            .or_else(|| returned.and_then(|status| status.source()));
+        self.observer.rpc_ended(&CallEnd {
+            method: &self.method,
+            code,
+            cause,
+            elapsed: self.started.elapsed(),
+        });
     }
 }
 
@@ -186,7 +288,10 @@ where
         Poll::Ready(match output {
             Ok(response) => {
                 let (parts, body) = response.into_parts();
-                let status = status_of(&parts.headers);
+                let status = code_of(&parts.headers).map(|code| HeaderStatus {
+                    code,
+                    returned: parts.extensions.get::<tonic::Status>().cloned(),
+                });
                 Ok(http::Response::from_parts(
                     parts,
                     RpcBody {
@@ -198,7 +303,7 @@ where
             }
             Err(error) => {
                 if let Some(call) = call {
-                    call.end(tonic::Code::Unknown, "");
+                    call.end(tonic::Code::Unknown, None);
                 }
                 Err(error)
             }
@@ -212,20 +317,33 @@ pub struct RpcBody<B, O: RpcObserver> {
     /// Until reported.
     call: Option<Call<O>>,
     /// The status from the headers, for a trailers-only response.
-    status: Option<(tonic::Code, String)>,
+    status: Option<HeaderStatus>,
+}
+
+/// A trailers-only response's status.
+struct HeaderStatus {
+    code: tonic::Code,
+    /// The status value tonic made the response from, if it left it in
+    /// the extensions (it does for a handler's error).
+    returned: Option<tonic::Status>,
 }
 
 impl<B, O: RpcObserver> RpcBody<B, O> {
-    fn end(&mut self, code: tonic::Code, message: &str) {
+    fn end(&mut self, code: tonic::Code) {
         if let Some(call) = self.call.take() {
-            call.end(code, message);
+            call.end(code, None);
         }
     }
 
     /// The body ended without trailers: the headers' status, if any.
     fn end_from_headers(&mut self, otherwise: tonic::Code) {
-        let (code, message) = self.status.take().unwrap_or((otherwise, String::new()));
-        self.end(code, &message);
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        match self.status.take() {
+            Some(status) => call.end(status.code, status.returned.as_ref()),
+            None => call.end(otherwise, None),
+        }
     }
 }
 
@@ -244,12 +362,12 @@ where
         let polled = self.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some((code, message)) = frame.trailers_ref().and_then(status_of) {
-                    self.end(code, &message);
+                if let Some(code) = frame.trailers_ref().and_then(code_of) {
+                    self.end(code);
                 }
             }
             Poll::Ready(None) => self.end_from_headers(tonic::Code::Ok),
-            Poll::Ready(Some(Err(_))) => self.end(tonic::Code::Internal, ""),
+            Poll::Ready(Some(Err(_))) => self.end(tonic::Code::Internal),
             Poll::Pending => {}
         }
         polled
@@ -272,61 +390,143 @@ impl<B, O: RpcObserver> Drop for RpcBody<B, O> {
         if self.status.is_some() {
             self.end_from_headers(tonic::Code::Ok);
         } else {
-            self.end(tonic::Code::Cancelled, "");
+            self.end(tonic::Code::Cancelled);
         }
     }
 }
 
-/// The `grpc-status` and `grpc-message` in `headers`, if a status is there.
-fn status_of(headers: &http::HeaderMap) -> Option<(tonic::Code, String)> {
+/// The `grpc-status` in `headers`, if a status is there.
+fn code_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let code = headers
         .get("grpc-status")?
         .to_str()
         .ok()?
         .parse::<i32>()
         .ok()?;
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(percent_decode)
-        .unwrap_or_default();
-    Some((tonic::Code::from_i32(code), message))
-}
-
-/// Undoes the percent-encoding gRPC applies to `grpc-message`.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let decoded = (bytes[i] == b'%')
-            .then(|| bytes.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match decoded {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Some(tonic::Code::from_i32(code))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    /// An error of the server's own, as a cap is the registry's.
+    #[derive(Debug)]
+    struct Refused;
+
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("refused")
+        }
+    }
+
+    impl Error for Refused {}
+
+    /// A refusal whose source is [`Refused`].
+    fn refusal() -> tonic::Status {
+        let mut status = tonic::Status::resource_exhausted("refused");
+        status.set_source(Arc::new(Refused));
+        status
+    }
+
+    /// Each call heard: its code, and whether [`Refused`] was behind it.
+    #[derive(Clone, Default)]
+    struct Heard(Arc<Mutex<Vec<(tonic::Code, bool)>>>);
+
+    impl RpcObserver for Heard {
+        fn rpc_ended(&self, call: &CallEnd<'_>) {
+            let refused = call.find_cause::<Refused>().is_some();
+            self.0.lock().unwrap().push((call.code, refused));
+        }
+    }
+
+    /// A response body of no data and, if given, trailers.
+    #[derive(Default)]
+    struct Trailers(Option<http::HeaderMap>);
+
+    impl Body for Trailers {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.0.take().map(|trailers| Ok(Frame::trailers(trailers))))
+        }
+    }
+
+    /// What `respond` makes of one call through [`RpcEnd`], its body read
+    /// to the end.
+    fn heard(
+        respond: impl Fn(http::Request<()>) -> http::Response<Trailers>,
+    ) -> Vec<(tonic::Code, bool)> {
+        let heard = Heard::default();
+        let inner =
+            tower::service_fn(|request| std::future::ready(Ok::<_, Infallible>(respond(request))));
+        let mut service = RpcEnd::new(inner, heard.clone());
+        let request = http::Request::builder()
+            .uri("/pkg.Service/Method")
+            .body(())
+            .unwrap();
+        let response = service.call(request).now_or_never().unwrap().unwrap();
+        let mut body = Box::pin(response.into_body());
+        while std::future::poll_fn(|cx| body.as_mut().poll_frame(cx))
+            .now_or_never()
+            .unwrap()
+            .is_some()
+        {}
+        drop(body);
+        let heard = heard.0.lock().unwrap().clone();
+        heard
+    }
 
     #[test]
-    fn messages_are_percent_decoded() {
+    fn a_handlers_status_brings_its_source_in_the_extensions() {
         assert_eq!(
-            percent_decode("services%20limit%20of 3%"),
-            "services limit of 3%"
+            heard(|_| refusal().into_http()),
+            [(tonic::Code::ResourceExhausted, true)]
         );
+        assert_eq!(
+            heard(|_| tonic::Status::resource_exhausted("text only").into_http()),
+            [(tonic::Code::ResourceExhausted, false)]
+        );
+    }
+
+    #[test]
+    fn a_stream_ending_in_trailers_brings_what_its_slot_holds() {
+        let ended = heard(|request| {
+            let slot = EndCause::of(request.extensions()).expect("the layer's slot");
+            let stream = keep_end_cause(
+                Some(slot),
+                futures_util::stream::iter([Ok(1), Err(refusal())]),
+            );
+            // Read as tonic reads a response stream; the status goes out as
+            // trailers, without its source.
+            let items: Vec<_> = stream.collect::<Vec<_>>().now_or_never().unwrap();
+            assert_eq!(items.len(), 2);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("8"));
+            http::Response::new(Trailers(Some(trailers)))
+        });
+        assert_eq!(ended, [(tonic::Code::ResourceExhausted, true)]);
+    }
+
+    #[test]
+    fn what_the_slot_holds_comes_before_a_returned_status() {
+        let ended = heard(|request| {
+            EndCause::of(request.extensions()).unwrap().set(Refused);
+            // tonic's rebuild of a body's error: a source, but no Refused.
+            let mut status = tonic::Status::resource_exhausted("rebuilt");
+            status.set_source(Arc::new(tonic::Status::internal("wrapper")));
+            status.into_http()
+        });
+        assert_eq!(ended, [(tonic::Code::ResourceExhausted, true)]);
     }
 }

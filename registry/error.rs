@@ -2,6 +2,8 @@
 
 use tonic::{Code, Status};
 
+use super::Cap;
+
 /// A refused registry request. Every variant changes no state.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum RegistryError {
@@ -37,13 +39,24 @@ pub enum RegistryError {
     #[error("{0}")]
     Unsupported(String),
     /// A configured cap was reached.
-    #[error("{what} limit of {limit} reached")]
+    #[error("{cap}{} limit of {limit} reached", in_service(.service))]
     ResourceExhausted {
-        /// Which cap, in words.
-        what: String,
+        /// Which cap.
+        cap: Cap,
         /// The configured value of the cap.
         limit: usize,
+        /// For a per-service cap, the service that is full; the message
+        /// names it.
+        service: Option<String>,
     },
+}
+
+/// ` (<service>)` after a per-service cap's words, nothing otherwise.
+fn in_service(service: &Option<String>) -> String {
+    service
+        .as_ref()
+        .map(|service| format!(" ({service})"))
+        .unwrap_or_default()
 }
 
 impl RegistryError {
@@ -54,10 +67,33 @@ impl RegistryError {
             reason: reason.into(),
         }
     }
+
+    /// Shorthand for an [`RegistryError::ResourceExhausted`] of a cap that
+    /// is not per service.
+    pub fn exhausted(cap: Cap, limit: usize) -> Self {
+        Self::ResourceExhausted {
+            cap,
+            limit,
+            service: None,
+        }
+    }
+
+    /// The cap this refusal ran into, if it is one.
+    pub fn cap(&self) -> Option<Cap> {
+        match self {
+            Self::ResourceExhausted { cap, .. } => Some(*cap),
+            _ => None,
+        }
+    }
 }
 
 impl From<RegistryError> for Status {
+    /// The status a client reads; a cap's refusal also carries its [`Cap`]
+    /// as the status's source, for the metrics layer.
     fn from(err: RegistryError) -> Self {
+        if let Some(cap) = err.cap() {
+            return cap.refusal(err.to_string());
+        }
         let code = match err {
             RegistryError::InvalidArgument { .. } => Code::InvalidArgument,
             RegistryError::LeaseNotFound(_) | RegistryError::EndpointNotFound { .. } => {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::RegistryError;
+use super::{Cap, RegistryError};
 
 /// Counts open Watch streams, in all and per client connection.
 #[derive(Debug)]
@@ -43,10 +43,10 @@ impl WatchSlots {
         if let Some(peer) = peer {
             let mut open = self.per_connection.entry(peer).or_insert(0);
             if *open >= self.max_per_connection {
-                return Err(RegistryError::ResourceExhausted {
-                    what: "watch streams per connection".into(),
-                    limit: self.max_per_connection,
-                });
+                return Err(RegistryError::exhausted(
+                    Cap::WatchStreamsPerConnection,
+                    self.max_per_connection,
+                ));
             }
             *open += 1;
         }
@@ -58,10 +58,7 @@ impl WatchSlots {
         if reserved >= self.max_total {
             // Dropping the slot gives back both counts taken above.
             drop(slot);
-            return Err(RegistryError::ResourceExhausted {
-                what: "watch streams".into(),
-                limit: self.max_total,
-            });
+            return Err(RegistryError::exhausted(Cap::WatchStreams, self.max_total));
         }
         Ok(slot)
     }
@@ -156,10 +153,10 @@ impl RegistrationRate {
         if admitted {
             Ok(())
         } else {
-            Err(RegistryError::ResourceExhausted {
-                what: "registrations per second per connection".into(),
-                limit: rate as usize,
-            })
+            Err(RegistryError::exhausted(
+                Cap::RegistrationsPerSecondPerConnection,
+                rate as usize,
+            ))
         }
     }
 

@@ -2,6 +2,11 @@
 //! answers OUT_OF_RANGE after buffering; this layer reads each gRPC frame's
 //! length prefix as it arrives and refuses an oversized message with
 //! RESOURCE_EXHAUSTED naming the cap, before any of it is buffered.
+//!
+//! The refusal is the request body's error, which tonic hands on rebuilt
+//! (the cap only deep in its sources), so the layer also records
+//! [`Cap::MessageSize`] in the call's [`EndCause`] for the metrics layer
+//! (see `rpc_metrics`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -9,6 +14,9 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
+
+use super::cap::Cap;
+use crate::metrics::rpc::EndCause;
 
 /// Bytes of the gRPC length prefix: one flag byte, four length bytes.
 const PREFIX_LEN: usize = 5;
@@ -59,11 +67,13 @@ where
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let max_bytes = self.max_bytes;
+        let cause = EndCause::of(request.extensions());
         self.inner.call(request.map(|body| {
             tonic::body::Body::new(CappedBody {
                 inner: body,
                 frames: FrameSizes::new(max_bytes),
                 refused: None,
+                cause,
             })
         }))
     }
@@ -76,6 +86,19 @@ struct CappedBody {
     frames: FrameSizes,
     /// The refusal to report once the messages before it are handed on.
     refused: Option<Status>,
+    /// Where the call's end is explained, once the refusal is reported.
+    cause: Option<EndCause>,
+}
+
+impl CappedBody {
+    /// Fails the body with the refusal waiting in `refused`.
+    fn refuse(&mut self) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let refused = self.refused.take();
+        if let (Some(cause), Some(_)) = (&self.cause, &refused) {
+            cause.set(Cap::MessageSize);
+        }
+        Poll::Ready(refused.map(Err))
+    }
 }
 
 impl Body for CappedBody {
@@ -87,8 +110,8 @@ impl Body for CappedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
-        if let Some(status) = this.refused.take() {
-            return Poll::Ready(Some(Err(status)));
+        if this.refused.is_some() {
+            return this.refuse();
         }
         let frame = match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             Some(Ok(frame)) => frame,
@@ -103,7 +126,7 @@ impl Body for CappedBody {
                 if complete > 0 {
                     return Poll::Ready(Some(Ok(Frame::data(data.slice(..complete)))));
                 }
-                return Poll::Ready(this.refused.take().map(Err));
+                return this.refuse();
             }
         }
         Poll::Ready(Some(Ok(frame)))
@@ -172,9 +195,10 @@ impl FrameSizes {
             if len > self.max_bytes {
                 return Err((
                     prefix_start,
-                    Status::resource_exhausted(format!(
-                        "message size limit of {} bytes reached: the request carries a {len}-byte \
+                    Cap::MessageSize.refusal(format!(
+                        "{} limit of {} bytes reached: the request carries a {len}-byte \
                      message; send smaller requests (metadata is capped far below this)",
+                        Cap::MessageSize,
                         self.max_bytes
                     )),
                 ));
@@ -187,6 +211,8 @@ impl FrameSizes {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt;
+
     use super::*;
 
     fn framed(len: u32) -> Vec<u8> {
@@ -230,6 +256,35 @@ mod tests {
             "the whole first message comes before"
         );
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(status.message().contains("message size limit of 10 bytes"));
+        assert_eq!(
+            status.message(),
+            "message size limit of 10 bytes reached: the request carries a 11-byte message; \
+             send smaller requests (metadata is capped far below this)"
+        );
+    }
+
+    #[test]
+    fn a_refused_body_records_its_cap_for_the_call() {
+        let stream = [framed(3), framed(11)].concat();
+        let cause = EndCause::default();
+        let mut body = CappedBody {
+            inner: tonic::body::Body::new(String::from_utf8(stream).unwrap()),
+            frames: FrameSizes::new(10),
+            refused: None,
+            cause: Some(cause.clone()),
+        };
+        let mut next = || {
+            std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx))
+                .now_or_never()
+                .expect("the body is in memory")
+                .expect("the body has not ended")
+        };
+        let first = next().expect("the whole first message");
+        assert_eq!(first.data_ref().map(Bytes::len), Some(3 + PREFIX_LEN));
+        assert!(cause.get().is_none(), "recorded before it is reported");
+        let status = next().expect_err("the refusal");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let recorded = cause.get().and_then(|cause| cause.downcast_ref::<Cap>());
+        assert_eq!(recorded, Some(&Cap::MessageSize));
     }
 }

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as PromRegistry;
 
+use super::cap::{Cap, OTHER};
 use super::store::Store;
 use crate::discovery::EndpointState;
 use crate::metrics::rpc::RpcCounts;
@@ -36,7 +37,7 @@ pub struct RegistryMetrics {
     pub deregistrations: Counter,
     /// Watchers that fell behind and were sent a fresh snapshot.
     pub watcher_resets: Counter,
-    /// Requests refused, by `reason` (`cap` with the cap's name, or `auth`).
+    /// Requests refused, by `reason` (`cap` with the cap's label, or `auth`).
     pub refusals: Family<Labels, Counter>,
     /// RPCs by `method` and `code`, and their duration by `method`
     /// (streams: until they end).
@@ -119,10 +120,12 @@ impl RegistryMetrics {
         }
     }
 
-    /// Counts one refusal by a cap, named as in its error message.
-    pub fn refused_by_cap(&self, cap: &str) {
+    /// Counts one refusal by `cap`; `None` for a RESOURCE_EXHAUSTED no
+    /// cap of the registry explains, labelled [`OTHER`].
+    pub fn refused_by_cap(&self, cap: Option<Cap>) {
+        let label = cap.map_or(OTHER, Cap::label);
         self.refusals
-            .get_or_create(&vec![("reason", "cap".into()), ("cap", cap.to_owned())])
+            .get_or_create(&vec![("reason", "cap".into()), ("cap", label.to_owned())])
             .inc();
     }
 

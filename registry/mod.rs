@@ -6,10 +6,11 @@
 //! clients watch a service and receive the full set first, then every change.
 //!
 //! Without the `registry` feature only what clients share with it is
-//! built: [`auth`]'s tokens, [`validate`] and [`RegistryError`].
+//! built: [`auth`]'s tokens, [`validate`], [`RegistryError`] and [`Cap`].
 //!
 //! - [`auth`]: bearer tokens for writers and readers;
 //! - [`validate`]: what a well-formed request looks like (shared with the CLIs);
+//! - [`cap`]: every cap by name, and the metric label of its refusals;
 //! - [`limits`]: caps on what one client may hold open or do per second;
 //! - [`message_size`]: the cap on one request message's size;
 //! - [`lease`]: lease ids and the deadline-ordered lease table;
@@ -27,6 +28,7 @@
 //! - [`status`]: the status page, `/metrics` and `/healthz`.
 
 pub mod auth;
+pub mod cap;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
@@ -58,6 +60,7 @@ pub mod watch;
 #[cfg(feature = "registry")]
 pub mod xds;
 
+pub use cap::Cap;
 pub use error::RegistryError;
 #[cfg(feature = "registry")]
 pub use memory::MemoryStore;

@@ -16,6 +16,7 @@ use super::memory::MemoryStore;
 use super::store::{NewEndpoint, Position, Store};
 use super::watch::watch_stream;
 use super::{validate, RegistryConfig};
+use crate::metrics::rpc::{keep_end_cause, EndCause};
 use crate::proto::registry::registry_server::Registry as RegistryApi;
 use crate::proto::registry::{
     DeregisterEndpointRequest, DeregisterEndpointResponse, DeregisterRequest, DeregisterResponse,
@@ -96,31 +97,32 @@ impl Registry {
 
 /// Passes `stream` through until the registry closes its streams, then ends
 /// it with UNAVAILABLE (dropping `stream`, and with it any leases it holds).
+/// The status it ends with is kept in the call's `cause` slot for the
+/// metrics layer.
 fn until_closed<T: Send + 'static>(
     stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
     closing: tokio::sync::watch::Receiver<bool>,
+    cause: Option<EndCause>,
 ) -> BoxStream<T> {
     let state = (Some(Box::pin(stream)), closing);
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |(stream, mut closing)| async move {
-            let mut stream = stream?;
-            // `None` once the registry closes its streams (or is gone).
-            let next = tokio::select! {
-                item = stream.next() => Some(item),
-                _ = closing.wait_for(|closed| *closed) => None,
-            };
-            match next {
-                Some(item) => item.map(|item| (item, (Some(stream), closing))),
-                None => Some((
-                    Err(Status::unavailable(
-                        "registry shutting down; reconnect to another instance",
-                    )),
-                    (None, closing),
+    let stream = futures_util::stream::unfold(state, |(stream, mut closing)| async move {
+        let mut stream = stream?;
+        // `None` once the registry closes its streams (or is gone).
+        let next = tokio::select! {
+            item = stream.next() => Some(item),
+            _ = closing.wait_for(|closed| *closed) => None,
+        };
+        match next {
+            Some(item) => item.map(|item| (item, (Some(stream), closing))),
+            None => Some((
+                Err(Status::unavailable(
+                    "registry shutting down; reconnect to another instance",
                 )),
-            }
-        },
-    ))
+                (None, closing),
+            )),
+        }
+    });
+    Box::pin(keep_end_cause(cause, stream))
 }
 
 /// Ends, when a KeepAlive stream goes away, the leases it still carries.
@@ -176,6 +178,7 @@ impl RegistryApi for Registry {
         &self,
         request: Request<Streaming<KeepAliveRequest>>,
     ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let cause = EndCause::of(request.extensions());
         let inbound = request.into_inner();
         let bound = StreamLeases {
             shared: self.shared.clone(),
@@ -224,6 +227,7 @@ impl RegistryApi for Registry {
         Ok(Response::new(until_closed(
             replies,
             self.shared.closing.subscribe(),
+            cause,
         )))
     }
 
@@ -252,6 +256,7 @@ impl RegistryApi for Registry {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let slot = self.shared.watch_slots.acquire(request.remote_addr())?;
+        let cause = EndCause::of(request.extensions());
         let WatchRequest {
             service,
             epoch,
@@ -278,6 +283,7 @@ impl RegistryApi for Registry {
         Ok(Response::new(until_closed(
             stream,
             self.shared.closing.subscribe(),
+            cause,
         )))
     }
 

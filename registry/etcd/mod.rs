@@ -61,7 +61,7 @@ use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
     Store, UpdateStream,
 };
-use super::{RegistryConfig, RegistryError};
+use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Endpoint, EndpointSet, EndpointState, Update, Versioned};
 use crate::proto::registry as pb;
 use crate::registry::fanout::Subscription;
@@ -233,17 +233,15 @@ impl Inner {
         let in_service = in_service.unwrap_or(0) as usize;
         if in_service >= self.max_endpoints_per_service {
             return Err(RegistryError::ResourceExhausted {
-                what: format!("endpoints per service ({service})"),
+                cap: Cap::EndpointsPerService,
                 limit: self.max_endpoints_per_service,
+                service: Some(service.to_string()),
             });
         }
         if in_service == 0 {
             let services = self.service_counts().await?;
             if services.len() >= self.max_services {
-                return Err(RegistryError::ResourceExhausted {
-                    what: "services".into(),
-                    limit: self.max_services,
-                });
+                return Err(RegistryError::exhausted(Cap::Services, self.max_services));
             }
         }
         Ok(())

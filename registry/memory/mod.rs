@@ -33,7 +33,7 @@ use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
     Store, UpdateStream,
 };
-use super::{RegistryConfig, RegistryError};
+use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Delta, Endpoint, EndpointState, Update};
 
 /// The registry's state in this process.
@@ -356,15 +356,13 @@ impl Inner {
         let present = entry.fanout.set().contains(address);
         if !present {
             if entry.fanout.set().is_empty() && !self.take_service_slot() {
-                return Err(RegistryError::ResourceExhausted {
-                    what: "services".into(),
-                    limit: self.max_services,
-                });
+                return Err(RegistryError::exhausted(Cap::Services, self.max_services));
             }
             if entry.fanout.set().len() >= self.max_endpoints_per_service {
                 return Err(RegistryError::ResourceExhausted {
-                    what: format!("endpoints per service ({service})"),
+                    cap: Cap::EndpointsPerService,
                     limit: self.max_endpoints_per_service,
+                    service: Some(service.to_string()),
                 });
             }
         }

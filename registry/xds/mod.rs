@@ -32,6 +32,7 @@ use super::limits::WatchSlots;
 use super::store::Store;
 use super::RegistryConfig;
 use crate::discovery::Endpoint;
+use crate::metrics::rpc::{keep_end_cause, EndCause};
 
 /// The gRPC path prefix of the ADS methods, for the token check.
 pub use super::auth::ADS_PATH;
@@ -123,11 +124,17 @@ impl AggregatedDiscoveryService for AdsService {
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let slot = self.shared.slots.acquire(request.remote_addr())?;
         let peer = request.remote_addr();
+        // The stream's own caps end it mid-way: their status goes out as
+        // trailers, so it is kept for the metrics layer on the way.
+        let cause = EndCause::of(request.extensions());
         let inbound = request.into_inner();
-        Ok(Response::new(Box::pin(stream::responses(
-            stream::AdsStream::new(self.shared.clone(), slot, peer),
-            inbound,
-            self.shared.closing.subscribe(),
+        Ok(Response::new(Box::pin(keep_end_cause(
+            cause,
+            stream::responses(
+                stream::AdsStream::new(self.shared.clone(), slot, peer),
+                inbound,
+                self.shared.closing.subscribe(),
+            ),
         ))))
     }
 

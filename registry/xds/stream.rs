@@ -33,6 +33,7 @@ use tonic::{Status, Streaming};
 use super::resources::{resource, Kind};
 use super::Shared;
 use crate::discovery::{EndpointSet, Update, Versioned};
+use crate::registry::cap::Cap;
 use crate::registry::limits::WatchSlot;
 use crate::registry::store::UpdateStream;
 use crate::registry::validate;
@@ -191,7 +192,7 @@ impl AdsStream {
             .flat_map(|s| s.names.iter())
             .collect();
         if wanted.len() > MAX_NAMES_PER_STREAM {
-            return Err(Status::resource_exhausted(format!(
+            return Err(Cap::AdsServicesPerStream.refusal(format!(
                 "an ADS stream may name at most {MAX_NAMES_PER_STREAM} services; open another stream"
             )));
         }
@@ -413,4 +414,33 @@ pub(super) fn responses(
             state.stream.respond(&mut state.queued);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::xds::resources::ENDPOINTS;
+    use crate::registry::xds::AdsService;
+    use crate::registry::{MemoryStore, RegistryConfig};
+
+    #[tokio::test]
+    async fn naming_too_many_services_is_refused_by_the_ads_cap() {
+        let config = RegistryConfig::default();
+        let ads = AdsService::new(Arc::new(MemoryStore::new(&config)), &config);
+        let slot = ads.shared.slots.acquire(None).unwrap();
+        let mut stream = AdsStream::new(ads.shared.clone(), slot, None);
+        let refused = stream
+            .on_request(DiscoveryRequest {
+                type_url: ENDPOINTS.into(),
+                resource_names: (0..=MAX_NAMES_PER_STREAM)
+                    .map(|i| format!("s{i}.example"))
+                    .collect(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("one name too many");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        let cap = std::error::Error::source(&refused).and_then(|e| e.downcast_ref::<Cap>());
+        assert_eq!(cap, Some(&Cap::AdsServicesPerStream));
+    }
 }

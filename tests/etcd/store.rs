@@ -17,7 +17,7 @@ use switchboard::registry::etcd::local::{etcd_binary, LocalEtcd};
 use switchboard::registry::etcd::EtcdStore;
 use switchboard::registry::lease::LeaseId;
 use switchboard::registry::store::{NewEndpoint, Position, Store, UpdateStream};
-use switchboard::registry::{RegistryConfig, RegistryError};
+use switchboard::registry::{Cap, RegistryConfig, RegistryError};
 
 const SERVICE: &str = "svc.test";
 const TTL: Duration = Duration::from_secs(2);
@@ -127,7 +127,7 @@ async fn caps_count_what_etcd_holds_and_takeovers_add_nothing() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&full, RegistryError::ResourceExhausted { limit: 2, what } if what.contains(SERVICE)),
+        matches!(&full, RegistryError::ResourceExhausted { cap: Cap::EndpointsPerService, limit: 2, service: Some(service) } if service == SERVICE),
         "{full:?}"
     );
     // Taking an address over is not a new endpoint.
@@ -140,7 +140,14 @@ async fn caps_count_what_etcd_holds_and_takeovers_add_nothing() {
         .await
         .unwrap_err();
     assert!(
-        matches!(&services, RegistryError::ResourceExhausted { limit: 2, what } if what == "services"),
+        matches!(
+            &services,
+            RegistryError::ResourceExhausted {
+                cap: Cap::Services,
+                limit: 2,
+                service: None
+            }
+        ),
         "{services:?}"
     );
     assert_eq!(a.resolve(SERVICE).await.unwrap().endpoints.len(), 2);

@@ -408,9 +408,9 @@ async fn sigkills_under_load_cost_no_rpc_with_a_retry_policy() {
     );
     load.wait_more(200, STARTUP).await;
     let mut live = addresses.clone();
-    for victim in addresses[..2].to_vec() {
-        cluster.kill(&victim);
-        live = all_but(&live, &victim);
+    for victim in &addresses[..2] {
+        cluster.kill(victim);
+        live = all_but(&live, victim);
         wait_ready_set(&channel, &live, STARTUP).await;
         load.wait_more(200, STARTUP).await;
     }
