@@ -1,6 +1,7 @@
 //! The channel's metrics, in Prometheus form, under gRPC's own names where
-//! gRPC has them (gRFC A94's subchannel metrics) and `switchboard_client_*`
-//! for the rest.
+//! gRPC has them (gRFC A94's subchannel metrics, A66's per-attempt and
+//! per-call metrics, A96's retry counts) and `switchboard_client_*` for the
+//! rest.
 //!
 //! The library opens no port: the application registers a [`ClientMetrics`]
 //! into the [`Registry`] it already serves on its own `/metrics`, through
@@ -14,12 +15,15 @@
 //! add, never a lookup or an allocation. Series of an endpoint that went
 //! away stay (at their last value) until the process exits, as in grpc-go.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::code_name;
@@ -52,6 +56,65 @@ struct RpcLabels {
     code: &'static str,
 }
 
+/// The labels of one method's series (gRFC A66).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_method: Arc<str>,
+    grpc_target: Arc<str>,
+}
+
+/// The labels of one method's calls or attempts that ended with a status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodStatusLabels {
+    grpc_method: Arc<str>,
+    grpc_target: Arc<str>,
+    grpc_status: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// gRFC A66's latency buckets, in seconds.
+fn latency() -> Histogram {
+    Histogram::new([
+        0.00001, 0.00005, 0.0001, 0.0003, 0.0006, 0.0008, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006,
+        0.008, 0.01, 0.013, 0.016, 0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.1, 0.13, 0.16,
+        0.2, 0.25, 0.3, 0.4, 0.5, 0.65, 0.8, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0,
+    ])
+}
+
+/// gRFC A96's buckets for counts of retries per call.
+fn per_call() -> Histogram {
+    Histogram::new([1.0, 2.0, 3.0, 4.0, 5.0, 10.0])
+}
+
+/// The families of calls and attempts.
+#[derive(Clone, Debug)]
+struct CallFamilies {
+    attempts_started: Family<MethodLabels, Counter>,
+    attempt_duration: Histograms<MethodStatusLabels>,
+    call_duration: Histograms<MethodStatusLabels>,
+    retries: Histograms<MethodLabels>,
+    transparent_retries: Histograms<MethodLabels>,
+    hedges: Histograms<MethodLabels>,
+    throttled: Family<TargetLabels, Counter>,
+    pushbacks: Family<TargetLabels, Counter>,
+}
+
+impl Default for CallFamilies {
+    fn default() -> Self {
+        Self {
+            attempts_started: Family::default(),
+            attempt_duration: Family::new_with_constructor(latency),
+            call_duration: Family::new_with_constructor(latency),
+            retries: Family::new_with_constructor(per_call),
+            transparent_retries: Family::new_with_constructor(per_call),
+            hedges: Family::new_with_constructor(per_call),
+            throttled: Family::default(),
+            pushbacks: Family::default(),
+        }
+    }
+}
+
 /// Every client metric, for any number of channels. Cheap to clone: clones
 /// count into the same series. Register it once per [`Registry`].
 #[derive(Clone, Debug, Default)]
@@ -67,6 +130,7 @@ pub struct ClientMetrics {
     endpoints_ready: Family<TargetLabels, Gauge>,
     resolver_updates: Family<TargetLabels, Counter>,
     resolver_errors: Family<TargetLabels, Counter>,
+    calls: CallFamilies,
 }
 
 impl ClientMetrics {
@@ -99,7 +163,52 @@ impl ClientMetrics {
             "Ready connections open now",
             self.open_connections.clone(),
         );
+        // gRFC A66 and A96, as OpenTelemetry's Prometheus exporter names
+        // them.
+        let calls = &self.calls;
+        registry.register(
+            "grpc_client_attempt_started",
+            "Attempts started, transparent retries and hedges included",
+            calls.attempts_started.clone(),
+        );
+        registry.register_with_unit(
+            "grpc_client_attempt_duration",
+            "Attempt durations, by final status",
+            prometheus_client::registry::Unit::Seconds,
+            calls.attempt_duration.clone(),
+        );
+        registry.register_with_unit(
+            "grpc_client_call_duration",
+            "Call durations over all attempts, by the status the caller got",
+            prometheus_client::registry::Unit::Seconds,
+            calls.call_duration.clone(),
+        );
+        registry.register(
+            "grpc_client_call_retries",
+            "Retries per call under a retry policy (calls with none are not counted)",
+            calls.retries.clone(),
+        );
+        registry.register(
+            "grpc_client_call_transparent_retries",
+            "Requests sent again per call because the server refused them unseen",
+            calls.transparent_retries.clone(),
+        );
+        registry.register(
+            "grpc_client_call_hedges",
+            "Hedged attempts per call after the first",
+            calls.hedges.clone(),
+        );
         let ours = registry.sub_registry_with_prefix("switchboard_client");
+        ours.register(
+            "retries_throttled",
+            "Retries and hedges the retry throttle held back",
+            calls.throttled.clone(),
+        );
+        ours.register(
+            "retry_pushbacks",
+            "Attempts whose server sent grpc-retry-pushback-ms",
+            calls.pushbacks.clone(),
+        );
         ours.register(
             "picks",
             "RPCs the balancer sent to each endpoint",
@@ -147,6 +256,9 @@ impl ClientMetrics {
             endpoints_ready: self.endpoints_ready.get_or_create(&labels).clone(),
             resolver_updates: self.resolver_updates.get_or_create(&labels).clone(),
             resolver_errors: self.resolver_errors.get_or_create(&labels).clone(),
+            throttled: self.calls.throttled.get_or_create(&labels).clone(),
+            pushbacks: self.calls.pushbacks.get_or_create(&labels).clone(),
+            methods: Arc::default(),
             target: labels.grpc_target,
             families: self.clone(),
         }
@@ -162,9 +274,56 @@ pub struct ChannelMetrics {
     endpoints_ready: Gauge,
     resolver_updates: Counter,
     resolver_errors: Counter,
+    throttled: Counter,
+    pushbacks: Counter,
+    /// Each method's series, resolved on its first call.
+    methods: Arc<RwLock<HashMap<Box<str>, Arc<MethodMetrics>>>>,
 }
 
 impl ChannelMetrics {
+    /// The series of the method at `path` (`/pkg.Service/Method`).
+    pub(crate) fn method(&self, path: &str) -> Arc<MethodMetrics> {
+        if let Some(method) = self
+            .methods
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+        {
+            return method.clone();
+        }
+        let labels = MethodLabels {
+            grpc_method: Arc::from(path.trim_start_matches('/')),
+            grpc_target: self.target.clone(),
+        };
+        let calls = &self.families.calls;
+        let method = Arc::new(MethodMetrics {
+            started: calls.attempts_started.get_or_create(&labels).clone(),
+            retries: calls.retries.get_or_create(&labels).clone(),
+            transparent_retries: calls.transparent_retries.get_or_create(&labels).clone(),
+            hedges: calls.hedges.get_or_create(&labels).clone(),
+            attempts: Default::default(),
+            calls: Default::default(),
+            families: calls.clone(),
+            labels,
+        });
+        self.methods
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(path.into())
+            .or_insert(method)
+            .clone()
+    }
+
+    /// The throttle held a retry or hedge back.
+    pub(crate) fn throttled(&self) {
+        self.throttled.inc();
+    }
+
+    /// A server sent a pushback.
+    pub(crate) fn pushback(&self) {
+        self.pushbacks.inc();
+    }
+
     /// The series of the subchannel to `address`.
     pub(crate) fn endpoint(&self, address: &Arc<str>) -> EndpointMetrics {
         let labels = EndpointLabels {
@@ -287,6 +446,72 @@ impl EndpointMetrics {
     }
 }
 
+/// One method's series on one channel; those by status are resolved on the
+/// first attempt or call that ends with it, then kept.
+#[derive(Debug)]
+pub(crate) struct MethodMetrics {
+    labels: MethodLabels,
+    families: CallFamilies,
+    started: Counter,
+    retries: Histogram,
+    transparent_retries: Histogram,
+    hedges: Histogram,
+    attempts: [OnceLock<Histogram>; CODES],
+    calls: [OnceLock<Histogram>; CODES],
+}
+
+impl MethodMetrics {
+    /// An attempt started.
+    pub(crate) fn attempt_started(&self) {
+        self.started.inc();
+    }
+
+    /// An attempt ended with `code` after `elapsed`.
+    pub(crate) fn attempt_ended(&self, code: tonic::Code, elapsed: Duration) {
+        self.by_status(&self.attempts, &self.families.attempt_duration, code)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A call ended with `code` after `elapsed`, with how many retries,
+    /// transparent retries and hedges it took.
+    pub(crate) fn call_ended(&self, code: tonic::Code, elapsed: Duration) {
+        self.by_status(&self.calls, &self.families.call_duration, code)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// A call took `retries`, `transparent` and `hedges` extra attempts;
+    /// zeros are not recorded (gRFC A96).
+    pub(crate) fn extra_attempts(&self, retries: u32, transparent: u32, hedges: u32) {
+        for (count, histogram) in [
+            (retries, &self.retries),
+            (transparent, &self.transparent_retries),
+            (hedges, &self.hedges),
+        ] {
+            if count > 0 {
+                histogram.observe(f64::from(count));
+            }
+        }
+    }
+
+    fn by_status<'a>(
+        &self,
+        cache: &'a [OnceLock<Histogram>; CODES],
+        family: &Histograms<MethodStatusLabels>,
+        code: tonic::Code,
+    ) -> &'a Histogram {
+        let index = usize::try_from(code as i32).map_or(CODES - 1, |i| i.min(CODES - 1));
+        cache[index].get_or_init(|| {
+            family
+                .get_or_create(&MethodStatusLabels {
+                    grpc_method: self.labels.grpc_method.clone(),
+                    grpc_target: self.labels.grpc_target.clone(),
+                    grpc_status: code_name(code),
+                })
+                .clone()
+        })
+    }
+}
+
 /// Counts one connection as open while it lives.
 #[derive(Debug)]
 pub(crate) struct OpenConnection(Arc<EndpointMetrics>);
@@ -325,6 +550,29 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
         }
+        let method = channel.method("/grpc.examples.echo.Echo/UnaryEcho");
+        method.attempt_started();
+        method.attempt_ended(tonic::Code::Unavailable, Duration::from_millis(3));
+        method.call_ended(tonic::Code::Ok, Duration::from_millis(9));
+        method.extra_attempts(1, 0, 0);
+        assert!(Arc::ptr_eq(
+            &method,
+            &channel.method("/grpc.examples.echo.Echo/UnaryEcho")
+        ));
+        let text = crate::metrics::render(&registry);
+        let echo = r#"grpc_method="grpc.examples.echo.Echo/UnaryEcho",grpc_target="static:///a:1""#;
+        for line in [
+            format!("grpc_client_attempt_started_total{{{echo}}} 1"),
+            format!(
+                r#"grpc_client_attempt_duration_seconds_count{{{echo},grpc_status="UNAVAILABLE"}} 1"#
+            ),
+            format!(r#"grpc_client_call_duration_seconds_count{{{echo},grpc_status="OK"}} 1"#),
+            format!("grpc_client_call_retries_count{{{echo}}} 1"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line} in\n{text}");
+        }
+        let hedges = format!("grpc_client_call_hedges_count{{{echo}}} 0");
+        assert!(text.lines().any(|l| l == hedges), "zeros are not recorded");
         drop(open);
         let text = crate::metrics::render(&registry);
         assert!(text.contains(

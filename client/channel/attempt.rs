@@ -16,7 +16,7 @@ use tonic::Status;
 
 use super::Shared;
 use crate::client::error::{source_chain, Error};
-use crate::client::metrics::EndpointMetrics;
+use crate::client::metrics::{EndpointMetrics, MethodMetrics};
 use crate::client::policy::{CallOutcome, OnDone, Pick, PickInfo};
 use crate::client::retry::throttle::Throttle;
 use crate::client::subchannel::{ConnectivityState, InFlightGuard};
@@ -79,6 +79,7 @@ impl Shared {
         wait_for_ready: bool,
         deadline: Option<Instant>,
         picked: &AtomicBool,
+        method: Option<&Arc<MethodMetrics>>,
     ) -> Attempt {
         let mut waiter = None;
         loop {
@@ -136,6 +137,7 @@ impl Shared {
                 connection.metrics.clone(),
                 deadline,
                 self.throttle.clone(),
+                method.cloned(),
             );
             let mut sender = connection.sender.clone();
             match sender.try_send_request(request).await {
@@ -236,6 +238,10 @@ struct Outcome {
     deadline: Option<Instant>,
     /// The channel's retry tokens, refilled by every call that ends OK.
     throttle: Option<Arc<Throttle>>,
+    /// The method's series: this attempt's duration and status.
+    method: Option<Arc<MethodMetrics>>,
+    /// When this attempt answers its call: the call's series and start.
+    call: Option<(Arc<MethodMetrics>, Instant)>,
 }
 
 impl Outcome {
@@ -245,6 +251,7 @@ impl Outcome {
         metrics: Option<Arc<EndpointMetrics>>,
         deadline: Option<Instant>,
         throttle: Option<Arc<Throttle>>,
+        method: Option<Arc<MethodMetrics>>,
     ) -> Self {
         Self {
             _in_flight: in_flight,
@@ -253,6 +260,8 @@ impl Outcome {
             started: Instant::now(),
             deadline,
             throttle,
+            method,
+            call: None,
         }
     }
 
@@ -268,6 +277,12 @@ impl Outcome {
         if let Some(throttle) = self.throttle.take().filter(|_| code == tonic::Code::Ok) {
             throttle.success();
         }
+        if let Some(method) = self.method.take() {
+            method.attempt_ended(code, self.started.elapsed());
+        }
+        if let Some((method, started)) = self.call.take() {
+            method.call_ended(code, started.elapsed());
+        }
         if let Some(done) = self.done.take() {
             done(&CallOutcome {
                 code,
@@ -281,6 +296,7 @@ impl Outcome {
         self.done = None;
         self.metrics = None;
         self.throttle = None;
+        self.method = None;
     }
 }
 
@@ -304,6 +320,13 @@ pub struct ResponseBody {
     /// The status, once the headers or trailers have said it.
     code: Option<tonic::Code>,
     outcome: Outcome,
+}
+
+impl ResponseBody {
+    /// Makes this attempt's end the end of its call, `started` then.
+    pub(super) fn ends_call(&mut self, method: Arc<MethodMetrics>, started: Instant) {
+        self.outcome.call = Some((method, started));
+    }
 }
 
 impl Drop for ResponseBody {

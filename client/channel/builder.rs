@@ -170,8 +170,10 @@ impl Builder {
 
     /// Calls under `config` (see [`service_config`](crate::service_config)):
     /// each method's timeout, wait-for-ready and retry or hedging policy,
-    /// the channel's retry throttling, and its balancing policy when it
-    /// names a built-in one and [`Builder::policy`] names none. A caller's
+    /// the channel's retry throttling, its health checking
+    /// (`healthCheckConfig`) when [`Builder::health_check`] is not set, and
+    /// its balancing policy when it names a built-in one and
+    /// [`Builder::policy`] names none. A caller's
     /// own shorter deadline, or its [`WaitForReady`](super::WaitForReady),
     /// still wins.
     pub fn service_config(mut self, config: ServiceConfig) -> Self {
@@ -329,6 +331,12 @@ impl Builder {
         let (picker_changed, picker_waiter) = watch::channel(());
         let (state_tx, state) = watch::channel(BalancerState::default());
         let picker = Arc::new(ArcSwap::from_pointee(Published::empty()));
+        if let (None, Some(service)) = (
+            &self.connect.health_check,
+            &self.service_config.health_check_service,
+        ) {
+            self.connect.health_check = Some(Arc::new(HealthCheck::new(service.clone())));
+        }
         let kind = self.policy.unwrap_or_else(|| {
             // The first built-in policy the service config names.
             self.service_config

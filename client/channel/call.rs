@@ -19,7 +19,7 @@
 //! None of the transparent sends count toward `maxAttempts` or the
 //! throttle.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use tonic::Status;
 use super::attempt::{grpc_status, grpc_timeout, Attempt, ResponseBody};
 use super::Shared;
 use crate::client::error::Error;
+use crate::client::metrics::MethodMetrics;
 use crate::client::retry::replay::{AttemptId, Replay};
 use crate::client::retry::{Pushback, Retries, Stop, PREVIOUS_ATTEMPTS};
 use crate::service_config::{CallPolicy, HedgingPolicy, RetryPolicy};
@@ -56,16 +57,23 @@ struct Call<'a> {
     picked: AtomicBool,
     /// Attempts sent so far, transparent ones included: each reads the
     /// body under its own id.
-    sent: std::sync::atomic::AtomicU32,
+    sent: AtomicU32,
     /// Sends that did not count toward the policy.
-    transparent: std::sync::atomic::AtomicU32,
+    transparent: AtomicU32,
+    /// Retries and hedges, for the call's metrics.
+    retried: AtomicU32,
+    hedged: AtomicU32,
+    /// The method's series, if the channel has metrics.
+    metrics: Option<Arc<MethodMetrics>>,
 }
 
 impl Shared {
     pub(super) async fn send(&self, request: http::Request<tonic::body::Body>) -> Answer {
+        let started = Instant::now();
         let config = self.service_config.clone();
         let method = config.method(request.uri().path());
         let (parts, body) = request.into_parts();
+        let metrics = self.metrics.as_ref().map(|m| m.method(parts.uri.path()));
         // The config's timeout bounds the call unless the caller's own
         // deadline is sooner.
         let timeout = match (grpc_timeout(&parts.headers), method.and_then(|m| m.timeout)) {
@@ -92,6 +100,9 @@ impl Shared {
             picked: AtomicBool::new(false),
             sent: Default::default(),
             transparent: Default::default(),
+            retried: Default::default(),
+            hedged: Default::default(),
+            metrics,
         };
         let run = async {
             match policy {
@@ -100,7 +111,7 @@ impl Shared {
                 None => call.once().await,
             }
         };
-        let answer = match call.deadline {
+        let mut answer = match call.deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, run)
                 .await
                 .unwrap_or_else(|_| Err(self.deadline_exceeded().into())),
@@ -111,9 +122,19 @@ impl Shared {
                 metrics.unpicked(status.code());
             }
         }
-        self.retries
-            .stats
-            .count_transparent(call.transparent.load(Ordering::Relaxed));
+        let transparent = call.transparent.load(Ordering::Relaxed);
+        self.retries.stats.count_transparent(transparent);
+        if let Some(metrics) = call.metrics {
+            metrics.extra_attempts(
+                call.retried.load(Ordering::Relaxed),
+                transparent,
+                call.hedged.load(Ordering::Relaxed),
+            );
+            match &mut answer {
+                Ok(response) => response.body_mut().ends_call(metrics, started),
+                Err(status) => metrics.call_ended(status.code(), started.elapsed()),
+            }
+        }
         answer
     }
 
@@ -189,12 +210,25 @@ impl Call<'_> {
             headers.insert(PREVIOUS_ATTEMPTS, previous.into());
         }
         let picked = AtomicBool::new(false);
+        let started = Instant::now();
+        if let Some(metrics) = &self.metrics {
+            metrics.attempt_started();
+        }
         let attempt = self
             .shared
-            .attempt(request, self.wait_for_ready, self.deadline, &picked)
+            .attempt(
+                request,
+                self.wait_for_ready,
+                self.deadline,
+                &picked,
+                self.metrics.as_ref(),
+            )
             .await;
         if picked.load(Ordering::Relaxed) {
             self.picked.store(true, Ordering::Relaxed);
+        } else if let (Some(metrics), Attempt::Failed { status, .. }) = (&self.metrics, &attempt) {
+            // No pick, no outcome to report it.
+            metrics.attempt_ended(status.code(), started.elapsed());
         }
         (id, attempt)
     }
@@ -248,17 +282,18 @@ impl Call<'_> {
                 return failure.answer;
             }
             if failure.pushback.is_some() {
-                stats.count_pushback();
+                self.pushback();
             }
             match retries.after_failure(failure.code, failure.pushback) {
                 Ok(delay) => {
                     drop(failure);
                     stats.count_retry();
+                    self.retried.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(delay).await;
                 }
                 Err(stop) => {
                     if stop == Stop::Throttled {
-                        stats.count_throttled();
+                        self.throttled();
                     }
                     self.replay.commit(id);
                     return failure.answer;
@@ -309,7 +344,7 @@ impl Call<'_> {
                     }
                     if throttle.is_some_and(|t| !t.failure()) {
                         frozen = true;
-                        stats.count_throttled();
+                        self.throttled();
                     }
                     match failure.pushback {
                         Some(Pushback::Stop) => frozen = true,
@@ -317,7 +352,7 @@ impl Call<'_> {
                         None => next_hedge = Instant::now(),
                     }
                     if failure.pushback.is_some() {
-                        stats.count_pushback();
+                        self.pushback();
                     }
                     last = Some(failure.answer);
                     let may_hedge = hedges < policy.max_attempts && !frozen;
@@ -336,12 +371,29 @@ impl Call<'_> {
                     live.push(self.attempt(hedges));
                     hedges += 1;
                     stats.count_hedge();
+                    self.hedged.fetch_add(1, Ordering::Relaxed);
                     next_hedge = Instant::now() + policy.hedging_delay;
                 }
                 else => {
                     return last.unwrap_or_else(|| Err(Status::internal("no attempt")));
                 }
             }
+        }
+    }
+}
+
+impl Call<'_> {
+    fn throttled(&self) {
+        self.shared.retries.stats.count_throttled();
+        if let Some(metrics) = &self.shared.metrics {
+            metrics.throttled();
+        }
+    }
+
+    fn pushback(&self) {
+        self.shared.retries.stats.count_pushback();
+        if let Some(metrics) = &self.shared.metrics {
+            metrics.pushback();
         }
     }
 }

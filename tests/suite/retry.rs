@@ -97,10 +97,13 @@ async fn a_failing_backend_costs_no_call_under_a_retry_policy() {
 #[tokio::test]
 async fn only_the_listed_codes_are_retried_and_attempts_are_capped() {
     let server = FaultyEcho::start().await;
-    let channel = channel(
-        &[&server.address],
-        &retry_config(3, "0.01s", r#""UNAVAILABLE""#),
-    );
+    let mut registry = prometheus_client::registry::Registry::default();
+    let channel = BalancedChannel::builder(&format!("static:///{}", server.address))
+        .unwrap()
+        .service_config_json(&retry_config(3, "0.01s", r#""UNAVAILABLE""#))
+        .unwrap()
+        .metrics(&mut registry)
+        .build();
     server.faults.script([Step::Fail(Code::Internal)]);
     let status = echo(&channel, "x").await.unwrap_err();
     assert_eq!(status.code(), Code::Internal);
@@ -120,6 +123,44 @@ async fn only_the_listed_codes_are_retried_and_attempts_are_capped() {
         .collect();
     assert_eq!(previous, [None, Some("1".into()), Some("2".into())]);
     assert_eq!(counts(channel.retry_stats()), [2, 0, 0, 0, 0]);
+    // The same under gRPC's metric names (gRFC A66, A96).
+    let text = switchboard::metrics::render(&registry);
+    let labels = format!(
+        r#"grpc_method="{UNARY}/UnaryEcho",grpc_target="static:///{}""#,
+        server.address
+    );
+    for (name, value) in [
+        (
+            format!("grpc_client_attempt_started_total{{{labels}}}"),
+            4.0,
+        ),
+        (
+            format!(
+                r#"grpc_client_attempt_duration_seconds_count{{{labels},grpc_status="UNAVAILABLE"}}"#
+            ),
+            3.0,
+        ),
+        (
+            format!(
+                r#"grpc_client_call_duration_seconds_count{{{labels},grpc_status="INTERNAL"}}"#
+            ),
+            1.0,
+        ),
+        (
+            format!(
+                r#"grpc_client_call_duration_seconds_count{{{labels},grpc_status="UNAVAILABLE"}}"#
+            ),
+            1.0,
+        ),
+        (format!("grpc_client_call_retries_count{{{labels}}}"), 1.0),
+        (format!("grpc_client_call_retries_sum{{{labels}}}"), 2.0),
+    ] {
+        assert_eq!(
+            crate::common::sample(&text, &name),
+            Some(value),
+            "{name} in\n{text}"
+        );
+    }
 }
 
 #[tokio::test]
