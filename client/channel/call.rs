@@ -47,9 +47,13 @@ type Answer = Result<http::Response<ResponseBody>, Status>;
 /// One call between its start and its commit.
 struct Call<'a> {
     shared: &'a Shared,
-    /// The request as the caller made it, less its body: each attempt
-    /// sends a copy.
+    /// The request as the caller made it, less its body and extensions:
+    /// each attempt sends a copy.
     parts: http::request::Parts,
+    /// The caller's extensions, until the first attempt takes them.
+    extensions: std::sync::Mutex<Option<http::Extensions>>,
+    /// Whether the deadline is the caller's own `grpc-timeout`.
+    caller_timeout: bool,
     replay: Replay,
     deadline: Option<Instant>,
     wait_for_ready: bool,
@@ -70,17 +74,19 @@ struct Call<'a> {
 impl Shared {
     pub(super) async fn send(&self, request: http::Request<tonic::body::Body>) -> Answer {
         let started = Instant::now();
-        let config = self.service_config.clone();
-        let method = config.method(request.uri().path());
-        let (parts, body) = request.into_parts();
+        let method = self.service_config.method(request.uri().path());
+        let (mut parts, body) = request.into_parts();
+        let extensions = std::mem::take(&mut parts.extensions);
         let metrics = self.metrics.as_ref().map(|m| m.method(parts.uri.path()));
         // The config's timeout bounds the call unless the caller's own
         // deadline is sooner.
-        let timeout = match (grpc_timeout(&parts.headers), method.and_then(|m| m.timeout)) {
+        let caller = grpc_timeout(&parts.headers);
+        let config_timeout = method.and_then(|m| m.timeout);
+        let timeout = match (caller, config_timeout) {
             (Some(caller), Some(config)) => Some(caller.min(config)),
             (caller, config) => caller.or(config).or(self.default_timeout),
         };
-        let wait_for_ready = parts.extensions.get::<WaitForReady>().is_some()
+        let wait_for_ready = extensions.get::<WaitForReady>().is_some()
             || method
                 .and_then(|m| m.wait_for_ready)
                 .unwrap_or(self.wait_for_ready);
@@ -89,7 +95,9 @@ impl Shared {
             .filter(|_| self.retries.enabled);
         let call = Call {
             shared: self,
+            caller_timeout: caller.is_some() && timeout == caller,
             parts,
+            extensions: std::sync::Mutex::new(Some(extensions)),
             replay: Replay::new(
                 body,
                 self.retries.per_call_buffer,
@@ -199,11 +207,27 @@ impl Call<'_> {
         *request.uri_mut() = self.parts.uri.clone();
         *request.version_mut() = self.parts.version;
         *request.headers_mut() = self.parts.headers.clone();
-        *request.extensions_mut() = self.parts.extensions.clone();
+        // Only layers above the channel read extensions (hyper reads none
+        // that tonic sets), so the first attempt takes them rather than a
+        // copy, and later ones go without.
+        if let Some(extensions) = self
+            .extensions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            *request.extensions_mut() = extensions;
+        }
         let headers = request.headers_mut();
-        if let Some(deadline) = self.deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            headers.insert("grpc-timeout", encode_timeout(left));
+        match self.deadline {
+            // The first attempt is sent the caller's own grpc-timeout: it
+            // is what is left.
+            Some(_) if id == 0 && self.caller_timeout => {}
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                headers.insert("grpc-timeout", encode_timeout(left));
+            }
+            None => {}
         }
         headers.remove(PREVIOUS_ATTEMPTS);
         if previous > 0 {

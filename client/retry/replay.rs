@@ -262,10 +262,13 @@ impl Body for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        // Asked after every frame: a source that knows it is done lets
+        // hyper set END_STREAM on the last frame, instead of sending an
+        // empty one after it.
         let state = self.lock();
-        state.source.is_none()
+        self.next >= state.offset + state.frames.len()
             && state.failed.is_none()
-            && self.next >= state.offset + state.frames.len()
+            && state.source.as_ref().is_none_or(|s| s.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
