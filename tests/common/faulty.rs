@@ -190,10 +190,13 @@ impl Echo for FaultyService {
 
     type BidirectionalStreamingEchoStream = ReplyStream;
 
+    /// Plays its step before it reads anything, then echoes each message.
     async fn bidirectional_streaming_echo(
         &self,
         request: Request<Streaming<EchoRequest>>,
     ) -> Result<Response<ReplyStream>, Status> {
+        self.faults.calls.fetch_add(1, Ordering::Relaxed);
+        self.faults.play(request.metadata()).await?;
         self.inner.bidirectional_streaming_echo(request).await
     }
 }

@@ -264,7 +264,7 @@ fn parse_timeout(value: &str) -> u64 {
 }
 
 #[tokio::test]
-async fn a_streamed_request_is_replayed_until_commit_and_not_past_its_cap() {
+async fn streamed_requests_are_replayed_until_commit_and_not_past_their_cap() {
     let server = FaultyEcho::start().await;
     let config = retry_config(3, "0.01s", r#""UNAVAILABLE""#);
     let channel = channel(&[&server.address], &config);
@@ -279,6 +279,30 @@ async fn a_streamed_request_is_replayed_until_commit_and_not_past_its_cap() {
         .expect("replayed");
     assert_eq!(reply.into_inner().message, "a,b,c");
     assert_eq!(server.faults.calls(), 2);
+
+    // A bidi call refused before any headers is replayed from its first
+    // message on the next attempt.
+    server
+        .faults
+        .script([Step::Fail(Code::Unavailable), Step::Answer]);
+    let mut replies = EchoClient::new(channel.clone())
+        .bidirectional_streaming_echo(messages())
+        .await
+        .expect("replayed")
+        .into_inner();
+    let mut echoed = Vec::new();
+    while let Some(reply) = replies.message().await.unwrap() {
+        echoed.push(reply.message);
+    }
+    assert_eq!(echoed.len(), 3, "{echoed:?}");
+    assert!(
+        echoed
+            .iter()
+            .zip(["a", "b", "c"])
+            .all(|(r, m)| r.starts_with(m)),
+        "{echoed:?}"
+    );
+    assert_eq!(server.faults.calls(), 4);
 
     // A call whose body passes the per-call cap commits to its attempt.
     let capped = BalancedChannel::builder(&format!("static:///{}", server.address))
@@ -295,7 +319,7 @@ async fn a_streamed_request_is_replayed_until_commit_and_not_past_its_cap() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(server.faults.calls(), 3, "not retried past the cap");
+    assert_eq!(server.faults.calls(), 5, "not retried past the cap");
     assert_eq!(capped.retry_stats().retries(), 0);
 }
 
