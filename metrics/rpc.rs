@@ -382,6 +382,16 @@ where
     }
 }
 
+impl<F, O: RpcObserver> Drop for RpcEndFuture<F, O> {
+    fn drop(&mut self) {
+        // Dropped before it answered: the client cancelled (a reset stream,
+        // a lost hedge) or the connection went. Counted, not forgotten.
+        if let Some(call) = self.call.take() {
+            call.end(tonic::Code::Cancelled, None);
+        }
+    }
+}
+
 impl<B, O: RpcObserver> Drop for RpcBody<B, O> {
     fn drop(&mut self) {
         // A trailers-only response may be sent without its (empty) body

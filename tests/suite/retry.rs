@@ -492,3 +492,82 @@ async fn sigkills_under_load_cost_no_rpc_with_a_retry_policy() {
         channel.retry_stats().transparent_retries()
     );
 }
+
+/// A real cluster with one more echo process started with `flags`;
+/// returns the cluster, that process and its address.
+async fn cluster_with_one(flags: &[&str]) -> (crate::common::Cluster, crate::common::Proc, String) {
+    use crate::common::{local, start_echo, wait_keepers, Cluster, SERVICE};
+    let cluster = Cluster::start_with(2, &[]).await;
+    let port = crate::common::free_port().expect("free port");
+    let odd = start_echo(&cluster.registry, SERVICE, &[port], flags).await;
+    let address = local(port);
+    let odd = vec![(address.clone(), odd)];
+    wait_keepers(&odd).await;
+    let odd = odd.into_iter().next().unwrap().1;
+    (cluster, odd, address)
+}
+
+fn registry_channel(cluster: &crate::common::Cluster, config: &str) -> BalancedChannel {
+    BalancedChannel::builder(&crate::common::registry_target(&cluster.registry))
+        .unwrap()
+        .policy(PolicyKind::RoundRobin)
+        .service_config_json(config)
+        .unwrap()
+        .build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echo_process_failing_every_call_costs_none_unless_its_code_is_not_retryable() {
+    let config = retry_config(3, "0.01s", r#""UNAVAILABLE""#);
+    for (code, retried) in [("UNAVAILABLE", true), ("INTERNAL", false)] {
+        let (cluster, _failing, failing) =
+            cluster_with_one(&["--fail-rate", "1", "--fail-code", code]).await;
+        let channel = registry_channel(&cluster, &config);
+        let mut all = cluster.addresses();
+        all.push(failing.clone());
+        wait_ready_set(&channel, &all, STARTUP).await;
+        let mut failed = Vec::new();
+        for i in 0..60 {
+            match echo(&channel, &format!("m{i}")).await {
+                Ok(reply) => assert_ne!(backend_of(&reply), failing),
+                Err(status) => failed.push(status.code()),
+            }
+        }
+        if retried {
+            assert!(failed.is_empty(), "{code}: {failed:?}");
+            assert!(channel.retry_stats().retries() > 0);
+        } else {
+            // round_robin gives it a third of the calls; none is retried.
+            assert!(!failed.is_empty());
+            assert!(failed.iter().all(|c| *c == Code::Internal), "{failed:?}");
+            assert_eq!(channel.retry_stats().retries(), 0);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedges_answer_from_the_fast_echo_processes_and_the_slow_one_sees_the_cancel() {
+    let (cluster, slow_proc, slow) =
+        cluster_with_one(&["--delay", "200ms", "--metrics-listen", "127.0.0.1:0"]).await;
+    let metrics = crate::common::metrics_address(&slow_proc).await;
+    let config = format!(
+        r#"{{"methodConfig": [{{"name": [{{"service": "{UNARY}"}}],
+            "hedgingPolicy": {{"maxAttempts": 3, "hedgingDelay": "0.02s"}}}}]}}"#
+    );
+    let channel = registry_channel(&cluster, &config);
+    let mut all = cluster.addresses();
+    all.push(slow.clone());
+    wait_ready_set(&channel, &all, STARTUP).await;
+    for i in 0..30 {
+        let reply = echo(&channel, &format!("m{i}")).await.expect("hedged");
+        // Slower than two hedges 20 ms apart on a loaded machine is
+        // possible: then it may win, and that is no failure either.
+        let _ = backend_of(&reply);
+    }
+    assert!(channel.retry_stats().hedges() > 0);
+    // The slow backend saw its attempts cancelled, not answered.
+    let cancelled =
+        format!(r#"switchboard_echo_rpcs_total{{method="UnaryEcho",code="CANCELLED"}}"#);
+    let seen = crate::common::wait_sample(&metrics, &cancelled, |n| n >= 1.0).await;
+    assert!(seen >= 1.0);
+}
