@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use switchboard::echo::service::ReplyStream;
 use switchboard::echo::EchoService;
 use switchboard::proto::echo::echo_server::{Echo, EchoServer};
@@ -24,7 +25,7 @@ pub struct Faults {
     pub fail: AtomicBool,
     /// Added to every unary call, in milliseconds.
     pub delay_ms: AtomicU64,
-    /// Unary calls received.
+    /// Calls received, of every method.
     pub calls: AtomicUsize,
     /// Answers for the next calls, unary or client-streaming, in order;
     /// once empty, `fail` and `delay_ms` decide.
@@ -82,7 +83,7 @@ impl Faults {
             .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Unary calls received so far.
+    /// Calls received so far, of every method.
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::Relaxed)
     }
@@ -162,11 +163,24 @@ impl Echo for FaultyService {
 
     type ServerStreamingEchoStream = ReplyStream;
 
+    /// Answers with headers and one reply, then plays its step: a failing
+    /// step fails the stream after that reply, once the call committed.
     async fn server_streaming_echo(
         &self,
         request: Request<EchoRequest>,
     ) -> Result<Response<ReplyStream>, Status> {
-        self.inner.server_streaming_echo(request).await
+        self.faults.calls.fetch_add(1, Ordering::Relaxed);
+        let faults = self.faults.clone();
+        let metadata = request.metadata().clone();
+        let first = EchoResponse {
+            message: request.into_inner().message,
+        };
+        let rest =
+            futures_util::stream::once(async move { faults.play(&metadata).await.err().map(Err) })
+                .filter_map(|end| async move { end });
+        Ok(Response::new(Box::pin(
+            futures_util::stream::once(async move { Ok(first) }).chain(rest),
+        )))
     }
 
     /// Reads every message, then plays its step: the answer joins the

@@ -304,6 +304,23 @@ async fn streamed_requests_are_replayed_until_commit_and_not_past_their_cap() {
     );
     assert_eq!(server.faults.calls(), 4);
 
+    // A server stream that failed after its headers had committed the
+    // call: its status is the caller's, not retried.
+    server.faults.script([Step::Fail(Code::Unavailable)]);
+    let mut replies = EchoClient::new(channel.clone())
+        .server_streaming_echo(EchoRequest {
+            message: "s".into(),
+        })
+        .await
+        .expect("headers arrived")
+        .into_inner();
+    assert_eq!(replies.message().await.unwrap().unwrap().message, "s");
+    assert_eq!(
+        replies.message().await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    assert_eq!(server.faults.calls(), 5, "committed: not retried");
+
     // A call whose body passes the per-call cap commits to its attempt.
     let capped = BalancedChannel::builder(&format!("static:///{}", server.address))
         .unwrap()
@@ -319,7 +336,7 @@ async fn streamed_requests_are_replayed_until_commit_and_not_past_their_cap() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(server.faults.calls(), 5, "not retried past the cap");
+    assert_eq!(server.faults.calls(), 6, "not retried past the cap");
     assert_eq!(capped.retry_stats().retries(), 0);
 }
 
