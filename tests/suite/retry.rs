@@ -583,8 +583,7 @@ async fn hedges_answer_from_the_fast_echo_processes_and_the_slow_one_sees_the_ca
     }
     assert!(channel.retry_stats().hedges() > 0);
     // The slow backend saw its attempts cancelled, not answered.
-    let cancelled =
-        format!(r#"switchboard_echo_rpcs_total{{method="UnaryEcho",code="CANCELLED"}}"#);
-    let seen = crate::common::wait_sample(&metrics, &cancelled, |n| n >= 1.0).await;
+    let cancelled = r#"switchboard_echo_rpcs_total{method="UnaryEcho",code="CANCELLED"}"#;
+    let seen = crate::common::wait_sample(&metrics, cancelled, |n| n >= 1.0).await;
     assert!(seen >= 1.0);
 }
