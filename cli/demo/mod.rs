@@ -62,6 +62,10 @@ pub enum DemoScenario {
     Failover,
     /// A backend that is up but not well: hung, then failing every call.
     Gray,
+    /// The failover scenario without, then with, a retry policy in the
+    /// client's service config (gRFC A6): the kill costs the second run
+    /// nothing.
+    Retries,
 }
 
 /// One client configuration the demo runs the scenario with.
@@ -70,6 +74,8 @@ struct Contender {
     policy: PolicyKind,
     /// Wrap the policy in outlier detection.
     outlier_detection: bool,
+    /// Give the client a service config that retries UNAVAILABLE.
+    retries: bool,
 }
 
 impl std::fmt::Display for Contender {
@@ -77,6 +83,9 @@ impl std::fmt::Display for Contender {
         write!(f, "{}", self.policy)?;
         if self.outlier_detection {
             f.write_str("+od")?;
+        }
+        if self.retries {
+            f.write_str("+retries")?;
         }
         Ok(())
     }
@@ -105,6 +114,7 @@ pub async fn run(args: Args) {
     let plain = |policy| Contender {
         policy,
         outlier_detection: false,
+        retries: false,
     };
     let etcd = if args.ha {
         match LocalEtcd::start().await {
@@ -121,7 +131,18 @@ pub async fn run(args: Args) {
         (Some(policy), DemoScenario::Gray) => vec![Contender {
             policy,
             outlier_detection: policy != PolicyKind::RoundRobin,
+            retries: false,
         }],
+        (policy, DemoScenario::Retries) => {
+            let policy = policy.unwrap_or(PolicyKind::RoundRobin);
+            vec![
+                plain(policy),
+                Contender {
+                    retries: true,
+                    ..plain(policy)
+                },
+            ]
+        }
         (None, DemoScenario::Failover) => {
             vec![plain(PolicyKind::RoundRobin), plain(PolicyKind::PickFirst)]
         }
@@ -130,6 +151,7 @@ pub async fn run(args: Args) {
             Contender {
                 policy: "least_request".parse().expect("a built-in policy"),
                 outlier_detection: true,
+                retries: false,
             },
         ],
     };

@@ -32,6 +32,11 @@ enum Plan {
     Ha { etcd: String },
 }
 
+/// The service config of `--scenario retries`' second run.
+const RETRY_CONFIG: &str = r#"{"methodConfig": [{"name": [{}], "retryPolicy": {
+  "maxAttempts": 3, "initialBackoff": "0.02s", "maxBackoff": "0.2s",
+  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
 /// Where the run is.
 enum Phase {
     /// Starting the registry, the backends and the client: nothing is counted.
@@ -82,7 +87,7 @@ impl<'a> Scenario<'a> {
         let plan = match (etcd, args.scenario) {
             (Some(etcd), _) => Plan::Ha { etcd },
             (None, DemoScenario::Gray) => Plan::Gray,
-            (None, DemoScenario::Failover) => Plan::Failover,
+            (None, DemoScenario::Failover | DemoScenario::Retries) => Plan::Failover,
         };
         Self {
             args,
@@ -452,6 +457,19 @@ impl<'a> Scenario<'a> {
         .into_iter()
         .chain(outlier.iter().copied())
         .collect();
+        let mut args = args;
+        let config;
+        if self.contender.retries {
+            // gRFC A6: a call that fails before any response is tried again
+            // on another backend, up to 3 attempts.
+            config = std::env::temp_dir().join(format!(
+                "switchboard-demo-retries-{}.json",
+                std::process::id()
+            ));
+            std::fs::write(&config, RETRY_CONFIG)
+                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+            args.extend(["--service-config", config.to_str().unwrap_or_default()]);
+        }
         let line = |line| Some(Observation::Client(line));
         let exited = Some(Observation::ClientExited);
         self.children.start("client", "client", &args, line, exited)

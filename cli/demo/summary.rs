@@ -166,12 +166,12 @@ pub fn print_summary(rows: &[Row]) {
     println!("\n==== summary ====");
     let header = ["policy", "event", "failed RPCs", "registry", "client"];
     println!(
-        "{:<17} {:<34} {:>11}  {:<30} {}",
+        "{:<19} {:<34} {:>11}  {:<30} {}",
         header[0], header[1], header[2], header[3], header[4]
     );
     for row in rows {
         println!(
-            "{:<17} {:<34} {:>11}  {:<30} {}",
+            "{:<19} {:<34} {:>11}  {:<30} {}",
             row.policy.to_string(),
             row.event.summary(),
             row.failed,
