@@ -31,8 +31,9 @@ pub struct ServiceConfig {
     /// `loadBalancingConfig`: policies in order of preference, each a name
     /// and its own config, left as JSON for the policy to read.
     pub load_balancing: Vec<LbPolicyConfig>,
-    /// `methodConfig`, in document order.
-    pub methods: Vec<MethodConfig>,
+    /// `methodConfig`, in document order; read through
+    /// [`ServiceConfig::methods`], so the lookup index cannot go stale.
+    methods: Vec<MethodConfig>,
     /// `retryThrottling`: the token bucket shared by every call to the
     /// service.
     pub retry_throttling: Option<RetryThrottling>,
@@ -208,6 +209,12 @@ impl ServiceConfig {
             ..Self::default()
         }
         .validated()
+    }
+
+    /// The `methodConfig` entries, in document order (entries that named
+    /// no method are dropped).
+    pub fn methods(&self) -> &[MethodConfig] {
+        &self.methods
     }
 
     /// Sets `retryThrottling`.

@@ -648,14 +648,24 @@ async fn a_killed_backend_leaves_the_watchers_of_every_replica_for_its_broken_st
         view.assert_clean(&format!("watcher of replica {i}"));
         assert_eq!(view.removed_at.len(), 1, "{}", view.summary());
     }
-    // The replica that held its stream removed it, for that reason.
-    let removed_by: Vec<usize> = (0..r.len())
-        .filter(|&i| {
-            r[i].proc().output().iter().any(|l| {
-                l.contains("keepalive stream ended; endpoint removed") && l.contains(&victim)
+    // The replica that held its stream removed it, for that reason. Its
+    // log line may reach us after the watchers saw the removal (etcd tells
+    // them as soon as the key goes), so wait for it.
+    let removed_by = |r: &[Replica]| -> Vec<usize> {
+        (0..r.len())
+            .filter(|&i| {
+                r[i].proc().output().iter().any(|l| {
+                    l.contains("keepalive stream ended; endpoint removed") && l.contains(&victim)
+                })
             })
-        })
-        .collect();
+            .collect()
+    };
+    wait_for("a replica logs the removal", STARTUP, || {
+        let found = !removed_by(&r).is_empty();
+        async move { found.then_some(()) }
+    })
+    .await;
+    let removed_by = removed_by(&r);
     assert_eq!(
         removed_by.len(),
         1,
