@@ -64,6 +64,8 @@ struct Call<'a> {
     sent: AtomicU32,
     /// Sends that did not count toward the policy.
     transparent: AtomicU32,
+    /// Whether a refused-unseen send was already made again: once per call.
+    refused_before: AtomicBool,
     /// Retries and hedges, for the call's metrics.
     retried: AtomicU32,
     hedged: AtomicU32,
@@ -108,6 +110,7 @@ impl Shared {
             picked: AtomicBool::new(false),
             sent: Default::default(),
             transparent: Default::default(),
+            refused_before: AtomicBool::new(false),
             retried: Default::default(),
             hedged: Default::default(),
             metrics,
@@ -198,6 +201,27 @@ fn sort(attempt: Attempt) -> Sorted {
 }
 
 impl Call<'_> {
+    /// Sorts an attempt's end for the policies; a refusal is `Refused` (to
+    /// be sent again, uncounted) only the first time in the call, after
+    /// that an ordinary failure.
+    fn sort(&self, attempt: Attempt) -> Sorted {
+        match sort(attempt) {
+            Sorted::Refused(status) => {
+                if self.refused_before.swap(true, Ordering::Relaxed) {
+                    Sorted::Failure(Failure {
+                        code: status.code(),
+                        pushback: None,
+                        answer: Err(status),
+                    })
+                } else {
+                    self.transparent.fetch_add(1, Ordering::Relaxed);
+                    Sorted::Refused(status)
+                }
+            }
+            sorted => sorted,
+        }
+    }
+
     /// Sends attempt number `previous + 1` (the header a server reads it
     /// from is absent on the first) with what is left of the deadline.
     async fn attempt(&self, previous: u32) -> (AttemptId, Attempt) {
@@ -259,15 +283,10 @@ impl Call<'_> {
 
     /// No policy: one attempt, sent once more if it was refused unseen.
     async fn once(&self) -> Answer {
-        let mut refused_before = false;
         loop {
             let (id, attempt) = self.attempt(0).await;
-            match sort(attempt) {
-                Sorted::Refused(status) if refused_before => return Err(status),
-                Sorted::Refused(_) => {
-                    refused_before = true;
-                    self.transparent.fetch_add(1, Ordering::Relaxed);
-                }
+            match self.sort(attempt) {
+                Sorted::Refused(_) => {}
                 Sorted::Commit(answer) | Sorted::Failure(Failure { answer, .. }) => {
                     self.replay.commit(id);
                     return answer;
@@ -281,24 +300,14 @@ impl Call<'_> {
         let throttle = self.shared.throttle.as_deref();
         let stats = &self.shared.retries.stats;
         let mut retries = Retries::new(policy, throttle);
-        let mut refused_before = false;
         loop {
             let (id, attempt) = self.attempt(retries.attempts() - 1).await;
-            let failure = match sort(attempt) {
+            let failure = match self.sort(attempt) {
                 Sorted::Commit(answer) => {
                     self.replay.commit(id);
                     return answer;
                 }
-                Sorted::Refused(_) if !refused_before => {
-                    refused_before = true;
-                    self.transparent.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                Sorted::Refused(status) => Failure {
-                    code: status.code(),
-                    pushback: None,
-                    answer: Err(status),
-                },
+                Sorted::Refused(_) => continue,
                 Sorted::Failure(failure) => failure,
             };
             // A body past its buffer cap cannot be sent again.
@@ -336,29 +345,21 @@ impl Call<'_> {
         let mut next_hedge = Instant::now() + policy.hedging_delay;
         // No more hedges: a pushback said so, or the throttle.
         let mut frozen = false;
-        let mut refused_before = false;
         let mut last: Option<Answer> = None;
         loop {
             let may_hedge = hedges < policy.max_attempts && !frozen;
             tokio::select! {
                 Some((id, attempt)) = live.next() => {
-                    let failure = match sort(attempt) {
+                    let failure = match self.sort(attempt) {
                         Sorted::Commit(answer) => {
                             self.replay.commit(id);
                             return answer;
                         }
-                        Sorted::Refused(_) if !refused_before => {
+                        Sorted::Refused(_) => {
                             // It replaces itself, uncounted.
-                            refused_before = true;
-                            self.transparent.fetch_add(1, Ordering::Relaxed);
                             live.push(self.attempt(hedges - 1));
                             continue;
                         }
-                        Sorted::Refused(status) => Failure {
-                            code: status.code(),
-                            pushback: None,
-                            answer: Err(status),
-                        },
                         Sorted::Failure(failure) => failure,
                     };
                     let fatal = !policy.non_fatal_codes.contains(failure.code);
