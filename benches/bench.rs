@@ -22,6 +22,9 @@
 //!    survive their own deaths? Its parts are `ha-fanout`, `ha-removal`,
 //!    `ha-leases` and `ha-replicas`; without the feature or etcd they are
 //!    skipped with a note.
+//! 9. [`retries`]: what do retries, hedging and transparent retry save
+//!    when a backend is killed, failing or slow, and what do they cost
+//!    when nothing fails?
 //!
 //! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
 //! just finish). Name sections (`-- fanout churn`) to run only those.
@@ -39,6 +42,7 @@ mod ha;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 mod procs;
+mod retries;
 mod stats;
 mod xds;
 
@@ -47,7 +51,7 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sections, in order, by the name that selects them.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "datapath",
     "failover",
     "fanout",
@@ -59,6 +63,7 @@ const SECTIONS: [&str; 11] = [
     "ha-removal",
     "ha-leases",
     "ha-replicas",
+    "retries",
 ];
 /// Section 8's parts, which need etcd.
 const HA_SECTIONS: [&str; 4] = ["ha-fanout", "ha-removal", "ha-leases", "ha-replicas"];
@@ -138,6 +143,9 @@ fn main() {
         let ha: Vec<&str> = HA_SECTIONS.into_iter().filter(|s| runs(s)).collect();
         if !ha.is_empty() {
             run_ha(&ha, smoke).await?;
+        }
+        if runs("retries") {
+            retries::run(&retries_config(smoke)).await?;
         }
         Ok(())
     });
@@ -268,5 +276,16 @@ fn gray_config(smoke: bool) -> gray::Config {
         rate: if smoke { 200.0 } else { 2000.0 },
         warmup: Duration::from_millis(if smoke { 300 } else { 2000 }),
         window: Duration::from_millis(if smoke { 1500 } else { 4000 }),
+    }
+}
+
+fn retries_config(smoke: bool) -> retries::Config {
+    retries::Config {
+        rate: if smoke { 200.0 } else { 2000.0 },
+        before: Duration::from_millis(if smoke { 300 } else { 1000 }),
+        window: Duration::from_millis(if smoke { 1000 } else { 5000 }),
+        concurrency: 64,
+        rounds: if smoke { 1 } else { 5 },
+        round: Duration::from_millis(if smoke { 200 } else { 2000 }),
     }
 }

@@ -79,9 +79,11 @@ impl Shared {
         wait_for_ready: bool,
         deadline: Option<Instant>,
         picked: &AtomicBool,
+        tried: Option<&Tried>,
         method: Option<&Arc<MethodMetrics>>,
     ) -> Attempt {
         let mut waiter = None;
+        let mut repicks = 0;
         loop {
             let published = self.picker.load();
             let pick = published.picker.pick(&PickInfo {
@@ -123,6 +125,13 @@ impl Shared {
                 }
             };
             drop(published);
+            if let Some(tried) = tried {
+                if !tried.first_visit(&connection.address) && repicks < AVOID_REPICKS {
+                    // Dropping the pick unreported: it carried no call.
+                    repicks += 1;
+                    continue;
+                }
+            }
             picked.store(true, Ordering::Relaxed);
             if let Some(metrics) = &connection.metrics {
                 metrics.picked();
@@ -179,6 +188,28 @@ impl Shared {
                 },
             }
         }
+    }
+}
+
+/// Extra picks an attempt makes to avoid a backend its call already
+/// tried, before it takes that one anyway (Envoy's `previous_hosts` retry
+/// predicate with three host selections). Round robin needs one; a random
+/// policy usually does.
+const AVOID_REPICKS: u32 = 2;
+
+/// The backends one call's attempts were sent to.
+#[derive(Default)]
+pub(super) struct Tried(std::sync::Mutex<Vec<Arc<str>>>);
+
+impl Tried {
+    /// Notes `address` as tried; false if it already was.
+    fn first_visit(&self, address: &Arc<str>) -> bool {
+        let mut tried = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if tried.iter().any(|a| a == address) {
+            return false;
+        }
+        tried.push(address.clone());
+        true
     }
 }
 

@@ -120,6 +120,7 @@ pub struct Builder {
     metrics: Option<ClientMetrics>,
     service_config: ServiceConfig,
     retries: bool,
+    transparent_retries: bool,
     per_call_buffer: usize,
     per_channel_buffer: usize,
 }
@@ -163,6 +164,7 @@ impl Builder {
             metrics: None,
             service_config: ServiceConfig::default(),
             retries: true,
+            transparent_retries: true,
             per_call_buffer: DEFAULT_PER_CALL_RETRY_BUFFER,
             per_channel_buffer: DEFAULT_PER_CHANNEL_RETRY_BUFFER,
         }
@@ -192,6 +194,18 @@ impl Builder {
     /// server's application stay on: they are always safe.
     pub fn disable_retries(mut self) -> Self {
         self.retries = false;
+        self
+    }
+
+    /// Turns off the one transparent resend of a request the server's
+    /// transport refused unseen (REFUSED_STREAM, or past a graceful
+    /// GOAWAY): the caller gets that UNAVAILABLE. For callers that run
+    /// their own retry layer above the channel, and for measuring what the
+    /// resend saves. A request that never left this process (its
+    /// connection closed before it was written) is still picked again: it
+    /// is the same attempt, not a retry.
+    pub fn disable_transparent_retries(mut self) -> Self {
+        self.transparent_retries = false;
         self
     }
 
@@ -402,6 +416,7 @@ impl Builder {
                 service_config: Arc::new(self.service_config),
                 retries: RetrySettings {
                     enabled: self.retries,
+                    transparent: self.transparent_retries,
                     per_call_buffer: self.per_call_buffer,
                     budget: Arc::new(ChannelBudget::new(self.per_channel_buffer)),
                     stats: Arc::default(),

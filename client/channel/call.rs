@@ -27,7 +27,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::attempt::{grpc_status, grpc_timeout, Attempt, ResponseBody};
+use super::attempt::{grpc_status, grpc_timeout, Attempt, ResponseBody, Tried};
 use super::Shared;
 use crate::client::error::Error;
 use crate::client::metrics::MethodMetrics;
@@ -66,6 +66,9 @@ struct Call<'a> {
     transparent: AtomicU32,
     /// Whether a refused-unseen send was already made again: once per call.
     refused_before: AtomicBool,
+    /// The backends this call's attempts went to, when it has a policy:
+    /// a retry or hedge prefers one it has not tried.
+    tried: Option<Tried>,
     /// Retries and hedges, for the call's metrics.
     retried: AtomicU32,
     hedged: AtomicU32,
@@ -111,6 +114,7 @@ impl Shared {
             sent: Default::default(),
             transparent: Default::default(),
             refused_before: AtomicBool::new(false),
+            tried: policy.map(|_| Tried::default()),
             retried: Default::default(),
             hedged: Default::default(),
             metrics,
@@ -207,7 +211,9 @@ impl Call<'_> {
     fn sort(&self, attempt: Attempt) -> Sorted {
         match sort(attempt) {
             Sorted::Refused(status) => {
-                if self.refused_before.swap(true, Ordering::Relaxed) {
+                if !self.shared.retries.transparent
+                    || self.refused_before.swap(true, Ordering::Relaxed)
+                {
                     Sorted::Failure(Failure {
                         code: status.code(),
                         pushback: None,
@@ -269,6 +275,7 @@ impl Call<'_> {
                 self.wait_for_ready,
                 self.deadline,
                 &picked,
+                self.tried.as_ref(),
                 self.metrics.as_ref(),
             )
             .await;
@@ -496,8 +503,10 @@ impl RetryStats {
 /// The channel's retry settings.
 pub(super) struct RetrySettings {
     /// Whether service-config retry and hedging policies apply
-    /// (transparent retries always do).
+    /// (transparent retries are `transparent`).
     pub(super) enabled: bool,
+    /// Whether a request refused unseen is sent once more.
+    pub(super) transparent: bool,
     /// Most request bytes one call keeps for replay.
     pub(super) per_call_buffer: usize,
     /// Most request bytes all calls keep together.

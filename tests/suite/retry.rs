@@ -94,6 +94,105 @@ async fn a_failing_backend_costs_no_call_under_a_retry_policy() {
         .all(|p| p.parse::<u32>().is_ok_and(|n| (1..5).contains(&n))));
 }
 
+/// round_robin that hands out each pick twice in a row (A, A, B, B, ...):
+/// a policy that, unlike plain round robin, may pick a retry's failed
+/// backend again.
+mod twice {
+    use std::sync::{Arc, Mutex};
+
+    use switchboard::client::round_robin::RoundRobin;
+    use switchboard::client::subchannel::ReadyConnection;
+    use switchboard::client::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker};
+    use switchboard::discovery::{Applied, EndpointSet};
+
+    #[derive(Default)]
+    pub struct Twice(RoundRobin);
+
+    struct TwicePicker {
+        inner: Arc<dyn Picker>,
+        /// The pick to hand out once more.
+        again: Mutex<Option<Arc<ReadyConnection>>>,
+    }
+
+    impl Picker for TwicePicker {
+        fn pick(&self, info: &PickInfo<'_>) -> Pick {
+            let mut again = self.again.lock().unwrap();
+            if let Some(connection) = again.take() {
+                return Pick::Connection {
+                    connection,
+                    done: None,
+                };
+            }
+            let pick = self.inner.pick(info);
+            if let Pick::Connection { connection, .. } = &pick {
+                *again = Some(connection.clone());
+            }
+            pick
+        }
+        fn connections(&self) -> &[Arc<ReadyConnection>] {
+            self.inner.connections()
+        }
+    }
+
+    impl Policy for Twice {
+        fn name(&self) -> &'static str {
+            "twice"
+        }
+        fn endpoints_changed(
+            &mut self,
+            endpoints: &EndpointSet,
+            changes: &Applied,
+            cx: &mut PolicyContext<'_>,
+        ) {
+            self.0.endpoints_changed(endpoints, changes, cx)
+        }
+        fn subchannel_changed(&mut self, id: u64, cx: &mut PolicyContext<'_>) {
+            self.0.subchannel_changed(id, cx)
+        }
+        fn take_picker(&mut self) -> Option<PolicyPicker> {
+            let mut published = self.0.take_picker()?;
+            published.picker = Arc::new(TwicePicker {
+                inner: published.picker,
+                again: Mutex::new(None),
+            });
+            Some(published)
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_retry_avoids_the_backend_that_just_failed_it() {
+    let broken = FaultyEcho::start().await;
+    let healthy = FaultyEcho::start().await;
+    broken.faults.set_fail(true);
+    let channel =
+        BalancedChannel::builder(&format!("static:///{},{}", broken.address, healthy.address))
+            .unwrap()
+            .custom_policy(twice::Twice::default())
+            .service_config_json(&retry_config(2, "0.01s", r#""UNAVAILABLE""#))
+            .unwrap()
+            .build();
+    wait_ready_set(
+        &channel,
+        &[broken.address.clone(), healthy.address.clone()],
+        STARTUP,
+    )
+    .await;
+    // The picker offers a failed call's retry the same backend half the
+    // time; with one retry allowed, each such call would fail.
+    for i in 0..20 {
+        let reply = echo(&channel, &format!("m{i}"))
+            .await
+            .expect("retried elsewhere");
+        assert_eq!(backend_of(&reply), healthy.address);
+    }
+    let failures = broken.faults.calls() as u64;
+    assert!(failures > 0, "the broken backend was never picked");
+    assert_eq!(channel.retry_stats().retries(), failures);
+    // No call was sent to the broken backend twice.
+    assert!(broken.faults.seen().iter().all(|s| s.previous.is_none()));
+}
+
 #[tokio::test]
 async fn only_the_listed_codes_are_retried_and_attempts_are_capped() {
     let server = FaultyEcho::start().await;
@@ -426,6 +525,22 @@ async fn a_refused_stream_is_sent_again_once_without_any_policy() {
     let status = echo(&channel, "x").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(always.streams(), 2);
+}
+
+#[tokio::test]
+async fn disabled_transparent_retries_answer_the_first_refusal() {
+    let once = Refusing::start(1).await;
+    let channel = BalancedChannel::builder(&format!("static:///{}", once.address))
+        .unwrap()
+        .disable_transparent_retries()
+        .build();
+    let status = echo(&channel, "x").await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(once.streams(), 1);
+    assert_eq!(counts(channel.retry_stats()), [0, 0, 0, 0, 0]);
+    // The refusal was the server's only one: the next call is answered.
+    let reply = echo(&channel, "y").await.expect("answered");
+    assert_eq!(reply, format!("y (from {})", once.address));
 }
 
 #[tokio::test]
