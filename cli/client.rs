@@ -171,11 +171,7 @@ pub async fn run(args: Args) {
     match args.rate {
         Some(rate) => {
             // round_robin unless a flag or the service config says.
-            let config_names_one = config.as_ref().is_some_and(|c| {
-                c.load_balancing
-                    .iter()
-                    .any(|p| p.name.parse::<PolicyKind>().is_ok())
-            });
+            let config_names_one = config.as_ref().is_some_and(|c| c.lb_policy().is_some());
             let policy = policy.or((!config_names_one).then_some(PolicyKind::RoundRobin));
             let channel = connect(
                 &args,

@@ -41,22 +41,7 @@ pub(super) fn parse(text: &str) -> Result<ServiceConfig, ConfigError> {
     let root = object(&root, "(top level)")?;
     let mut config = ServiceConfig::default();
     if let Some(list) = root.get("loadBalancingConfig") {
-        for (i, entry) in array(list, "loadBalancingConfig")?.iter().enumerate() {
-            let at = format!("loadBalancingConfig[{i}]");
-            let entry = object(entry, &at)?;
-            let mut policies = entry.iter();
-            let (Some((name, policy)), None) = (policies.next(), policies.next()) else {
-                return Err(ConfigError::new(
-                    at,
-                    "must hold exactly one policy, as {\"name\": {config}}",
-                ));
-            };
-            object(policy, &format!("{at}.{name}"))?;
-            config.load_balancing.push(LbPolicyConfig {
-                name: name.clone(),
-                config: policy.clone(),
-            });
-        }
+        config.load_balancing = policy_list(list, "loadBalancingConfig")?;
     } else if let Some(name) = root.get("loadBalancingPolicy") {
         // The deprecated form, still written by older configs.
         let name = string(name, "loadBalancingPolicy")?;
@@ -96,6 +81,28 @@ pub(super) fn parse(text: &str) -> Result<ServiceConfig, ConfigError> {
         }
     }
     config.validated()
+}
+
+/// A `loadBalancingConfig`-shaped list: objects of one policy each.
+pub(super) fn policy_list(list: &Value, at: &str) -> Result<Vec<LbPolicyConfig>, ConfigError> {
+    let mut policies = Vec::new();
+    for (i, entry) in array(list, at)?.iter().enumerate() {
+        let at = format!("{at}[{i}]");
+        let entry = object(entry, &at)?;
+        let mut fields = entry.iter();
+        let (Some((name, policy)), None) = (fields.next(), fields.next()) else {
+            return Err(ConfigError::new(
+                at,
+                "must hold exactly one policy, as {\"name\": {config}}",
+            ));
+        };
+        object(policy, &format!("{at}.{name}"))?;
+        policies.push(LbPolicyConfig {
+            name: name.clone(),
+            config: policy.clone(),
+        });
+    }
+    Ok(policies)
 }
 
 fn method_config(entry: &Value, at: &str) -> Result<MethodConfig, ConfigError> {
@@ -184,7 +191,10 @@ fn method_config(entry: &Value, at: &str) -> Result<MethodConfig, ConfigError> {
     Ok(method)
 }
 
-fn object<'a>(value: &'a Value, at: &str) -> Result<&'a Map<String, Value>, ConfigError> {
+pub(super) fn object<'a>(
+    value: &'a Value,
+    at: &str,
+) -> Result<&'a Map<String, Value>, ConfigError> {
     value
         .as_object()
         .ok_or_else(|| ConfigError::new(at, format!("must be an object, got {}", kind(value))))
@@ -223,6 +233,14 @@ fn kind(value: &Value) -> &'static str {
     }
 }
 
+/// A non-negative integer that fits 32 bits.
+pub(super) fn uint(value: &Value, at: &str) -> Result<u32, ConfigError> {
+    value
+        .as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| ConfigError::new(at, format!("must be a non-negative integer, got {value}")))
+}
+
 /// `maxAttempts`: an integer; above [`super::MAX_ATTEMPTS`] it is clamped.
 fn attempts(value: &Value, at: &str) -> Result<u32, ConfigError> {
     let n = value
@@ -243,7 +261,7 @@ fn milli(value: &Value, at: &str) -> Result<u32, ConfigError> {
 }
 
 /// A protobuf JSON duration: decimal seconds and an `s`, as `"0.25s"`.
-fn duration(value: &Value, at: &str) -> Result<Duration, ConfigError> {
+pub(super) fn duration(value: &Value, at: &str) -> Result<Duration, ConfigError> {
     let bad = || ConfigError::new(at, format!("must be a duration like \"0.5s\", got {value}"));
     let text = value.as_str().ok_or_else(bad)?;
     let digits = text.strip_suffix('s').ok_or_else(bad)?;

@@ -13,8 +13,11 @@
 //! Fields this crate does not use are ignored, as gRPC ignores them, so a
 //! config written for grpc-go or grpc-java is accepted unchanged.
 
+mod balancing;
 mod json;
+pub mod outlier;
 
+pub use balancing::LbPolicy;
 pub use json::ConfigError;
 
 use std::collections::HashMap;
@@ -29,8 +32,10 @@ pub const MAX_ATTEMPTS: u32 = 5;
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServiceConfig {
     /// `loadBalancingConfig`: policies in order of preference, each a name
-    /// and its own config, left as JSON for the policy to read.
-    pub load_balancing: Vec<LbPolicyConfig>,
+    /// and its own config as written (so it is written back unchanged).
+    load_balancing: Vec<LbPolicyConfig>,
+    /// The first entry of `load_balancing` this crate knows, typed.
+    lb_policy: Option<LbPolicy>,
     /// `methodConfig`, in document order; read through
     /// [`ServiceConfig::methods`], so the lookup index cannot go stale.
     methods: Vec<MethodConfig>,
@@ -211,6 +216,27 @@ impl ServiceConfig {
         .validated()
     }
 
+    /// `loadBalancingConfig` as written, known names or not.
+    pub fn load_balancing(&self) -> &[LbPolicyConfig] {
+        &self.load_balancing
+    }
+
+    /// The policy the config chose: the first entry of
+    /// `loadBalancingConfig` this crate knows.
+    pub fn lb_policy(&self) -> Option<&LbPolicy> {
+        self.lb_policy.as_ref()
+    }
+
+    /// A copy with `loadBalancingConfig` replaced by `policies` (name and
+    /// JSON object each); checks them as [`ServiceConfig::from_json`] does.
+    pub fn with_load_balancing(
+        mut self,
+        policies: Vec<LbPolicyConfig>,
+    ) -> Result<Self, ConfigError> {
+        self.load_balancing = policies;
+        self.validated()
+    }
+
     /// The `methodConfig` entries, in document order (entries that named
     /// no method are dropped).
     pub fn methods(&self) -> &[MethodConfig] {
@@ -241,6 +267,7 @@ impl ServiceConfig {
     /// Checks the rules a typed config could break, clamps attempts to
     /// [`MAX_ATTEMPTS`] and builds the lookup.
     fn validated(mut self) -> Result<Self, ConfigError> {
+        self.lb_policy = balancing::choose(&self.load_balancing, "loadBalancingConfig")?;
         self.index.clear();
         for method in &mut self.methods {
             match &mut method.policy {

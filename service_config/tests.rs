@@ -38,7 +38,7 @@ fn error_of(text: &str) -> ConfigError {
 #[test]
 fn a_full_config_parses_into_its_typed_parts() {
     let config = ServiceConfig::from_json(FULL).unwrap();
-    assert_eq!(config.load_balancing[0].name, "round_robin");
+    assert_eq!(config.load_balancing()[0].name, "round_robin");
     assert_eq!(
         config.methods.len(),
         3,
@@ -238,4 +238,82 @@ fn a_typed_config_is_checked_as_json_is() {
     }])
     .unwrap_err();
     assert_eq!(err.field, "methodConfig[0].hedgingPolicy.maxAttempts");
+}
+
+#[test]
+fn load_balancing_takes_the_first_known_policy_and_checks_them_all() {
+    let config = ServiceConfig::from_json(
+        r#"{"loadBalancingConfig": [
+            {"some_future_policy": {"knob": 1}},
+            {"outlier_detection_experimental": {
+                "interval": "1s", "maxEjectionPercent": 50,
+                "failurePercentageEjection": {"threshold": 90, "requestVolume": 10},
+                "childPolicy": [{"least_request_experimental": {"choiceCount": 3}}]}},
+            {"round_robin": {}}]}"#,
+    )
+    .unwrap();
+    let policy = config.lb_policy().expect("a known policy");
+    assert_eq!(
+        policy.picking(),
+        &LbPolicy::LeastRequest { choice_count: 3 }
+    );
+    let outlier = policy.outlier_detection().expect("outlier detection");
+    assert_eq!(outlier.interval, Duration::from_secs(1));
+    assert_eq!(outlier.max_ejection_percent, 50);
+    // A50's defaults for what the document leaves out; an absent kind is off.
+    assert_eq!(outlier.base_ejection_time, Duration::from_secs(30));
+    assert_eq!(outlier.success_rate, None);
+    let failure = outlier.failure_percentage.expect("failure percentage");
+    assert_eq!((failure.threshold, failure.minimum_hosts), (90, 5));
+    assert_eq!(failure.request_volume, 10);
+    // Unknown names are kept for other clients, and written back.
+    assert_eq!(config.load_balancing().len(), 3);
+    let again = ServiceConfig::from_json(&config.to_json()).unwrap();
+    assert_eq!(again, config);
+}
+
+#[test]
+fn each_bad_load_balancing_entry_is_refused_naming_its_field() {
+    let lb = |list: &str| format!(r#"{{"loadBalancingConfig": {list}}}"#);
+    let cases = [
+        (lb(r#"[{"nope": {}}]"#), "loadBalancingConfig"),
+        (lb(r#"[{"round_robin": {}, "pick_first": {}}]"#), "loadBalancingConfig[0]"),
+        (
+            lb(r#"[{"round_robin": {}}, {"least_request_experimental": {"choiceCount": 1}}]"#),
+            "loadBalancingConfig[1].least_request_experimental.choiceCount",
+        ),
+        (
+            lb(r#"[{"outlier_detection_experimental": {}}]"#),
+            "loadBalancingConfig[0].outlier_detection_experimental.childPolicy",
+        ),
+        (
+            lb(r#"[{"outlier_detection_experimental": {"interval": "0s",
+                "childPolicy": [{"round_robin": {}}]}}]"#),
+            "loadBalancingConfig[0].outlier_detection_experimental.interval",
+        ),
+        (
+            lb(r#"[{"outlier_detection_experimental": {"maxEjectionPercent": 101,
+                "childPolicy": [{"round_robin": {}}]}}]"#),
+            "loadBalancingConfig[0].outlier_detection_experimental.maxEjectionPercent",
+        ),
+        (
+            lb(r#"[{"outlier_detection_experimental": {
+                "successRateEjection": {"enforcementPercentage": 200},
+                "childPolicy": [{"round_robin": {}}]}}]"#),
+            "loadBalancingConfig[0].outlier_detection_experimental.successRateEjection.enforcementPercentage",
+        ),
+        (
+            lb(r#"[{"outlier_detection_experimental": {"childPolicy": [{"nope": {}}]}}]"#),
+            "loadBalancingConfig[0].outlier_detection_experimental.childPolicy",
+        ),
+        (
+            lb(r#"[{"outlier_detection_experimental": {"childPolicy": [
+                {"outlier_detection_experimental": {"childPolicy": [{"round_robin": {}}]}}]}}]"#),
+            "loadBalancingConfig[0].outlier_detection_experimental.childPolicy",
+        ),
+    ];
+    for (text, field) in cases {
+        let err = error_of(&text);
+        assert_eq!(err.field, field, "{text}: {err}");
+    }
 }

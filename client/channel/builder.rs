@@ -28,7 +28,7 @@ use crate::client::subchannel::{ConnectConfig, Keepalive};
 use crate::client::target::{Target, TargetError};
 use crate::client::weighted_round_robin::WeightedRoundRobin;
 use crate::registry::auth::Token;
-use crate::service_config::{ConfigError, ServiceConfig};
+use crate::service_config::{ConfigError, LbPolicy, ServiceConfig};
 use crate::tls::ClientTls;
 
 /// The built-in balancing policies, by the names grpc gives them.
@@ -72,6 +72,24 @@ impl PolicyKind {
             PolicyKind::RoundRobin => "round_robin",
             PolicyKind::LeastRequest(_) => "least_request",
             PolicyKind::WeightedRoundRobin => "weighted_round_robin",
+        }
+    }
+}
+
+/// The policy that picks under a service config's choice; outlier
+/// detection, if any, is a wrapper the builder adds.
+impl From<&LbPolicy> for PolicyKind {
+    fn from(policy: &LbPolicy) -> Self {
+        match policy.picking() {
+            LbPolicy::PickFirst => PolicyKind::PickFirst,
+            LbPolicy::RoundRobin => PolicyKind::RoundRobin,
+            // This client compares two choices, whatever `choiceCount` says.
+            LbPolicy::LeastRequest { .. } => {
+                PolicyKind::LeastRequest(LeastRequestConfig::default())
+            }
+            LbPolicy::WeightedRoundRobin => PolicyKind::WeightedRoundRobin,
+            // `picking` never answers a wrapper.
+            LbPolicy::OutlierDetection { child, .. } => PolicyKind::from(&**child),
         }
     }
 }
@@ -351,16 +369,16 @@ impl Builder {
         ) {
             self.connect.health_check = Some(Arc::new(HealthCheck::new(service.clone())));
         }
-        let kind = self.policy.unwrap_or_else(|| {
-            // The first built-in policy the service config names.
-            self.service_config
-                .load_balancing
-                .iter()
-                .find_map(|p| p.name.parse::<PolicyKind>().ok())
-                .unwrap_or_default()
-        });
+        let configured = self.service_config.lb_policy();
+        let kind = self
+            .policy
+            .or_else(|| configured.map(PolicyKind::from))
+            .unwrap_or_default();
         let mut policy = self.custom_policy.unwrap_or_else(|| kind.build());
-        if let Some(config) = self.outlier_detection {
+        let outlier_detection = self
+            .outlier_detection
+            .or_else(|| configured.and_then(|p| p.outlier_detection().copied()));
+        if let Some(config) = outlier_detection {
             policy = Box::new(OutlierDetection::new(policy, config));
         }
         let policy_name = policy.name();

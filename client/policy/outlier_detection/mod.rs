@@ -45,11 +45,10 @@ use crate::client::policy::{
 use crate::client::subchannel::{ReadyConnection, SubchannelState};
 use crate::discovery::{Applied, EndpointSet};
 
-mod config;
 #[cfg(test)]
 mod tests;
 
-pub use config::{
+pub use crate::service_config::outlier::{
     is_any_error, is_backend_failure, FailurePercentageEjection, OutlierDetectionConfig,
     SuccessRateEjection,
 };

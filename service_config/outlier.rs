@@ -1,6 +1,9 @@
 //! What outlier detection's checks look at and when they eject: the
 //! configuration, with the defaults for a client without a control plane
-//! and why they depart from A50's.
+//! and why they depart from A50's. It lives with the service config, which
+//! carries it (gRFC A50's `outlier_detection_experimental` policy) from the
+//! registry to the client and into xDS; the client's outlier detection
+//! policy re-exports it.
 
 use std::time::Duration;
 
@@ -30,6 +33,20 @@ pub struct OutlierDetectionConfig {
     /// Which status codes count as failures. Default
     /// [`is_backend_failure`]; [`is_any_error`] is A50's rule.
     pub is_failure: fn(tonic::Code) -> bool,
+}
+
+// By hand: comparing `is_failure` as an address says "the same rule" well
+// enough, where comparing fn pointers directly is linted as unreliable.
+impl PartialEq for OutlierDetectionConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.interval == other.interval
+            && self.base_ejection_time == other.base_ejection_time
+            && self.max_ejection_time == other.max_ejection_time
+            && self.max_ejection_percent == other.max_ejection_percent
+            && self.success_rate == other.success_rate
+            && self.failure_percentage == other.failure_percentage
+            && self.is_failure as usize == other.is_failure as usize
+    }
 }
 
 impl Default for OutlierDetectionConfig {

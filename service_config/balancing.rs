@@ -1,0 +1,214 @@
+//! `loadBalancingConfig` as typed policies: what the client builds, what
+//! the registry translates into xDS, and what both refuse.
+//!
+//! The list is in order of preference, and each reader takes the first
+//! entry it knows (gRFC A24): names this crate does not know are kept for
+//! other clients, but a list with no known name at all is refused. Every
+//! known entry is checked, not only the first, so a typo in a fallback is
+//! caught where it is written.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::json::{duration, object, uint};
+use super::outlier::{FailurePercentageEjection, OutlierDetectionConfig, SuccessRateEjection};
+use super::{ConfigError, LbPolicyConfig};
+
+/// A load-balancing policy the service config chose, with its settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LbPolicy {
+    /// `pick_first`: the first address that connects.
+    PickFirst,
+    /// `round_robin`: every Ready address in turn.
+    RoundRobin,
+    /// `least_request_experimental` (or `least_request`): the less loaded
+    /// of `choice_count` random Ready addresses.
+    LeastRequest {
+        /// Addresses compared per pick, 2 to 10 (gRFC A48).
+        choice_count: u32,
+    },
+    /// `weighted_round_robin`: in proportion to each endpoint's `weight`.
+    WeightedRoundRobin,
+    /// `outlier_detection_experimental` (gRFC A50) around a child policy.
+    OutlierDetection {
+        /// When and how it ejects.
+        config: OutlierDetectionConfig,
+        /// The policy that picks among the addresses not ejected.
+        child: Box<LbPolicy>,
+    },
+}
+
+impl LbPolicy {
+    /// The names a config may use, for error messages.
+    pub const NAMES: [&'static str; 5] = [
+        "pick_first",
+        "round_robin",
+        "least_request_experimental",
+        "weighted_round_robin",
+        "outlier_detection_experimental",
+    ];
+
+    /// The policy that picks: this one, or the child of outlier detection.
+    pub fn picking(&self) -> &LbPolicy {
+        match self {
+            LbPolicy::OutlierDetection { child, .. } => child.picking(),
+            other => other,
+        }
+    }
+
+    /// Outlier detection's settings, if the policy has it.
+    pub fn outlier_detection(&self) -> Option<&OutlierDetectionConfig> {
+        match self {
+            LbPolicy::OutlierDetection { config, .. } => Some(config),
+            _ => None,
+        }
+    }
+}
+
+/// The first known policy of `list` (whose entries are at
+/// `loadBalancingConfig[i]`, or under `at`), every known entry checked.
+pub(super) fn choose(list: &[LbPolicyConfig], at: &str) -> Result<Option<LbPolicy>, ConfigError> {
+    let mut chosen = None;
+    for (i, entry) in list.iter().enumerate() {
+        let at = format!("{at}[{i}].{}", entry.name);
+        if let Some(policy) = parse(&entry.name, &entry.config, &at)? {
+            chosen.get_or_insert(policy);
+        }
+    }
+    if chosen.is_none() && !list.is_empty() {
+        let names: Vec<&str> = list.iter().map(|p| p.name.as_str()).collect();
+        return Err(ConfigError::new(
+            at,
+            format!(
+                "names no policy this version knows ({}); known: {}",
+                names.join(", "),
+                LbPolicy::NAMES.join(", ")
+            ),
+        ));
+    }
+    Ok(chosen)
+}
+
+/// One entry, or `None` if its name is not one this crate knows.
+fn parse(name: &str, config: &Value, at: &str) -> Result<Option<LbPolicy>, ConfigError> {
+    let fields = object(config, at)?;
+    Ok(Some(match name {
+        "pick_first" => LbPolicy::PickFirst,
+        "round_robin" => LbPolicy::RoundRobin,
+        "least_request_experimental" | "least_request" => {
+            let choice_count = match fields.get("choiceCount") {
+                None => 2,
+                Some(value) => uint(value, &format!("{at}.choiceCount"))?,
+            };
+            if !(2..=10).contains(&choice_count) {
+                return Err(ConfigError::new(
+                    format!("{at}.choiceCount"),
+                    "must be 2 to 10",
+                ));
+            }
+            LbPolicy::LeastRequest { choice_count }
+        }
+        "weighted_round_robin" => LbPolicy::WeightedRoundRobin,
+        "outlier_detection_experimental" | "outlier_detection" => outlier(fields, at)?,
+        _ => return Ok(None),
+    }))
+}
+
+/// gRFC A50's config; an absent field takes A50's default, an absent
+/// ejection kind is off.
+fn outlier(fields: &Map<String, Value>, at: &str) -> Result<LbPolicy, ConfigError> {
+    let field = |key: &str| format!("{at}.{key}");
+    let time = |key: &str, default: Duration| -> Result<Duration, ConfigError> {
+        match fields.get(key) {
+            None => Ok(default),
+            Some(value) => duration(value, &field(key)),
+        }
+    };
+    let interval = time("interval", Duration::from_secs(10))?;
+    if interval.is_zero() {
+        return Err(ConfigError::new(field("interval"), "must be above 0s"));
+    }
+    let base_ejection_time = time("baseEjectionTime", Duration::from_secs(30))?;
+    let max_ejection_time = time("maxEjectionTime", Duration::from_secs(300))?;
+    let max_ejection_percent = percent(fields, "maxEjectionPercent", 10, at)?;
+    let success_rate = match fields.get("successRateEjection") {
+        None => None,
+        Some(value) => {
+            let at = field("successRateEjection");
+            let fields = object(value, &at)?;
+            Some(SuccessRateEjection {
+                stdev_factor: count(fields, "stdevFactor", 1900, &at)?,
+                enforcement_percentage: percent(fields, "enforcementPercentage", 100, &at)?,
+                minimum_hosts: count(fields, "minimumHosts", 5, &at)?,
+                request_volume: count(fields, "requestVolume", 100, &at)?,
+            })
+        }
+    };
+    let failure_percentage = match fields.get("failurePercentageEjection") {
+        None => None,
+        Some(value) => {
+            let at = field("failurePercentageEjection");
+            let fields = object(value, &at)?;
+            Some(FailurePercentageEjection {
+                threshold: percent(fields, "threshold", 85, &at)?,
+                enforcement_percentage: percent(fields, "enforcementPercentage", 100, &at)?,
+                minimum_hosts: count(fields, "minimumHosts", 5, &at)?,
+                request_volume: count(fields, "requestVolume", 50, &at)?,
+            })
+        }
+    };
+    let child_at = field("childPolicy");
+    let Some(children) = fields.get("childPolicy") else {
+        return Err(ConfigError::new(child_at, "is required"));
+    };
+    let children = super::json::policy_list(children, &child_at)?;
+    let child = choose(&children, &child_at)?
+        .ok_or_else(|| ConfigError::new(&child_at, "must name a policy"))?;
+    if matches!(child, LbPolicy::OutlierDetection { .. }) {
+        return Err(ConfigError::new(
+            child_at,
+            "outlier detection inside outlier detection is not supported",
+        ));
+    }
+    Ok(LbPolicy::OutlierDetection {
+        config: OutlierDetectionConfig {
+            interval,
+            base_ejection_time,
+            max_ejection_time,
+            max_ejection_percent,
+            success_rate,
+            failure_percentage,
+            ..OutlierDetectionConfig::default()
+        },
+        child: Box::new(child),
+    })
+}
+
+fn count(
+    fields: &Map<String, Value>,
+    key: &str,
+    default: u32,
+    at: &str,
+) -> Result<u32, ConfigError> {
+    match fields.get(key) {
+        None => Ok(default),
+        Some(value) => uint(value, &format!("{at}.{key}")),
+    }
+}
+
+fn percent(
+    fields: &Map<String, Value>,
+    key: &str,
+    default: u32,
+    at: &str,
+) -> Result<u32, ConfigError> {
+    let value = count(fields, key, default, at)?;
+    if value > 100 {
+        return Err(ConfigError::new(
+            format!("{at}.{key}"),
+            format!("must be a percentage (0-100), got {value}"),
+        ));
+    }
+    Ok(value)
+}
