@@ -42,6 +42,8 @@ enum Command {
     Drain(operator::EndpointArgs),
     /// Remove one endpoint by address.
     Deregister(operator::EndpointArgs),
+    /// Set, print or remove a service's service config (its traffic policy).
+    Config(operator::ConfigArgs),
 }
 
 #[tokio::main]
@@ -57,5 +59,6 @@ async fn main() {
         Command::Watch(args) => operator::watch(args).await,
         Command::Drain(args) => operator::drain(args).await,
         Command::Deregister(args) => operator::deregister(args).await,
+        Command::Config(args) => operator::config(args).await,
     }
 }

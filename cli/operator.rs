@@ -14,11 +14,13 @@ use switchboard::discovery::{Endpoint, Update, Versioned};
 use switchboard::process;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{
-    DeregisterEndpointRequest, DrainEndpointRequest, ListEndpointsRequest, ListServicesRequest,
+    DeleteServiceConfigRequest, DeregisterEndpointRequest, DrainEndpointRequest,
+    GetServiceConfigRequest, ListEndpointsRequest, ListServicesRequest, SetServiceConfigRequest,
     WatchRequest,
 };
 use switchboard::registry::auth::{Bearer, Token};
 use switchboard::registry::validate;
+use switchboard::service_config::ServiceConfig;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -425,4 +427,122 @@ fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
     for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// `switchboard config set|get|delete`: a service's traffic policy.
+#[derive(clap::Parser, Debug)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    action: ConfigAction,
+}
+
+/// What `switchboard config` does.
+#[derive(clap::Subcommand, Debug)]
+enum ConfigAction {
+    /// Set a service's gRPC service config from a JSON file (needs the
+    /// write token).
+    Set {
+        /// The service, e.g. lb.example.grpc.io.
+        service: String,
+        /// The JSON service config.
+        file: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Print a service's service config.
+    Get {
+        /// The service, e.g. lb.example.grpc.io.
+        service: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Remove a service's service config (needs the write token).
+    Delete {
+        /// The service, e.g. lb.example.grpc.io.
+        service: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// `switchboard config ...`.
+pub async fn config(args: ConfigArgs) {
+    or_exit(async {
+        match args.action {
+            ConfigAction::Set {
+                service,
+                file,
+                connection,
+            } => {
+                check_service(&service)?;
+                let json = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+                // Checked here first, so a bad file never reaches the wire.
+                ServiceConfig::from_json(&json).map_err(|e| format!("{}: {e}", file.display()))?;
+                let (mut client, registry) = connection.connect().await?;
+                let reply = client
+                    .set_service_config(timed(SetServiceConfigRequest {
+                        service: service.clone(),
+                        json,
+                    }))
+                    .await
+                    .map_err(|s| refused(&registry, &s))?
+                    .into_inner();
+                match connection.output {
+                    Output::Json => {
+                        println!("{}", json!({"service": service, "version": reply.version}))
+                    }
+                    Output::Table => println!(
+                        "set the service config of {service} (version {})",
+                        reply.version
+                    ),
+                }
+            }
+            ConfigAction::Get {
+                service,
+                connection,
+            } => {
+                check_service(&service)?;
+                let (mut client, registry) = connection.connect().await?;
+                let reply = client
+                    .get_service_config(timed(GetServiceConfigRequest {
+                        service: service.clone(),
+                    }))
+                    .await
+                    .map_err(|s| refused(&registry, &s))?
+                    .into_inner();
+                let config: Value = serde_json::from_str(&reply.json)
+                    .map_err(|e| format!("{registry} sent a config that is not JSON: {e}"))?;
+                match connection.output {
+                    Output::Json => println!(
+                        "{}",
+                        json!({"service": service, "version": reply.version, "config": config})
+                    ),
+                    Output::Table => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&config).unwrap_or(reply.json)
+                    ),
+                }
+            }
+            ConfigAction::Delete {
+                service,
+                connection,
+            } => {
+                check_service(&service)?;
+                let (mut client, registry) = connection.connect().await?;
+                client
+                    .delete_service_config(timed(DeleteServiceConfigRequest {
+                        service: service.clone(),
+                    }))
+                    .await
+                    .map_err(|s| refused(&registry, &s))?;
+                match connection.output {
+                    Output::Json => println!("{}", json!({"service": service, "deleted": true})),
+                    Output::Table => println!("deleted the service config of {service}"),
+                }
+            }
+        }
+        Ok(())
+    })
+    .await
 }

@@ -21,13 +21,15 @@ use tonic::Status;
 const REGISTRY_PATH: &str = "/switchboard.registry.v1.Registry/";
 
 /// Methods that change state and need the write token.
-const WRITE_METHODS: [&str; 6] = [
+const WRITE_METHODS: [&str; 8] = [
     "Register",
     "KeepAlive",
     "Drain",
     "Deregister",
     "DrainEndpoint",
     "DeregisterEndpoint",
+    "SetServiceConfig",
+    "DeleteServiceConfig",
 ];
 
 /// A secret bearer token. Its `Debug` output never shows the secret.

@@ -19,12 +19,17 @@ use super::{validate, RegistryConfig};
 use crate::metrics::rpc::{keep_end_cause, EndCause};
 use crate::proto::registry::registry_server::Registry as RegistryApi;
 use crate::proto::registry::{
+    DeleteServiceConfigRequest, DeleteServiceConfigResponse, GetServiceConfigRequest,
+    GetServiceConfigResponse, SetServiceConfigRequest, SetServiceConfigResponse,
+};
+use crate::proto::registry::{
     DeregisterEndpointRequest, DeregisterEndpointResponse, DeregisterRequest, DeregisterResponse,
     DrainEndpointRequest, DrainEndpointResponse, DrainRequest, DrainResponse, KeepAliveRequest,
     KeepAliveResponse, LeasedEndpoint, ListEndpointsRequest, ListEndpointsResponse,
     ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest,
     ResolveResponse, ServiceSummary, WatchRequest, WatchResponse,
 };
+use crate::service_config::ServiceConfig;
 
 /// The registry's gRPC service over a [`Store`]. Cheap to clone.
 #[derive(Clone)]
@@ -364,6 +369,49 @@ impl RegistryApi for Registry {
         tracing::info!(service = %req.service, address = %req.address, %peer, "operator deregistered endpoint");
         Ok(Response::new(DeregisterEndpointResponse {}))
     }
+
+    async fn set_service_config(
+        &self,
+        request: Request<SetServiceConfigRequest>,
+    ) -> Result<Response<SetServiceConfigResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        validate::service_name(&req.service)?;
+        let config = ServiceConfig::from_json(&req.json)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let version = self.shared.store.set_config(&req.service, &config).await?;
+        tracing::info!(service = %req.service, version, %peer, "operator set service config");
+        Ok(Response::new(SetServiceConfigResponse { version }))
+    }
+
+    async fn get_service_config(
+        &self,
+        request: Request<GetServiceConfigRequest>,
+    ) -> Result<Response<GetServiceConfigResponse>, Status> {
+        let req = request.into_inner();
+        validate::service_name(&req.service)?;
+        match self.shared.store.config(&req.service).await? {
+            Some(stored) => Ok(Response::new(GetServiceConfigResponse {
+                json: stored.json.to_string(),
+                version: stored.version,
+            })),
+            None => Err(no_config(&req.service)),
+        }
+    }
+
+    async fn delete_service_config(
+        &self,
+        request: Request<DeleteServiceConfigRequest>,
+    ) -> Result<Response<DeleteServiceConfigResponse>, Status> {
+        let peer = peer_of(&request);
+        let req = request.into_inner();
+        validate::service_name(&req.service)?;
+        if !self.shared.store.delete_config(&req.service).await? {
+            return Err(no_config(&req.service));
+        }
+        tracing::info!(service = %req.service, %peer, "operator deleted service config");
+        Ok(Response::new(DeleteServiceConfigResponse {}))
+    }
 }
 
 /// Counts one open Watch stream in the watchers gauge while it lives.
@@ -395,6 +443,10 @@ fn operator_request<T>(
     validate::service_name(service)?;
     validate::address(address)?;
     Ok((peer, req))
+}
+
+fn no_config(service: &str) -> Status {
+    Status::not_found(format!("service {service} has no service config"))
 }
 
 fn peer_of<T>(request: &Request<T>) -> String {

@@ -20,6 +20,7 @@ use futures_util::Stream;
 use super::lease::{LeaseId, StreamId};
 use super::RegistryError;
 use crate::discovery::{Endpoint, Versioned};
+use crate::service_config::ServiceConfig;
 
 /// The changes of one service as a store streams them: a reset first, then
 /// deltas, and a fresh reset whenever the watcher fell too far behind for
@@ -102,6 +103,32 @@ pub struct LeasedSnapshot {
     pub endpoints: Vec<LeasedEndpoint>,
 }
 
+/// One service's config as the store holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredConfig {
+    /// Increases with every change of this service's config within one
+    /// store history.
+    pub version: u64,
+    /// The config as JSON, as [`ServiceConfig::to_json`] writes it.
+    pub json: Arc<str>,
+    /// The same, parsed and validated.
+    pub config: Arc<ServiceConfig>,
+}
+
+impl StoredConfig {
+    /// A stored config from its JSON, which must parse: stores keep only
+    /// what the service validated.
+    pub fn from_json(version: u64, json: &str) -> Result<Self, RegistryError> {
+        let config = ServiceConfig::from_json(json)
+            .map_err(|e| RegistryError::Unavailable(format!("stored {e}")))?;
+        Ok(Self {
+            version,
+            json: json.into(),
+            config: Arc::new(config),
+        })
+    }
+}
+
 /// Holds the registry's state. Every method changes nothing when it
 /// returns an error.
 #[tonic::async_trait]
@@ -130,6 +157,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ends `lease` and removes its endpoint.
     async fn deregister(&self, lease: LeaseId) -> Result<(), RegistryError>;
+
+    /// Sets the service config of `service` (already validated); returns
+    /// its new version.
+    async fn set_config(&self, service: &str, config: &ServiceConfig)
+        -> Result<u64, RegistryError>;
+
+    /// The service config of `service`, if it has one.
+    async fn config(&self, service: &str) -> Result<Option<StoredConfig>, RegistryError>;
+
+    /// Removes the service config of `service`; false if it had none.
+    async fn delete_config(&self, service: &str) -> Result<bool, RegistryError>;
 
     /// The changes of `service`. With a `from` the store can continue (same
     /// epoch, history still held) the stream opens with the deltas after

@@ -53,6 +53,10 @@ impl Inner {
         format!("{}leases/{id}", self.prefix)
     }
 
+    pub(super) fn config_key(&self, service: &str) -> String {
+        format!("{}configs/{service}", self.prefix)
+    }
+
     pub(super) fn removed_key(&self, id: LeaseId) -> String {
         format!("{}removed/{id}", self.prefix)
     }

@@ -59,12 +59,13 @@ use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId, REMOVED_MEMORY}
 use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
-    Store, UpdateStream,
+    Store, StoredConfig, UpdateStream,
 };
 use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Endpoint, EndpointSet, EndpointState, Update, Versioned};
 use crate::proto::registry as pb;
 use crate::registry::fanout::Subscription;
+use crate::service_config::ServiceConfig;
 
 /// The etcd lease lives this many switchboard TTLs; see the module doc.
 pub const ETCD_TTL_FACTOR: u32 = 4;

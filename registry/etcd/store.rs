@@ -185,6 +185,50 @@ impl Store for EtcdStore {
         Ok(())
     }
 
+    /// The config is one key, its version the key's etcd revision, so
+    /// every replica reads the same version for the same config.
+    async fn set_config(
+        &self,
+        service: &str,
+        config: &ServiceConfig,
+    ) -> Result<u64, RegistryError> {
+        let inner = &self.inner;
+        let reply = inner
+            .client
+            .clone()
+            .put(inner.config_key(service), config.to_json(), None)
+            .await
+            .map_err(unreachable)?;
+        Ok(reply.header().map_or(0, |h| h.revision() as u64))
+    }
+
+    async fn config(&self, service: &str) -> Result<Option<StoredConfig>, RegistryError> {
+        let inner = &self.inner;
+        let reply = inner
+            .client
+            .clone()
+            .get(inner.config_key(service), None)
+            .await
+            .map_err(unreachable)?;
+        let Some(kv) = reply.kvs().first() else {
+            return Ok(None);
+        };
+        let json = std::str::from_utf8(kv.value())
+            .map_err(|_| RegistryError::Unavailable("stored service config is not UTF-8".into()))?;
+        StoredConfig::from_json(kv.mod_revision() as u64, json).map(Some)
+    }
+
+    async fn delete_config(&self, service: &str) -> Result<bool, RegistryError> {
+        let inner = &self.inner;
+        let reply = inner
+            .client
+            .clone()
+            .delete(inner.config_key(service), None)
+            .await
+            .map_err(unreachable)?;
+        Ok(reply.deleted() > 0)
+    }
+
     async fn deregister(&self, lease: LeaseId) -> Result<(), RegistryError> {
         let inner = &self.inner;
         let record = inner.record(lease).await?;

@@ -31,10 +31,11 @@ use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId};
 use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
-    Store, UpdateStream,
+    Store, StoredConfig, UpdateStream,
 };
 use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Delta, Endpoint, EndpointState, Update};
+use crate::service_config::ServiceConfig;
 
 /// The registry's state in this process.
 pub struct MemoryStore {
@@ -53,6 +54,8 @@ struct Inner {
     /// unused and created again.
     revision: AtomicU64,
     services: DashMap<Arc<str>, ServiceEntry>,
+    /// Service configs, by service; versions come from `revision` too.
+    configs: DashMap<Arc<str>, StoredConfig>,
     leases: LeaseTable,
     /// Cap on endpoints in one service.
     max_endpoints_per_service: usize,
@@ -92,6 +95,7 @@ impl MemoryStore {
             epoch,
             revision: AtomicU64::new(0),
             services: DashMap::new(),
+            configs: DashMap::new(),
             leases: LeaseTable::default(),
             max_endpoints_per_service: config.max_endpoints_per_service,
             max_services: config.max_services,
@@ -207,6 +211,29 @@ impl Store for MemoryStore {
         self.inner.remove(&lease.service, &lease.address, id);
         self.inner.metrics.deregistrations.inc();
         Ok(())
+    }
+
+    async fn set_config(
+        &self,
+        service: &str,
+        config: &ServiceConfig,
+    ) -> Result<u64, RegistryError> {
+        let version = self.inner.revision.fetch_add(1, Ordering::Relaxed) + 1;
+        let stored = StoredConfig {
+            version,
+            json: config.to_json().into(),
+            config: Arc::new(config.clone()),
+        };
+        self.inner.configs.insert(service.into(), stored);
+        Ok(version)
+    }
+
+    async fn config(&self, service: &str) -> Result<Option<StoredConfig>, RegistryError> {
+        Ok(self.inner.configs.get(service).map(|c| c.clone()))
+    }
+
+    async fn delete_config(&self, service: &str) -> Result<bool, RegistryError> {
+        Ok(self.inner.configs.remove(service).is_some())
     }
 
     /// This store keeps no history beyond its watchers' ring, so a resumed

@@ -254,3 +254,56 @@ async fn binaries_present_their_token_files() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_config_writes_need_the_write_token_and_reads_the_read_token() {
+    use switchboard::proto::registry::{
+        DeleteServiceConfigRequest, GetServiceConfigRequest, SetServiceConfigRequest,
+    };
+    let channel = connect(&protected_registry().await).await;
+    let set = || SetServiceConfigRequest {
+        service: SERVICE.into(),
+        json: r#"{"loadBalancingConfig": [{"round_robin": {}}]}"#.into(),
+    };
+    let get = || GetServiceConfigRequest {
+        service: SERVICE.into(),
+    };
+    for token in [None, Some(READ)] {
+        let outcome = client_with(&channel, token).set_service_config(set()).await;
+        expect_status(outcome, Code::Unauthenticated, "SetServiceConfig");
+    }
+    let outcome = client_with(&channel, None).get_service_config(get()).await;
+    expect_status(
+        outcome,
+        Code::Unauthenticated,
+        "GetServiceConfig needs the registry's read token",
+    );
+    // The refusals stored nothing.
+    let outcome = client_with(&channel, Some(READ))
+        .get_service_config(get())
+        .await;
+    expect_status(outcome, Code::NotFound, "has no service config");
+
+    let mut writer = client_with(&channel, Some(WRITE));
+    let version = writer
+        .set_service_config(set())
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    let stored = client_with(&channel, Some(READ))
+        .get_service_config(get())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.version, version);
+    assert!(stored.json.contains("round_robin"), "{}", stored.json);
+    let delete = DeleteServiceConfigRequest {
+        service: SERVICE.into(),
+    };
+    let outcome = client_with(&channel, Some(READ))
+        .delete_service_config(delete.clone())
+        .await;
+    expect_status(outcome, Code::Unauthenticated, "DeleteServiceConfig");
+    writer.delete_service_config(delete).await.unwrap();
+}

@@ -24,6 +24,7 @@ mod interop;
 mod limits;
 mod metrics;
 mod ops;
+mod policy;
 mod properties;
 mod registry;
 mod resume;

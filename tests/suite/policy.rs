@@ -1,0 +1,187 @@
+//! Per-service traffic policy held by the registry: `switchboard config
+//! set|get|delete` against a real registry process, and every bad config
+//! refused with INVALID_ARGUMENT naming its field, changing nothing.
+
+use crate::common::cases::{self, case, expect_status, Case};
+use crate::common::*;
+use serde_json::Value;
+use switchboard::proto::registry::{GetServiceConfigRequest, SetServiceConfigRequest};
+use switchboard::service_config::ServiceConfig;
+use tonic::Code;
+
+const RETRY: &str = r#"{
+  "loadBalancingConfig": [{"outlier_detection_experimental": {
+    "interval": "1s", "failurePercentageEjection": {"requestVolume": 10},
+    "childPolicy": [{"round_robin": {}}]}}],
+  "methodConfig": [{"name": [{"service": "grpc.examples.echo.Echo"}],
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+}"#;
+
+/// A file holding `text`, unique to this test run.
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("configs-{}", free_port().expect("free port")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_set_get_and_delete_round_trip_through_the_cli() {
+    let port = free_port().expect("free port");
+    let _registry = start_registry(port).await;
+    let reg = local(port);
+    let file = config_file("retry.json", RETRY);
+    let file = file.to_str().unwrap();
+
+    let set = run_ok(&[
+        "config",
+        "set",
+        SERVICE,
+        file,
+        "--registry",
+        &reg,
+        "-o",
+        "json",
+    ])
+    .await;
+    let set: Value = serde_json::from_str(&set[0]).unwrap();
+    let version = set["version"].as_u64().expect("a version");
+
+    let got = run_ok(&["config", "get", SERVICE, "--registry", &reg, "-o", "json"]).await;
+    let got: Value = serde_json::from_str(&got.join("\n")).unwrap();
+    assert_eq!(got["version"].as_u64(), Some(version));
+    // What comes back is the same config, written out in full.
+    assert_eq!(
+        ServiceConfig::from_json(&got["config"].to_string()),
+        ServiceConfig::from_json(RETRY)
+    );
+
+    // A second set is a new version.
+    let again = run_ok(&[
+        "config",
+        "set",
+        SERVICE,
+        file,
+        "--registry",
+        &reg,
+        "-o",
+        "json",
+    ])
+    .await;
+    let again: Value = serde_json::from_str(&again[0]).unwrap();
+    assert!(again["version"].as_u64().unwrap() > version, "{again}");
+
+    let deleted = run_ok(&["config", "delete", SERVICE, "--registry", &reg]).await;
+    assert_eq!(
+        deleted,
+        [format!("deleted the service config of {SERVICE}")]
+    );
+    let (code, lines) = run(&["config", "get", SERVICE, "--registry", &reg]).await;
+    assert_eq!(code, Some(1), "{lines:?}");
+    assert!(
+        lines.len() == 1 && lines[0].contains("has no service config"),
+        "{lines:?}"
+    );
+    let (code, lines) = run(&["config", "delete", SERVICE, "--registry", &reg]).await;
+    assert_eq!(code, Some(1), "{lines:?}");
+
+    // A bad file is refused before it reaches the registry, naming the field.
+    let bad = config_file(
+        "bad.json",
+        r#"{"methodConfig": [{"name": [{}], "timeout": "1"}]}"#,
+    );
+    let (code, lines) = run(&[
+        "config",
+        "set",
+        SERVICE,
+        bad.to_str().unwrap(),
+        "--registry",
+        &reg,
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{lines:?}");
+    assert!(
+        lines.len() == 1 && lines[0].contains("methodConfig[0].timeout"),
+        "{lines:?}"
+    );
+}
+
+/// Bad configs as the registry sees them: what each must be answered.
+fn bad_configs() -> Vec<Case<(&'static str, &'static str), &'static str>> {
+    vec![
+        case(
+            "not JSON",
+            (SERVICE, "{"),
+            "service config: line 1 column 1: not valid JSON",
+        ),
+        case(
+            "not an object",
+            (SERVICE, "[]"),
+            "service config: (top level): must be an object",
+        ),
+        case(
+            "unknown policies only",
+            (SERVICE, r#"{"loadBalancingConfig": [{"magic": {}}]}"#),
+            "service config: loadBalancingConfig: names no policy this version knows (magic)",
+        ),
+        case(
+            "outlier detection without a child",
+            (
+                SERVICE,
+                r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {}}]}"#,
+            ),
+            "loadBalancingConfig[0].outlier_detection_experimental.childPolicy: is required",
+        ),
+        case(
+            "a retry policy without codes",
+            (
+                SERVICE,
+                r#"{"methodConfig": [{"name": [{}], "retryPolicy": {"maxAttempts": 2,
+                    "initialBackoff": "1s", "maxBackoff": "1s", "backoffMultiplier": 1}}]}"#,
+            ),
+            "methodConfig[0].retryPolicy.retryableStatusCodes",
+        ),
+        case("a bad service name", ("not a service!", "{}"), "service"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configs_are_refused_naming_the_field_and_change_nothing() {
+    let port = free_port().expect("free port");
+    let _registry = start_registry(port).await;
+    let mut client = registry_client(&local(port), STARTUP).await;
+    let good = client
+        .set_service_config(SetServiceConfigRequest {
+            service: SERVICE.into(),
+            json: RETRY.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    cases::in_turn(bad_configs(), |call| {
+        let mut client = client.clone();
+        async move {
+            let (service, json) = call.input;
+            let outcome = client
+                .set_service_config(SetServiceConfigRequest {
+                    service: service.into(),
+                    json: json.into(),
+                })
+                .await;
+            expect_status(outcome, Code::InvalidArgument, call.expected);
+            let stored = client
+                .get_service_config(GetServiceConfigRequest {
+                    service: SERVICE.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(stored.version, good, "a refusal changed the config");
+        }
+    })
+    .await;
+}
