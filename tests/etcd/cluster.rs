@@ -1131,3 +1131,54 @@ async fn operator_commands_through_one_replica_reach_the_watchers_of_another() {
     assert!(!drained.1.has_line("an operator removed this endpoint"));
     took(test, started);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_config_set_at_one_replica_is_read_at_every_replica_and_survives_them_all() {
+    use switchboard::proto::registry::{GetServiceConfigRequest, SetServiceConfigRequest};
+    let test = "a_service_config_set_at_one_replica_is_read_at_every_replica_and_survives_them_all";
+    let Some((_etcd, mut replicas, _)) = etcd_with_replicas(test, "/sb-config/", 2).await else {
+        return;
+    };
+    let json = r#"{"loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{}], "timeout": "2s"}]}"#;
+    let version = replicas[0]
+        .client()
+        .await
+        .set_service_config(SetServiceConfigRequest {
+            service: SERVICE.into(),
+            json: json.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    let get = || GetServiceConfigRequest {
+        service: SERVICE.into(),
+    };
+    let expected = switchboard::service_config::ServiceConfig::from_json(json).unwrap();
+    // Every replica reads the same config at the same version, before and
+    // after all of them were killed and restarted.
+    for round in ["live", "restarted"] {
+        for replica in &replicas {
+            let stored = replica
+                .client()
+                .await
+                .get_service_config(get())
+                .await
+                .unwrap_or_else(|s| panic!("{round}: {}: {s:?}", replica.address()))
+                .into_inner();
+            assert_eq!(stored.version, version, "{round}");
+            assert_eq!(
+                switchboard::service_config::ServiceConfig::from_json(&stored.json).unwrap(),
+                expected,
+                "{round}"
+            );
+        }
+        for replica in &mut replicas {
+            replica.kill();
+        }
+        for replica in &mut replicas {
+            replica.restart(&[]).await;
+        }
+    }
+}
