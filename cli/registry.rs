@@ -40,7 +40,8 @@ pub struct Args {
     #[arg(long, default_value_t = RegistryConfig::default().max_message_bytes)]
     max_message_bytes: usize,
     /// File whose first line is the token writers (Register, KeepAlive,
-    /// Drain, Deregister and their by-address forms) must present; without it anyone may write.
+    /// Drain, Deregister, their by-address forms, and setting or deleting
+    /// service configs) must present; without it anyone may write.
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
     /// File whose first line is the token readers (Watch, Resolve,
@@ -53,6 +54,10 @@ pub struct Args {
     /// (port 0 picks a free port); off by default.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Keep service configs as `<service>.json` files in DIR: read at
+    /// start and on every change, written by `switchboard config set`.
+    #[arg(long, value_name = "DIR")]
+    service_config_dir: Option<std::path::PathBuf>,
     /// Log lines as text or as JSON objects.
     #[arg(long, value_enum, default_value_t = process::LogFormat::Text)]
     log_format: process::LogFormat,
@@ -113,6 +118,15 @@ pub async fn run(args: Args) {
         "etcd" => etcd_registry(&args, &config).await,
         _ => registry::Registry::new(&config),
     };
+    let _config_dir = args.service_config_dir.as_ref().map(|dir| {
+        let dir = registry::config_dir::ConfigDir::open(dir).unwrap_or_else(|e| {
+            process::exit_with(&format!(
+                "invalid --service-config-dir {}: {e}",
+                dir.display()
+            ))
+        });
+        service.follow_config_dir(std::sync::Arc::new(dir))
+    });
     let status = match args.metrics_listen {
         Some(addr) => {
             let listener = process::bind_metrics(addr).await;

@@ -29,6 +29,8 @@
 
 pub mod auth;
 pub mod cap;
+/// Service configs kept as files (`--service-config-dir`).
+pub mod config_dir;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;

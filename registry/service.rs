@@ -10,6 +10,7 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::config_dir::ConfigDir;
 use super::lease::{LeaseId, StreamId};
 use super::limits::{RegistrationRate, WatchSlots};
 use super::memory::MemoryStore;
@@ -49,6 +50,8 @@ struct Shared {
     registration_rate: RegistrationRate,
     /// Counts open watchers.
     metrics: super::metrics::RegistryMetrics,
+    /// Where service configs are kept as files, if anywhere.
+    config_dir: std::sync::OnceLock<Arc<ConfigDir>>,
 }
 
 impl Registry {
@@ -72,8 +75,17 @@ impl Registry {
                 ),
                 registration_rate: RegistrationRate::new(config.max_registrations_per_second),
                 metrics: config.metrics.clone(),
+                config_dir: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Keeps service configs in `dir` as well as in the store: loads them
+    /// now and whenever the files change (in the returned task), and
+    /// writes every config an operator sets. Once per registry.
+    pub fn follow_config_dir(&self, dir: Arc<ConfigDir>) -> tokio::task::JoinHandle<()> {
+        let _ = self.shared.config_dir.set(dir.clone());
+        tokio::spawn(dir.follow(self.shared.store.clone()))
     }
 
     /// The epoch that identifies the store's history.
@@ -379,6 +391,12 @@ impl RegistryApi for Registry {
         validate::service_name(&req.service)?;
         let config = ServiceConfig::from_json(&req.json)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // The file first: a config that cannot be kept is not set.
+        if let Some(dir) = self.shared.config_dir.get() {
+            dir.write(&req.service, &config.to_json()).map_err(|e| {
+                Status::unavailable(format!("cannot write the service config file: {e}"))
+            })?;
+        }
         let version = self.shared.store.set_config(&req.service, &config).await?;
         tracing::info!(service = %req.service, version, %peer, "operator set service config");
         Ok(Response::new(SetServiceConfigResponse { version }))
@@ -406,6 +424,11 @@ impl RegistryApi for Registry {
         let peer = peer_of(&request);
         let req = request.into_inner();
         validate::service_name(&req.service)?;
+        if let Some(dir) = self.shared.config_dir.get() {
+            dir.remove(&req.service).map_err(|e| {
+                Status::unavailable(format!("cannot remove the service config file: {e}"))
+            })?;
+        }
         if !self.shared.store.delete_config(&req.service).await? {
             return Err(no_config(&req.service));
         }

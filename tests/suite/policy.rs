@@ -185,3 +185,111 @@ async fn bad_configs_are_refused_naming_the_field_and_change_nothing() {
     })
     .await;
 }
+
+/// A memory registry on `port` keeping its service configs in `dir`.
+async fn registry_with_dir(port: u16, dir: &std::path::Path) -> Proc {
+    let listen = local(port);
+    let proc = Proc::sub(
+        "registry",
+        &[
+            "--listen",
+            &listen,
+            "--service-config-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    proc.wait_line("registry listening on", STARTUP).await;
+    proc
+}
+
+/// The config version of `service` at `registry` once `check` holds for
+/// what it answers (`None`: no config).
+async fn wait_config(
+    registry: &str,
+    service: &str,
+    what: &str,
+    check: impl Fn(Option<&ServiceConfig>) -> bool,
+) -> Option<u64> {
+    let client = registry_client(registry, STARTUP).await;
+    wait_for(what, STARTUP, || {
+        let mut client = client.clone();
+        let check = &check;
+        async move {
+            let answer = client
+                .get_service_config(GetServiceConfigRequest {
+                    service: service.into(),
+                })
+                .await;
+            match answer {
+                Ok(reply) => {
+                    let reply = reply.into_inner();
+                    let config = ServiceConfig::from_json(&reply.json).unwrap();
+                    check(Some(&config)).then_some(Some(reply.version))
+                }
+                Err(status) if status.code() == Code::NotFound => check(None).then_some(None),
+                Err(status) => panic!("{what}: {status:?}"),
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_dir_is_loaded_followed_written_and_survives_a_restart() {
+    let dir = config_file("unused", "").parent().unwrap().join("dir");
+    let timeout = r#"{"methodConfig": [{"name": [{}], "timeout": "2s"}]}"#;
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{SERVICE}.json")), timeout).unwrap();
+    let port = free_port().expect("free port");
+    let mut registry = registry_with_dir(port, &dir).await;
+    let reg = local(port);
+    let expected = ServiceConfig::from_json(timeout).unwrap();
+    wait_config(&reg, SERVICE, "the file's config", |c| c == Some(&expected)).await;
+
+    // Set through the registry: written to the directory.
+    let other = "other.example";
+    let file = config_file("retry.json", RETRY);
+    run_ok(&[
+        "config",
+        "set",
+        other,
+        file.to_str().unwrap(),
+        "--registry",
+        &reg,
+    ])
+    .await;
+    let written = std::fs::read_to_string(dir.join(format!("{other}.json"))).unwrap();
+    assert_eq!(
+        ServiceConfig::from_json(&written),
+        ServiceConfig::from_json(RETRY)
+    );
+
+    // kill -9 and start again: both are back.
+    registry.kill();
+    let _registry = registry_with_dir(port, &dir).await;
+    wait_config(&reg, SERVICE, "the file's config after a restart", |c| {
+        c == Some(&expected)
+    })
+    .await;
+    let retry = ServiceConfig::from_json(RETRY).unwrap();
+    let version = wait_config(&reg, other, "the set config after a restart", |c| {
+        c == Some(&retry)
+    })
+    .await;
+
+    // A bad edit is refused and the config stays; a good one applies.
+    std::fs::write(dir.join(format!("{other}.json")), "{ not json").unwrap();
+    _registry
+        .wait_line("service config file refused", STARTUP)
+        .await;
+    assert_eq!(
+        wait_config(&reg, other, "the config kept", |c| c == Some(&retry)).await,
+        version
+    );
+    std::fs::write(dir.join(format!("{other}.json")), timeout).unwrap();
+    wait_config(&reg, other, "the edited config", |c| c == Some(&expected)).await;
+
+    // A removed file removes its config.
+    std::fs::remove_file(dir.join(format!("{SERVICE}.json"))).unwrap();
+    wait_config(&reg, SERVICE, "the config removed", |c| c.is_none()).await;
+}
