@@ -29,7 +29,7 @@
 
 pub mod auth;
 pub mod cap;
-/// Service configs kept as files (`--service-config-dir`).
+#[cfg(feature = "registry")]
 pub mod config_dir;
 pub mod error;
 #[cfg(feature = "etcd")]
