@@ -146,17 +146,7 @@ async fn kill(config: &Config, registry: &str, mode: Mode) -> Result<Cell, BoxEr
     tokio::time::sleep(config.window).await;
     let shots = load.stop().await;
     drop(backends);
-    Ok(Cell {
-        failed: shots.iter().filter(|s| s.result.is_err()).count(),
-        main: format!("**{}** of {}", failures(&shots), shots.len()),
-        detail: vec![
-            "SIGKILL one backend".into(),
-            mode.name().into(),
-            shots.len().to_string(),
-            failures(&shots),
-            extra_attempts(channel.retry_stats()),
-        ],
-    })
+    Ok(failed_cell("SIGKILL one backend", mode, &shots, &channel))
 }
 
 async fn failing(config: &Config, registry: &str, mode: Mode) -> Result<Cell, BoxError> {
@@ -172,17 +162,28 @@ async fn failing(config: &Config, registry: &str, mode: Mode) -> Result<Cell, Bo
     tokio::time::sleep(config.window).await;
     let shots = load.stop().await;
     drop(backends);
-    Ok(Cell {
+    Ok(failed_cell(
+        "one backend fails 100 % UNAVAILABLE",
+        mode,
+        &shots,
+        &channel,
+    ))
+}
+
+/// A fault row's cell: how many of `shots` failed, and what `channel`
+/// sent beyond one attempt per call.
+fn failed_cell(scenario: &str, mode: Mode, shots: &[Shot], channel: &BalancedChannel) -> Cell {
+    Cell {
         failed: shots.iter().filter(|s| s.result.is_err()).count(),
-        main: format!("**{}** of {}", failures(&shots), shots.len()),
+        main: format!("**{}** of {}", failures(shots), shots.len()),
         detail: vec![
-            "one backend fails 100 % UNAVAILABLE".into(),
+            scenario.into(),
             mode.name().into(),
             shots.len().to_string(),
-            failures(&shots),
+            failures(shots),
             extra_attempts(channel.retry_stats()),
         ],
-    })
+    }
 }
 
 /// The slow scenario's latencies: all measured calls, and those the fast
