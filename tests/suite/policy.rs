@@ -28,6 +28,23 @@ fn config_file(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// `switchboard config set SERVICE file -o json`; returns the version.
+async fn cli_set(registry: &str, file: &str) -> u64 {
+    let lines = run_ok(&[
+        "config",
+        "set",
+        SERVICE,
+        file,
+        "--registry",
+        registry,
+        "-o",
+        "json",
+    ])
+    .await;
+    let reply: Value = serde_json::from_str(&lines[0]).unwrap();
+    reply["version"].as_u64().expect("a version")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_set_get_and_delete_round_trip_through_the_cli() {
     let port = free_port().expect("free port");
@@ -36,19 +53,7 @@ async fn config_set_get_and_delete_round_trip_through_the_cli() {
     let file = config_file("retry.json", RETRY);
     let file = file.to_str().unwrap();
 
-    let set = run_ok(&[
-        "config",
-        "set",
-        SERVICE,
-        file,
-        "--registry",
-        &reg,
-        "-o",
-        "json",
-    ])
-    .await;
-    let set: Value = serde_json::from_str(&set[0]).unwrap();
-    let version = set["version"].as_u64().expect("a version");
+    let version = cli_set(&reg, file).await;
 
     let got = run_ok(&["config", "get", SERVICE, "--registry", &reg, "-o", "json"]).await;
     let got: Value = serde_json::from_str(&got.join("\n")).unwrap();
@@ -60,19 +65,8 @@ async fn config_set_get_and_delete_round_trip_through_the_cli() {
     );
 
     // A second set is a new version.
-    let again = run_ok(&[
-        "config",
-        "set",
-        SERVICE,
-        file,
-        "--registry",
-        &reg,
-        "-o",
-        "json",
-    ])
-    .await;
-    let again: Value = serde_json::from_str(&again[0]).unwrap();
-    assert!(again["version"].as_u64().unwrap() > version, "{again}");
+    let again = cli_set(&reg, file).await;
+    assert!(again > version, "{again} after {version}");
 
     let deleted = run_ok(&["config", "delete", SERVICE, "--registry", &reg]).await;
     assert_eq!(
