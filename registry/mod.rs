@@ -16,6 +16,8 @@
 //! - [`lease`]: lease ids and the deadline-ordered lease table;
 //! - [`store`]: the [`Store`] seam: leases, endpoint sets, versions, epoch
 //!   and change streams, whatever holds them;
+//! - `configs`: every service's config, with a channel per service to
+//!   follow it;
 //! - [`memory`]: the in-memory store, the default;
 //! - `etcd` (feature `etcd`): replicas sharing one etcd cluster;
 //! - [`watch`]: one Watch call's messages on the wire;
@@ -31,6 +33,8 @@ pub mod auth;
 pub mod cap;
 #[cfg(feature = "registry")]
 pub mod config_dir;
+#[cfg(feature = "registry")]
+pub(crate) mod configs;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;

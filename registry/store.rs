@@ -27,6 +27,10 @@ use crate::service_config::ServiceConfig;
 /// deltas to be trusted. Items are shared by every watcher of the service.
 pub type UpdateStream = Pin<Box<dyn Stream<Item = Arc<Versioned>> + Send + 'static>>;
 
+/// One service's config as it changes: the current value (`None`: the
+/// service has no config), then the latest after each change.
+pub type ConfigWatch = tokio::sync::watch::Receiver<Option<StoredConfig>>;
+
 /// Where a watcher stands: the epoch and version of the last update it
 /// applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +172,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes the service config of `service`; false if it had none.
     async fn delete_config(&self, service: &str) -> Result<bool, RegistryError>;
+
+    /// Follows the service config of `service`, as this process knows it:
+    /// what Watch and xDS streams push.
+    async fn watch_config(&self, service: &str) -> Result<ConfigWatch, RegistryError>;
 
     /// The changes of `service`. With a `from` the store can continue (same
     /// epoch, history still held) the stream opens with the deltas after

@@ -32,6 +32,10 @@
 //! all of the replica's watchers. A compacted or broken etcd watch is
 //! followed by a re-list whose difference is sent as a delta: never an
 //! empty reset. A hub nobody watched for two checks in a row ends.
+//!
+//! Service configs live at `configs/<service>` (JSON, off any lease),
+//! versioned by their key's mod revision. One prefix watch per replica
+//! feeds them to every stream that follows a config.
 
 mod hub;
 mod keys;
@@ -54,12 +58,13 @@ use tokio::time::Instant;
 
 use self::hub::{follow, Hub};
 use self::keys::{unix_ms, Holder};
-use self::tasks::{expire_leases, follow_removals, probe};
+use self::tasks::{expire_leases, follow_configs, follow_removals, probe};
+use super::configs::ConfigFeed;
 use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId, REMOVED_MEMORY};
 use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
-    Store, StoredConfig, UpdateStream,
+    ConfigWatch, Store, StoredConfig, UpdateStream,
 };
 use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Endpoint, EndpointSet, EndpointState, Update, Versioned};
@@ -103,6 +108,10 @@ struct Inner {
     removed: RemovedLeases,
     /// One per watched service.
     hubs: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+    /// Every service config, fed by one prefix watch.
+    configs: ConfigFeed,
+    /// Whether `configs` has been listed from etcd at least once.
+    configs_listed: tokio::sync::watch::Sender<bool>,
     max_endpoints_per_service: usize,
     max_services: usize,
     metrics: RegistryMetrics,
@@ -166,6 +175,8 @@ impl EtcdStore {
             bound: Mutex::new(HashMap::new()),
             removed: RemovedLeases::default(),
             hubs: tokio::sync::Mutex::new(HashMap::new()),
+            configs: ConfigFeed::default(),
+            configs_listed: tokio::sync::watch::channel(false).0,
             max_endpoints_per_service: config.max_endpoints_per_service,
             max_services: config.max_services,
             metrics: config.metrics.clone(),
@@ -180,6 +191,7 @@ impl EtcdStore {
             tokio::spawn(async move { stalls.leases.watch_for_stalls().await }),
             tokio::spawn(probe(inner.clone())),
             tokio::spawn(follow_removals(inner.clone())),
+            tokio::spawn(follow_configs(inner.clone())),
         ];
         Ok(Self { inner, tasks })
     }

@@ -229,6 +229,22 @@ impl Store for EtcdStore {
         Ok(reply.deleted() > 0)
     }
 
+    /// From the replica's feed, which the configs prefix watch keeps
+    /// current: the config as of the first listing, then every change.
+    async fn watch_config(&self, service: &str) -> Result<ConfigWatch, RegistryError> {
+        let inner = &self.inner;
+        let mut listed = inner.configs_listed.subscribe();
+        let ready = tokio::time::timeout(ETCD_CALL_TIMEOUT * 2, listed.wait_for(|l| *l))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match ready {
+            true => Ok(inner.configs.watch(service)),
+            false => Err(RegistryError::Unavailable(
+                "etcd unreachable: service configs not listed yet".into(),
+            )),
+        }
+    }
+
     async fn deregister(&self, lease: LeaseId) -> Result<(), RegistryError> {
         let inner = &self.inner;
         let record = inner.record(lease).await?;

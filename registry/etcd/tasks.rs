@@ -75,6 +75,88 @@ pub(super) async fn follow_removals(inner: Arc<Inner>) {
     }
 }
 
+/// Keeps the replica's config feed equal to the `configs/` keys: a listing,
+/// then a watch from the revision after it; a listing again whenever the
+/// watch breaks or is compacted.
+pub(super) async fn follow_configs(inner: Arc<Inner>) {
+    let prefix = format!("{}configs/", inner.prefix);
+    loop {
+        if inner.is_stopped() {
+            return;
+        }
+        let listed = inner
+            .client
+            .clone()
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await;
+        let reply = match listed {
+            Ok(reply) => reply,
+            Err(err) => {
+                tracing::debug!(%err, "cannot list service configs; streams keep theirs");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        let revision = reply.header().map_or(0, |h| h.revision());
+        let all = reply
+            .kvs()
+            .iter()
+            .filter_map(|kv| stored_config(&prefix, kv))
+            .collect();
+        inner.configs.put_all(all);
+        inner.configs_listed.send_replace(true);
+        let options = etcd_client::WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        if let Ok(mut stream) = inner.client.clone().watch(prefix.clone(), Some(options)).await {
+            loop {
+                let reply = tokio::select! {
+                    reply = stream.message() => reply,
+                    () = inner.stopped() => return,
+                };
+                let Ok(Some(reply)) = reply else { break };
+                if reply.compact_revision() > 0 || reply.canceled() {
+                    break;
+                }
+                for event in reply.events() {
+                    let Some(kv) = event.kv() else { continue };
+                    match event.event_type() {
+                        etcd_client::EventType::Put => {
+                            if let Some((service, config)) = stored_config(&prefix, kv) {
+                                inner.configs.put(&service, Some(config));
+                            }
+                        }
+                        etcd_client::EventType::Delete => {
+                            if let Some(service) =
+                                kv.key_str().ok().and_then(|k| k.strip_prefix(&prefix))
+                            {
+                                inner.configs.put(service, None);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The service and config of one `configs/` key; `None` (logged) for one
+/// that does not parse, which only a hand-edited etcd holds.
+fn stored_config(prefix: &str, kv: &etcd_client::KeyValue) -> Option<(String, StoredConfig)> {
+    let service = kv.key_str().ok()?.strip_prefix(prefix)?;
+    let parsed = std::str::from_utf8(kv.value())
+        .map_err(|_| RegistryError::Unavailable("not UTF-8".into()))
+        .and_then(|json| StoredConfig::from_json(kv.mod_revision() as u64, json));
+    match parsed {
+        Ok(config) => Some((service.to_owned(), config)),
+        Err(err) => {
+            tracing::warn!(%service, %err, "ignoring a service config in etcd");
+            None
+        }
+    }
+}
+
 impl Inner {
     /// Ends a lease of this replica, locally at once and in etcd in the
     /// background (callers may not await), retrying while etcd is away.

@@ -26,12 +26,13 @@ use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::configs::ConfigFeed;
 use super::fanout::{Fanout, Subscription};
 use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId};
 use super::metrics::RegistryMetrics;
 use super::store::{
     Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
-    Store, StoredConfig, UpdateStream,
+    ConfigWatch, Store, StoredConfig, UpdateStream,
 };
 use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Delta, Endpoint, EndpointState, Update};
@@ -55,7 +56,7 @@ struct Inner {
     revision: AtomicU64,
     services: DashMap<Arc<str>, ServiceEntry>,
     /// Service configs, by service; versions come from `revision` too.
-    configs: DashMap<Arc<str>, StoredConfig>,
+    configs: ConfigFeed,
     leases: LeaseTable,
     /// Cap on endpoints in one service.
     max_endpoints_per_service: usize,
@@ -95,7 +96,7 @@ impl MemoryStore {
             epoch,
             revision: AtomicU64::new(0),
             services: DashMap::new(),
-            configs: DashMap::new(),
+            configs: ConfigFeed::default(),
             leases: LeaseTable::default(),
             max_endpoints_per_service: config.max_endpoints_per_service,
             max_services: config.max_services,
@@ -224,16 +225,20 @@ impl Store for MemoryStore {
             json: config.to_json().into(),
             config: Arc::new(config.clone()),
         };
-        self.inner.configs.insert(service.into(), stored);
+        self.inner.configs.put(service, Some(stored));
         Ok(version)
     }
 
     async fn config(&self, service: &str) -> Result<Option<StoredConfig>, RegistryError> {
-        Ok(self.inner.configs.get(service).map(|c| c.clone()))
+        Ok(self.inner.configs.get(service))
     }
 
     async fn delete_config(&self, service: &str) -> Result<bool, RegistryError> {
-        Ok(self.inner.configs.remove(service).is_some())
+        Ok(self.inner.configs.put(service, None))
+    }
+
+    async fn watch_config(&self, service: &str) -> Result<ConfigWatch, RegistryError> {
+        Ok(self.inner.configs.watch(service))
     }
 
     /// This store keeps no history beyond its watchers' ring, so a resumed
