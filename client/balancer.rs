@@ -16,12 +16,13 @@ use arc_swap::ArcSwap;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::channel::config::{ConfigSelector, PolicyChoice};
 use super::error::{Error, ResolverError};
 use super::metrics::ChannelMetrics;
 use super::policy::{Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, Subchannels};
 use super::resolver::{Endpoint, ResolveNow, ResolverEvent};
 use super::subchannel::{ConnectConfig, ConnectivityState, ReadyConnection, SubchannelEvent};
-use crate::discovery::EndpointSet;
+use crate::discovery::{Applied, EndpointSet};
 
 /// What the channel looks like now, for tests, the CLI and users.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,11 +41,15 @@ pub struct BalancerState {
     /// down), while the last known endpoints stay in use; the text of a
     /// [`ResolverError`].
     pub resolver_error: Option<String>,
+    /// The policy RPCs are picked by (`outlier_detection` when that wraps
+    /// it); it changes when a new service config names another one.
+    pub policy: &'static str,
 }
 
 impl Default for BalancerState {
     fn default() -> Self {
         Self {
+            policy: "",
             connectivity: ConnectivityState::Idle,
             endpoints: Arc::default(),
             ready: Vec::new(),
@@ -131,41 +136,142 @@ pub struct Outputs {
 /// The balancer's view of the world between events.
 struct Balancer {
     service: String,
-    policy: Box<dyn Policy>,
-    subchannels: Subchannels,
+    /// The policy RPCs are picked by.
+    active: Slot,
+    /// A policy the config switched to, connecting while `active` still
+    /// serves: it takes over once it has a Ready subchannel (grpc-go's
+    /// graceful switch), or at once if `active` has nothing Ready.
+    pending: Option<Slot>,
+    /// The config in force, and the policy it asks for.
+    config: ConfigSelector,
+    /// The subchannel settings the builder gave.
+    connect: Arc<ConnectConfig>,
     endpoints: EndpointSet,
     /// `endpoints` as observers see it, rebuilt only when it changes.
     endpoint_list: Arc<Vec<Endpoint>>,
     /// Whether no endpoint serves (none at all, or all draining).
     all_draining: bool,
     resolver_error: Option<ResolverError>,
-    /// The policy's last picker.
-    current: Option<PolicyPicker>,
-    timer: Option<Instant>,
     /// Asks the resolver to look again when a connection fails.
     resolve_now: ResolveNow,
 }
 
-/// Runs the balancer until the channel is dropped (the task is aborted).
-pub async fn run(
-    service: String,
+/// One policy with the subchannels it owns: policies never share
+/// subchannels, since one may close or eject what another uses.
+struct Slot {
     policy: Box<dyn Policy>,
-    config: Arc<ConnectConfig>,
+    subchannels: Subchannels,
+    events: mpsc::UnboundedReceiver<SubchannelEvent>,
+    timer: Option<Instant>,
+    /// The policy's last picker.
+    current: Option<PolicyPicker>,
+}
+
+impl Slot {
+    fn new(policy: Box<dyn Policy>, connect: Arc<ConnectConfig>) -> Self {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Self {
+            policy,
+            subchannels: Subchannels::new(connect, events_tx),
+            events,
+            timer: None,
+            current: None,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.current
+            .as_ref()
+            .is_some_and(|c| c.connectivity == ConnectivityState::Ready)
+    }
+
+    fn endpoints_changed(&mut self, endpoints: &EndpointSet, changes: &Applied) {
+        let Slot {
+            policy,
+            subchannels,
+            timer,
+            ..
+        } = self;
+        policy.endpoints_changed(
+            endpoints,
+            changes,
+            &mut PolicyContext::new(subchannels, timer),
+        );
+    }
+
+    /// Applies one of this slot's subchannel events; true if it failed a
+    /// connection (the resolver may want to look again).
+    fn on_subchannel(&mut self, event: SubchannelEvent) -> bool {
+        // Events of a removed subchannel are stale; ids are never reused.
+        let Some(subchannel) = self.subchannels.get_mut(event.id) else {
+            return false;
+        };
+        subchannel.set_state(event.state);
+        let failed = subchannel.last_error().is_some();
+        let Slot {
+            policy,
+            subchannels,
+            timer,
+            ..
+        } = self;
+        policy.subchannel_changed(event.id, &mut PolicyContext::new(subchannels, timer));
+        failed
+    }
+
+    fn timer_fired(&mut self) {
+        self.timer = None;
+        let Slot {
+            policy,
+            subchannels,
+            timer,
+            ..
+        } = self;
+        policy.timer_fired(&mut PolicyContext::new(subchannels, timer));
+    }
+
+    fn take_picker(&mut self) -> bool {
+        match self.policy.take_picker() {
+            Some(fresh) => {
+                self.current = Some(fresh);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// What woke the balancer.
+enum Wake {
+    Resolver(Option<ResolverEvent>),
+    Active(SubchannelEvent),
+    Pending(SubchannelEvent),
+    ActiveTimer,
+    PendingTimer,
+}
+
+/// Runs the balancer until the channel is dropped (the task is aborted).
+pub(crate) async fn run(
+    service: String,
+    config: ConfigSelector,
+    policy: Box<dyn Policy>,
+    connect: Arc<ConnectConfig>,
     mut resolver: mpsc::UnboundedReceiver<ResolverEvent>,
     resolve_now: ResolveNow,
     outputs: Outputs,
 ) {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let connect_now = config
+        .choice()
+        .map_or_else(|| connect.clone(), |choice| choice.connect(&connect));
     let mut balancer = Balancer {
         service,
-        policy,
-        subchannels: Subchannels::new(config, events_tx),
+        active: Slot::new(policy, connect_now),
+        pending: None,
+        config,
+        connect,
         endpoints: EndpointSet::new(),
         endpoint_list: Arc::default(),
         all_draining: true,
         resolver_error: None,
-        current: None,
-        timer: None,
         resolve_now,
     };
     let mut resolver_alive = true;
@@ -173,40 +279,39 @@ pub async fn run(
     // after its last publication.
     let _gauges = outputs.metrics.as_ref().map(ChannelMetrics::gauges_guard);
     loop {
-        let timer = balancer.timer;
-        tokio::select! {
-            event = resolver.recv(), if resolver_alive => {
-                let started = std::time::Instant::now();
-                match event {
-                    Some(event) => {
-                        count_resolver_event(&outputs, &event);
-                        balancer.on_resolver(event);
-                        while let Ok(event) = resolver.try_recv() {
-                            count_resolver_event(&outputs, &event);
-                            balancer.on_resolver(event);
-                        }
-                    }
-                    // The resolver finished; keep the last set.
-                    None => resolver_alive = false,
+        let wake = balancer.wake(&mut resolver, resolver_alive).await;
+        let started = std::time::Instant::now();
+        match wake {
+            Wake::Resolver(Some(event)) => {
+                count_resolver_event(&outputs, &event);
+                balancer.on_resolver(event);
+                while let Ok(event) = resolver.try_recv() {
+                    count_resolver_event(&outputs, &event);
+                    balancer.on_resolver(event);
                 }
-                balancer.publish(&outputs, started);
             }
-            Some(event) = events.recv() => {
-                let started = std::time::Instant::now();
-                balancer.on_subchannel(event);
-                while let Ok(event) = events.try_recv() {
-                    balancer.on_subchannel(event);
+            // The resolver finished; keep the last set.
+            Wake::Resolver(None) => resolver_alive = false,
+            Wake::Active(event) => {
+                balancer.on_subchannel(event, false);
+                while let Ok(event) = balancer.active.events.try_recv() {
+                    balancer.on_subchannel(event, false);
                 }
-                balancer.publish(&outputs, started);
             }
-            _ = sleep_until(timer), if timer.is_some() => {
-                let started = std::time::Instant::now();
-                balancer.timer = None;
-                let Balancer { policy, subchannels, timer, .. } = &mut balancer;
-                policy.timer_fired(&mut PolicyContext::new(subchannels, timer));
-                balancer.publish(&outputs, started);
+            Wake::Pending(event) => {
+                balancer.on_subchannel(event, true);
+                while let Some(Ok(event)) = balancer.pending.as_mut().map(|p| p.events.try_recv()) {
+                    balancer.on_subchannel(event, true);
+                }
+            }
+            Wake::ActiveTimer => balancer.active.timer_fired(),
+            Wake::PendingTimer => {
+                if let Some(pending) = &mut balancer.pending {
+                    pending.timer_fired();
+                }
             }
         }
+        balancer.publish(&outputs, started);
     }
 }
 
@@ -214,7 +319,7 @@ pub async fn run(
 fn count_resolver_event(outputs: &Outputs, event: &ResolverEvent) {
     if let Some(metrics) = &outputs.metrics {
         match event {
-            ResolverEvent::Update(_) => metrics.resolver_update(),
+            ResolverEvent::Update(_) | ResolverEvent::ServiceConfig(_) => metrics.resolver_update(),
             ResolverEvent::Error(_) => metrics.resolver_error(),
         }
     }
@@ -228,6 +333,29 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl Balancer {
+    /// Waits for the next thing to do.
+    async fn wake(
+        &mut self,
+        resolver: &mut mpsc::UnboundedReceiver<ResolverEvent>,
+        resolver_alive: bool,
+    ) -> Wake {
+        let active_timer = self.active.timer;
+        let pending_timer = self.pending.as_ref().and_then(|p| p.timer);
+        let pending_events = async {
+            match &mut self.pending {
+                Some(pending) => pending.events.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = resolver.recv(), if resolver_alive => Wake::Resolver(event),
+            Some(event) = self.active.events.recv() => Wake::Active(event),
+            Some(event) = pending_events => Wake::Pending(event),
+            _ = sleep_until(active_timer), if active_timer.is_some() => Wake::ActiveTimer,
+            _ = sleep_until(pending_timer), if pending_timer.is_some() => Wake::PendingTimer,
+        }
+    }
+
     fn on_resolver(&mut self, event: ResolverEvent) {
         match event {
             ResolverEvent::Update(update) => {
@@ -242,7 +370,7 @@ impl Balancer {
                 }
                 tracing::debug!(
                     service = %self.service,
-                    policy = self.policy.name(),
+                    policy = self.active.policy.name(),
                     added = ?changes.added,
                     updated = ?changes.updated,
                     removed = ?changes.removed,
@@ -251,49 +379,87 @@ impl Balancer {
                 self.endpoint_list =
                     Arc::new(self.endpoints.iter().map(|e| (**e).clone()).collect());
                 self.all_draining = self.endpoints.iter().all(|e| e.is_draining());
-                let Balancer {
-                    policy,
-                    subchannels,
-                    endpoints,
-                    timer,
-                    ..
-                } = self;
-                policy.endpoints_changed(
-                    endpoints,
-                    &changes,
-                    &mut PolicyContext::new(subchannels, timer),
-                );
+                self.active.endpoints_changed(&self.endpoints, &changes);
+                if let Some(pending) = &mut self.pending {
+                    pending.endpoints_changed(&self.endpoints, &changes);
+                }
             }
             ResolverEvent::Error(error) => self.resolver_error = Some(error),
+            ResolverEvent::ServiceConfig(config) => {
+                let before = self.config.choice();
+                if !self.config.from_source(config) {
+                    return;
+                }
+                tracing::info!(service = %self.service, "service config changed");
+                match self.config.choice() {
+                    Some(choice) if Some(&choice) != before.as_ref() => self.switch_to(choice),
+                    _ => {}
+                }
+            }
         }
     }
 
-    fn on_subchannel(&mut self, event: SubchannelEvent) {
-        // Events of a removed subchannel are stale; ids are never reused.
-        let Some(subchannel) = self.subchannels.get_mut(event.id) else {
-            return;
+    /// Starts `choice` beside the active policy, or in its place when the
+    /// active one has nothing Ready to protect.
+    fn switch_to(&mut self, choice: PolicyChoice) {
+        let mut slot = Slot::new(choice.build(), choice.connect(&self.connect));
+        tracing::info!(
+            service = %self.service,
+            from = self.active.policy.name(),
+            to = slot.policy.name(),
+            "switching balancing policy"
+        );
+        if self.endpoints.is_known() {
+            let everything = Applied {
+                added: self.endpoints.iter().map(|e| e.address.clone()).collect(),
+                ..Applied::default()
+            };
+            slot.endpoints_changed(&self.endpoints, &everything);
+        }
+        // A pending policy that had not taken over yet is simply dropped.
+        match self.active.is_ready() {
+            true => self.pending = Some(slot),
+            false => {
+                self.pending = None;
+                self.active = slot;
+            }
+        }
+    }
+
+    fn on_subchannel(&mut self, event: SubchannelEvent, pending: bool) {
+        let slot = match pending {
+            false => &mut self.active,
+            true => match &mut self.pending {
+                Some(pending) => pending,
+                None => return,
+            },
         };
-        subchannel.set_state(event.state);
         // A failed attempt or a lost connection may mean the backend moved.
-        if subchannel.last_error().is_some() {
+        if slot.on_subchannel(event) {
             self.resolve_now.request();
         }
-        let Balancer {
-            policy,
-            subchannels,
-            timer,
-            ..
-        } = self;
-        policy.subchannel_changed(event.id, &mut PolicyContext::new(subchannels, timer));
     }
 
     /// Publishes the picker (if the policy has a new one) and the state.
     fn publish(&mut self, outputs: &Outputs, started: std::time::Instant) {
-        if let Some(fresh) = self.policy.take_picker() {
-            outputs.stats.pickers.fetch_add(1, Ordering::Relaxed);
-            self.current = Some(fresh);
+        if let Some(pending) = &mut self.pending {
+            pending.take_picker();
+            if pending.is_ready() || !self.active.is_ready() {
+                let pending = self.pending.take().expect("checked");
+                tracing::info!(
+                    service = %self.service,
+                    policy = pending.policy.name(),
+                    "new balancing policy took over"
+                );
+                // The old policy's subchannels close once their RPCs end.
+                self.active = pending;
+                outputs.stats.pickers.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        let (picker, ready) = match &self.current {
+        if self.active.take_picker() {
+            outputs.stats.pickers.fetch_add(1, Ordering::Relaxed);
+        }
+        let (picker, ready) = match &self.active.current {
             Some(current) => (
                 current.picker.clone(),
                 current.picker.connections().to_vec(),
@@ -316,6 +482,7 @@ impl Balancer {
             ready: ready.iter().map(|c| c.address.clone()).collect(),
             last_error: error,
             resolver_error: self.resolver_error.as_ref().map(ToString::to_string),
+            policy: self.active.policy.name(),
         };
         outputs.state.send_if_modified(|current| {
             let changed = *current != state;
@@ -354,7 +521,7 @@ impl Balancer {
             };
             return (ConnectivityState::TransientFailure, Some(Arc::new(error)));
         }
-        let (connectivity, last) = match &self.current {
+        let (connectivity, last) = match &self.active.current {
             Some(current) => (current.connectivity, current.last_error.clone()),
             None => (ConnectivityState::Connecting, None),
         };

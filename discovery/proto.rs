@@ -53,11 +53,13 @@ impl From<&Versioned> for pb::WatchResponse {
             epoch: versioned.epoch,
             version: versioned.version,
             event: Some((&versioned.update).into()),
+            service_config: None,
         }
     }
 }
 
-/// A watch message that carries no event: the registry never sends one.
+/// A watch message that carries no event: one that only brings the
+/// service's config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("a watch message without an event")]
 pub struct NoEvent;

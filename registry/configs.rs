@@ -87,8 +87,7 @@ mod tests {
     use super::*;
 
     fn config(version: u64) -> StoredConfig {
-        StoredConfig::from_json(version, r#"{"loadBalancingConfig":[{"round_robin":{}}]}"#)
-            .unwrap()
+        StoredConfig::from_json(version, r#"{"loadBalancingConfig":[{"round_robin":{}}]}"#).unwrap()
     }
 
     #[test]
@@ -96,10 +95,16 @@ mod tests {
         let feed = ConfigFeed::default();
         assert!(!feed.put("s", Some(config(3))));
         let mut watch = feed.watch("s");
-        assert_eq!(watch.borrow_and_update().as_ref().map(|c| c.version), Some(3));
+        assert_eq!(
+            watch.borrow_and_update().as_ref().map(|c| c.version),
+            Some(3)
+        );
         assert!(feed.put("s", Some(config(5))));
         assert!(watch.has_changed().unwrap());
-        assert_eq!(watch.borrow_and_update().as_ref().map(|c| c.version), Some(5));
+        assert_eq!(
+            watch.borrow_and_update().as_ref().map(|c| c.version),
+            Some(5)
+        );
         assert!(feed.put("s", None));
         assert!(watch.has_changed().unwrap());
         assert!(watch.borrow_and_update().is_none());

@@ -290,9 +290,10 @@ impl RegistryApi for Registry {
             }
         };
         // The slot lives as long as the stream does.
+        let config = self.shared.store.watch_config(&service).await?;
         let updates = self.shared.store.watch(&service, from).await?;
         let watcher = OpenWatcher::new(self.shared.metrics.watchers.clone());
-        let stream = watch_stream(updates).map(move |message| {
+        let stream = watch_stream(updates, config, from).map(move |message| {
             let _slot = &slot;
             let _watcher = &watcher;
             message

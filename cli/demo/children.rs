@@ -156,6 +156,7 @@ impl RegistryWatch {
                             .send(Observation::Registry(RegistryChange::Lost(why.to_string())));
                         continue;
                     }
+                    ResolverEvent::ServiceConfig(_) => continue,
                 };
                 let first = !set.is_known();
                 let applied = set.apply(update);

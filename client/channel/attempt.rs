@@ -81,6 +81,7 @@ impl Shared {
         picked: &AtomicBool,
         tried: Option<&Tried>,
         method: Option<&Arc<MethodMetrics>>,
+        throttle: Option<&Arc<Throttle>>,
     ) -> Attempt {
         let mut waiter = None;
         let mut repicks = 0;
@@ -145,7 +146,7 @@ impl Shared {
                 done,
                 connection.metrics.clone(),
                 deadline,
-                self.throttle.clone(),
+                throttle.cloned(),
                 method.cloned(),
             );
             let mut sender = connection.sender.clone();

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use super::call::RetrySettings;
+use super::config::{ConfigSelector, Explicit};
 use super::{BalancedChannel, Shared, Tasks};
 use crate::client::backoff::BackoffConfig;
 use crate::client::balancer::{self, BalancerState, BalancerStats, Outputs, Published};
@@ -22,7 +23,6 @@ use crate::client::policy::Policy;
 use crate::client::registry_resolver::RegistryResolver;
 use crate::client::resolver::{Resolver, ResolverSink, StaticResolver};
 use crate::client::retry::replay::ChannelBudget;
-use crate::client::retry::throttle::Throttle;
 use crate::client::round_robin::RoundRobin;
 use crate::client::subchannel::{ConnectConfig, Keepalive};
 use crate::client::target::{Target, TargetError};
@@ -56,7 +56,7 @@ impl PolicyKind {
         "weighted_round_robin",
     ];
 
-    fn build(self) -> Box<dyn Policy> {
+    pub(crate) fn build(self) -> Box<dyn Policy> {
         match self {
             PolicyKind::PickFirst => Box::new(PickFirst::default()),
             PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
@@ -137,6 +137,7 @@ pub struct Builder {
     dns_refresh: Option<Duration>,
     metrics: Option<ClientMetrics>,
     service_config: ServiceConfig,
+    service_config_lookup: bool,
     retries: bool,
     transparent_retries: bool,
     per_call_buffer: usize,
@@ -181,6 +182,7 @@ impl Builder {
             dns_refresh: None,
             metrics: None,
             service_config: ServiceConfig::default(),
+            service_config_lookup: true,
             retries: true,
             transparent_retries: true,
             per_call_buffer: DEFAULT_PER_CALL_RETRY_BUFFER,
@@ -205,6 +207,18 @@ impl Builder {
     /// error naming the field.
     pub fn service_config_json(self, json: &str) -> Result<Self, ConfigError> {
         Ok(self.service_config(ServiceConfig::from_json(json)?))
+    }
+
+    /// Ignores the service config the registry pushes for the service (on
+    /// by default): the channel keeps the builder's
+    /// ([`Builder::service_config`]) whatever the registry holds, as
+    /// grpc-go's `WithDisableServiceConfig`. Without this, the registry's
+    /// config wins over the builder's while it has one, and applies live:
+    /// new method timeouts and retries from the next call, a new balancing
+    /// policy once it has a Ready backend.
+    pub fn disable_service_config_lookup(mut self) -> Self {
+        self.service_config_lookup = false;
+        self
     }
 
     /// Turns the service config's retry and hedging policies off (on by
@@ -361,27 +375,35 @@ impl Builder {
         let (sink, resolution) = ResolverSink::new();
         let resolve_now = sink.resolve_now();
         let (picker_changed, picker_waiter) = watch::channel(());
-        let (state_tx, state) = watch::channel(BalancerState::default());
         let picker = Arc::new(ArcSwap::from_pointee(Published::empty()));
-        if let (None, Some(service)) = (
-            &self.connect.health_check,
-            &self.service_config.health_check_service,
-        ) {
-            self.connect.health_check = Some(Arc::new(HealthCheck::new(service.clone())));
-        }
-        let configured = self.service_config.lb_policy();
-        let kind = self
-            .policy
-            .or_else(|| configured.map(PolicyKind::from))
-            .unwrap_or_default();
-        let mut policy = self.custom_policy.unwrap_or_else(|| kind.build());
-        let outlier_detection = self
-            .outlier_detection
-            .or_else(|| configured.and_then(|p| p.outlier_detection().copied()));
-        if let Some(config) = outlier_detection {
-            policy = Box::new(OutlierDetection::new(policy, config));
-        }
-        let policy_name = policy.name();
+        let explicit = Explicit {
+            policy: self.policy,
+            custom: self.custom_policy.is_some(),
+            outlier_detection: self.outlier_detection,
+            health_check: self.connect.health_check.is_some(),
+        };
+        let selector =
+            ConfigSelector::new(self.service_config, self.service_config_lookup, explicit);
+        let policy = match (self.custom_policy, selector.choice()) {
+            (Some(custom), _) => {
+                let configured = selector.in_force();
+                let outlier_detection = self.outlier_detection.or_else(|| {
+                    configured
+                        .lb_policy()
+                        .and_then(|p| p.outlier_detection().copied())
+                });
+                match outlier_detection {
+                    Some(config) => Box::new(OutlierDetection::new(custom, config)),
+                    None => custom,
+                }
+            }
+            (None, Some(choice)) => choice.build(),
+            (None, None) => PolicyKind::default().build(),
+        };
+        let (state_tx, state) = watch::channel(BalancerState {
+            policy: policy.name(),
+            ..BalancerState::default()
+        });
         let balancer_stats = Arc::new(BalancerStats::default());
         let resolver: Box<dyn Resolver> = match self.source {
             Source::Target(Target::Registry { registry, service }) => Box::new(
@@ -401,8 +423,10 @@ impl Builder {
         };
         let connections = self.connect.stats.clone();
         let resolver = Tasks::spawn(resolver.resolve(sink));
+        let calls = selector.calls();
         let balancer = Tasks::spawn(balancer::run(
             self.service.clone(),
+            selector,
             policy,
             Arc::new(self.connect),
             resolution,
@@ -418,7 +442,6 @@ impl Builder {
         BalancedChannel {
             shared: Arc::new(Shared {
                 service: self.service,
-                policy: policy_name,
                 picker,
                 picker_waiter,
                 state,
@@ -427,11 +450,7 @@ impl Builder {
                 default_timeout: self.default_timeout,
                 connections,
                 metrics: unpicked,
-                throttle: self
-                    .service_config
-                    .retry_throttling
-                    .map(|t| Arc::new(Throttle::new(t))),
-                service_config: Arc::new(self.service_config),
+                config: calls,
                 retries: RetrySettings {
                     enabled: self.retries,
                     transparent: self.transparent_retries,

@@ -32,6 +32,7 @@ use super::Shared;
 use crate::client::error::Error;
 use crate::client::metrics::MethodMetrics;
 use crate::client::retry::replay::{AttemptId, Replay};
+use crate::client::retry::throttle::Throttle;
 use crate::client::retry::{Pushback, Retries, Stop, PREVIOUS_ATTEMPTS};
 use crate::service_config::{CallPolicy, HedgingPolicy, RetryPolicy};
 
@@ -74,12 +75,17 @@ struct Call<'a> {
     hedged: AtomicU32,
     /// The method's series, if the channel has metrics.
     metrics: Option<Arc<MethodMetrics>>,
+    /// The retry token bucket of the config in force, if it has one.
+    throttle: Option<Arc<Throttle>>,
 }
 
 impl Shared {
     pub(super) async fn send(&self, request: http::Request<tonic::body::Body>) -> Answer {
         let started = Instant::now();
-        let method = self.service_config.method(request.uri().path());
+        // Loaded once: the whole call follows the config in force when it
+        // started, even if a new one arrives meanwhile.
+        let config = self.config.load_full();
+        let method = config.service_config.method(request.uri().path());
         let (mut parts, body) = request.into_parts();
         let extensions = std::mem::take(&mut parts.extensions);
         let metrics = self.metrics.as_ref().map(|m| m.method(parts.uri.path()));
@@ -118,6 +124,7 @@ impl Shared {
             retried: Default::default(),
             hedged: Default::default(),
             metrics,
+            throttle: config.throttle.clone(),
         };
         let run = async {
             match policy {
@@ -277,6 +284,7 @@ impl Call<'_> {
                 &picked,
                 self.tried.as_ref(),
                 self.metrics.as_ref(),
+                self.throttle.as_ref(),
             )
             .await;
         if picked.load(Ordering::Relaxed) {
@@ -304,7 +312,7 @@ impl Call<'_> {
 
     /// A retry policy: one attempt at a time.
     async fn retry(&self, policy: &RetryPolicy) -> Answer {
-        let throttle = self.shared.throttle.as_deref();
+        let throttle = self.throttle.as_deref();
         let stats = &self.shared.retries.stats;
         let mut retries = Retries::new(policy, throttle);
         loop {
@@ -344,7 +352,7 @@ impl Call<'_> {
 
     /// A hedging policy: attempts side by side, the first answer wins.
     async fn hedge(&self, policy: &HedgingPolicy) -> Answer {
-        let throttle = self.shared.throttle.as_deref();
+        let throttle = self.throttle.as_deref();
         let stats = &self.shared.retries.stats;
         let mut live = FuturesUnordered::new();
         live.push(self.attempt(0));

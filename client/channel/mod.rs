@@ -11,6 +11,7 @@
 mod attempt;
 mod builder;
 mod call;
+pub(crate) mod config;
 
 pub use attempt::ResponseBody;
 pub use builder::{
@@ -56,7 +57,6 @@ pub struct BalancedChannel {
 
 struct Shared {
     service: String,
-    policy: &'static str,
     picker: Arc<ArcSwap<Published>>,
     picker_waiter: watch::Receiver<()>,
     state: watch::Receiver<BalancerState>,
@@ -67,10 +67,9 @@ struct Shared {
     /// Counts the RPCs that end before any pick; per-endpoint outcomes are
     /// counted by each connection.
     metrics: Option<ChannelMetrics>,
-    /// The service config calls follow.
-    service_config: Arc<crate::service_config::ServiceConfig>,
-    /// The retry token bucket, if the config has one.
-    throttle: Option<Arc<crate::client::retry::throttle::Throttle>>,
+    /// The service config calls follow, and its retry token bucket: the
+    /// balancer swaps it when the registry pushes a new one.
+    config: Arc<ArcSwap<config::CallConfig>>,
     retries: call::RetrySettings,
     _tasks: [Tasks; 2],
 }
@@ -98,9 +97,10 @@ impl BalancedChannel {
 
     /// The name of the policy in use (`pick_first`, `round_robin`,
     /// `least_request`, `weighted_round_robin`, a custom policy's, or
-    /// `outlier_detection` around any of them).
+    /// `outlier_detection` around any of them). It changes when a config
+    /// from the registry names another policy and that one takes over.
     pub fn policy(&self) -> &'static str {
-        self.shared.policy
+        self.shared.state.borrow().policy
     }
 
     /// How much work the balancer task has done: its busy time, batches of

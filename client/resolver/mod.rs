@@ -17,16 +17,21 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 
 use crate::client::error::ResolverError;
+use crate::service_config::ServiceConfig;
 
 pub use crate::discovery::{Endpoint, EndpointState, Update};
 
 /// What a resolver tells the balancer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ResolverEvent {
     /// The endpoint set changed.
     Update(Update),
     /// The source cannot be reached; the last set stays in use.
     Error(ResolverError),
+    /// The source's service config for the service, which the channel
+    /// applies over its own default (unless the application opted out);
+    /// `None`: the source has none, so the default applies again.
+    ServiceConfig(Option<Arc<ServiceConfig>>),
 }
 
 /// The balancer's way to ask its resolver for a fresh answer, as grpc-go's
@@ -78,6 +83,11 @@ impl ResolverSink {
     /// Publishes a change to the endpoint set.
     pub fn update(&self, update: Update) {
         let _ = self.tx.send(ResolverEvent::Update(update));
+    }
+
+    /// Publishes the source's service config (`None`: it has none).
+    pub fn service_config(&self, config: Option<Arc<ServiceConfig>>) {
+        let _ = self.tx.send(ResolverEvent::ServiceConfig(config));
     }
 
     /// Publishes a complete endpoint set; it replaces the previous one.

@@ -8,11 +8,17 @@
 //! given several), and the reset that opens every new stream is applied as
 //! the difference it makes.
 //!
+//! Messages also bring the service's config (on the first message of
+//! each stream and after each change): it is passed on as parsed, and one
+//! this client cannot parse (a newer registry's) is logged and skipped, so
+//! the last good config stays in force, as gRPC does.
+//!
 //! The resolver remembers the epoch and version of the last message it
 //! applied and names them when it reconnects: a registry that can continue
 //! from there (a replica of the same shared store, or the same in-memory
 //! registry after a blip) sends only what was missed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -23,9 +29,10 @@ use crate::client::resolver::{BoxFuture, Resolver, ResolverSink};
 use crate::client::transport;
 use crate::discovery::Versioned;
 use crate::proto::registry::registry_client::RegistryClient;
-use crate::proto::registry::WatchRequest;
+use crate::proto::registry::{ServiceConfigUpdate, WatchRequest};
 use crate::registry::auth::{Bearer, Token};
 use crate::registry::validate;
+use crate::service_config::ServiceConfig;
 use crate::tls::ClientTls;
 
 /// Watches `service` in the registry at `registry`.
@@ -131,6 +138,7 @@ impl RegistryResolver {
             }
         };
         let mut delivered = false;
+        let mut config_version = None;
         while let Some(message) = stream.next().await {
             let message = match message {
                 Ok(message) => message,
@@ -144,7 +152,10 @@ impl RegistryResolver {
                     )
                 }
             };
-            // The registry never sends a message without an event.
+            if let Some(update) = &message.service_config {
+                self.service_config(update, &mut config_version, sink);
+            }
+            // A message without an event brings only the config.
             let Ok(Versioned {
                 epoch: received,
                 version,
@@ -162,6 +173,36 @@ impl RegistryResolver {
             delivered = true;
         }
         (ResolverError::StreamClosed, delivered)
+    }
+
+    /// Passes a config on, unless it is the version this stream already
+    /// passed on, or does not parse here.
+    fn service_config(
+        &self,
+        update: &ServiceConfigUpdate,
+        passed: &mut Option<u64>,
+        sink: &ResolverSink,
+    ) {
+        if *passed == Some(update.version) {
+            return;
+        }
+        if update.json.is_empty() {
+            *passed = Some(update.version);
+            sink.service_config(None);
+            return;
+        }
+        match ServiceConfig::from_json(&update.json) {
+            Ok(config) => {
+                tracing::info!(service = %self.service, version = update.version, "service config from the registry");
+                *passed = Some(update.version);
+                sink.service_config(Some(Arc::new(config)));
+            }
+            Err(err) => tracing::warn!(
+                service = %self.service,
+                version = update.version,
+                "ignoring the registry's service config, keeping the last good one: {err}"
+            ),
+        }
     }
 }
 

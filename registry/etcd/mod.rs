@@ -63,8 +63,8 @@ use super::configs::ConfigFeed;
 use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId, REMOVED_MEMORY};
 use super::metrics::RegistryMetrics;
 use super::store::{
-    Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
-    ConfigWatch, Store, StoredConfig, UpdateStream,
+    ConfigWatch, Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount,
+    ServiceSnapshot, Store, StoredConfig, UpdateStream,
 };
 use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Endpoint, EndpointSet, EndpointState, Update, Versioned};

@@ -108,7 +108,12 @@ pub(super) async fn follow_configs(inner: Arc<Inner>) {
         let options = etcd_client::WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        if let Ok(mut stream) = inner.client.clone().watch(prefix.clone(), Some(options)).await {
+        if let Ok(mut stream) = inner
+            .client
+            .clone()
+            .watch(prefix.clone(), Some(options))
+            .await
+        {
             loop {
                 let reply = tokio::select! {
                     reply = stream.message() => reply,

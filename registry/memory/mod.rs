@@ -31,8 +31,8 @@ use super::fanout::{Fanout, Subscription};
 use super::lease::{LeaseId, LeaseTable, RemovedLeases, StreamId};
 use super::metrics::RegistryMetrics;
 use super::store::{
-    Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount, ServiceSnapshot,
-    ConfigWatch, Store, StoredConfig, UpdateStream,
+    ConfigWatch, Grant, LeasedEndpoint, LeasedSnapshot, NewEndpoint, Position, ServiceCount,
+    ServiceSnapshot, Store, StoredConfig, UpdateStream,
 };
 use super::{Cap, RegistryConfig, RegistryError};
 use crate::discovery::{Delta, Endpoint, EndpointState, Update};

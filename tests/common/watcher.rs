@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use switchboard::discovery::{EndpointSet, Update, Versioned};
 use switchboard::proto::registry::registry_client::RegistryClient;
-use switchboard::proto::registry::{Endpoint, EndpointState, WatchRequest, WatchResponse};
+use switchboard::proto::registry::{
+    Endpoint, EndpointState, ServiceConfigUpdate, WatchRequest, WatchResponse,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -33,8 +35,11 @@ pub struct View {
     pub removed_at: BTreeMap<String, Instant>,
     /// Versions or epochs out of order, deltas that do not fit the set.
     pub violations: Vec<String>,
-    /// Every message with the instant it arrived.
+    /// Every message with an event, with the instant it arrived.
     pub log: Vec<(Instant, WatchResponse)>,
+    /// Every service config the stream carried, in order (config-only
+    /// messages are counted here, not in `messages` or `log`).
+    pub configs: Vec<(Instant, ServiceConfigUpdate)>,
     /// How the stream ended, once it has.
     pub ended: Option<Result<(), Status>>,
 }
@@ -44,6 +49,12 @@ impl View {
     /// (the one every consumer uses), noting each anomaly it reports and
     /// keeping `endpoints` as a sorted projection of the set.
     pub fn apply(&mut self, at: Instant, message: WatchResponse) {
+        if let Some(config) = &message.service_config {
+            self.configs.push((at, config.clone()));
+        }
+        if message.event.is_none() && message.service_config.is_some() {
+            return;
+        }
         self.log.push((at, message.clone()));
         self.messages += 1;
         match self.epoch {

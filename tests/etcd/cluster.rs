@@ -235,6 +235,8 @@ struct Followed {
     /// Errors the resolver reported (a broken stream, an unreachable
     /// replica): each is a move to the next replica.
     errors: Vec<String>,
+    /// Service configs the resolver passed on, in order.
+    configs: Vec<Option<std::sync::Arc<switchboard::service_config::ServiceConfig>>>,
 }
 
 impl Followed {
@@ -307,6 +309,7 @@ impl Follower {
                         }
                     }
                     ResolverEvent::Error(error) => followed.errors.push(error.to_string()),
+                    ResolverEvent::ServiceConfig(config) => followed.configs.push(config),
                 });
             }
             resolving.abort();
@@ -803,6 +806,7 @@ async fn compaction_under_a_lagging_watcher_sends_the_difference() {
             event: Some(Event::Reset(Snapshot {
                 endpoints: view.endpoints.values().cloned().collect(),
             })),
+            service_config: None,
         };
         (held, epoch, message)
     };

@@ -37,7 +37,11 @@ struct WatchedSet {
 
 impl WatchedSet {
     fn apply(&mut self, update: &WatchResponse) {
-        let versioned = Versioned::try_from(update.clone()).expect("event");
+        // A message without an event only brings the service's config.
+        let Ok(versioned) = Versioned::try_from(update.clone()) else {
+            assert!(update.service_config.is_some(), "{update:?}");
+            return;
+        };
         let changes = self.endpoints.apply(versioned.update);
         assert!(changes.anomalies.is_empty(), "{:?}", changes.anomalies);
     }

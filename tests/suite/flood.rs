@@ -116,6 +116,9 @@ struct Legit {
 
 impl Legit {
     fn apply(&mut self, at: Instant, message: WatchResponse) {
+        if message.event.is_none() && message.service_config.is_some() {
+            return;
+        }
         self.messages += 1;
         if self.version.is_some_and(|v| message.version <= v) {
             self.violations.push(format!(

@@ -34,6 +34,12 @@ async fn a_resumed_watch_skips_the_reset_it_already_holds() {
         .await
         .unwrap()
         .into_inner();
+    // It opens with the service's config alone (none here), at the
+    // position the watcher holds.
+    let opening = resumed.message().await.unwrap().unwrap();
+    assert_eq!(opening.event, None);
+    assert_eq!((opening.epoch, opening.version), (held.epoch, held.version));
+    assert_eq!(opening.service_config, Some(Default::default()));
     client.register(register("127.0.0.1:1002")).await.unwrap();
     let next = resumed.message().await.unwrap().unwrap();
     assert!(next.version > held.version);
