@@ -15,7 +15,7 @@ use switchboard::proto::echo::echo_client::EchoClient;
 use switchboard::proto::echo::EchoRequest;
 use switchboard::registry::auth::Token;
 use switchboard::registry::DEFAULT_SERVICE;
-use switchboard::service_config::ServiceConfig;
+use switchboard::service_config::{LbPolicyConfig, ServiceConfig};
 use switchboard::tls::ClientTls;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -113,6 +113,10 @@ pub struct Args {
     /// policy when --policy names none. See docs/service-config.md.
     #[arg(long, value_name = "FILE")]
     service_config: Option<std::path::PathBuf>,
+    /// Ignore the service config the registry pushes for the service:
+    /// keep --service-config (or the defaults) whatever the registry holds.
+    #[arg(long)]
+    disable_service_config_lookup: bool,
 }
 
 /// Reads and checks `--service-config`; a bad file ends the process with a
@@ -170,9 +174,20 @@ pub async fn run(args: Args) {
     let metrics = metrics.as_ref();
     match args.rate {
         Some(rate) => {
-            // round_robin unless a flag or the service config says.
-            let config_names_one = config.as_ref().is_some_and(|c| c.lb_policy().is_some());
-            let policy = policy.or((!config_names_one).then_some(PolicyKind::RoundRobin));
+            // round_robin unless a flag or a service config says: as the
+            // default config's policy, so the registry's config can
+            // still name another.
+            let config = match config {
+                Some(config) if config.lb_policy().is_some() => config,
+                config => config
+                    .unwrap_or_default()
+                    .with_load_balancing(vec![LbPolicyConfig {
+                        name: "round_robin".into(),
+                        config: serde_json::json!({}),
+                    }])
+                    .expect("round_robin is a valid policy"),
+            };
+            let config = Some(config);
             let channel = connect(
                 &args,
                 &target,
@@ -248,6 +263,9 @@ async fn connect(
     }
     if let Some(policy) = policy {
         builder = builder.policy(policy);
+    }
+    if args.disable_service_config_lookup {
+        builder = builder.disable_service_config_lookup();
     }
     let channel = builder
         .backoff(backoff)
@@ -329,7 +347,10 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
             .unwrap_or_else(|| format!("registry://{}/{}", args.registry, args.service))
     );
     let mut state = channel.watch_state();
-    let mut ready_now = state.borrow_and_update().ready.clone();
+    let (mut ready_now, mut policy_now) = {
+        let now = state.borrow_and_update();
+        (now.ready.clone(), now.policy)
+    };
     let client = EchoClient::new(channel);
     let (outcomes, mut results) = mpsc::unbounded_channel();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
@@ -405,7 +426,14 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
                 if changed.is_err() {
                     break;
                 }
-                let ready = state.borrow_and_update().ready.clone();
+                let (ready, policy) = {
+                    let now = state.borrow_and_update();
+                    (now.ready.clone(), now.policy)
+                };
+                if policy != policy_now {
+                    println!("t={:.3}s policy: {policy_now} -> {policy}", started.elapsed().as_secs_f64());
+                    policy_now = policy;
+                }
                 if ready != ready_now {
                     println!("t={:.3}s ready: {}", started.elapsed().as_secs_f64(), ready.join(", "));
                     ready_now = ready;

@@ -110,6 +110,11 @@ pub struct BalancerStats {
     pub batches: AtomicU64,
     /// Pickers published.
     pub pickers: AtomicU64,
+    /// Policy switches where the new policy took over with a Ready
+    /// subchannel while the old one still served (graceful).
+    pub graceful_switches: AtomicU64,
+    /// Policy switches made at once, the old policy having nothing Ready.
+    pub immediate_switches: AtomicU64,
 }
 
 impl BalancerStats {
@@ -284,10 +289,10 @@ pub(crate) async fn run(
         match wake {
             Wake::Resolver(Some(event)) => {
                 count_resolver_event(&outputs, &event);
-                balancer.on_resolver(event);
+                balancer.on_resolver(event, &outputs.stats);
                 while let Ok(event) = resolver.try_recv() {
                     count_resolver_event(&outputs, &event);
-                    balancer.on_resolver(event);
+                    balancer.on_resolver(event, &outputs.stats);
                 }
             }
             // The resolver finished; keep the last set.
@@ -356,7 +361,7 @@ impl Balancer {
         }
     }
 
-    fn on_resolver(&mut self, event: ResolverEvent) {
+    fn on_resolver(&mut self, event: ResolverEvent, stats: &BalancerStats) {
         match event {
             ResolverEvent::Update(update) => {
                 let changes = self.endpoints.apply(update);
@@ -387,12 +392,14 @@ impl Balancer {
             ResolverEvent::Error(error) => self.resolver_error = Some(error),
             ResolverEvent::ServiceConfig(config) => {
                 let before = self.config.choice();
-                if !self.config.from_source(config) {
+                if !self.config.set_source(config) {
                     return;
                 }
                 tracing::info!(service = %self.service, "service config changed");
                 match self.config.choice() {
-                    Some(choice) if Some(&choice) != before.as_ref() => self.switch_to(choice),
+                    Some(choice) if Some(&choice) != before.as_ref() => {
+                        self.switch_to(choice, stats)
+                    }
                     _ => {}
                 }
             }
@@ -401,7 +408,7 @@ impl Balancer {
 
     /// Starts `choice` beside the active policy, or in its place when the
     /// active one has nothing Ready to protect.
-    fn switch_to(&mut self, choice: PolicyChoice) {
+    fn switch_to(&mut self, choice: PolicyChoice, stats: &BalancerStats) {
         let mut slot = Slot::new(choice.build(), choice.connect(&self.connect));
         tracing::info!(
             service = %self.service,
@@ -422,6 +429,7 @@ impl Balancer {
             false => {
                 self.pending = None;
                 self.active = slot;
+                stats.immediate_switches.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -445,6 +453,11 @@ impl Balancer {
         if let Some(pending) = &mut self.pending {
             pending.take_picker();
             if pending.is_ready() || !self.active.is_ready() {
+                let switches = match pending.is_ready() && self.active.is_ready() {
+                    true => &outputs.stats.graceful_switches,
+                    false => &outputs.stats.immediate_switches,
+                };
+                switches.fetch_add(1, Ordering::Relaxed);
                 let pending = self.pending.take().expect("checked");
                 tracing::info!(
                     service = %self.service,

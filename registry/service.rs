@@ -293,11 +293,12 @@ impl RegistryApi for Registry {
         let config = self.shared.store.watch_config(&service).await?;
         let updates = self.shared.store.watch(&service, from).await?;
         let watcher = OpenWatcher::new(self.shared.metrics.watchers.clone());
-        let stream = watch_stream(updates, config, from).map(move |message| {
-            let _slot = &slot;
-            let _watcher = &watcher;
-            message
-        });
+        let stream =
+            watch_stream(updates, config, self.shared.store.epoch(), from).map(move |message| {
+                let _slot = &slot;
+                let _watcher = &watcher;
+                message
+            });
         Ok(Response::new(until_closed(
             stream,
             self.shared.closing.subscribe(),

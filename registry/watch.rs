@@ -13,13 +13,15 @@ use crate::proto::registry::{ServiceConfigUpdate, WatchResponse};
 ///
 /// The service config rides along: on the first message (a config-only one
 /// when the store has nothing to send yet, as for a resumed watcher that
-/// missed nothing), then on the next message after each change, or on a
-/// config-only message when no endpoint change is due. `from` is the
-/// position the watcher resumed at, which config-only messages repeat until
-/// an endpoint message moves it.
+/// missed nothing, or a new one while the registry warms up), then on the
+/// next message after each change, or on a config-only message when no
+/// endpoint change is due. Config-only messages repeat the watcher's
+/// position: `from` (where it resumed) or version 0 of the store's `epoch`,
+/// until an endpoint message moves it.
 pub fn watch_stream(
     updates: UpdateStream,
     config: ConfigWatch,
+    epoch: u64,
     from: Option<Position>,
 ) -> impl Stream<Item = Result<WatchResponse, Status>> + Send + 'static {
     let state = State {
@@ -27,7 +29,7 @@ pub fn watch_stream(
         config,
         config_open: true,
         first: true,
-        position: from.map_or((0, 0), |p| (p.epoch, p.version)),
+        position: from.map_or((epoch, 0), |p| (p.epoch, p.version)),
     };
     futures_util::stream::unfold(state, |mut state| async move {
         let message = state.next().await?;

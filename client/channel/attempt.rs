@@ -68,6 +68,20 @@ fn refused_unseen(error: &hyper::Error) -> bool {
     false
 }
 
+/// What every attempt of one call shares.
+pub(super) struct CallContext<'a> {
+    /// Queue rather than fail fast in TransientFailure.
+    pub wait_for_ready: bool,
+    /// The call's deadline.
+    pub deadline: Option<Instant>,
+    /// The backends its attempts went to, when it has a policy.
+    pub tried: Option<&'a Tried>,
+    /// The method's series, if the channel has metrics.
+    pub method: Option<&'a Arc<MethodMetrics>>,
+    /// The retry token bucket of the config the call follows.
+    pub throttle: Option<&'a Arc<Throttle>>,
+}
+
 impl Shared {
     /// One attempt: picks a connection and sends; waits while connecting,
     /// fails fast in TransientFailure unless `wait_for_ready`. A request
@@ -76,13 +90,16 @@ impl Shared {
     pub(super) async fn attempt(
         &self,
         mut request: http::Request<tonic::body::Body>,
-        wait_for_ready: bool,
-        deadline: Option<Instant>,
+        call: &CallContext<'_>,
         picked: &AtomicBool,
-        tried: Option<&Tried>,
-        method: Option<&Arc<MethodMetrics>>,
-        throttle: Option<&Arc<Throttle>>,
     ) -> Attempt {
+        let CallContext {
+            wait_for_ready,
+            deadline,
+            tried,
+            method,
+            throttle,
+        } = *call;
         let mut waiter = None;
         let mut repicks = 0;
         loop {

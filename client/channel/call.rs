@@ -27,7 +27,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::attempt::{grpc_status, grpc_timeout, Attempt, ResponseBody, Tried};
+use super::attempt::{grpc_status, grpc_timeout, Attempt, CallContext, ResponseBody, Tried};
 use super::Shared;
 use crate::client::error::Error;
 use crate::client::metrics::MethodMetrics;
@@ -279,12 +279,14 @@ impl Call<'_> {
             .shared
             .attempt(
                 request,
-                self.wait_for_ready,
-                self.deadline,
+                &CallContext {
+                    wait_for_ready: self.wait_for_ready,
+                    deadline: self.deadline,
+                    tried: self.tried.as_ref(),
+                    method: self.metrics.as_ref(),
+                    throttle: self.throttle.as_ref(),
+                },
                 &picked,
-                self.tried.as_ref(),
-                self.metrics.as_ref(),
-                self.throttle.as_ref(),
             )
             .await;
         if picked.load(Ordering::Relaxed) {

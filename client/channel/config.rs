@@ -152,7 +152,7 @@ impl ConfigSelector {
 
     /// The source's config (`None`: it has none). Returns whether the
     /// config in force changed; calls see the new one from now on.
-    pub fn from_source(&mut self, config: Option<Arc<ServiceConfig>>) -> bool {
+    pub fn set_source(&mut self, config: Option<Arc<ServiceConfig>>) -> bool {
         if !self.lookup {
             return false;
         }
@@ -196,13 +196,13 @@ mod tests {
             selector.choice().unwrap().kind,
             PolicyKind::LeastRequest(_)
         ));
-        assert!(selector.from_source(Some(config(ROUND_ROBIN))));
+        assert!(selector.set_source(Some(config(ROUND_ROBIN))));
         assert_eq!(selector.choice().unwrap().kind, PolicyKind::RoundRobin);
         assert!(
-            !selector.from_source(Some(config(ROUND_ROBIN))),
+            !selector.set_source(Some(config(ROUND_ROBIN))),
             "same again"
         );
-        assert!(selector.from_source(None));
+        assert!(selector.set_source(None));
         assert!(matches!(
             selector.choice().unwrap().kind,
             PolicyKind::LeastRequest(_)
@@ -213,7 +213,7 @@ mod tests {
     fn an_opted_out_channel_and_explicit_settings_ignore_the_source() {
         let mut selector =
             ConfigSelector::new(ServiceConfig::default(), false, Explicit::default());
-        assert!(!selector.from_source(Some(config(ROUND_ROBIN))));
+        assert!(!selector.set_source(Some(config(ROUND_ROBIN))));
         assert_eq!(selector.choice().unwrap().kind, PolicyKind::PickFirst);
 
         let explicit = Explicit {
@@ -221,7 +221,7 @@ mod tests {
             ..Explicit::default()
         };
         let mut selector = ConfigSelector::new(ServiceConfig::default(), true, explicit);
-        assert!(selector.from_source(Some(config(ROUND_ROBIN))));
+        assert!(selector.set_source(Some(config(ROUND_ROBIN))));
         assert_eq!(selector.choice().unwrap().kind, PolicyKind::PickFirst);
 
         let custom = Explicit {
@@ -236,14 +236,14 @@ mod tests {
     fn the_throttle_bucket_survives_a_config_that_keeps_it() {
         let throttled = r#"{"retryThrottling":{"maxTokens":10,"tokenRatio":0.1}"#;
         let mut selector = ConfigSelector::new(ServiceConfig::default(), true, Explicit::default());
-        selector.from_source(Some(config(&format!("{throttled}}}"))));
+        selector.set_source(Some(config(&format!("{throttled}}}"))));
         let bucket = selector.calls().load().throttle.clone().unwrap();
-        selector.from_source(Some(config(&format!(
+        selector.set_source(Some(config(&format!(
             r#"{throttled},"loadBalancingConfig":[{{"round_robin":{{}}}}]}}"#
         ))));
         let kept = selector.calls().load().throttle.clone().unwrap();
         assert!(Arc::ptr_eq(&bucket, &kept));
-        selector.from_source(None);
+        selector.set_source(None);
         assert!(selector.calls().load().throttle.is_none());
     }
 }

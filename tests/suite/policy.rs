@@ -5,7 +5,13 @@
 use crate::common::cases::{self, case, expect_status, Case};
 use crate::common::*;
 use serde_json::Value;
-use switchboard::proto::registry::{GetServiceConfigRequest, SetServiceConfigRequest};
+use std::time::Duration;
+use switchboard::client::{BalancedChannel, PolicyKind};
+use switchboard::proto::echo::echo_client::EchoClient;
+use switchboard::proto::registry::watch_response::Event;
+use switchboard::proto::registry::{
+    GetServiceConfigRequest, ServiceConfigUpdate, SetServiceConfigRequest, WatchResponse,
+};
 use switchboard::service_config::ServiceConfig;
 use tonic::Code;
 
@@ -286,4 +292,213 @@ async fn a_config_dir_is_loaded_followed_written_and_survives_a_restart() {
     // A removed file removes its config.
     std::fs::remove_file(dir.join(format!("{SERVICE}.json"))).unwrap();
     wait_config(&reg, SERVICE, "the config removed", |c| c.is_none()).await;
+}
+
+const ROUND_ROBIN: &str = r#"{"loadBalancingConfig": [{"round_robin": {}}]}"#;
+
+/// Reads `stream` until a message carries a service config; returns that
+/// message.
+async fn next_config(stream: &mut tonic::Streaming<WatchResponse>) -> WatchResponse {
+    let deadline = tokio::time::Instant::now() + STARTUP;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(message))) if message.service_config.is_some() => return message,
+            Ok(Ok(Some(_))) => {}
+            other => panic!("no message with a service config: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_carries_the_config_first_then_each_change_as_its_own_message() {
+    let port = free_port().expect("free port");
+    let _registry = start_registry(port).await;
+    let reg = local(port);
+    let file = config_file("round_robin.json", ROUND_ROBIN);
+    let version = cli_set(&reg, file.to_str().unwrap()).await;
+    let mut client = registry_client(&reg, STARTUP).await;
+
+    // The first message carries the config: on the (empty) endpoint set,
+    // or alone while a freshly started registry holds its first snapshot
+    // back (its warm-up), the set following.
+    let mut stream = watch(&mut client, SERVICE).await;
+    let mut first = stream.message().await.unwrap().expect("a first message");
+    let config = first.service_config.clone().expect("the config");
+    if first.event.is_none() {
+        first = stream.message().await.unwrap().expect("the endpoint set");
+        assert_eq!(first.service_config, None, "sent once: {first:?}");
+    }
+    assert!(matches!(first.event, Some(Event::Reset(_))), "{first:?}");
+    assert_eq!(config.version, version);
+    assert_eq!(
+        ServiceConfig::from_json(&config.json),
+        ServiceConfig::from_json(ROUND_ROBIN)
+    );
+
+    // A change is a message of its own, with no event, at the same position.
+    let retry = config_file("retry.json", RETRY);
+    let changed_to = cli_set(&reg, retry.to_str().unwrap()).await;
+    let change = next_config(&mut stream).await;
+    assert_eq!(change.event, None);
+    assert_eq!((change.epoch, change.version), (first.epoch, first.version));
+    let config = change.service_config.unwrap();
+    assert_eq!(config.version, changed_to);
+    assert_eq!(
+        ServiceConfig::from_json(&config.json),
+        ServiceConfig::from_json(RETRY)
+    );
+
+    // A delete says "none": empty JSON.
+    run_ok(&["config", "delete", SERVICE, "--registry", &reg]).await;
+    let deleted = next_config(&mut stream).await;
+    assert_eq!(deleted.service_config, Some(ServiceConfigUpdate::default()));
+
+    // An endpoint change after it carries no config: nothing changed.
+    let echo_port = free_port().expect("free port");
+    let _echo = start_echo(&reg, SERVICE, &[echo_port], &[]).await;
+    let delta = stream.message().await.unwrap().expect("the registration");
+    assert!(matches!(delta.event, Some(Event::Delta(_))), "{delta:?}");
+    assert_eq!(delta.service_config, None);
+}
+
+/// Load on `channel` until stopped, each call with a 5 s timeout.
+fn load_on(channel: &BalancedChannel) -> Load {
+    Load::start(
+        channel.clone(),
+        4,
+        Duration::from_millis(5),
+        Duration::from_secs(5),
+    )
+}
+
+/// The backends that answered the shots after index `from`.
+fn served_after(shots: &[Shot], from: usize) -> std::collections::BTreeSet<String> {
+    shots[from..]
+        .iter()
+        .filter_map(|s| s.result.as_ref().ok().cloned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_pushed_by_the_registry_swaps_the_policy_under_load_without_a_failed_rpc() {
+    let cluster = Cluster::start(3).await;
+    let addresses = cluster.addresses();
+    // The application's own default: pick_first, so one backend serves.
+    let channel = BalancedChannel::builder(&registry_target(&cluster.registry))
+        .unwrap()
+        .build();
+    let opted_out = BalancedChannel::builder(&registry_target(&cluster.registry))
+        .unwrap()
+        .disable_service_config_lookup()
+        .build();
+    channel.wait_ready(STARTUP).await;
+    assert_eq!(channel.policy(), "pick_first");
+    let load = load_on(&channel);
+    load.wait_more(100, STARTUP).await;
+    assert_eq!(served_after(&load.shots(), 0).len(), 1, "pick_first");
+
+    let file = config_file("round_robin.json", ROUND_ROBIN);
+    cli_set(&cluster.registry, file.to_str().unwrap()).await;
+    let mut state = channel.watch_state();
+    let switched = state.wait_for(|s| s.policy == "round_robin");
+    tokio::time::timeout(STARTUP, switched)
+        .await
+        .expect("the channel switches to round_robin")
+        .unwrap();
+    let from = load.count();
+    load.wait_more(300, STARTUP).await;
+    let shots = load.shots();
+    assert_eq!(
+        served_after(&shots, from).into_iter().collect::<Vec<_>>(),
+        addresses,
+        "round_robin uses every backend"
+    );
+
+    // Deleted: the default (pick_first) is back, again without a failure.
+    run_ok(&["config", "delete", SERVICE, "--registry", &cluster.registry]).await;
+    let mut state = channel.watch_state();
+    tokio::time::timeout(STARTUP, state.wait_for(|s| s.policy == "pick_first"))
+        .await
+        .expect("the channel switches back")
+        .unwrap();
+    load.wait_more(100, STARTUP).await;
+    assert_no_failed_rpc(load, "two policy switches").await;
+    // Both times the new policy took over once it had a Ready backend,
+    // the old one serving until then.
+    let stats = channel.balancer_stats();
+    let switches = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(switches(&stats.graceful_switches), 2);
+    assert_eq!(switches(&stats.immediate_switches), 0);
+
+    // The opted-out channel heard the same stream (a later endpoint change
+    // reached it, so the config messages before it did too) and kept its
+    // policy.
+    let mut cluster = cluster;
+    let added = cluster.add_backend().await;
+    let mut expected = addresses.clone();
+    expected.push(added);
+    expected.sort();
+    let mut state = opted_out.watch_state();
+    let all_known = state.wait_for(|s| {
+        let mut known: Vec<String> = s.endpoints.iter().map(|e| e.address.clone()).collect();
+        known.sort();
+        known == expected
+    });
+    tokio::time::timeout(STARTUP, all_known)
+        .await
+        .expect("the new backend reaches the opted-out channel")
+        .unwrap();
+    assert_eq!(opted_out.policy(), "pick_first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_retry_policy_applies_to_the_next_call() {
+    let cluster = Cluster::start(2).await;
+    let port = free_port().expect("free port");
+    let _failing = start_echo(
+        &cluster.registry,
+        SERVICE,
+        &[port],
+        &["--fail-rate", "1", "--fail-code", "UNAVAILABLE"],
+    )
+    .await;
+    let failing = local(port);
+    let mut all = cluster.addresses();
+    all.push(failing.clone());
+    let channel = channel(&registry_target(&cluster.registry), PolicyKind::RoundRobin);
+    wait_ready_set(&channel, &all, STARTUP).await;
+    let mut client = EchoClient::new(channel.clone());
+    // Without a config, round_robin sends a third of the calls to it.
+    let mut failed = 0;
+    for _ in 0..30 {
+        failed += usize::from(
+            echo_once(&mut client, Duration::from_secs(5))
+                .await
+                .is_err(),
+        );
+    }
+    assert!(failed > 0, "the failing backend fails calls");
+    assert_eq!(channel.retry_stats().retries(), 0);
+
+    let config = r#"{"methodConfig": [{"name": [{"service": "grpc.examples.echo.Echo"}],
+      "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+    let file = config_file("retry.json", config);
+    cli_set(&cluster.registry, file.to_str().unwrap()).await;
+    // Once a call has been retried, the config is in force: from then on
+    // no call fails.
+    wait_for("a retried call", STARTUP, || {
+        let mut client = client.clone();
+        let channel = channel.clone();
+        async move {
+            let _ = echo_once(&mut client, Duration::from_secs(5)).await;
+            (channel.retry_stats().retries() > 0).then_some(())
+        }
+    })
+    .await;
+    for i in 0..60 {
+        let reply = echo_once(&mut client, Duration::from_secs(5)).await;
+        assert!(reply.is_ok(), "call {i}: {reply:?}");
+    }
+    assert!(channel.retry_stats().retries() > 0);
 }
