@@ -956,6 +956,14 @@ async fn resumed_watch(test: &str, at_other_replica: bool) {
     // the next change.
     let at = view.version.expect("a version");
     let mut current = resume_watch(&mut client, held.epoch, at).await;
+    // It opens with the service's config alone (none here), at `at`.
+    let opening = tokio::time::timeout(STARTUP, current.message())
+        .await
+        .expect("the opening config")
+        .expect("the stream stays open")
+        .expect("a message");
+    assert_eq!((opening.event, opening.version), (None, at), "{who}");
+    assert_eq!(opening.service_config, Some(Default::default()), "{who}");
     register(&mut writer, d).await;
     let next = tokio::time::timeout(STARTUP, current.message())
         .await
@@ -1145,6 +1153,13 @@ async fn a_service_config_set_at_one_replica_is_read_at_every_replica_and_surviv
     };
     let json = r#"{"loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [{"name": [{}], "timeout": "2s"}]}"#;
+    let expected = switchboard::service_config::ServiceConfig::from_json(json).unwrap();
+    // A client watching through the other replica hears the config as it
+    // is set, and its removal: pushed through etcd's watch, not polled.
+    let mut follower = Follower::start(&replicas[1].address());
+    follower.wait_for_set(&[], STARTUP).await;
+    let configs = |f: &Followed| f.configs.len();
+    let before = configs(&follower.view.borrow());
     let version = replicas[0]
         .client()
         .await
@@ -1156,10 +1171,18 @@ async fn a_service_config_set_at_one_replica_is_read_at_every_replica_and_surviv
         .unwrap()
         .into_inner()
         .version;
+    let heard = follower.view.wait_for(|f| {
+        f.configs[before..]
+            .iter()
+            .any(|c| c.as_deref() == Some(&expected))
+    });
+    tokio::time::timeout(STARTUP, heard)
+        .await
+        .expect("the config reaches the client at the other replica")
+        .unwrap();
     let get = || GetServiceConfigRequest {
         service: SERVICE.into(),
     };
-    let expected = switchboard::service_config::ServiceConfig::from_json(json).unwrap();
     // Every replica reads the same config at the same version, before and
     // after all of them were killed and restarted.
     for round in ["live", "restarted"] {
@@ -1185,4 +1208,29 @@ async fn a_service_config_set_at_one_replica_is_read_at_every_replica_and_surviv
             replica.restart(&[]).await;
         }
     }
+    let mut follower = Follower::start(&replicas[1].address());
+    let heard = follower.view.wait_for(|f| {
+        f.configs
+            .last()
+            .is_some_and(|c| c.as_deref() == Some(&expected))
+    });
+    tokio::time::timeout(STARTUP, heard)
+        .await
+        .expect("a restarted replica sends the config first")
+        .unwrap();
+    replicas[0]
+        .client()
+        .await
+        .delete_service_config(switchboard::proto::registry::DeleteServiceConfigRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .unwrap();
+    let heard = follower
+        .view
+        .wait_for(|f| f.configs.last().is_some_and(Option::is_none));
+    tokio::time::timeout(STARTUP, heard)
+        .await
+        .expect("the removal reaches the client at the other replica")
+        .unwrap();
 }
