@@ -502,3 +502,113 @@ async fn a_pushed_retry_policy_applies_to_the_next_call() {
     }
     assert!(channel.retry_stats().retries() > 0);
 }
+
+/// Shares of `shots` by backend.
+fn share(shots: &[Shot], backend: &str) -> f64 {
+    let served = shots.iter().filter(|s| s.result.is_ok()).count();
+    let on = shots
+        .iter()
+        .filter(|s| s.result.as_ref().is_ok_and(|b| b == backend))
+        .count();
+    on as f64 / served.max(1) as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_to_least_request_under_load_fails_nothing_and_calls_follow_the_new_policy() {
+    let cluster = Cluster::start(2).await;
+    let port = free_port().expect("free port");
+    let _slow = start_echo(&cluster.registry, SERVICE, &[port], &["--delay", "50ms"]).await;
+    let slow = local(port);
+    let mut all = cluster.addresses();
+    all.push(slow.clone());
+    let rr = config_file("round_robin.json", ROUND_ROBIN);
+    cli_set(&cluster.registry, rr.to_str().unwrap()).await;
+    let channel = BalancedChannel::builder(&registry_target(&cluster.registry))
+        .unwrap()
+        .build();
+    wait_ready_set(&channel, &all, STARTUP).await;
+    assert_eq!(channel.policy(), "round_robin");
+    let load = Load::start(
+        channel.clone(),
+        8,
+        Duration::from_millis(1),
+        Duration::from_secs(5),
+    );
+    load.wait_more(300, STARTUP).await;
+    // round_robin: every backend its turn, however slow.
+    let before = share(&load.shots(), &slow);
+    assert!(
+        before > 0.25,
+        "round_robin gives the slow backend its third: {before}"
+    );
+
+    let lr = config_file(
+        "least_request.json",
+        r#"{"loadBalancingConfig": [{"least_request_experimental": {"choiceCount": 2}}]}"#,
+    );
+    cli_set(&cluster.registry, lr.to_str().unwrap()).await;
+    let mut state = channel.watch_state();
+    tokio::time::timeout(STARTUP, state.wait_for(|s| s.policy == "least_request"))
+        .await
+        .expect("the channel switches to least_request")
+        .unwrap();
+    let from = load.count();
+    load.wait_more(600, STARTUP).await;
+    let shots = load.shots();
+    // least_request: the slow backend holds the most calls in flight, so
+    // it is picked only when both choices are worse.
+    let after = share(&shots[from..], &slow);
+    assert!(
+        after < before / 2.0,
+        "least_request sends the slow backend less: {after} after {before}"
+    );
+    assert_no_failed_rpc(load, "round_robin to least_request").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_outlier_detection_ejects_a_failing_backend_from_a_running_client() {
+    let cluster = Cluster::start(2).await;
+    let port = free_port().expect("free port");
+    let _failing = start_echo(
+        &cluster.registry,
+        SERVICE,
+        &[port],
+        &["--fail-rate", "1", "--fail-code", "UNAVAILABLE"],
+    )
+    .await;
+    let failing = local(port);
+    let mut all = cluster.addresses();
+    all.push(failing.clone());
+    let rr = config_file("round_robin.json", ROUND_ROBIN);
+    cli_set(&cluster.registry, rr.to_str().unwrap()).await;
+    let channel = BalancedChannel::builder(&registry_target(&cluster.registry))
+        .unwrap()
+        .build();
+    wait_ready_set(&channel, &all, STARTUP).await;
+    let load = load_on(&channel);
+    load.wait_more(100, STARTUP).await;
+    assert!(!failures(&load.shots()).is_empty(), "it fails calls");
+
+    let od = config_file(
+        "outlier.json",
+        r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+          "interval": "0.5s", "baseEjectionTime": "30s", "maxEjectionPercent": 50,
+          "failurePercentageEjection": {"threshold": 50, "minimumHosts": 3, "requestVolume": 10},
+          "childPolicy": [{"round_robin": {}}]}}]}"#,
+    );
+    cli_set(&cluster.registry, od.to_str().unwrap()).await;
+    // Ejected: the client no longer lists it as ready, and from then on
+    // no call fails.
+    let expected = cluster.addresses();
+    wait_ready_set(&channel, &expected, STARTUP).await;
+    assert_eq!(channel.policy(), "outlier_detection");
+    let from = load.count();
+    load.wait_more(300, STARTUP).await;
+    let shots = load.stop().await;
+    assert!(
+        failures(&shots[from..]).is_empty(),
+        "{:?}",
+        failures(&shots[from..])
+    );
+    assert!(!served_after(&shots, from).contains(&failing));
+}
