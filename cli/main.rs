@@ -44,6 +44,9 @@ enum Command {
     Deregister(operator::EndpointArgs),
     /// Set, print or remove a service's service config (its traffic policy).
     Config(operator::ConfigArgs),
+    /// List who follows a registry replica: its Watch and xDS streams, what
+    /// each was sent and accepted, and the last NACK.
+    Clients(operator::ClientsArgs),
 }
 
 #[tokio::main]
@@ -60,5 +63,6 @@ async fn main() {
         Command::Drain(args) => operator::drain(args).await,
         Command::Deregister(args) => operator::deregister(args).await,
         Command::Config(args) => operator::config(args).await,
+        Command::Clients(args) => operator::clients(args).await,
     }
 }

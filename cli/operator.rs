@@ -1,5 +1,5 @@
-//! The operator's subcommands: `services`, `endpoints`, `watch`, `drain`
-//! and `deregister`. Each talks to a live registry, prints a table (or one
+//! The operator's subcommands: `services`, `endpoints`, `watch`, `drain`,
+//! `deregister`, `config` and `clients`. Each talks to a live registry, prints a table (or one
 //! JSON document, or one JSON line per change, with `-o json`), and turns
 //! every failure into one `error:` line and exit status 1.
 
@@ -15,10 +15,11 @@ use switchboard::process;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{
     DeleteServiceConfigRequest, DeregisterEndpointRequest, DrainEndpointRequest,
-    GetServiceConfigRequest, ListEndpointsRequest, ListServicesRequest, SetServiceConfigRequest,
-    WatchRequest,
+    GetServiceConfigRequest, ListClientsRequest, ListEndpointsRequest, ListServicesRequest,
+    SetServiceConfigRequest, WatchRequest,
 };
 use switchboard::registry::auth::{Bearer, Token};
+use switchboard::registry::fleet::stream_json;
 use switchboard::registry::validate;
 use switchboard::service_config::ServiceConfig;
 use tonic::service::interceptor::InterceptedService;
@@ -75,6 +76,15 @@ pub struct ServicesArgs {
 pub struct ServiceArgs {
     /// The service, e.g. lb.example.grpc.io.
     service: String,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// `switchboard clients [<service>]`.
+#[derive(clap::Parser, Debug)]
+pub struct ClientsArgs {
+    /// Only the streams following this service.
+    service: Option<String>,
     #[command(flatten)]
     connection: Connection,
 }
@@ -181,6 +191,82 @@ pub async fn services(args: ServicesArgs) {
                     .map(|s| vec![s.service.clone(), s.endpoints.to_string()])
                     .collect();
                 print_table(&["SERVICE", "ENDPOINTS"], rows);
+            }
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// `switchboard clients [<service>]`: who follows the registry replica,
+/// one row per stream and type (sent, ACKed, NACKs, the last NACK).
+pub async fn clients(args: ClientsArgs) {
+    or_exit(async {
+        if let Some(service) = &args.service {
+            check_service(service)?;
+        }
+        let (mut client, registry) = args.connection.connect().await?;
+        let streams = client
+            .list_clients(timed(ListClientsRequest {
+                service: args.service.clone().unwrap_or_default(),
+            }))
+            .await
+            .map_err(|s| refused(&registry, &s))?
+            .into_inner()
+            .streams;
+        match args.connection.output {
+            Output::Json => {
+                let list: Vec<Value> = streams.iter().map(stream_json).collect();
+                println!("{}", json!({ "registry": registry, "clients": list }));
+            }
+            Output::Table => {
+                let dash = |s: &str| match s.is_empty() {
+                    true => "-".to_owned(),
+                    false => s.to_owned(),
+                };
+                let mut rows = Vec::new();
+                for stream in &streams {
+                    let services = dash(&stream.services.join(","));
+                    let first = |name: &str| {
+                        vec![
+                            stream.id.to_string(),
+                            stream.kind.clone(),
+                            dash(&stream.peer),
+                            dash(&stream.node),
+                            services.clone(),
+                            name.to_owned(),
+                        ]
+                    };
+                    if stream.types.is_empty() {
+                        let mut row = first("-");
+                        row.extend(["-", "-", "0", "-"].map(String::from));
+                        rows.push(row);
+                    }
+                    for t in &stream.types {
+                        let mut row = first(&t.r#type);
+                        let nack = match t.nacks {
+                            0 => "-".to_owned(),
+                            _ => format!("{}: {}", dash(&t.nack_version), t.nack_detail),
+                        };
+                        row.extend([dash(&t.sent), dash(&t.acked), t.nacks.to_string(), nack]);
+                        rows.push(row);
+                    }
+                }
+                print_table(
+                    &[
+                        "ID",
+                        "KIND",
+                        "PEER",
+                        "NODE",
+                        "SERVICES",
+                        "TYPE",
+                        "SENT",
+                        "ACKED",
+                        "NACKS",
+                        "LAST NACK",
+                    ],
+                    rows,
+                );
             }
         }
         Ok(())

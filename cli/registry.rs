@@ -113,6 +113,7 @@ pub async fn run(args: Args) {
         max_registrations_per_second: std::num::NonZeroU32::new(args.max_registrations_per_second),
         max_message_bytes: args.max_message_bytes,
         metrics: registry::RegistryMetrics::default(),
+        fleet: Default::default(),
     };
     let service = match args.store.as_str() {
         "etcd" => etcd_registry(&args, &config).await,
@@ -134,6 +135,7 @@ pub async fn run(args: Args) {
                 listener,
                 service.store().clone(),
                 config.metrics.clone(),
+                service.fleet().clone(),
                 std::future::pending(),
             )))
         }

@@ -42,6 +42,8 @@ pub struct RegistryMetrics {
     /// RPCs by `method` and `code`, and their duration by `method`
     /// (streams: until they end).
     pub rpcs: RpcCounts,
+    /// xDS responses clients refused, by `type` (`lds`, `rds`, `cds`, `eds`).
+    pub xds_nacks: Family<Labels, Counter>,
 }
 
 impl RegistryMetrics {
@@ -86,6 +88,11 @@ impl RegistryMetrics {
             "Requests refused by a cap or for lack of a valid token",
             self.refusals.clone(),
         );
+        r.register(
+            "xds_nacks",
+            "xDS responses clients refused (NACKed), by type",
+            self.xds_nacks.clone(),
+        );
         self.rpcs.register(
             r,
             "RPCs by method and status code",
@@ -126,6 +133,13 @@ impl RegistryMetrics {
         let label = cap.map_or(OTHER, Cap::label);
         self.refusals
             .get_or_create(&vec![("reason", "cap".into()), ("cap", label.to_owned())])
+            .inc();
+    }
+
+    /// Counts one NACK of an xDS response of `kind` (`lds`, `cds`, ...).
+    pub fn xds_nacked(&self, kind: &'static str) {
+        self.xds_nacks
+            .get_or_create(&vec![("type", kind.to_owned())])
             .inc();
     }
 

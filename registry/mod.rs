@@ -21,6 +21,8 @@
 //! - [`memory`]: the in-memory store, the default;
 //! - `etcd` (feature `etcd`): replicas sharing one etcd cluster;
 //! - [`watch`]: one Watch call's messages on the wire;
+//! - [`fleet`]: every open Watch and ADS stream: who follows, what it was
+//!   sent and accepted;
 //! - [`service`]: the gRPC service over any store;
 //! - [`xds`]: the same state served to stock gRPC clients and Envoy over
 //!   xDS (ADS);
@@ -40,6 +42,8 @@ pub mod error;
 pub mod etcd;
 #[cfg(feature = "registry")]
 pub(crate) mod fanout;
+#[cfg(feature = "registry")]
+pub mod fleet;
 #[cfg(feature = "registry")]
 pub mod lease;
 #[cfg(feature = "registry")]

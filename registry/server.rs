@@ -3,11 +3,13 @@
 
 use std::future::Future;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 
 use super::auth::{AccessTokens, RequireTokensLayer};
+use super::fleet::Fleet;
 use super::message_size::MessageSizeLayer;
 use super::metrics::RegistryMetrics;
 use super::rpc_metrics::RpcMetricsLayer;
@@ -72,6 +74,9 @@ pub struct RegistryConfig {
     /// Where the registry counts what it does; shared with whoever serves
     /// them (the status page's `/metrics`).
     pub metrics: RegistryMetrics,
+    /// Every open Watch and ADS stream, shared the same way (the status
+    /// page, `ListClients`).
+    pub fleet: Arc<Fleet>,
 }
 
 impl Default for RegistryConfig {
@@ -90,6 +95,7 @@ impl Default for RegistryConfig {
             max_registrations_per_second: NonZeroU32::new(DEFAULT_REGISTRATIONS_PER_SECOND),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             metrics: RegistryMetrics::default(),
+            fleet: Arc::default(),
         }
     }
 }

@@ -11,6 +11,7 @@ use futures_util::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::config_dir::ConfigDir;
+use super::fleet::{Fleet, StreamKind};
 use super::lease::{LeaseId, StreamId};
 use super::limits::{RegistrationRate, WatchSlots};
 use super::memory::MemoryStore;
@@ -20,8 +21,9 @@ use super::{validate, RegistryConfig};
 use crate::metrics::rpc::{keep_end_cause, EndCause};
 use crate::proto::registry::registry_server::Registry as RegistryApi;
 use crate::proto::registry::{
-    DeleteServiceConfigRequest, DeleteServiceConfigResponse, GetServiceConfigRequest,
-    GetServiceConfigResponse, SetServiceConfigRequest, SetServiceConfigResponse,
+    ClientStream, DeleteServiceConfigRequest, DeleteServiceConfigResponse, GetServiceConfigRequest,
+    GetServiceConfigResponse, ListClientsRequest, ListClientsResponse, SetServiceConfigRequest,
+    SetServiceConfigResponse,
 };
 use crate::proto::registry::{
     DeregisterEndpointRequest, DeregisterEndpointResponse, DeregisterRequest, DeregisterResponse,
@@ -52,6 +54,8 @@ struct Shared {
     metrics: super::metrics::RegistryMetrics,
     /// Where service configs are kept as files, if anywhere.
     config_dir: std::sync::OnceLock<Arc<ConfigDir>>,
+    /// Every open Watch (and, through the ADS service, xDS) stream.
+    fleet: Arc<Fleet>,
 }
 
 impl Registry {
@@ -76,6 +80,7 @@ impl Registry {
                 registration_rate: RegistrationRate::new(config.max_registrations_per_second),
                 metrics: config.metrics.clone(),
                 config_dir: std::sync::OnceLock::new(),
+                fleet: config.fleet.clone(),
             }),
         }
     }
@@ -101,6 +106,11 @@ impl Registry {
     /// The store behind this registry.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.shared.store
+    }
+
+    /// Who follows this registry: its open Watch and ADS streams.
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.shared.fleet
     }
 
     /// Ends every open Watch and KeepAlive stream, now and from now on, with
@@ -273,6 +283,7 @@ impl RegistryApi for Registry {
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let slot = self.shared.watch_slots.acquire(request.remote_addr())?;
+        let peer = request.remote_addr();
         let cause = EndCause::of(request.extensions());
         let WatchRequest {
             service,
@@ -293,12 +304,22 @@ impl RegistryApi for Registry {
         let config = self.shared.store.watch_config(&service).await?;
         let updates = self.shared.store.watch(&service, from).await?;
         let watcher = OpenWatcher::new(self.shared.metrics.watchers.clone());
-        let stream =
-            watch_stream(updates, config, self.shared.store.epoch(), from).map(move |message| {
-                let _slot = &slot;
-                let _watcher = &watcher;
-                message
-            });
+        let entry = self.shared.fleet.join(StreamKind::Watch, peer);
+        entry.follows([service.clone()]);
+        let epoch = self.shared.store.epoch();
+        let stream = watch_stream(updates, config, epoch, from).map(move |message| {
+            let _slot = &slot;
+            let _watcher = &watcher;
+            if let Ok(message) = &message {
+                if message.event.is_some() {
+                    entry.sent("endpoints", message.version);
+                }
+                if let Some(config) = &message.service_config {
+                    entry.sent("config", config.version);
+                }
+            }
+            message
+        });
         Ok(Response::new(until_closed(
             stream,
             self.shared.closing.subscribe(),
@@ -417,6 +438,23 @@ impl RegistryApi for Registry {
             })),
             None => Err(no_config(&req.service)),
         }
+    }
+
+    async fn list_clients(
+        &self,
+        request: Request<ListClientsRequest>,
+    ) -> Result<Response<ListClientsResponse>, Status> {
+        let service = request.into_inner().service;
+        if !service.is_empty() {
+            validate::service_name(&service)?;
+        }
+        let followers = self
+            .shared
+            .fleet
+            .list((!service.is_empty()).then_some(service.as_str()));
+        Ok(Response::new(ListClientsResponse {
+            streams: followers.iter().map(ClientStream::from).collect(),
+        }))
     }
 
     async fn delete_service_config(

@@ -11,6 +11,7 @@ use prometheus_client::registry::Registry as PromRegistry;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use super::fleet::{stream_json, Fleet};
 use super::metrics::RegistryMetrics;
 use super::store::Store;
 use crate::metrics::http::{self, Handler};
@@ -24,6 +25,7 @@ pub async fn serve(
     listener: TcpListener,
     store: Arc<dyn Store>,
     metrics: RegistryMetrics,
+    fleet: Arc<Fleet>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let mut registry = PromRegistry::default();
@@ -34,6 +36,7 @@ pub async fn serve(
         let store = store.clone();
         let metrics = metrics.clone();
         let registry = registry.clone();
+        let fleet = fleet.clone();
         Box::pin(async move {
             match request.uri().path() {
                 "/" | "/index.html" => {
@@ -42,7 +45,7 @@ pub async fn serve(
                 "/status.json" => http::reply(
                     StatusCode::OK,
                     "application/json",
-                    status_json(&store).await.to_string(),
+                    status_json(&store, &fleet).await.to_string(),
                 ),
                 "/metrics" => {
                     metrics.refresh(&store).await;
@@ -67,8 +70,9 @@ pub async fn serve(
 }
 
 /// What the registry holds now: its epoch, the highest version of any
-/// service, and every service's endpoints with their leases.
-pub async fn status_json(store: &Arc<dyn Store>) -> Value {
+/// service, every service's endpoints with their leases, and who follows
+/// this replica (its open Watch and ADS streams).
+pub async fn status_json(store: &Arc<dyn Store>, fleet: &Fleet) -> Value {
     let mut services = Vec::new();
     let mut version = 0;
     if let Ok(list) = store.list().await {
@@ -104,5 +108,10 @@ pub async fn status_json(store: &Arc<dyn Store>) -> Value {
         "version": version,
         "leases": store.lease_count(),
         "services": services,
+        "clients": fleet
+            .list(None)
+            .iter()
+            .map(|f| stream_json(&f.into()))
+            .collect::<Vec<_>>(),
     })
 }

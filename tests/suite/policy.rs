@@ -612,3 +612,80 @@ async fn pushed_outlier_detection_ejects_a_failing_backend_from_a_running_client
     );
     assert!(!served_after(&shots, from).contains(&failing));
 }
+
+/// `switchboard clients [args] -o json` against `registry`.
+async fn clients_json(registry: &str, args: &[&str]) -> Value {
+    let mut argv = vec!["clients"];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--registry", registry, "-o", "json"]);
+    let lines = run_ok(&argv).await;
+    serde_json::from_str(&lines.join("\n")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_lists_each_watch_stream_with_the_versions_it_was_sent() {
+    let port = free_port().expect("free port");
+    let registry_proc = Proc::sub(
+        "registry",
+        &["--listen", &local(port), "--metrics-listen", "127.0.0.1:0"],
+    );
+    registry_proc
+        .wait_line("registry listening on", STARTUP)
+        .await;
+    let status = metrics_address(&registry_proc).await;
+    let reg = local(port);
+    let file = config_file("round_robin.json", ROUND_ROBIN);
+    let version = cli_set(&reg, file.to_str().unwrap()).await;
+    let channel = BalancedChannel::builder(&registry_target(&reg))
+        .unwrap()
+        .build();
+    let listed = wait_for("the channel's watch stream listed", STARTUP, || {
+        let reg = reg.clone();
+        async move {
+            let reply = clients_json(&reg, &[SERVICE]).await;
+            let clients = reply["clients"].as_array()?.clone();
+            let watch = clients.into_iter().find(|c| c["kind"] == "watch")?;
+            (watch["types"]["config"]["sent"] == version.to_string()
+                && watch["types"]["endpoints"]["sent"].is_string())
+            .then_some(watch)
+        }
+    })
+    .await;
+    assert_eq!(listed["services"], serde_json::json!([SERVICE]));
+    assert!(listed["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // Watch has no ACKs: nothing claims one.
+    assert!(listed["types"]["config"]["acked"].is_null());
+
+    // The status page shows the same stream; another service's filter
+    // does not; the table has a row per type.
+    let (_, body) = get(&status, "/status.json").await;
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert!(page["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["id"] == listed["id"]));
+    let other = clients_json(&reg, &["other.example"]).await;
+    assert_eq!(other["clients"], serde_json::json!([]));
+    let table = run_ok(&["clients", "--registry", &reg]).await;
+    assert!(table[0].starts_with("ID"), "{table:?}");
+    assert!(
+        table
+            .iter()
+            .any(|l| l.contains("watch") && l.contains("config")),
+        "{table:?}"
+    );
+
+    // Gone with its channel.
+    drop(channel);
+    wait_for("the stream gone from the list", STARTUP, || {
+        let reg = reg.clone();
+        let id = listed["id"].clone();
+        async move {
+            let reply = clients_json(&reg, &[]).await;
+            let open = reply["clients"].as_array()?.iter().any(|c| c["id"] == id);
+            (!open).then_some(())
+        }
+    })
+    .await;
+}
