@@ -645,7 +645,7 @@ async fn clients_lists_each_watch_stream_with_the_versions_it_was_sent() {
             let reply = clients_json(&reg, &[SERVICE]).await;
             let clients = reply["clients"].as_array()?.clone();
             let watch = clients.into_iter().find(|c| c["kind"] == "watch")?;
-            (watch["types"]["config"]["sent"] == version.to_string()
+            (watch["types"]["config"]["sent"].as_str() == Some(version.to_string().as_str())
                 && watch["types"]["endpoints"]["sent"].is_string())
             .then_some(watch)
         }
