@@ -4,7 +4,9 @@
 //! stops one with SIGTERM, for round_robin and for pick_first; and prints a
 //! timeline and a summary table. `--scenario gray` instead makes one backend
 //! go bad without dying (hung by SIGSTOP, then failing every call) and
-//! compares round_robin with least_request plus outlier detection. `--ha`
+//! compares round_robin with least_request plus outlier detection.
+//! `--scenario policy` makes one backend fail every call, then has the
+//! registry push outlier detection and retries to the running client. `--ha`
 //! (a build with `--features etcd`, and `etcd` on PATH) runs three registry
 //! replicas on a throwaway etcd instead of one registry, and kills one
 //! replica, a backend, then every replica. Every process it started is
@@ -30,8 +32,10 @@ use summary::print_summary;
 #[derive(Parser, Debug)]
 #[command(version)]
 pub struct Args {
-    /// What to show: `failover` (kill, restart, drain) or `gray` (a backend
-    /// that hangs, then fails every call, without dying).
+    /// What to show: `failover` (kill, restart, drain), `gray` (a backend
+    /// that hangs, then fails every call, without dying), `retries` (the
+    /// failover with and without a retry policy) or `policy` (a failing
+    /// backend, then a config pushed from the registry).
     #[arg(long, value_enum, default_value_t = DemoScenario::Failover)]
     scenario: DemoScenario,
     /// Only this policy (default: round_robin, then pick_first; with
@@ -66,6 +70,10 @@ pub enum DemoScenario {
     /// client's service config (gRFC A6): the kill costs the second run
     /// nothing.
     Retries,
+    /// A backend failing every call under round_robin, then the registry
+    /// pushes outlier detection and retries (`config set`): the failures
+    /// stop with the client untouched.
+    Policy,
 }
 
 /// One client configuration the demo runs the scenario with.
@@ -145,6 +153,9 @@ pub async fn run(args: Args) {
         }
         (None, DemoScenario::Failover) => {
             vec![plain(PolicyKind::RoundRobin), plain(PolicyKind::PickFirst)]
+        }
+        (policy, DemoScenario::Policy) => {
+            vec![plain(policy.unwrap_or(PolicyKind::RoundRobin))]
         }
         (None, DemoScenario::Gray) => vec![
             plain(PolicyKind::RoundRobin),

@@ -30,7 +30,22 @@ enum Plan {
     /// Registry replicas on the etcd at this URL: a replica SIGKILLed, a
     /// backend, then every replica.
     Ha { etcd: String },
+    /// A backend failing every call, then a service config pushed from the
+    /// registry.
+    Policy,
 }
+
+/// The config `--scenario policy` pushes: eject a backend that fails most
+/// of its calls, and retry UNAVAILABLE elsewhere meanwhile.
+const POLICY_CONFIG: &str = r#"{
+  "loadBalancingConfig": [{"outlier_detection_experimental": {
+    "interval": "1s", "baseEjectionTime": "30s", "maxEjectionPercent": 50,
+    "failurePercentageEjection": {"threshold": 50, "minimumHosts": 3, "requestVolume": 20},
+    "childPolicy": [{"round_robin": {}}]}}],
+  "methodConfig": [{"name": [{}], "retryPolicy": {
+    "maxAttempts": 3, "initialBackoff": "0.02s", "maxBackoff": "0.2s",
+    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]
+}"#;
 
 /// The service config of `--scenario retries`' second run.
 const RETRY_CONFIG: &str = r#"{"methodConfig": [{"name": [{}], "retryPolicy": {
@@ -69,6 +84,24 @@ pub struct Scenario<'a> {
     rows: Vec<Row>,
 }
 
+/// Sets the demo service's config at `registry` (`SetServiceConfig`, what
+/// `switchboard config set` sends); returns its version.
+async fn set_config(registry: &str, json: &str) -> Result<u64, String> {
+    use switchboard::proto::registry::registry_client::RegistryClient;
+    use switchboard::proto::registry::SetServiceConfigRequest;
+    let channel = switchboard::client::transport::channel(registry, None, EVENT_TIMEOUT)
+        .await
+        .map_err(|e| format!("cannot reach the registry at {registry}: {e}"))?;
+    let reply = RegistryClient::new(channel)
+        .set_service_config(SetServiceConfigRequest {
+            service: DEFAULT_SERVICE.into(),
+            json: json.into(),
+        })
+        .await
+        .map_err(|s| format!("config set refused: {}", s.message()))?;
+    Ok(reply.into_inner().version)
+}
+
 /// The label of registry replica `i` among the demo's children.
 fn replica_label(i: usize) -> String {
     format!("registry-{}", i + 1)
@@ -87,6 +120,7 @@ impl<'a> Scenario<'a> {
         let plan = match (etcd, args.scenario) {
             (Some(etcd), _) => Plan::Ha { etcd },
             (None, DemoScenario::Gray) => Plan::Gray,
+            (None, DemoScenario::Policy) => Plan::Policy,
             (None, DemoScenario::Failover | DemoScenario::Retries) => Plan::Failover,
         };
         Self {
@@ -135,7 +169,7 @@ impl<'a> Scenario<'a> {
         println!("\n######## {} ########", self.contender);
         let replicas = match self.plan {
             Plan::Ha { .. } => 3,
-            Plan::Failover | Plan::Gray => 1,
+            Plan::Failover | Plan::Gray | Plan::Policy => 1,
         };
         let replicas: Vec<String> = (0..replicas)
             .map(|_| free_address())
@@ -170,6 +204,7 @@ impl<'a> Scenario<'a> {
             Plan::Ha { .. } => self.ha(&replicas, &backends[1]).await?,
             Plan::Gray => self.gray(&registry, &backends[1]).await?,
             Plan::Failover => self.failover(&registry, &backends).await?,
+            Plan::Policy => self.policy(&registry, &backends[1]).await?,
         }
         self.stop_client().await
     }
@@ -237,7 +272,47 @@ impl<'a> Scenario<'a> {
         self.steady().await;
         self.measured(RegistrySaw::Nothing, ClientSaw::Nothing);
 
-        self.begin(Event::FailingEveryCall { backend });
+        self.fail_every_call(registry, &backend).await
+    }
+
+    /// The `--scenario policy` events: a backend restarted failing every
+    /// call, which round_robin keeps sending a third of the calls to; then
+    /// the registry is given a config with outlier detection and retries,
+    /// and the running client follows it.
+    async fn policy(&mut self, registry: &str, victim: &str) -> Result<(), String> {
+        self.fail_every_call(registry, victim).await?;
+
+        self.begin(Event::ConfigPushed);
+        let since = Instant::now();
+        let version = set_config(registry, POLICY_CONFIG).await?;
+        self.log(
+            "demo",
+            &format!("switchboard config set {DEFAULT_SERVICE}: version {version}"),
+        );
+        self.wait("the client to eject the failing backend", |v| {
+            !v.client.ready().iter().any(|b| b == victim)
+        })
+        .await?;
+        let ejected = since.elapsed();
+        self.log(
+            "demo",
+            &format!("client ejected {victim} after {} ms", ejected.as_millis()),
+        );
+        self.steady().await;
+        self.steady().await;
+        self.measured(
+            RegistrySaw::ConfigPushed(version),
+            ClientSaw::StoppedUsing(ejected),
+        );
+        Ok(())
+    }
+
+    /// `victim` is restarted with `--fail-rate 1` and given two phases.
+    async fn fail_every_call(&mut self, registry: &str, victim: &str) -> Result<(), String> {
+        let label = backend_label(victim);
+        self.begin(Event::FailingEveryCall {
+            backend: victim.to_owned(),
+        });
         self.children.kill(&label);
         self.wait("the old backend to leave", |v| {
             !v.listed.contains_key(victim)
@@ -378,7 +453,7 @@ impl<'a> Scenario<'a> {
                 args.extend(["--store", "etcd", "--etcd-endpoints", etcd]);
                 args.extend(["--warmup-ms", "0"]);
             }
-            Plan::Failover | Plan::Gray => {
+            Plan::Failover | Plan::Gray | Plan::Policy => {
                 self.log("demo", &format!("starting the registry on {address}"))
             }
         }
@@ -436,27 +511,31 @@ impl<'a> Scenario<'a> {
         } else {
             &[]
         };
-        let args: Vec<&str> = [
-            "--target",
-            &target,
-            "--policy",
-            &policy,
-            "--rate",
-            &rate,
-            "--timeout",
-            "1s",
-            "--backoff-initial",
-            "200ms",
-            "--backoff-max",
-            "2s",
-            "--keepalive-interval",
-            "1s",
-            "--keepalive-timeout",
-            "1s",
-        ]
-        .into_iter()
-        .chain(outlier.iter().copied())
-        .collect();
+        // Under `--scenario policy` the policy is the client's default, so
+        // the config the registry pushes can replace it.
+        let policy_flag: &[&str] = match self.plan {
+            Plan::Policy => &[],
+            _ => &["--policy", &policy],
+        };
+        let args: Vec<&str> = ["--target", &target]
+            .into_iter()
+            .chain(policy_flag.iter().copied())
+            .chain([
+                "--rate",
+                &rate,
+                "--timeout",
+                "1s",
+                "--backoff-initial",
+                "200ms",
+                "--backoff-max",
+                "2s",
+                "--keepalive-interval",
+                "1s",
+                "--keepalive-timeout",
+                "1s",
+            ])
+            .chain(outlier.iter().copied())
+            .collect();
         let mut args = args;
         let config;
         if self.contender.retries {

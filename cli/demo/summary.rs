@@ -50,6 +50,9 @@ pub enum Event {
     ReplicaKilled { replica: usize, address: String },
     /// Every replica was SIGKILLed and started again.
     ReplicasRestarted,
+    /// The registry was given a service config (outlier detection and
+    /// retries) with `config set`.
+    ConfigPushed,
     /// The client was stopped; its row is the whole run's.
     ClientStopped,
 }
@@ -67,6 +70,7 @@ impl Event {
                 format!("SIGKILL replica {replica} {address}")
             }
             Event::ReplicasRestarted => "SIGKILL + restart all replicas".into(),
+            Event::ConfigPushed => "config set: ejection + retries".into(),
             Event::ClientStopped => "whole run (client summary)".into(),
         }
     }
@@ -96,6 +100,8 @@ pub enum RegistrySaw {
     },
     StillRegistered,
     ServingErrors,
+    /// A service config was set at this version, and pushed on Watch.
+    ConfigPushed(u64),
     Nothing,
 }
 
@@ -113,6 +119,7 @@ impl std::fmt::Display for RegistrySaw {
             } => write!(f, "{removed} removed, {added} added, {listed} listed"),
             RegistrySaw::StillRegistered => f.write_str("still registered"),
             RegistrySaw::ServingErrors => f.write_str("registered, serving errors"),
+            RegistrySaw::ConfigPushed(version) => write!(f, "pushed config version {version}"),
             RegistrySaw::Nothing => f.write_str("-"),
         }
     }
