@@ -289,8 +289,12 @@ impl<'a> Scenario<'a> {
             "demo",
             &format!("switchboard config set {DEFAULT_SERVICE}: version {version}"),
         );
+        // Ejected: every other backend ready, the failing one not (right
+        // after the switch the new policy may have fewer ready yet).
+        let healthy = self.args.backends - 1;
         self.wait("the client to eject the failing backend", |v| {
-            !v.client.ready().iter().any(|b| b == victim)
+            let ready = v.client.ready();
+            ready.len() == healthy && !ready.iter().any(|b| b == victim)
         })
         .await?;
         let ejected = since.elapsed();
