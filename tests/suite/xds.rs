@@ -8,6 +8,10 @@
 //!   the registry and echo processes checks what users see: calls spread
 //!   over the backends, a SIGKILLed backend loses only its in-flight RPCs, a
 //!   new backend gets traffic within a second, a SIGTERM drain fails nothing.
+//! - Traffic policy (issue 22): a service config set with `switchboard
+//!   config set` reaches the same grpcio client as xDS: outlier detection
+//!   ejects a backend that fails every call, a route's retry policy hides
+//!   its failures; a change or a delete is a new version.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -19,6 +23,10 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
 use envoy_types::pb::envoy::config::core::v3::{address, HealthStatus, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::{route, RouteConfiguration};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
@@ -27,10 +35,11 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{
-    DeregisterRequest, DrainRequest, RegisterRequest, ResolveRequest,
+    DeleteServiceConfigRequest, DeregisterRequest, DrainRequest, RegisterRequest, ResolveRequest,
+    SetServiceConfigRequest,
 };
 use switchboard::registry::auth::{AccessTokens, Token};
-use switchboard::registry::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
+use switchboard::registry::xds::resources::{CLUSTER, ENDPOINTS, LISTENER, ROUTE};
 use switchboard::registry::RegistryConfig;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -503,6 +512,163 @@ async fn ads_needs_the_read_token_and_delta_is_refused() {
         delta.expect_err("refused").code(),
         tonic::Code::Unimplemented
     );
+}
+
+/// A config with every policy xDS carries, for the protocol test.
+const POLICY: &str = r#"{
+  "loadBalancingConfig": [{"outlier_detection_experimental": {
+    "interval": "1s", "failurePercentageEjection": {"requestVolume": 10},
+    "childPolicy": [{"weighted_round_robin": {}}]}}],
+  "methodConfig": [{"name": [{"service": "grpc.examples.echo.Echo"}], "timeout": "2s",
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+  "circuitBreakers": {"maxRequests": 100}
+}"#;
+
+/// The response of `type_url` among the next ones, the others ACKed on
+/// the way; the one returned is ACKed too.
+async fn next_of(ads: &mut Ads, type_url: &str, names: &[&str]) -> DiscoveryResponse {
+    loop {
+        let response = ads.next().await;
+        ads.send(subscribe(
+            &response.type_url,
+            names,
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await;
+        if response.type_url == type_url {
+            return response;
+        }
+    }
+}
+
+/// The routes of a listener's inline route configuration.
+fn inline_routes(listener: &Listener) -> RouteConfiguration {
+    let any = listener
+        .api_listener
+        .as_ref()
+        .unwrap()
+        .api_listener
+        .as_ref();
+    let manager = HttpConnectionManager::decode(&*any.unwrap().value).unwrap();
+    let Some(RouteSpecifier::RouteConfig(routes)) = manager.route_specifier else {
+        panic!("inline routes");
+    };
+    routes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_resends_lds_rds_and_cds_with_a_new_version_and_a_delete_undoes_it() {
+    let registry = serve_registry(RegistryConfig::default()).await;
+    let mut client = registry_client(&registry, STARTUP).await;
+    register(&mut client, SERVICE, "127.0.0.1:1001", &[]).await;
+    let mut ads = Ads::open(&registry).await.expect("open");
+    let names = [SERVICE];
+    let first = ads.next().await;
+    ads.send(subscribe(
+        LISTENER,
+        &names,
+        &first.version_info,
+        &first.nonce,
+    ))
+    .await;
+    let lds = next_of(&mut ads, LISTENER, &names).await;
+    ads.send(subscribe(ROUTE, &names, "", "")).await;
+    let rds = next_of(&mut ads, ROUTE, &names).await;
+    ads.send(subscribe(CLUSTER, &names, "", "")).await;
+    let cds = next_of(&mut ads, CLUSTER, &names).await;
+    ads.send(subscribe(ENDPOINTS, &names, "", "")).await;
+    let eds = next_of(&mut ads, ENDPOINTS, &names).await;
+    let plain = version_of(&mut client, SERVICE).await;
+    for response in [&lds, &rds, &cds, &eds] {
+        assert_eq!(
+            response.version_info, plain,
+            "no config: the endpoints' version"
+        );
+    }
+
+    // Set: LDS, RDS and CDS again, at a version naming the config's.
+    let version = client
+        .set_service_config(SetServiceConfigRequest {
+            service: SERVICE.into(),
+            json: POLICY.into(),
+        })
+        .await
+        .expect("set")
+        .into_inner()
+        .version;
+    let mut seen = BTreeMap::new();
+    while seen.len() < 3 {
+        let response = ads.next().await;
+        assert_ne!(
+            response.type_url, ENDPOINTS,
+            "EDS does not carry the config"
+        );
+        ads.send(subscribe(
+            &response.type_url,
+            &names,
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await;
+        seen.insert(response.type_url.clone(), response);
+    }
+    for response in seen.values() {
+        assert_eq!(response.version_info, format!("{plain}.c{version}"));
+    }
+    let cluster = &decode::<XdsCluster>(&seen[CLUSTER])[0];
+    assert!(cluster.outlier_detection.is_some(), "{cluster:?}");
+    assert!(cluster.circuit_breakers.is_some(), "{cluster:?}");
+    assert_eq!(
+        cluster
+            .load_balancing_policy
+            .as_ref()
+            .unwrap()
+            .policies
+            .len(),
+        2
+    );
+    let routes = &decode::<RouteConfiguration>(&seen[ROUTE])[0];
+    assert_eq!(routes.virtual_hosts[0].routes.len(), 2, "{routes:?}");
+    let listener = &decode::<Listener>(&seen[LISTENER])[0];
+    assert_eq!(
+        &inline_routes(listener),
+        routes,
+        "the listener's routes are RDS's"
+    );
+    let Some(route::Action::Route(action)) = &routes.virtual_hosts[0].routes[0].action else {
+        panic!("a route action");
+    };
+    assert_eq!(
+        action.retry_policy.as_ref().unwrap().retry_on,
+        "unavailable"
+    );
+
+    // Delete: back to the resources and version of no config.
+    client
+        .delete_service_config(DeleteServiceConfigRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .expect("delete");
+    let mut undone = BTreeMap::new();
+    while undone.len() < 3 {
+        let response = ads.next().await;
+        ads.send(subscribe(
+            &response.type_url,
+            &names,
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await;
+        undone.insert(response.type_url.clone(), response);
+    }
+    for (before, after) in [(&lds, LISTENER), (&rds, ROUTE), (&cds, CLUSTER)] {
+        let after = &undone[after];
+        assert_eq!(after.version_info, plain);
+        assert_eq!(after.resources, before.resources, "{}", after.type_url);
+    }
 }
 
 // --- A stock grpcio client over xDS, against real processes. ---
