@@ -722,6 +722,11 @@ impl XdsClient {
     /// Starts the client on `xds:///SERVICE` with a bootstrap naming
     /// `registry`, and waits until its channel is ready.
     async fn start(python_path: &Path, registry: &str) -> Self {
+        Self::start_with_workers(python_path, registry, WORKERS).await
+    }
+
+    /// As [`XdsClient::start`], with `workers` RPCs in flight at a time.
+    async fn start_with_workers(python_path: &Path, registry: &str, workers: usize) -> Self {
         let bootstrap = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "xds-bootstrap-{}.json",
             registry.replace([':', '.'], "-")
@@ -729,7 +734,7 @@ impl XdsClient {
         std::fs::write(&bootstrap, bootstrap_json(registry)).expect("write bootstrap");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xds/xds_client.py");
         let target = format!("xds:///{SERVICE}");
-        let workers = WORKERS.to_string();
+        let workers = workers.to_string();
         let proc = Proc::spawn_env(
             "python3",
             &[script, &target, &workers, "5"],
@@ -965,5 +970,246 @@ async fn grpcio_xds_client_loses_nothing_to_a_sigterm_drain() {
         failed(&shots).is_empty(),
         "a drain fails no RPC: {:?}",
         failed(&shots)
+    );
+}
+
+// --- Traffic policy over xDS, with the grpcio client. ---
+
+/// Outlier detection that ejects a backend failing at least half its calls
+/// within a second, and for longer than any test runs.
+const OUTLIER_DETECTION: &str = r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+  "interval": "1s", "baseEjectionTime": "300s", "maxEjectionPercent": 50,
+  "failurePercentageEjection": {"threshold": 50, "minimumHosts": 3, "requestVolume": 10},
+  "childPolicy": [{"round_robin": {}}]}}]}"#;
+
+/// Retries of UNAVAILABLE for the Echo service, and no outlier detection.
+const RETRIES: &str = r#"{"methodConfig": [{"name": [{"service": "grpc.examples.echo.Echo"}],
+  "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
+/// A registry with two healthy echo backends and a third that fails every
+/// call with UNAVAILABLE; returns it with the failing one's address and
+/// metrics address.
+async fn cluster_with_a_failing_backend() -> (Cluster, String, String) {
+    let mut cluster = Cluster::start(2).await;
+    let port = free_port().expect("free port");
+    let proc = start_echo(
+        &cluster.registry,
+        SERVICE,
+        &[port],
+        &["--fail-rate", "1", "--metrics-listen", "127.0.0.1:0"],
+    )
+    .await;
+    let metrics = metrics_address(&proc).await;
+    cluster.backends.push((local(port), proc));
+    wait_keepers(&cluster.backends).await;
+    wait_registered(&cluster.registry, SERVICE, &cluster.addresses(), STARTUP).await;
+    (cluster, local(port), metrics)
+}
+
+/// Every UnaryEcho call the echo process with metrics at `metrics` has
+/// answered, whatever its status.
+async fn unary_calls(metrics: &str) -> f64 {
+    let text = get(metrics, "/metrics").await.1;
+    text.lines()
+        .filter(|line| {
+            line.starts_with("switchboard_echo_rpcs_total{") && line.contains("UnaryEcho")
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Whether the last `n` calls sent since `since` all succeeded.
+fn last_all_ok(shots: &[PyShot], since: f64, n: usize) -> bool {
+    let after: Vec<&PyShot> = shots.iter().filter(|s| s.sent >= since).collect();
+    after.len() >= n && after[after.len() - n..].iter().all(|s| s.result.is_ok())
+}
+
+/// `json` as the service config of SERVICE, set with `switchboard config
+/// set` as an operator would; returns its version.
+async fn config_set(registry: &str, json: &str) -> u64 {
+    let file = crate::policy::config_file("xds-policy.json", json);
+    crate::policy::cli_set(registry, file.to_str().unwrap()).await
+}
+
+/// An ADS stream of the test's own subscribed to `type_url` for SERVICE,
+/// and its first response of that type.
+async fn follow(registry: &str, type_url: &str) -> (Ads, DiscoveryResponse) {
+    let mut ads = Ads::open(registry).await.expect("open");
+    let first = ads.next().await;
+    ads.send(subscribe(LISTENER, &[], &first.version_info, &first.nonce))
+        .await;
+    ads.send(subscribe(type_url, &[SERVICE], "", "")).await;
+    let response = next_of(&mut ads, type_url, &[SERVICE]).await;
+    (ads, response)
+}
+
+/// The calls failing while the client runs without a config: round robin
+/// gives the failing backend its third.
+async fn failures_without_a_config(client: &XdsClient, healthy: &[String]) -> Vec<PyShot> {
+    client
+        .wait_until("300 calls, on every backend", STARTUP, |shots| {
+            shots.len() >= 300 && healthy.iter().all(|a| served(shots, a) >= 50)
+        })
+        .await;
+    let shots = client.shots();
+    let failures = failed(&shots).len();
+    let recent = failed(&shots[shots.len() - 200..]).len();
+    eprintln!(
+        "without a config: {failures} of {} calls failed, {recent} of the last 200",
+        shots.len()
+    );
+    assert!(
+        failures * 5 >= shots.len() && recent >= 30,
+        "the failing backend keeps getting about a third of the calls: {failures} of {}, {recent} of the last 200",
+        shots.len()
+    );
+    shots
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_ejects_a_failing_backend_once_outlier_detection_is_set() {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, failing, failing_metrics) = cluster_with_a_failing_backend().await;
+    let healthy = all_but(&cluster.addresses(), &failing);
+    let (mut ads, before) = follow(&cluster.registry, CLUSTER).await;
+    assert!(decode::<XdsCluster>(&before)[0].outlier_detection.is_none());
+    let client = XdsClient::start(&python_path, &cluster.registry).await;
+    failures_without_a_config(&client, &healthy).await;
+
+    let version = config_set(&cluster.registry, OUTLIER_DETECTION).await;
+    let set = now_ms();
+    let pushed = next_of(&mut ads, CLUSTER, &[SERVICE]).await;
+    assert_ne!(pushed.version_info, before.version_info);
+    assert!(
+        pushed.version_info.ends_with(&format!(".c{version}")),
+        "{} names config version {version}",
+        pushed.version_info
+    );
+    let cluster_resource = &decode::<XdsCluster>(&pushed)[0];
+    let od = cluster_resource
+        .outlier_detection
+        .as_ref()
+        .expect("outlier detection");
+    assert_eq!(
+        od.enforcing_failure_percentage.as_ref().map(|v| v.value),
+        Some(100)
+    );
+    assert_eq!(od.enforcing_success_rate.as_ref().map(|v| v.value), Some(0));
+
+    client
+        .wait_until("200 calls in a row without a failure", STARTUP, |shots| {
+            last_all_ok(shots, set, 200)
+        })
+        .await;
+    // Why: the failing backend gets no call at all any more, and the two
+    // healthy ones share the traffic.
+    let on_failing = unary_calls(&failing_metrics).await;
+    let from = client.shots().len();
+    client
+        .wait_until("200 more calls", STARTUP, |shots| shots.len() >= from + 200)
+        .await;
+    let on_failing_after = unary_calls(&failing_metrics).await;
+    let shots = client.stop().await;
+    let after = &shots[from..];
+    let ejected_at = shots[..from]
+        .iter()
+        .rposition(|s| s.result.is_err())
+        .map_or(0, |i| i + 1);
+    eprintln!(
+        "after the config: last failure at call {ejected_at}, {} of {} calls failed since the push; then {} calls, 0 to the failing backend ({on_failing} then {on_failing_after} calls on it)",
+        failed(&shots).iter().filter(|s| s.sent >= set).count(),
+        shots.iter().filter(|s| s.sent >= set).count(),
+        after.len()
+    );
+    assert!(failed(after).is_empty(), "{:?}", failed(after));
+    assert_eq!(
+        on_failing_after, on_failing,
+        "the failing backend was sent no call once ejected"
+    );
+    for address in &healthy {
+        assert!(
+            served(after, address) * 4 >= after.len(),
+            "{address} takes its half: {} of {}",
+            served(after, address),
+            after.len()
+        );
+    }
+    assert!(
+        !cluster.registry_proc.has_line("NACKed"),
+        "grpcio rejected a resource:\n{}",
+        cluster.registry_proc.dump()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_retries_failed_calls_as_the_pushed_route_says() {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, failing, failing_metrics) = cluster_with_a_failing_backend().await;
+    let healthy = all_but(&cluster.addresses(), &failing);
+    let (mut ads, before) = follow(&cluster.registry, LISTENER).await;
+    // One call at a time: round robin sends each retry to the backend
+    // after the one that failed, so with one failing backend out of three
+    // no call can fail three times.
+    let client = XdsClient::start_with_workers(&python_path, &cluster.registry, 1).await;
+    failures_without_a_config(&client, &healthy).await;
+
+    let version = config_set(&cluster.registry, RETRIES).await;
+    let set = now_ms();
+    let pushed = next_of(&mut ads, LISTENER, &[SERVICE]).await;
+    assert_ne!(pushed.version_info, before.version_info);
+    assert!(pushed.version_info.ends_with(&format!(".c{version}")));
+    let routes = inline_routes(&decode::<Listener>(&pushed)[0]);
+    let Some(route::Action::Route(action)) = &routes.virtual_hosts[0].routes[0].action else {
+        panic!("a route action: {routes:?}");
+    };
+    let retry = action.retry_policy.as_ref().expect("a retry policy");
+    assert_eq!(
+        (
+            retry.retry_on.as_str(),
+            retry.num_retries.as_ref().map(|n| n.value)
+        ),
+        ("unavailable", Some(2))
+    );
+
+    client
+        .wait_until("200 calls in a row without a failure", STARTUP, |shots| {
+            last_all_ok(shots, set, 200)
+        })
+        .await;
+    // Why: the failing backend still gets its share of attempts (nothing
+    // ejects it), and every one it fails is retried elsewhere.
+    let on_failing = unary_calls(&failing_metrics).await;
+    let from = client.shots().len();
+    client
+        .wait_until("200 more calls", STARTUP, |shots| shots.len() >= from + 200)
+        .await;
+    let on_failing_after = unary_calls(&failing_metrics).await;
+    let shots = client.stop().await;
+    let after = &shots[from..];
+    eprintln!(
+        "with retries: {} of {} calls failed since the push; then {} calls, 0 failed, {} attempts failed on the failing backend",
+        failed(&shots).iter().filter(|s| s.sent >= set).count(),
+        shots.iter().filter(|s| s.sent >= set).count(),
+        after.len(),
+        on_failing_after - on_failing
+    );
+    assert!(failed(after).is_empty(), "{:?}", failed(after));
+    assert!(
+        on_failing_after - on_failing >= 30.0,
+        "the failing backend kept failing attempts ({on_failing} then {on_failing_after}), which were retried"
+    );
+    assert!(
+        !cluster.registry_proc.has_line("NACKed"),
+        "grpcio rejected a resource:\n{}",
+        cluster.registry_proc.dump()
     );
 }
