@@ -292,6 +292,17 @@ impl AdsStream {
         view.config = config;
     }
 
+    /// Takes in every endpoint and config change already waiting, so a
+    /// burst becomes one response per type.
+    fn take_waiting(&mut self) {
+        while let Some(Some((service, update))) = self.watches.next().now_or_never() {
+            self.on_update(&service, &update);
+        }
+        while let Some(Some((service, config))) = self.configs.next().now_or_never() {
+            self.on_config(&service, config);
+        }
+    }
+
     /// Queues a response for every type that is owed one or whose services
     /// changed, once all its services have their first snapshot.
     fn respond(&mut self, out: &mut VecDeque<DiscoveryResponse>) {
@@ -374,19 +385,6 @@ impl AdsStream {
                 facts,
             });
             subscription.owed = false;
-        }
-    }
-}
-
-impl AdsStream {
-    /// Takes in every endpoint and config change already waiting, so a
-    /// burst becomes one response per type.
-    fn take_waiting(&mut self) {
-        while let Some(Some((service, update))) = self.watches.next().now_or_never() {
-            self.on_update(&service, &update);
-        }
-        while let Some(Some((service, config))) = self.configs.next().now_or_never() {
-            self.on_config(&service, config);
         }
     }
 }
