@@ -69,14 +69,20 @@ impl LbPolicy {
 /// The first known policy of `list` (whose entries are at
 /// `loadBalancingConfig[i]`, or under `at`), every known entry checked.
 pub(super) fn choose(list: &[LbPolicyConfig], at: &str) -> Result<Option<LbPolicy>, ConfigError> {
-    let mut chosen = None;
+    Ok(known(list, at)?.into_iter().next())
+}
+
+/// Every known policy of `list`, in order, each checked; an error if the
+/// list names policies but none this crate knows.
+pub(super) fn known(list: &[LbPolicyConfig], at: &str) -> Result<Vec<LbPolicy>, ConfigError> {
+    let mut policies = Vec::new();
     for (i, entry) in list.iter().enumerate() {
         let at = format!("{at}[{i}].{}", entry.name);
         if let Some(policy) = parse(&entry.name, &entry.config, &at)? {
-            chosen.get_or_insert(policy);
+            policies.push(policy);
         }
     }
-    if chosen.is_none() && !list.is_empty() {
+    if policies.is_empty() && !list.is_empty() {
         let names: Vec<&str> = list.iter().map(|p| p.name.as_str()).collect();
         return Err(ConfigError::new(
             at,
@@ -87,7 +93,7 @@ pub(super) fn choose(list: &[LbPolicyConfig], at: &str) -> Result<Option<LbPolic
             ),
         ));
     }
-    Ok(chosen)
+    Ok(policies)
 }
 
 /// One entry, or `None` if its name is not one this crate knows.

@@ -7,8 +7,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::{
-    CallPolicy, CodeSet, HedgingPolicy, LbPolicyConfig, MethodConfig, MethodName, RetryPolicy,
-    RetryThrottling, ServiceConfig,
+    CallPolicy, CircuitBreakers, CodeSet, HedgingPolicy, LbPolicyConfig, MethodConfig, MethodName,
+    RetryPolicy, RetryThrottling, ServiceConfig,
 };
 
 /// Why a service config was refused: the field, as a JSON path like
@@ -72,6 +72,25 @@ pub(super) fn parse(text: &str) -> Result<ServiceConfig, ConfigError> {
                 "retryThrottling.tokenRatio",
             )?,
         });
+    }
+    if let Some(breakers) = root.get("circuitBreakers") {
+        let at = "circuitBreakers";
+        let fields = object(breakers, at)?;
+        let max = required(fields, "maxRequests", at)?;
+        let max_requests = max
+            .as_u64()
+            .filter(|n| *n > 0)
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "circuitBreakers.maxRequests",
+                    format!(
+                        "must be a positive integer (at most {}), got {max}",
+                        u32::MAX
+                    ),
+                )
+            })?;
+        config.circuit_breakers = Some(CircuitBreakers { max_requests });
     }
     if let Some(health) = root.get("healthCheckConfig") {
         let fields = object(health, "healthCheckConfig")?;
@@ -349,6 +368,12 @@ pub(super) fn write(config: &ServiceConfig) -> String {
                 "maxTokens": f64::from(t.max_milli_tokens) / 1000.0,
                 "tokenRatio": f64::from(t.milli_token_ratio) / 1000.0,
             }),
+        );
+    }
+    if let Some(breakers) = &config.circuit_breakers {
+        root.insert(
+            "circuitBreakers".into(),
+            serde_json::json!({ "maxRequests": breakers.max_requests }),
         );
     }
     if let Some(name) = &config.health_check_service {

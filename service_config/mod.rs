@@ -34,8 +34,9 @@ pub struct ServiceConfig {
     /// `loadBalancingConfig`: policies in order of preference, each a name
     /// and its own config as written (so it is written back unchanged).
     load_balancing: Vec<LbPolicyConfig>,
-    /// The first entry of `load_balancing` this crate knows, typed.
-    lb_policy: Option<LbPolicy>,
+    /// Every entry of `load_balancing` this crate knows, typed, in order;
+    /// the first is the chosen policy.
+    lb_policies: Vec<LbPolicy>,
     /// `methodConfig`, in document order; read through
     /// [`ServiceConfig::methods`], so the lookup index cannot go stale.
     methods: Vec<MethodConfig>,
@@ -45,8 +46,23 @@ pub struct ServiceConfig {
     /// `healthCheckConfig.serviceName`: the `grpc.health.v1` service name
     /// to watch on each backend.
     pub health_check_service: Option<String>,
+    /// `circuitBreakers`: a switchboard extension, read through
+    /// [`ServiceConfig::circuit_breakers`] so it is always validated.
+    circuit_breakers: Option<CircuitBreakers>,
     /// Where each method name points in `methods`.
     index: HashMap<String, usize>,
+}
+
+/// `circuitBreakers`, a switchboard extension to the gRPC service config
+/// (which has no such field): limits that xDS carries to stock clients as
+/// the cluster's circuit breakers (gRFC A32). Other gRPC clients reading
+/// the config as a service config ignore it, as they ignore any unknown
+/// field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitBreakers {
+    /// `maxRequests`: the most RPCs in flight to the whole service from one
+    /// client channel; further RPCs fail with UNAVAILABLE at once. Above 0.
+    pub max_requests: u32,
 }
 
 /// One entry of `loadBalancingConfig`.
@@ -224,7 +240,30 @@ impl ServiceConfig {
     /// The policy the config chose: the first entry of
     /// `loadBalancingConfig` this crate knows.
     pub fn lb_policy(&self) -> Option<&LbPolicy> {
-        self.lb_policy.as_ref()
+        self.lb_policies.first()
+    }
+
+    /// Every entry of `loadBalancingConfig` this crate knows, typed, in
+    /// the config's order of preference (the first is
+    /// [`ServiceConfig::lb_policy`]): what the registry offers xDS
+    /// clients, each of which takes the first it supports.
+    pub fn lb_policies(&self) -> &[LbPolicy] {
+        &self.lb_policies
+    }
+
+    /// `circuitBreakers`, the switchboard extension, if set.
+    pub fn circuit_breakers(&self) -> Option<CircuitBreakers> {
+        self.circuit_breakers
+    }
+
+    /// A copy with `circuitBreakers` set; checks it as
+    /// [`ServiceConfig::from_json`] does.
+    pub fn with_circuit_breakers(
+        mut self,
+        circuit_breakers: CircuitBreakers,
+    ) -> Result<Self, ConfigError> {
+        self.circuit_breakers = Some(circuit_breakers);
+        self.validated()
     }
 
     /// A copy with `loadBalancingConfig` replaced by `policies` (name and
@@ -267,7 +306,7 @@ impl ServiceConfig {
     /// Checks the rules a typed config could break, clamps attempts to
     /// [`MAX_ATTEMPTS`] and builds the lookup.
     fn validated(mut self) -> Result<Self, ConfigError> {
-        self.lb_policy = balancing::choose(&self.load_balancing, "loadBalancingConfig")?;
+        self.lb_policies = balancing::known(&self.load_balancing, "loadBalancingConfig")?;
         self.index.clear();
         for method in &mut self.methods {
             match &mut method.policy {
@@ -323,6 +362,14 @@ impl ServiceConfig {
                     check_attempts(hedging.max_attempts, || at("hedgingPolicy.maxAttempts"))?;
                 }
                 None => {}
+            }
+        }
+        if let Some(breakers) = &self.circuit_breakers {
+            if breakers.max_requests == 0 {
+                return Err(ConfigError::new(
+                    "circuitBreakers.maxRequests",
+                    "must be a positive integer, got 0",
+                ));
             }
         }
         if let Some(throttling) = &self.retry_throttling {

@@ -317,3 +317,63 @@ fn each_bad_load_balancing_entry_is_refused_naming_its_field() {
         assert_eq!(err.field, field, "{text}: {err}");
     }
 }
+
+#[test]
+fn every_known_policy_is_kept_in_order() {
+    let config = ServiceConfig::from_json(
+        r#"{"loadBalancingConfig": [
+            {"weighted_round_robin": {}}, {"some_future_policy": {}},
+            {"least_request": {"choiceCount": 4}}, {"pick_first": {}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.lb_policies(),
+        [
+            LbPolicy::WeightedRoundRobin,
+            LbPolicy::LeastRequest { choice_count: 4 },
+            LbPolicy::PickFirst
+        ]
+    );
+    assert_eq!(config.lb_policy(), Some(&LbPolicy::WeightedRoundRobin));
+    assert!(ServiceConfig::default().lb_policies().is_empty());
+}
+
+#[test]
+fn circuit_breakers_are_a_checked_extension_that_round_trips() {
+    let config = ServiceConfig::from_json(r#"{"circuitBreakers": {"maxRequests": 100}}"#).unwrap();
+    assert_eq!(
+        config.circuit_breakers(),
+        Some(CircuitBreakers { max_requests: 100 })
+    );
+    let again = ServiceConfig::from_json(&config.to_json()).unwrap();
+    assert_eq!(again, config);
+    assert_eq!(ServiceConfig::default().circuit_breakers(), None);
+    for (bad, field) in [
+        (
+            r#"{"circuitBreakers": {"maxRequests": 0}}"#,
+            "circuitBreakers.maxRequests",
+        ),
+        (
+            r#"{"circuitBreakers": {"maxRequests": -3}}"#,
+            "circuitBreakers.maxRequests",
+        ),
+        (
+            r#"{"circuitBreakers": {"maxRequests": 1.5}}"#,
+            "circuitBreakers.maxRequests",
+        ),
+        (
+            r#"{"circuitBreakers": {"maxRequests": "10"}}"#,
+            "circuitBreakers.maxRequests",
+        ),
+        (
+            r#"{"circuitBreakers": {"maxRequests": 4294967296}}"#,
+            "circuitBreakers.maxRequests",
+        ),
+        (r#"{"circuitBreakers": {}}"#, "circuitBreakers.maxRequests"),
+        (r#"{"circuitBreakers": 5}"#, "circuitBreakers"),
+    ] {
+        assert_eq!(error_of(bad).field, field, "{bad}");
+    }
+    let typed = ServiceConfig::default().with_circuit_breakers(CircuitBreakers { max_requests: 0 });
+    assert_eq!(typed.unwrap_err().field, "circuitBreakers.maxRequests");
+}

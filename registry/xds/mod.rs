@@ -6,12 +6,16 @@
 //!
 //! - [`resources`]: what one service becomes: Listener, RouteConfiguration,
 //!   Cluster, ClusterLoadAssignment;
+//! - [`policy`]: its service config's traffic policy in xDS terms
+//!   (balancing list, outlier detection, circuit breakers, per-method
+//!   retries and timeouts);
 //! - [`stream`]: one ADS stream: its subscriptions per type, nonces, ACKs
 //!   and NACKs, and the store watches behind them.
 //!
 //! It reads the registry only through the [`Store`] trait, so it serves
 //! whatever store the registry runs on. See `docs/xds.md`.
 
+pub mod policy;
 pub mod resources;
 pub mod stream;
 

@@ -8,6 +8,12 @@
 //!   for it over RDS: every domain, every path, to the service's cluster;
 //! - a Cluster of type EDS, its endpoints over ADS, ROUND_ROBIN;
 //! - the ClusterLoadAssignment: one locality holding every endpoint.
+//!
+//! A service with a service config gets its traffic policy too (see
+//! [`super::policy`]): the Cluster's load-balancing policy list, outlier
+//! detection and circuit breakers, and a route per configured method with
+//! its retry policy and timeout. Without one, every resource is exactly
+//! what it was before configs existed, so existing clients see no change.
 
 use std::net::SocketAddr;
 
@@ -25,8 +31,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{ApiListener, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
-    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch,
-    VirtualHost,
+    route, route_action, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -36,7 +41,9 @@ use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
 use prost::Name;
 
+use super::policy;
 use crate::discovery::{Endpoint, EndpointSet};
+use crate::service_config::ServiceConfig;
 
 /// The type URL of Listener resources (LDS).
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -90,32 +97,36 @@ impl Kind {
     }
 }
 
-/// The resource of `kind` for service `name` with endpoints `set`, or `None`
-/// when that resource does not exist (the service has no endpoints).
-/// `refuse` hears of every endpoint left out because its address is not an
-/// IP socket address.
+/// The resource of `kind` for service `name` with endpoints `set` and
+/// service config `config`, or `None` when that resource does not exist
+/// (the service has no endpoints). `refuse` hears of every endpoint left
+/// out because its address is not an IP socket address.
 pub fn resource(
     kind: Kind,
     name: &str,
     set: &EndpointSet,
+    config: Option<&ServiceConfig>,
     refuse: &mut dyn FnMut(&Endpoint),
 ) -> Option<Any> {
     if kind.omits_absent() && set.is_empty() {
         return None;
     }
     match kind {
-        Kind::Listener => Some(pack_any(listener(name))),
-        Kind::Route => Some(pack_any(route_configuration(name))),
-        Kind::Cluster => Some(pack_any(cluster(name))),
+        Kind::Listener => Some(pack_any(listener(name, config))),
+        Kind::Route => Some(pack_any(route_configuration(name, config))),
+        Kind::Cluster => Some(pack_any(cluster(name, config))),
         Kind::Endpoints => Some(pack_any(load_assignment(name, set, refuse))),
         Kind::Other => None,
     }
 }
 
-/// The Listener a client resolving `xds:///<service>` asks for.
-pub fn listener(service: &str) -> Listener {
+/// The Listener a client resolving `xds:///<service>` asks for, its routes
+/// inline (so they follow `config` too).
+pub fn listener(service: &str, config: Option<&ServiceConfig>) -> Listener {
     let manager = HttpConnectionManager {
-        route_specifier: Some(RouteSpecifier::RouteConfig(route_configuration(service))),
+        route_specifier: Some(RouteSpecifier::RouteConfig(route_configuration(
+            service, config,
+        ))),
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".into(),
             config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
@@ -134,34 +145,42 @@ pub fn listener(service: &str) -> Listener {
     }
 }
 
-/// Every request for any authority, to the service's cluster.
-pub fn route_configuration(service: &str) -> RouteConfiguration {
+/// Every request for any authority, to the service's cluster: a route per
+/// method name `config` configures, most specific first, with that
+/// method's retry policy and timeout, then the catch-all.
+pub fn route_configuration(service: &str, config: Option<&ServiceConfig>) -> RouteConfiguration {
+    let routes = policy::method_routes(config)
+        .into_iter()
+        .map(|(path, method)| Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(path),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(service.into())),
+                retry_policy: method.and_then(policy::retry_policy),
+                max_stream_duration: method.and_then(policy::max_stream_duration),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect();
     RouteConfiguration {
         name: service.into(),
         virtual_hosts: vec![VirtualHost {
             name: service.into(),
             domains: vec!["*".into()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
-                    ..Default::default()
-                }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                        service.into(),
-                    )),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
+            routes,
             ..Default::default()
         }],
         ..Default::default()
     }
 }
 
-/// An EDS cluster whose endpoints come over the same ADS stream.
-pub fn cluster(service: &str) -> Cluster {
+/// An EDS cluster whose endpoints come over the same ADS stream, with the
+/// balancing, outlier detection and circuit breakers of `config`.
+pub fn cluster(service: &str, config: Option<&ServiceConfig>) -> Cluster {
+    let load_balancing_policy = config.and_then(policy::load_balancing_policy);
     Cluster {
         name: service.into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
@@ -176,7 +195,15 @@ pub fn cluster(service: &str) -> Cluster {
             // Empty: the assignment is named after the cluster.
             service_name: String::new(),
         }),
+        // The legacy enum only without a policy list: clients ignore it
+        // beside one, and ROUND_ROBIN is its default value anyway.
         lb_policy: LbPolicy::RoundRobin as i32,
+        load_balancing_policy,
+        outlier_detection: config
+            .and_then(ServiceConfig::lb_policy)
+            .and_then(|policy| policy.outlier_detection())
+            .map(policy::outlier_detection),
+        circuit_breakers: config.and_then(policy::circuit_breakers),
         ..Default::default()
     }
 }
@@ -258,6 +285,11 @@ pub fn type_url<T: Name>() -> String {
 mod tests {
     use super::*;
     use crate::discovery::{EndpointState, Update};
+    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+    use envoy_types::pb::envoy::config::core::v3::RoutingPriority;
+    use envoy_types::pb::envoy::config::route::v3::route_match;
+    use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+    use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
     use prost::Message;
 
     fn set(endpoints: Vec<Endpoint>) -> EndpointSet {
@@ -313,7 +345,7 @@ mod tests {
 
     #[test]
     fn listener_routes_everything_to_the_cluster_through_the_router() {
-        let listener = listener("svc");
+        let listener = listener("svc", None);
         let any = listener.api_listener.unwrap().api_listener.unwrap();
         let manager = HttpConnectionManager::decode(&*any.value).unwrap();
         assert_eq!(manager.http_filters.len(), 1);
@@ -335,10 +367,349 @@ mod tests {
     fn absent_services_have_no_listener_but_an_empty_assignment() {
         let empty = set(Vec::new());
         let mut refuse = |_: &Endpoint| {};
-        assert!(resource(Kind::Listener, "svc", &empty, &mut refuse).is_none());
-        assert!(resource(Kind::Cluster, "svc", &empty, &mut refuse).is_none());
-        let any = resource(Kind::Endpoints, "svc", &empty, &mut refuse).unwrap();
+        assert!(resource(Kind::Listener, "svc", &empty, None, &mut refuse).is_none());
+        assert!(resource(Kind::Cluster, "svc", &empty, None, &mut refuse).is_none());
+        let any = resource(Kind::Endpoints, "svc", &empty, None, &mut refuse).unwrap();
         let assignment = ClusterLoadAssignment::decode(&*any.value).unwrap();
         assert!(assignment.endpoints.is_empty());
+    }
+
+    fn config(json: &str) -> ServiceConfig {
+        ServiceConfig::from_json(json).unwrap()
+    }
+
+    /// The type URLs of a cluster's policy list, in order.
+    fn policy_types(cluster: &Cluster) -> Vec<String> {
+        cluster
+            .load_balancing_policy
+            .as_ref()
+            .expect("a policy list")
+            .policies
+            .iter()
+            .map(|p| {
+                let typed = p.typed_extension_config.as_ref().unwrap();
+                let any = typed.typed_config.as_ref().unwrap();
+                assert!(typed.name.starts_with("envoy.load_balancing_policies."));
+                any.type_url
+                    .trim_start_matches(
+                        "type.googleapis.com/envoy.extensions.load_balancing_policies.",
+                    )
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn routes(config: Option<&ServiceConfig>) -> Vec<Route> {
+        route_configuration("svc", config).virtual_hosts[0]
+            .routes
+            .clone()
+    }
+
+    fn action(route: &Route) -> &RouteAction {
+        let Some(route::Action::Route(action)) = &route.action else {
+            panic!("a route action: {route:?}");
+        };
+        action
+    }
+
+    fn secs(seconds: i64, nanos: i32) -> Option<ProtoDuration> {
+        Some(ProtoDuration { seconds, nanos })
+    }
+
+    fn n(value: u32) -> Option<UInt32Value> {
+        Some(UInt32Value { value })
+    }
+
+    /// What every resource was before service configs, built by hand:
+    /// without a config (or with one that sets no traffic policy) the
+    /// bytes must not change, so clients that never asked for a policy see
+    /// none.
+    #[test]
+    fn no_config_keeps_the_resources_byte_for_byte() {
+        let route = RouteConfiguration {
+            name: "svc".into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "svc".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix(String::new())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            "svc".into(),
+                        )),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let cluster_before = Cluster {
+            name: "svc".into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+            eds_cluster_config: Some(EdsClusterConfig {
+                eds_config: Some(ConfigSource {
+                    config_source_specifier: Some(ConfigSourceSpecifier::Ads(
+                        AggregatedConfigSource::default(),
+                    )),
+                    resource_api_version: ApiVersion::V3 as i32,
+                    ..Default::default()
+                }),
+                service_name: String::new(),
+            }),
+            lb_policy: LbPolicy::RoundRobin as i32,
+            ..Default::default()
+        };
+        // Settings xDS has no field for change nothing either.
+        let untranslated = config(
+            r#"{"retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+                "healthCheckConfig": {"serviceName": "x"}}"#,
+        );
+        for config in [None, Some(&untranslated)] {
+            assert_eq!(
+                route_configuration("svc", config).encode_to_vec(),
+                route.encode_to_vec()
+            );
+            assert_eq!(
+                cluster("svc", config).encode_to_vec(),
+                cluster_before.encode_to_vec()
+            );
+            let manager = listener("svc", config).api_listener.unwrap().api_listener;
+            let manager = HttpConnectionManager::decode(&*manager.unwrap().value).unwrap();
+            assert_eq!(
+                manager.route_specifier,
+                Some(RouteSpecifier::RouteConfig(route.clone()))
+            );
+        }
+    }
+
+    #[test]
+    fn each_policy_is_offered_first_with_round_robin_after_it() {
+        let types = |json: &str| policy_types(&cluster("svc", Some(&config(json))));
+        let rr = "round_robin.v3.RoundRobin";
+        let wrr = "client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin";
+        let lr = "least_request.v3.LeastRequest";
+        let pf = "pick_first.v3.PickFirst";
+        assert_eq!(
+            types(r#"{"loadBalancingConfig": [{"weighted_round_robin": {}}]}"#),
+            [wrr, rr]
+        );
+        assert_eq!(
+            types(r#"{"loadBalancingConfig": [{"least_request_experimental": {}}]}"#),
+            [lr, rr]
+        );
+        assert_eq!(
+            types(r#"{"loadBalancingConfig": [{"pick_first": {}}]}"#),
+            [pf, rr]
+        );
+        assert_eq!(
+            types(r#"{"loadBalancingConfig": [{"round_robin": {}}]}"#),
+            [rr]
+        );
+        // The config's own order of preference, unknown names skipped,
+        // each type once; outlier detection offers its child.
+        assert_eq!(
+            types(
+                r#"{"loadBalancingConfig": [
+                    {"outlier_detection_experimental": {
+                        "childPolicy": [{"weighted_round_robin": {}}]}},
+                    {"some_future_policy": {}},
+                    {"round_robin": {}},
+                    {"least_request": {"choiceCount": 3}}]}"#
+            ),
+            [wrr, rr, lr]
+        );
+        // choice_count is carried.
+        let cluster = cluster(
+            "svc",
+            Some(&config(
+                r#"{"loadBalancingConfig": [{"least_request": {"choiceCount": 4}}]}"#,
+            )),
+        );
+        let first = &cluster.load_balancing_policy.unwrap().policies[0];
+        let any = first.typed_extension_config.as_ref().unwrap();
+        let least = LeastRequest::decode(&*any.typed_config.as_ref().unwrap().value).unwrap();
+        assert_eq!(least.choice_count, n(4));
+        // The legacy enum stays ROUND_ROBIN, which is also its default.
+        assert_eq!(cluster.lb_policy, LbPolicy::RoundRobin as i32);
+    }
+
+    #[test]
+    fn outlier_detection_sets_every_field_and_turns_off_what_is_off() {
+        let cluster = cluster(
+            "svc",
+            Some(&config(
+                r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+                    "interval": "1.5s", "baseEjectionTime": "20s", "maxEjectionPercent": 40,
+                    "failurePercentageEjection": {"threshold": 60, "minimumHosts": 3,
+                        "requestVolume": 10},
+                    "childPolicy": [{"round_robin": {}}]}}]}"#,
+            )),
+        );
+        let expected = OutlierDetection {
+            interval: secs(1, 500_000_000),
+            base_ejection_time: secs(20, 0),
+            // A50's defaults where the config is silent, not xDS's.
+            max_ejection_time: secs(300, 0),
+            max_ejection_percent: n(40),
+            enforcing_success_rate: n(0),
+            success_rate_stdev_factor: n(1900),
+            success_rate_minimum_hosts: n(5),
+            success_rate_request_volume: n(100),
+            enforcing_failure_percentage: n(100),
+            failure_percentage_threshold: n(60),
+            failure_percentage_minimum_hosts: n(3),
+            failure_percentage_request_volume: n(10),
+            enforcing_consecutive_5xx: n(0),
+            enforcing_consecutive_gateway_failure: n(0),
+            enforcing_consecutive_local_origin_failure: n(0),
+            enforcing_local_origin_success_rate: n(0),
+            enforcing_failure_percentage_local_origin: n(0),
+            ..Default::default()
+        };
+        assert_eq!(cluster.outlier_detection, Some(expected));
+        // Round robin picks under it.
+        assert_eq!(policy_types(&cluster), ["round_robin.v3.RoundRobin"]);
+
+        let success = self::cluster(
+            "svc",
+            Some(&config(
+                r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+                    "successRateEjection": {"stdevFactor": 1000, "enforcementPercentage": 50},
+                    "childPolicy": [{"pick_first": {}}]}}]}"#,
+            )),
+        )
+        .outlier_detection
+        .unwrap();
+        assert_eq!(success.interval, secs(10, 0));
+        assert_eq!(success.max_ejection_percent, n(10));
+        assert_eq!(success.enforcing_success_rate, n(50));
+        assert_eq!(success.success_rate_stdev_factor, n(1000));
+        assert_eq!(success.success_rate_request_volume, n(100));
+        assert_eq!(success.enforcing_failure_percentage, n(0));
+
+        // Only the chosen policy's outlier detection counts; without it
+        // the field is unset (clients then run none).
+        let plain = self::cluster(
+            "svc",
+            Some(&config(r#"{"loadBalancingConfig": [{"round_robin": {}}]}"#)),
+        );
+        assert_eq!(plain.outlier_detection, None);
+    }
+
+    #[test]
+    fn circuit_breakers_carry_max_requests_at_the_default_priority() {
+        let cluster = cluster(
+            "svc",
+            Some(&config(r#"{"circuitBreakers": {"maxRequests": 64}}"#)),
+        );
+        let breakers = cluster.circuit_breakers.expect("circuit breakers");
+        let [threshold] = &breakers.thresholds[..] else {
+            panic!("one threshold: {breakers:?}");
+        };
+        assert_eq!(threshold.priority, RoutingPriority::Default as i32);
+        assert_eq!(threshold.max_requests, n(64));
+        assert_eq!(threshold.max_connections, None);
+        // Nothing else changes: no policy list.
+        assert!(cluster.load_balancing_policy.is_none());
+    }
+
+    #[test]
+    fn each_method_gets_a_route_most_specific_first_with_its_retries_and_timeout() {
+        let config = config(
+            r#"{"methodConfig": [
+                {"name": [{}], "timeout": "10s"},
+                {"name": [{"service": "pkg.Echo"}],
+                 "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED", "ABORTED"]}},
+                {"name": [{"service": "pkg.Echo", "method": "Slow"},
+                          {"service": "pkg.Other", "method": "Get"}],
+                 "timeout": "0.25s",
+                 "hedgingPolicy": {"maxAttempts": 3, "hedgingDelay": "0.1s"}},
+                {"name": [{"service": "pkg.Bad"}],
+                 "retryPolicy": {"maxAttempts": 2, "initialBackoff": "2s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["ABORTED"]}}]}"#,
+        );
+        let routes = routes(Some(&config));
+        let paths: Vec<_> = routes
+            .iter()
+            .map(|r| r.r#match.as_ref().unwrap().path_specifier.clone().unwrap())
+            .collect();
+        use route_match::PathSpecifier::{Path, Prefix};
+        assert_eq!(
+            paths,
+            [
+                Path("/pkg.Echo/Slow".into()),
+                Path("/pkg.Other/Get".into()),
+                Prefix("/pkg.Echo/".into()),
+                Prefix("/pkg.Bad/".into()),
+                Prefix(String::new()),
+            ]
+        );
+        for route in &routes {
+            assert_eq!(
+                action(route).cluster_specifier,
+                Some(route_action::ClusterSpecifier::Cluster("svc".into()))
+            );
+        }
+        // A timeout caps the call's deadline; hedging has no xDS form.
+        let slow = action(&routes[0]);
+        assert_eq!(slow.retry_policy, None);
+        let duration = slow.max_stream_duration.as_ref().unwrap();
+        assert_eq!(duration.max_stream_duration, secs(0, 250_000_000));
+        assert_eq!(duration.grpc_timeout_header_max, secs(0, 250_000_000));
+        // A retry policy in A44's terms; ABORTED has no retry_on condition.
+        let echo = action(&routes[2]);
+        assert_eq!(echo.max_stream_duration, None);
+        let retry = echo.retry_policy.as_ref().expect("a retry policy");
+        assert_eq!(retry.retry_on, "cancelled,unavailable");
+        assert_eq!(retry.num_retries, n(2));
+        let backoff = retry.retry_back_off.as_ref().unwrap();
+        assert_eq!(backoff.base_interval, secs(0, 50_000_000));
+        assert_eq!(backoff.max_interval, secs(1, 0));
+        // Retrying only on codes xDS cannot name: no retry policy at all.
+        assert_eq!(action(&routes[3]).retry_policy, None);
+        // The default entry is the catch-all's.
+        let catch_all = action(&routes[4]);
+        assert_eq!(
+            catch_all
+                .max_stream_duration
+                .as_ref()
+                .unwrap()
+                .max_stream_duration,
+            secs(10, 0)
+        );
+        assert_eq!(catch_all.retry_policy, None);
+    }
+
+    #[test]
+    fn a_backoff_cap_below_its_base_and_huge_timeouts_are_sent_as_clients_accept() {
+        let config = config(
+            r#"{"methodConfig": [{"name": [{}], "timeout": "99999999999999s",
+                "retryPolicy": {"maxAttempts": 2, "initialBackoff": "2s", "maxBackoff": "1s",
+                    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#,
+        );
+        let routes = routes(Some(&config));
+        let action = action(&routes[0]);
+        let backoff = action
+            .retry_policy
+            .as_ref()
+            .and_then(|r| r.retry_back_off.as_ref())
+            .unwrap();
+        assert_eq!(backoff.base_interval, secs(2, 0));
+        assert_eq!(backoff.max_interval, secs(2, 0));
+        assert_eq!(
+            action
+                .max_stream_duration
+                .as_ref()
+                .unwrap()
+                .max_stream_duration,
+            secs(315_576_000_000, 0)
+        );
     }
 }

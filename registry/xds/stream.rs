@@ -14,9 +14,12 @@
 //!
 //! A response's version is the registry version of its services, in name
 //! order and joined by commas (a single service's version for the usual
-//! one-name subscription). A response waits until every name of its type
-//! has its first snapshot from the store, so a subscriber is never told
-//! that a service which exists does not.
+//! one-name subscription). For LDS, RDS and CDS, whose resources carry the
+//! service config's policy, a service with a config adds its config
+//! version (`12.c5`), so a config change is a new version, and a deleted
+//! config gives back the version without it. A response waits until every
+//! name of its type has its first snapshot from the store, so a subscriber
+//! is never told that a service which exists does not.
 //!
 //! No task: the response stream reads the request stream and the store
 //! watches itself, so everything of a stream goes when hyper drops it.
@@ -27,6 +30,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use futures_util::{FutureExt, Stream, StreamExt};
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamMap;
 use tonic::{Status, Streaming};
 
@@ -35,7 +39,7 @@ use super::Shared;
 use crate::discovery::{EndpointSet, Update, Versioned};
 use crate::registry::cap::Cap;
 use crate::registry::limits::WatchSlot;
-use crate::registry::store::UpdateStream;
+use crate::registry::store::{StoredConfig, UpdateStream};
 use crate::registry::validate;
 
 /// Most distinct service names one stream may subscribe to, over all types:
@@ -57,6 +61,8 @@ pub struct AdsStream {
     services: HashMap<String, ServiceView>,
     /// The store's changes of each of `services` with a valid name.
     watches: StreamMap<String, UpdateStream>,
+    /// The service config changes of the same services.
+    configs: StreamMap<String, WatchStream<Option<StoredConfig>>>,
     /// Numbers responses; a nonce is unique within the stream.
     next_nonce: u64,
 }
@@ -87,9 +93,10 @@ struct Sent {
 /// What a response said of one name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fact {
-    /// LDS, RDS, CDS: whether the resource exists (its content depends on
-    /// nothing else, so endpoint changes do not resend it).
-    Exists(bool),
+    /// LDS, RDS, CDS: whether the resource exists, and the version of the
+    /// service config it was built from (its content depends on nothing
+    /// else, so endpoint changes do not resend it).
+    Exists { exists: bool, config: Option<u64> },
     /// EDS: the version of the endpoints sent.
     Version(u64),
 }
@@ -99,6 +106,22 @@ struct ServiceView {
     set: EndpointSet,
     /// The version of `set`; `None` until the store's first snapshot.
     version: Option<u64>,
+    /// The service's config, read when the watch opens and then followed.
+    config: Option<StoredConfig>,
+}
+
+impl ServiceView {
+    /// The version this service gives a response of `kind`: the endpoints'
+    /// version, and for the kinds built from the config, its version.
+    fn version_for(&self, kind: Kind) -> String {
+        let endpoints = self.version.unwrap_or(0);
+        match (&self.config, kind) {
+            (Some(config), Kind::Listener | Kind::Route | Kind::Cluster) => {
+                format!("{endpoints}.c{}", config.version)
+            }
+            _ => endpoints.to_string(),
+        }
+    }
 }
 
 impl AdsStream {
@@ -112,6 +135,7 @@ impl AdsStream {
             subscriptions: HashMap::new(),
             services: HashMap::new(),
             watches: StreamMap::new(),
+            configs: StreamMap::new(),
             next_nonce: 1,
         }
     }
@@ -210,6 +234,7 @@ impl AdsStream {
         for name in gone {
             self.services.remove(&name);
             self.watches.remove(&name);
+            self.configs.remove(&name);
         }
         for name in new {
             if validate::service_name(&name).is_err() {
@@ -221,17 +246,25 @@ impl AdsStream {
                     ServiceView {
                         set,
                         version: Some(0),
+                        config: None,
                     },
                 );
                 continue;
             }
             let updates = self.shared.store.watch(&name, None).await?;
+            let mut config_watch = self.shared.store.watch_config(&name).await?;
+            // The current config is taken now, so no response waits for it;
+            // the stream yields only what changes after.
+            let config = config_watch.borrow_and_update().clone();
             self.watches.insert(name.clone(), updates);
+            self.configs
+                .insert(name.clone(), WatchStream::from_changes(config_watch));
             self.services.insert(
                 name,
                 ServiceView {
                     set: EndpointSet::new(),
                     version: None,
+                    config,
                 },
             );
         }
@@ -248,6 +281,26 @@ impl AdsStream {
             tracing::debug!(%service, anomalies = ?applied.anomalies, "store update did not fit");
         }
         view.version = Some(update.version);
+    }
+
+    /// Takes the new service config of `service` (`None`: deleted).
+    fn on_config(&mut self, service: &str, config: Option<StoredConfig>) {
+        let Some(view) = self.services.get_mut(service) else {
+            return;
+        };
+        tracing::debug!(%service, version = ?config.as_ref().map(|c| c.version), "service config changed");
+        view.config = config;
+    }
+
+    /// Takes in every endpoint and config change already waiting, so a
+    /// burst becomes one response per type.
+    fn take_waiting(&mut self) {
+        while let Some(Some((service, update))) = self.watches.next().now_or_never() {
+            self.on_update(&service, &update);
+        }
+        while let Some(Some((service, config))) = self.configs.next().now_or_never() {
+            self.on_config(&service, config);
+        }
     }
 
     /// Queues a response for every type that is owed one or whose services
@@ -268,10 +321,16 @@ impl AdsStream {
                     };
                     match kind {
                         Kind::Endpoints => Fact::Version(version),
-                        _ => Fact::Exists(!view.set.is_empty()),
+                        _ => Fact::Exists {
+                            exists: !view.set.is_empty(),
+                            config: view.config.as_ref().map(|c| c.version),
+                        },
                     }
                 } else {
-                    Fact::Exists(false)
+                    Fact::Exists {
+                        exists: false,
+                        config: None,
+                    }
                 };
                 facts.push((name.clone(), fact));
             }
@@ -291,9 +350,7 @@ impl AdsStream {
                 .map(|name| {
                     self.services
                         .get(name)
-                        .and_then(|view| view.version)
-                        .unwrap_or(0)
-                        .to_string()
+                        .map_or_else(|| "0".to_owned(), |view| view.version_for(kind))
                 })
                 .collect();
             let version = if versions.is_empty() {
@@ -307,7 +364,8 @@ impl AdsStream {
                 .iter()
                 .filter_map(|name| {
                     let view = self.services.get(name)?;
-                    resource(kind, name, &view.set, &mut |endpoint| {
+                    let config = view.config.as_ref().map(|c| &*c.config);
+                    resource(kind, name, &view.set, config, &mut |endpoint| {
                         shared.refuse(endpoint)
                     })
                 })
@@ -336,6 +394,7 @@ enum Event {
     /// Boxed: a request is large next to the other events.
     Request(Box<Option<Result<DiscoveryRequest, Status>>>),
     Update(String, Arc<Versioned>),
+    Config(String, Option<StoredConfig>),
     Closing,
 }
 
@@ -374,6 +433,8 @@ pub(super) fn responses(
                 request = state.inbound.next() => Event::Request(Box::new(request)),
                 Some((service, update)) = state.stream.watches.next(),
                     if !state.stream.watches.is_empty() => Event::Update(service, update),
+                Some((service, config)) = state.stream.configs.next(),
+                    if !state.stream.configs.is_empty() => Event::Config(service, config),
             };
             match event {
                 Event::Closing => {
@@ -402,13 +463,11 @@ pub(super) fn responses(
                 },
                 Event::Update(service, update) => {
                     state.stream.on_update(&service, &update);
-                    // Takes in every change already waiting, so a burst
-                    // becomes one response per type.
-                    while let Some(Some((service, update))) =
-                        state.stream.watches.next().now_or_never()
-                    {
-                        state.stream.on_update(&service, &update);
-                    }
+                    state.stream.take_waiting();
+                }
+                Event::Config(service, config) => {
+                    state.stream.on_config(&service, config);
+                    state.stream.take_waiting();
                 }
             }
             state.stream.respond(&mut state.queued);

@@ -25,7 +25,7 @@ const RETRY: &str = r#"{
 }"#;
 
 /// A file holding `text`, unique to this test run.
-fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+pub(crate) fn config_file(name: &str, text: &str) -> std::path::PathBuf {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("configs-{}", free_port().expect("free port")));
     std::fs::create_dir_all(&dir).unwrap();
@@ -35,7 +35,7 @@ fn config_file(name: &str, text: &str) -> std::path::PathBuf {
 }
 
 /// `switchboard config set SERVICE file -o json`; returns the version.
-async fn cli_set(registry: &str, file: &str) -> u64 {
+pub(crate) async fn cli_set(registry: &str, file: &str) -> u64 {
     let lines = run_ok(&[
         "config",
         "set",

@@ -8,6 +8,10 @@
 //!   the registry and echo processes checks what users see: calls spread
 //!   over the backends, a SIGKILLed backend loses only its in-flight RPCs, a
 //!   new backend gets traffic within a second, a SIGTERM drain fails nothing.
+//! - Traffic policy (issue 22): a service config set with `switchboard
+//!   config set` reaches the same grpcio client as xDS: outlier detection
+//!   ejects a backend that fails every call, a route's retry policy hides
+//!   its failures; a change or a delete is a new version.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -19,6 +23,10 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
 use envoy_types::pb::envoy::config::core::v3::{address, HealthStatus, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::{route, RouteConfiguration};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, HttpConnectionManager,
+};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
@@ -27,10 +35,11 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use switchboard::proto::registry::registry_client::RegistryClient;
 use switchboard::proto::registry::{
-    DeregisterRequest, DrainRequest, RegisterRequest, ResolveRequest,
+    DeleteServiceConfigRequest, DeregisterRequest, DrainRequest, RegisterRequest, ResolveRequest,
+    SetServiceConfigRequest,
 };
 use switchboard::registry::auth::{AccessTokens, Token};
-use switchboard::registry::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
+use switchboard::registry::xds::resources::{CLUSTER, ENDPOINTS, LISTENER, ROUTE};
 use switchboard::registry::RegistryConfig;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -505,6 +514,163 @@ async fn ads_needs_the_read_token_and_delta_is_refused() {
     );
 }
 
+/// A config with every policy xDS carries, for the protocol test.
+const POLICY: &str = r#"{
+  "loadBalancingConfig": [{"outlier_detection_experimental": {
+    "interval": "1s", "failurePercentageEjection": {"requestVolume": 10},
+    "childPolicy": [{"weighted_round_robin": {}}]}}],
+  "methodConfig": [{"name": [{"service": "grpc.examples.echo.Echo"}], "timeout": "2s",
+    "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "1s",
+      "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+  "circuitBreakers": {"maxRequests": 100}
+}"#;
+
+/// The response of `type_url` among the next ones, the others ACKed on
+/// the way; the one returned is ACKed too.
+async fn next_of(ads: &mut Ads, type_url: &str, names: &[&str]) -> DiscoveryResponse {
+    loop {
+        let response = ads.next().await;
+        ads.send(subscribe(
+            &response.type_url,
+            names,
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await;
+        if response.type_url == type_url {
+            return response;
+        }
+    }
+}
+
+/// The routes of a listener's inline route configuration.
+fn inline_routes(listener: &Listener) -> RouteConfiguration {
+    let any = listener
+        .api_listener
+        .as_ref()
+        .unwrap()
+        .api_listener
+        .as_ref();
+    let manager = HttpConnectionManager::decode(&*any.unwrap().value).unwrap();
+    let Some(RouteSpecifier::RouteConfig(routes)) = manager.route_specifier else {
+        panic!("inline routes");
+    };
+    routes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_change_resends_lds_rds_and_cds_with_a_new_version_and_a_delete_undoes_it() {
+    let registry = serve_registry(RegistryConfig::default()).await;
+    let mut client = registry_client(&registry, STARTUP).await;
+    register(&mut client, SERVICE, "127.0.0.1:1001", &[]).await;
+    let mut ads = Ads::open(&registry).await.expect("open");
+    let names = [SERVICE];
+    let first = ads.next().await;
+    ads.send(subscribe(
+        LISTENER,
+        &names,
+        &first.version_info,
+        &first.nonce,
+    ))
+    .await;
+    let lds = next_of(&mut ads, LISTENER, &names).await;
+    ads.send(subscribe(ROUTE, &names, "", "")).await;
+    let rds = next_of(&mut ads, ROUTE, &names).await;
+    ads.send(subscribe(CLUSTER, &names, "", "")).await;
+    let cds = next_of(&mut ads, CLUSTER, &names).await;
+    ads.send(subscribe(ENDPOINTS, &names, "", "")).await;
+    let eds = next_of(&mut ads, ENDPOINTS, &names).await;
+    let plain = version_of(&mut client, SERVICE).await;
+    for response in [&lds, &rds, &cds, &eds] {
+        assert_eq!(
+            response.version_info, plain,
+            "no config: the endpoints' version"
+        );
+    }
+
+    // Set: LDS, RDS and CDS again, at a version naming the config's.
+    let version = client
+        .set_service_config(SetServiceConfigRequest {
+            service: SERVICE.into(),
+            json: POLICY.into(),
+        })
+        .await
+        .expect("set")
+        .into_inner()
+        .version;
+    let mut seen = BTreeMap::new();
+    while seen.len() < 3 {
+        let response = ads.next().await;
+        assert_ne!(
+            response.type_url, ENDPOINTS,
+            "EDS does not carry the config"
+        );
+        ads.send(subscribe(
+            &response.type_url,
+            &names,
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await;
+        seen.insert(response.type_url.clone(), response);
+    }
+    for response in seen.values() {
+        assert_eq!(response.version_info, format!("{plain}.c{version}"));
+    }
+    let cluster = &decode::<XdsCluster>(&seen[CLUSTER])[0];
+    assert!(cluster.outlier_detection.is_some(), "{cluster:?}");
+    assert!(cluster.circuit_breakers.is_some(), "{cluster:?}");
+    assert_eq!(
+        cluster
+            .load_balancing_policy
+            .as_ref()
+            .unwrap()
+            .policies
+            .len(),
+        2
+    );
+    let routes = &decode::<RouteConfiguration>(&seen[ROUTE])[0];
+    assert_eq!(routes.virtual_hosts[0].routes.len(), 2, "{routes:?}");
+    let listener = &decode::<Listener>(&seen[LISTENER])[0];
+    assert_eq!(
+        &inline_routes(listener),
+        routes,
+        "the listener's routes are RDS's"
+    );
+    let Some(route::Action::Route(action)) = &routes.virtual_hosts[0].routes[0].action else {
+        panic!("a route action");
+    };
+    assert_eq!(
+        action.retry_policy.as_ref().unwrap().retry_on,
+        "unavailable"
+    );
+
+    // Delete: back to the resources and version of no config.
+    client
+        .delete_service_config(DeleteServiceConfigRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .expect("delete");
+    let mut undone = BTreeMap::new();
+    while undone.len() < 3 {
+        let response = ads.next().await;
+        ads.send(subscribe(
+            &response.type_url,
+            &names,
+            &response.version_info,
+            &response.nonce,
+        ))
+        .await;
+        undone.insert(response.type_url.clone(), response);
+    }
+    for (before, after) in [(&lds, LISTENER), (&rds, ROUTE), (&cds, CLUSTER)] {
+        let after = &undone[after];
+        assert_eq!(after.version_info, plain);
+        assert_eq!(after.resources, before.resources, "{}", after.type_url);
+    }
+}
+
 // --- A stock grpcio client over xDS, against real processes. ---
 
 /// Python xDS tests measure in milliseconds; run them one at a time so they
@@ -556,6 +722,11 @@ impl XdsClient {
     /// Starts the client on `xds:///SERVICE` with a bootstrap naming
     /// `registry`, and waits until its channel is ready.
     async fn start(python_path: &Path, registry: &str) -> Self {
+        Self::start_with_workers(python_path, registry, WORKERS).await
+    }
+
+    /// As [`XdsClient::start`], with `workers` RPCs in flight at a time.
+    async fn start_with_workers(python_path: &Path, registry: &str, workers: usize) -> Self {
         let bootstrap = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "xds-bootstrap-{}.json",
             registry.replace([':', '.'], "-")
@@ -563,7 +734,7 @@ impl XdsClient {
         std::fs::write(&bootstrap, bootstrap_json(registry)).expect("write bootstrap");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xds/xds_client.py");
         let target = format!("xds:///{SERVICE}");
-        let workers = WORKERS.to_string();
+        let workers = workers.to_string();
         let proc = Proc::spawn_env(
             "python3",
             &[script, &target, &workers, "5"],
@@ -799,5 +970,246 @@ async fn grpcio_xds_client_loses_nothing_to_a_sigterm_drain() {
         failed(&shots).is_empty(),
         "a drain fails no RPC: {:?}",
         failed(&shots)
+    );
+}
+
+// --- Traffic policy over xDS, with the grpcio client. ---
+
+/// Outlier detection that ejects a backend failing at least half its calls
+/// within a second, and for longer than any test runs.
+const OUTLIER_DETECTION: &str = r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+  "interval": "1s", "baseEjectionTime": "300s", "maxEjectionPercent": 50,
+  "failurePercentageEjection": {"threshold": 50, "minimumHosts": 3, "requestVolume": 10},
+  "childPolicy": [{"round_robin": {}}]}}]}"#;
+
+/// Retries of UNAVAILABLE for the Echo service, and no outlier detection.
+const RETRIES: &str = r#"{"methodConfig": [{"name": [{"service": "grpc.examples.echo.Echo"}],
+  "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+    "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
+/// A registry with two healthy echo backends and a third that fails every
+/// call with UNAVAILABLE; returns it with the failing one's address and
+/// metrics address.
+async fn cluster_with_a_failing_backend() -> (Cluster, String, String) {
+    let mut cluster = Cluster::start(2).await;
+    let port = free_port().expect("free port");
+    let proc = start_echo(
+        &cluster.registry,
+        SERVICE,
+        &[port],
+        &["--fail-rate", "1", "--metrics-listen", "127.0.0.1:0"],
+    )
+    .await;
+    let metrics = metrics_address(&proc).await;
+    cluster.backends.push((local(port), proc));
+    wait_keepers(&cluster.backends).await;
+    wait_registered(&cluster.registry, SERVICE, &cluster.addresses(), STARTUP).await;
+    (cluster, local(port), metrics)
+}
+
+/// Every UnaryEcho call the echo process with metrics at `metrics` has
+/// answered, whatever its status.
+async fn unary_calls(metrics: &str) -> f64 {
+    let text = get(metrics, "/metrics").await.1;
+    text.lines()
+        .filter(|line| {
+            line.starts_with("switchboard_echo_rpcs_total{") && line.contains("UnaryEcho")
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Whether the last `n` calls sent since `since` all succeeded.
+fn last_all_ok(shots: &[PyShot], since: f64, n: usize) -> bool {
+    let after: Vec<&PyShot> = shots.iter().filter(|s| s.sent >= since).collect();
+    after.len() >= n && after[after.len() - n..].iter().all(|s| s.result.is_ok())
+}
+
+/// `json` as the service config of SERVICE, set with `switchboard config
+/// set` as an operator would; returns its version.
+async fn config_set(registry: &str, json: &str) -> u64 {
+    let file = crate::policy::config_file("xds-policy.json", json);
+    crate::policy::cli_set(registry, file.to_str().unwrap()).await
+}
+
+/// An ADS stream of the test's own subscribed to `type_url` for SERVICE,
+/// and its first response of that type.
+async fn follow(registry: &str, type_url: &str) -> (Ads, DiscoveryResponse) {
+    let mut ads = Ads::open(registry).await.expect("open");
+    let first = ads.next().await;
+    ads.send(subscribe(LISTENER, &[], &first.version_info, &first.nonce))
+        .await;
+    ads.send(subscribe(type_url, &[SERVICE], "", "")).await;
+    let response = next_of(&mut ads, type_url, &[SERVICE]).await;
+    (ads, response)
+}
+
+/// The calls failing while the client runs without a config: round robin
+/// gives the failing backend its third.
+async fn failures_without_a_config(client: &XdsClient, healthy: &[String]) -> Vec<PyShot> {
+    client
+        .wait_until("300 calls, on every backend", STARTUP, |shots| {
+            shots.len() >= 300 && healthy.iter().all(|a| served(shots, a) >= 50)
+        })
+        .await;
+    let shots = client.shots();
+    let failures = failed(&shots).len();
+    let recent = failed(&shots[shots.len() - 200..]).len();
+    eprintln!(
+        "without a config: {failures} of {} calls failed, {recent} of the last 200",
+        shots.len()
+    );
+    assert!(
+        failures * 5 >= shots.len() && recent >= 30,
+        "the failing backend keeps getting about a third of the calls: {failures} of {}, {recent} of the last 200",
+        shots.len()
+    );
+    shots
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_ejects_a_failing_backend_once_outlier_detection_is_set() {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, failing, failing_metrics) = cluster_with_a_failing_backend().await;
+    let healthy = all_but(&cluster.addresses(), &failing);
+    let (mut ads, before) = follow(&cluster.registry, CLUSTER).await;
+    assert!(decode::<XdsCluster>(&before)[0].outlier_detection.is_none());
+    let client = XdsClient::start(&python_path, &cluster.registry).await;
+    failures_without_a_config(&client, &healthy).await;
+
+    let version = config_set(&cluster.registry, OUTLIER_DETECTION).await;
+    let set = now_ms();
+    let pushed = next_of(&mut ads, CLUSTER, &[SERVICE]).await;
+    assert_ne!(pushed.version_info, before.version_info);
+    assert!(
+        pushed.version_info.ends_with(&format!(".c{version}")),
+        "{} names config version {version}",
+        pushed.version_info
+    );
+    let cluster_resource = &decode::<XdsCluster>(&pushed)[0];
+    let od = cluster_resource
+        .outlier_detection
+        .as_ref()
+        .expect("outlier detection");
+    assert_eq!(
+        od.enforcing_failure_percentage.as_ref().map(|v| v.value),
+        Some(100)
+    );
+    assert_eq!(od.enforcing_success_rate.as_ref().map(|v| v.value), Some(0));
+
+    client
+        .wait_until("200 calls in a row without a failure", STARTUP, |shots| {
+            last_all_ok(shots, set, 200)
+        })
+        .await;
+    // Why: the failing backend gets no call at all any more, and the two
+    // healthy ones share the traffic.
+    let on_failing = unary_calls(&failing_metrics).await;
+    let from = client.shots().len();
+    client
+        .wait_until("200 more calls", STARTUP, |shots| shots.len() >= from + 200)
+        .await;
+    let on_failing_after = unary_calls(&failing_metrics).await;
+    let shots = client.stop().await;
+    let after = &shots[from..];
+    let ejected_at = shots[..from]
+        .iter()
+        .rposition(|s| s.result.is_err())
+        .map_or(0, |i| i + 1);
+    eprintln!(
+        "after the config: last failure at call {ejected_at}, {} of {} calls failed since the push; then {} calls, 0 to the failing backend ({on_failing} then {on_failing_after} calls on it)",
+        failed(&shots).iter().filter(|s| s.sent >= set).count(),
+        shots.iter().filter(|s| s.sent >= set).count(),
+        after.len()
+    );
+    assert!(failed(after).is_empty(), "{:?}", failed(after));
+    assert_eq!(
+        on_failing_after, on_failing,
+        "the failing backend was sent no call once ejected"
+    );
+    for address in &healthy {
+        assert!(
+            served(after, address) * 4 >= after.len(),
+            "{address} takes its half: {} of {}",
+            served(after, address),
+            after.len()
+        );
+    }
+    assert!(
+        !cluster.registry_proc.has_line("NACKed"),
+        "grpcio rejected a resource:\n{}",
+        cluster.registry_proc.dump()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_retries_failed_calls_as_the_pushed_route_says() {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (cluster, failing, failing_metrics) = cluster_with_a_failing_backend().await;
+    let healthy = all_but(&cluster.addresses(), &failing);
+    let (mut ads, before) = follow(&cluster.registry, LISTENER).await;
+    // One call at a time: round robin sends each retry to the backend
+    // after the one that failed, so with one failing backend out of three
+    // no call can fail three times.
+    let client = XdsClient::start_with_workers(&python_path, &cluster.registry, 1).await;
+    failures_without_a_config(&client, &healthy).await;
+
+    let version = config_set(&cluster.registry, RETRIES).await;
+    let set = now_ms();
+    let pushed = next_of(&mut ads, LISTENER, &[SERVICE]).await;
+    assert_ne!(pushed.version_info, before.version_info);
+    assert!(pushed.version_info.ends_with(&format!(".c{version}")));
+    let routes = inline_routes(&decode::<Listener>(&pushed)[0]);
+    let Some(route::Action::Route(action)) = &routes.virtual_hosts[0].routes[0].action else {
+        panic!("a route action: {routes:?}");
+    };
+    let retry = action.retry_policy.as_ref().expect("a retry policy");
+    assert_eq!(
+        (
+            retry.retry_on.as_str(),
+            retry.num_retries.as_ref().map(|n| n.value)
+        ),
+        ("unavailable", Some(2))
+    );
+
+    client
+        .wait_until("200 calls in a row without a failure", STARTUP, |shots| {
+            last_all_ok(shots, set, 200)
+        })
+        .await;
+    // Why: the failing backend still gets its share of attempts (nothing
+    // ejects it), and every one it fails is retried elsewhere.
+    let on_failing = unary_calls(&failing_metrics).await;
+    let from = client.shots().len();
+    client
+        .wait_until("200 more calls", STARTUP, |shots| shots.len() >= from + 200)
+        .await;
+    let on_failing_after = unary_calls(&failing_metrics).await;
+    let shots = client.stop().await;
+    let after = &shots[from..];
+    eprintln!(
+        "with retries: {} of {} calls failed since the push; then {} calls, 0 failed, {} attempts failed on the failing backend",
+        failed(&shots).iter().filter(|s| s.sent >= set).count(),
+        shots.iter().filter(|s| s.sent >= set).count(),
+        after.len(),
+        on_failing_after - on_failing
+    );
+    assert!(failed(after).is_empty(), "{:?}", failed(after));
+    assert!(
+        on_failing_after - on_failing >= 30.0,
+        "the failing backend kept failing attempts ({on_failing} then {on_failing_after}), which were retried"
+    );
+    assert!(
+        !cluster.registry_proc.has_line("NACKed"),
+        "grpcio rejected a resource:\n{}",
+        cluster.registry_proc.dump()
     );
 }
