@@ -32,7 +32,9 @@ use futures_util::Stream;
 use std::pin::Pin;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::fleet::Fleet;
 use super::limits::WatchSlots;
+use super::metrics::RegistryMetrics;
 use super::store::Store;
 use super::RegistryConfig;
 use crate::discovery::Endpoint;
@@ -62,11 +64,15 @@ struct Shared {
     /// Addresses already warned about as not IP socket addresses: with a
     /// thousand subscribers, a warning per stream would flood the log.
     refused: Mutex<HashSet<String>>,
+    /// Every open stream, for the fleet view.
+    fleet: Arc<Fleet>,
+    /// Counts NACKs.
+    metrics: RegistryMetrics,
 }
 
 impl AdsService {
     /// An ADS service reading `store`, with the Watch stream caps of
-    /// `config`.
+    /// `config`, listing its streams in `config.fleet`.
     pub fn new(store: Arc<dyn Store>, config: &RegistryConfig) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -77,6 +83,8 @@ impl AdsService {
                 ),
                 closing: tokio::sync::watch::Sender::new(false),
                 refused: Mutex::new(HashSet::new()),
+                fleet: config.fleet.clone(),
+                metrics: config.metrics.clone(),
             }),
         }
     }

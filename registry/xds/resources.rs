@@ -82,6 +82,17 @@ impl Kind {
         }
     }
 
+    /// Its short name in the fleet view and the NACK metric.
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Listener => "lds",
+            Kind::Route => "rds",
+            Kind::Cluster => "cds",
+            Kind::Endpoints => "eds",
+            Kind::Other => "other",
+        }
+    }
+
     /// Whether names of this kind are service names the registry watches.
     pub fn is_served(self) -> bool {
         self != Kind::Other

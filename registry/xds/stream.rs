@@ -38,6 +38,7 @@ use super::resources::{resource, Kind};
 use super::Shared;
 use crate::discovery::{EndpointSet, Update, Versioned};
 use crate::registry::cap::Cap;
+use crate::registry::fleet::{FleetEntry, StreamKind};
 use crate::registry::limits::WatchSlot;
 use crate::registry::store::{StoredConfig, UpdateStream};
 use crate::registry::validate;
@@ -65,6 +66,8 @@ pub struct AdsStream {
     configs: StreamMap<String, WatchStream<Option<StoredConfig>>>,
     /// Numbers responses; a nonce is unique within the stream.
     next_nonce: u64,
+    /// This stream in the fleet view: node, services, sent, ACKs, NACKs.
+    entry: FleetEntry,
 }
 
 /// What the client asked of one type, and what it was last sent.
@@ -127,7 +130,9 @@ impl ServiceView {
 impl AdsStream {
     /// A stream with no subscriptions yet.
     pub(super) fn new(shared: Arc<Shared>, slot: WatchSlot, peer: Option<SocketAddr>) -> Self {
+        let entry = shared.fleet.join(StreamKind::Ads, peer);
         Self {
+            entry,
             shared,
             _slot: slot,
             peer,
@@ -146,6 +151,7 @@ impl AdsStream {
         if self.node.is_empty() {
             if let Some(node) = &request.node {
                 self.node = node.id.clone();
+                self.entry.node(&node.id);
             }
         }
         if request.type_url.is_empty() {
@@ -178,6 +184,9 @@ impl AdsStream {
             };
             match &request.error_detail {
                 Some(error) => {
+                    self.entry
+                        .nacked(kind.label(), &sent.version, &error.message);
+                    self.shared.metrics.xds_nacked(kind.label());
                     if subscription.nacked.as_ref() != Some(&sent.version) {
                         tracing::warn!(
                             node = %self.node,
@@ -192,6 +201,7 @@ impl AdsStream {
                 }
                 None => {
                     tracing::trace!(type_url = %request.type_url, version = %request.version_info, "ACK");
+                    self.entry.acked(kind.label(), &request.version_info);
                 }
             }
         }
@@ -236,6 +246,9 @@ impl AdsStream {
             self.watches.remove(&name);
             self.configs.remove(&name);
         }
+        let mut followed: Vec<String> = self.services.keys().cloned().collect();
+        followed.extend(new.iter().cloned());
+        self.entry.follows(followed);
         for name in new {
             if validate::service_name(&name).is_err() {
                 // No service can have this name: it exists never, at once.
@@ -379,6 +392,7 @@ impl AdsStream {
                 nonce: nonce.clone(),
                 ..Default::default()
             });
+            self.entry.sent(kind.label(), &version);
             subscription.sent = Some(Sent {
                 nonce,
                 version,

@@ -1213,3 +1213,76 @@ async fn grpcio_xds_client_retries_failed_calls_as_the_pushed_route_says() {
         cluster.registry_proc.dump()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_shows_in_switchboard_clients_with_its_detail_and_in_the_metric() {
+    let cluster = Cluster::start(1).await;
+    let (mut ads, cds) = follow(&cluster.registry, CLUSTER).await;
+    // ACKed, it is listed as accepted; then the client NACKs the same
+    // version (a hand-written client: stock ones accept what we send).
+    ads.send(subscribe(
+        CLUSTER,
+        &[SERVICE],
+        &cds.version_info,
+        &cds.nonce,
+    ))
+    .await;
+    let acked = wait_for("the ACK listed", STARTUP, || {
+        let registry = cluster.registry.clone();
+        let version = cds.version_info.clone();
+        async move {
+            let stream = ads_stream(&registry).await?;
+            (stream["types"]["cds"]["acked"].as_str() == Some(&version)).then_some(stream)
+        }
+    })
+    .await;
+    assert_eq!(acked["node"], "xds-test");
+    assert_eq!(acked["services"], serde_json::json!([SERVICE]));
+    assert_eq!(
+        acked["types"]["cds"]["sent"].as_str(),
+        Some(&*cds.version_info)
+    );
+
+    ads.send(nack(subscribe(CLUSTER, &[SERVICE], "", &cds.nonce)))
+        .await;
+    let nacked = wait_for("the NACK listed", STARTUP, || {
+        let registry = cluster.registry.clone();
+        async move {
+            let stream = ads_stream(&registry).await?;
+            (stream["types"]["cds"]["nacks"] == 1).then_some(stream)
+        }
+    })
+    .await;
+    let last = &nacked["types"]["cds"]["last_nack"];
+    assert_eq!(last["detail"], "test rejects this");
+    assert_eq!(last["version"].as_str(), Some(&*cds.version_info));
+    // The accepted version stays what it was.
+    assert_eq!(
+        nacked["types"]["cds"]["acked"].as_str(),
+        Some(&*cds.version_info)
+    );
+    let table = run_ok(&["clients", "--registry", &cluster.registry]).await;
+    assert!(
+        table
+            .iter()
+            .any(|l| l.contains("ads") && l.contains("cds") && l.contains("test rejects this")),
+        "{table:?}"
+    );
+    crate::common::wait_sample(
+        &cluster.metrics,
+        r#"switchboard_registry_xds_nacks_total{type="cds"}"#,
+        |v| v == 1.0,
+    )
+    .await;
+}
+
+/// The one ADS stream `switchboard clients -o json` lists at `registry`.
+async fn ads_stream(registry: &str) -> Option<serde_json::Value> {
+    let lines = run_ok(&["clients", "--registry", registry, "-o", "json"]).await;
+    let reply: serde_json::Value = serde_json::from_str(&lines.join("\n")).ok()?;
+    reply["clients"]
+        .as_array()?
+        .iter()
+        .find(|c| c["kind"] == "ads")
+        .cloned()
+}
