@@ -1217,7 +1217,7 @@ async fn grpcio_xds_client_retries_failed_calls_as_the_pushed_route_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_shows_in_switchboard_clients_with_its_detail_and_in_the_metric() {
     let cluster = Cluster::start(1).await;
-    let (mut ads, cds) = follow(&cluster.registry, CLUSTER).await;
+    let (ads, cds) = follow(&cluster.registry, CLUSTER).await;
     // ACKed, it is listed as accepted; then the client NACKs the same
     // version (a hand-written client: stock ones accept what we send).
     ads.send(subscribe(
