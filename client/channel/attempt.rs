@@ -4,7 +4,7 @@
 //! reaches its picker's `OnDone` and the endpoint's metrics exactly once.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -179,6 +179,7 @@ impl Shared {
                             inner: body,
                             code,
                             outcome,
+                            slot: None,
                         },
                     ));
                 }
@@ -369,9 +370,39 @@ pub struct ResponseBody {
     /// The status, once the headers or trailers have said it.
     code: Option<tonic::Code>,
     outcome: Outcome,
+    /// The call's place under the circuit breaker, held until the body ends.
+    slot: Option<CallSlot>,
+}
+
+/// One call counted against the config's `circuitBreakers.maxRequests`
+/// until dropped.
+pub(super) struct CallSlot(Arc<AtomicUsize>);
+
+impl CallSlot {
+    /// A place if fewer than `max` calls hold one in `count`.
+    pub(super) fn take(count: &Arc<AtomicUsize>, max: u32) -> Option<Self> {
+        let max = max as usize;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Self(count.clone()))
+    }
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ResponseBody {
+    /// Keeps the call counted under the circuit breaker until the body ends.
+    pub(super) fn hold(&mut self, slot: Option<CallSlot>) {
+        self.slot = slot;
+    }
+
     /// Makes this attempt's end the end of its call, `started` then.
     pub(super) fn ends_call(&mut self, method: Arc<MethodMetrics>, started: Instant) {
         self.outcome.call = Some((method, started));
@@ -403,13 +434,18 @@ impl http_body::Body for ResponseBody {
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
                     self.code = Some(code);
                     self.outcome.report(code);
+                    self.slot = None;
                 }
             }
             Poll::Ready(None) => {
                 let code = self.code.unwrap_or(tonic::Code::Unknown);
                 self.outcome.report(code);
+                self.slot = None;
             }
-            Poll::Ready(Some(Err(_))) => self.outcome.report(tonic::Code::Unavailable),
+            Poll::Ready(Some(Err(_))) => {
+                self.outcome.report(tonic::Code::Unavailable);
+                self.slot = None;
+            }
             Poll::Pending => {}
         }
         polled

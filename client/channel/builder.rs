@@ -449,6 +449,7 @@ impl Builder {
                 wait_for_ready: self.wait_for_ready,
                 default_timeout: self.default_timeout,
                 connections,
+                calls_in_flight: Arc::default(),
                 metrics: unpicked,
                 config: calls,
                 retries: RetrySettings {

@@ -27,7 +27,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 use tonic::Status;
 
-use super::attempt::{grpc_status, grpc_timeout, Attempt, CallContext, ResponseBody, Tried};
+use super::attempt::{
+    grpc_status, grpc_timeout, Attempt, CallContext, CallSlot, ResponseBody, Tried,
+};
 use super::Shared;
 use crate::client::error::Error;
 use crate::client::metrics::MethodMetrics;
@@ -85,6 +87,25 @@ impl Shared {
         // Loaded once: the whole call follows the config in force when it
         // started, even if a new one arrives meanwhile.
         let config = self.config.load_full();
+        // A32: past the config's cap on calls in flight, fail at once
+        // rather than queue more load onto a service that is behind.
+        let slot = match config.service_config.circuit_breakers() {
+            Some(limit) => match CallSlot::take(&self.calls_in_flight, limit.max_requests) {
+                Some(slot) => Some(slot),
+                None => {
+                    if let Some(metrics) = &self.metrics {
+                        metrics.unpicked(tonic::Code::Unavailable);
+                    }
+                    self.retries.stats.count_breaker_rejection();
+                    return Err(Status::unavailable(format!(
+                        "circuit breaker open: {} calls already in flight to {} \
+                         (the service config's circuitBreakers.maxRequests)",
+                        limit.max_requests, self.service
+                    )));
+                }
+            },
+            None => None,
+        };
         let method = config.service_config.method(request.uri().path());
         let (mut parts, body) = request.into_parts();
         let extensions = std::mem::take(&mut parts.extensions);
@@ -156,6 +177,9 @@ impl Shared {
                 Ok(response) => response.body_mut().ends_call(metrics, started),
                 Err(status) => metrics.call_ended(status.code(), started.elapsed()),
             }
+        }
+        if let Ok(response) = &mut answer {
+            response.body_mut().hold(slot);
         }
         answer
     }
@@ -467,6 +491,7 @@ pub struct RetryStats {
     hedges: std::sync::atomic::AtomicU64,
     throttled: std::sync::atomic::AtomicU64,
     pushbacks: std::sync::atomic::AtomicU64,
+    breaker_rejections: std::sync::atomic::AtomicU64,
 }
 
 impl RetryStats {
@@ -483,6 +508,9 @@ impl RetryStats {
     }
     fn count_throttled(&self) {
         self.throttled.fetch_add(1, Ordering::Relaxed);
+    }
+    fn count_breaker_rejection(&self) {
+        self.breaker_rejections.fetch_add(1, Ordering::Relaxed);
     }
     fn count_pushback(&self) {
         self.pushbacks.fetch_add(1, Ordering::Relaxed);
@@ -503,6 +531,11 @@ impl RetryStats {
     /// Retries or hedges the throttle held back.
     pub fn throttled(&self) -> u64 {
         self.throttled.load(Ordering::Relaxed)
+    }
+    /// Calls refused at once because `circuitBreakers.maxRequests` were
+    /// already in flight.
+    pub fn breaker_rejections(&self) -> u64 {
+        self.breaker_rejections.load(Ordering::Relaxed)
     }
     /// Attempts whose server sent `grpc-retry-pushback-ms`.
     pub fn pushbacks(&self) -> u64 {

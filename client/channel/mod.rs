@@ -64,6 +64,9 @@ struct Shared {
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
     connections: Arc<ConnectionStats>,
+    /// Calls under the circuit breaker now (counted only while the config
+    /// has one).
+    calls_in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Counts the RPCs that end before any pick; per-endpoint outcomes are
     /// counted by each connection.
     metrics: Option<ChannelMetrics>,

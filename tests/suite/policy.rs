@@ -689,3 +689,52 @@ async fn clients_lists_each_watch_stream_with_the_versions_it_was_sent() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_circuit_breakers_max_requests_calls_fail_at_once_until_one_ends() {
+    let port = free_port().expect("free port");
+    let registry = start_registry(port).await;
+    let reg = local(port);
+    let echo_port = free_port().expect("free port");
+    let _slow = start_echo(&reg, SERVICE, &[echo_port], &["--delay", "3s"]).await;
+    let backend = local(echo_port);
+    let config = r#"{"loadBalancingConfig": [{"round_robin": {}}],
+        "circuitBreakers": {"maxRequests": 2}}"#;
+    let file = config_file("breaker.json", config);
+    cli_set(&reg, file.to_str().unwrap()).await;
+    let channel = BalancedChannel::builder(&registry_target(&reg))
+        .unwrap()
+        .build();
+    wait_ready_set(&channel, &[backend], STARTUP).await;
+    // Two calls take the two places and wait on the slow backend.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let mut client = EchoClient::new(channel.clone());
+            tokio::spawn(async move { echo_once(&mut client, Duration::from_secs(30)).await })
+        })
+        .collect();
+    wait_for("two calls in flight", STARTUP, || {
+        let in_flight: usize = channel.in_flight().iter().map(|(_, n)| n).sum();
+        async move { (in_flight == 2).then_some(()) }
+    })
+    .await;
+    // The config reached the channel before those calls (its first Watch
+    // message carries it), so the next ones are refused at once.
+    let mut client = EchoClient::new(channel.clone());
+    for _ in 0..3 {
+        let status = echo_once(&mut client, Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("circuit breaker"), "{status:?}");
+    }
+    assert_eq!(channel.retry_stats().breaker_rejections(), 3);
+    for call in slow {
+        call.await.unwrap().expect("the admitted calls are served");
+    }
+    // Their places are free again.
+    echo_once(&mut client, Duration::from_secs(30))
+        .await
+        .expect("a call after they ended");
+    drop(registry);
+}
