@@ -27,6 +27,8 @@ pub enum Observation {
     Registry(RegistryChange),
     /// An echo process printed a line.
     Echo(String),
+    /// The grpcio xDS client printed a line.
+    Grpcio(String),
 }
 
 /// One endpoint change seen on the registry watch.
@@ -76,8 +78,20 @@ impl Children {
     ) -> Result<(), String> {
         let mut command = Command::new(&self.exe);
         command.arg(subcommand).args(args);
+        self.start_command(label, command, observe, at_end)
+    }
+
+    /// As [`Children::start`], for any program: the grpcio client.
+    pub fn start_command(
+        &mut self,
+        label: &str,
+        command: Command,
+        observe: impl Fn(String) -> Option<Observation> + Send + 'static,
+        at_end: Option<Observation>,
+    ) -> Result<(), String> {
+        let program = command.get_program().to_string_lossy().into_owned();
         let child = Child::spawn_with(label, command, Stream::Lines, Stream::Discard)
-            .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))?;
+            .map_err(|e| format!("cannot start {program}: {e}"))?;
         let mut lines = child.lines();
         let observations = self.observations.clone();
         tokio::spawn(async move {

@@ -167,6 +167,7 @@ pub async fn run(args: Args) {
         ],
     };
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     for contender in contenders {
         let mut scenario = Scenario::new(exe.clone(), &args, contender, etcd_url.clone());
         let outcome = tokio::select! {
@@ -178,14 +179,16 @@ pub async fn run(args: Args) {
                 std::process::exit(130);
             }
         };
-        rows.extend(scenario.into_rows());
+        let (more, noted) = scenario.into_rows();
+        rows.extend(more);
+        notes.extend(noted);
         if let Err(err) = outcome {
-            print_summary(&rows);
+            print_summary(&rows, &notes);
             drop(etcd);
             process::exit_with(&err);
         }
     }
-    print_summary(&rows);
+    print_summary(&rows, &notes);
 }
 
 /// Without the `etcd` feature there is no etcd store to show: `--ha` stops

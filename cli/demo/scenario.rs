@@ -82,6 +82,19 @@ pub struct Scenario<'a> {
     phase: Phase,
     /// The rows finished so far.
     rows: Vec<Row>,
+    /// What the grpcio client beside ours saw (`--scenario policy`).
+    grpcio_note: Option<String>,
+}
+
+/// The grpcio client `--scenario policy` runs beside ours.
+const GRPCIO_CLIENT: &str = include_str!("grpcio_client.py");
+
+/// An xDS bootstrap naming the registry at `registry` as the server.
+fn bootstrap_json(registry: &str) -> String {
+    format!(
+        r#"{{"xds_servers": [{{"server_uri": "{registry}", "channel_creds": [{{"type": "insecure"}}],
+  "server_features": ["xds_v3"]}}], "node": {{"id": "switchboard-demo", "locality": {{}}}}}}"#
+    )
 }
 
 /// Sets the demo service's config at `registry` (`SetServiceConfig`, what
@@ -134,13 +147,15 @@ impl<'a> Scenario<'a> {
             view: View::new(),
             phase: Phase::Setup,
             rows: Vec::new(),
+            grpcio_note: None,
         }
     }
 
     /// The rows it finished, and stops every process it started. An event
     /// measured but not followed by another (the run failed first) has no
     /// failures counted: they are counted until the next event.
-    pub fn into_rows(self) -> Vec<Row> {
+    /// Also returns notes to print under the summary.
+    pub fn into_rows(self) -> (Vec<Row>, Vec<String>) {
         let mut rows = self.rows;
         if let Phase::In {
             event,
@@ -155,7 +170,7 @@ impl<'a> Scenario<'a> {
                 outcome,
             });
         }
-        rows
+        (rows, self.grpcio_note.into_iter().collect())
     }
 
     fn log(&self, source: &str, text: &str) {
@@ -280,8 +295,18 @@ impl<'a> Scenario<'a> {
     /// the registry is given a config with outlier detection and retries,
     /// and the running client follows it.
     async fn policy(&mut self, registry: &str, victim: &str) -> Result<(), String> {
+        let grpcio = self.start_grpcio(registry).await;
+        let at_start = self.view.grpcio;
         self.fail_every_call(registry, victim).await?;
 
+        // Pushed just after the client's per-second line, so the seconds
+        // it counts from here on are all after the push.
+        let lines = self.view.seconds.len();
+        self.wait("the client's next per-second line", |v| {
+            v.seconds.len() > lines
+        })
+        .await?;
+        let at_push = self.view.grpcio;
         self.begin(Event::ConfigPushed);
         let since = Instant::now();
         let version = set_config(registry, POLICY_CONFIG).await?;
@@ -289,25 +314,83 @@ impl<'a> Scenario<'a> {
             "demo",
             &format!("switchboard config set {DEFAULT_SERVICE}: version {version}"),
         );
-        // Ejected: every other backend ready, the failing one not (right
-        // after the switch the new policy may have fewer ready yet).
-        let healthy = self.args.backends - 1;
-        self.wait("the client to eject the failing backend", |v| {
-            let ready = v.client.ready();
-            ready.len() == healthy && !ready.iter().any(|b| b == victim)
+        // Until the backend is ejected its failures are retried elsewhere;
+        // either way the client's next full second fails nothing.
+        let pushed_at = self.view.seconds.len();
+        self.wait("a second without a failed call", |v| {
+            v.seconds[pushed_at..].contains(&0)
         })
         .await?;
-        let ejected = since.elapsed();
+        let stopped = since.elapsed();
         self.log(
             "demo",
-            &format!("client ejected {victim} after {} ms", ejected.as_millis()),
+            &format!(
+                "no failed call in the client's second ending {} ms after the push",
+                stopped.as_millis()
+            ),
         );
         self.steady().await;
         self.steady().await;
         self.measured(
             RegistrySaw::ConfigPushed(version),
-            ClientSaw::StoppedUsing(ejected),
+            ClientSaw::FailuresStopped(stopped),
         );
+        self.grpcio_note = Some(match grpcio {
+            Ok(()) => {
+                let now = self.view.grpcio;
+                format!(
+                    "grpcio xds:/// client beside it, same config over xDS: before the config \
+                     {} failed of {}, after it {} failed of {}",
+                    at_push.failed - at_start.failed,
+                    at_push.ok + at_push.failed - at_start.ok - at_start.failed,
+                    now.failed - at_push.failed,
+                    now.ok + now.failed - at_push.ok - at_push.failed,
+                )
+            }
+            Err(why) => format!("grpcio xds:/// client not run: {why}"),
+        });
+        self.children.kill("grpcio");
+        Ok(())
+    }
+
+    /// Starts a stock grpcio client on `xds:///` beside the switchboard
+    /// client, if python3 can import grpcio; says why not otherwise.
+    async fn start_grpcio(&mut self, registry: &str) -> Result<(), String> {
+        let has_grpcio = std::process::Command::new("python3")
+            .args(["-c", "import grpc"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_grpcio {
+            let why = "python3 with grpcio not found (pip install grpcio)";
+            self.log(
+                "demo",
+                &format!("skipping the grpcio xds:/// client: {why}"),
+            );
+            return Err(why.into());
+        }
+        let dir = std::env::temp_dir().join(format!("switchboard-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let script = dir.join("grpcio_client.py");
+        let bootstrap = dir.join("xds-bootstrap.json");
+        let written = std::fs::write(&script, GRPCIO_CLIENT)
+            .and_then(|()| std::fs::write(&bootstrap, bootstrap_json(registry)));
+        written.map_err(|e| format!("cannot write {}: {e}", dir.display()))?;
+        let rate = self.args.rate.to_string();
+        self.log(
+            "demo",
+            &format!("starting a grpcio client on xds:///{DEFAULT_SERVICE} at {rate} RPC/s"),
+        );
+        let mut command = std::process::Command::new("python3");
+        command
+            .arg(&script)
+            .arg(format!("xds:///{DEFAULT_SERVICE}"))
+            .arg(&rate)
+            .env("GRPC_XDS_BOOTSTRAP", &bootstrap);
+        let line = |line| Some(Observation::Grpcio(line));
+        self.children.start_command("grpcio", command, line, None)?;
         Ok(())
     }
 

@@ -132,6 +132,8 @@ pub enum ClientSaw {
     /// pick_first keeps the backend it has.
     StaysOnCurrent,
     ReadyNeverBelow(usize),
+    /// A full second without a failed call ended this long after.
+    FailuresStopped(Duration),
     Served(u64),
     Nothing,
 }
@@ -147,6 +149,13 @@ impl std::fmt::Display for ClientSaw {
             }
             ClientSaw::StaysOnCurrent => f.write_str("stays on its current backend (pick_first)"),
             ClientSaw::ReadyNeverBelow(n) => write!(f, "ready set never below {n}"),
+            ClientSaw::FailuresStopped(after) => {
+                write!(
+                    f,
+                    "no failure in the second ending {} ms after",
+                    after.as_millis()
+                )
+            }
             ClientSaw::Served(ok) => write!(f, "{ok} RPCs served"),
             ClientSaw::Nothing => f.write_str("-"),
         }
@@ -168,8 +177,8 @@ pub struct Row {
     pub outcome: Outcome,
 }
 
-/// Prints the summary table of `rows`.
-pub fn print_summary(rows: &[Row]) {
+/// Prints the summary table of `rows`, then `notes`.
+pub fn print_summary(rows: &[Row], notes: &[String]) {
     println!("\n==== summary ====");
     let header = ["policy", "event", "failed RPCs", "registry", "client"];
     println!(
@@ -187,4 +196,7 @@ pub fn print_summary(rows: &[Row]) {
         );
     }
     println!("(failed RPCs are counted from an event until the next one)");
+    for note in notes {
+        println!("{note}");
+    }
 }

@@ -61,6 +61,10 @@ pub struct View {
     /// The endpoints the registry watch lists, by address.
     pub listed: BTreeMap<String, Listing>,
     pub client: Client,
+    /// The grpcio xDS client's calls so far, when it runs.
+    pub grpcio: Total,
+    /// The failed count of each per-second line the client printed.
+    pub seconds: Vec<u64>,
 }
 
 impl View {
@@ -69,6 +73,8 @@ impl View {
         Self {
             listed: BTreeMap::new(),
             client: Client::Starting,
+            grpcio: Total::default(),
+            seconds: Vec::new(),
         }
     }
 
@@ -98,6 +104,16 @@ impl View {
                 return None;
             }
             Observation::Echo(line) => ("echo", line),
+            Observation::Grpcio(line) => {
+                let count = |key: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(key)?.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                self.grpcio.ok += count("ok=");
+                self.grpcio.failed += count("failed=");
+                ("grpcio", line)
+            }
             Observation::Registry(change) => match change {
                 RegistryChange::Snapshot(all) => {
                     self.listed = all.into_iter().map(|a| (a, Listing::Serving)).collect();
@@ -152,10 +168,11 @@ impl View {
                 .and_then(|n| n.parse::<u64>().ok())
         };
         // Only the per-second lines: the summary's count is the whole run's.
-        if let (Some(failed), true, Some(tally)) =
-            (number(line, "failed="), line.starts_with("t="), tally)
-        {
-            tally.failed += failed;
+        if let (Some(failed), true) = (number(line, "failed="), line.starts_with("t=")) {
+            self.seconds.push(failed);
+            if let Some(tally) = tally {
+                tally.failed += failed;
+            }
         }
         if let Some(total) = line.trim().strip_prefix("total ") {
             self.client = Client::Summarised(Total {

@@ -738,3 +738,39 @@ async fn past_circuit_breakers_max_requests_calls_fail_at_once_until_one_ends() 
         .expect("a call after they ended");
     drop(registry);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_demo_pushes_a_config_and_the_failures_stop() {
+    let args = ["--scenario", "policy", "--phase-secs", "1", "--rate", "100"];
+    let mut demo = Proc::sub("demo", &args);
+    // Its own waits are bounded (20 s each); this only keeps a stuck run
+    // from hanging the suite.
+    let code = demo.wait_exit(Duration::from_secs(180)).await;
+    let lines = demo.output();
+    assert_eq!(code, Some(0), "{lines:#?}");
+    let row = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with("round_robin") && l.contains(needle))
+            .unwrap_or_else(|| panic!("no summary row with {needle:?}: {lines:#?}"))
+            .clone()
+    };
+    // The failing backend cost calls before the config...
+    let failing = row("fails every call");
+    let failed: u64 = failing
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("a failed count");
+    assert!(failed > 0, "{failing}");
+    // ...and after the push a whole second went by without a failure.
+    let pushed = row("config set");
+    assert!(pushed.contains("pushed config version"), "{pushed}");
+    assert!(
+        pushed.contains("no failure in the second ending"),
+        "{pushed}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("grpcio xds:/// client")),
+        "the grpcio client ran or the summary says why not: {lines:#?}"
+    );
+}
