@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 use super::json::{duration, object, uint};
 use super::outlier::{FailurePercentageEjection, OutlierDetectionConfig, SuccessRateEjection};
-use super::{ConfigError, LbPolicyConfig};
+use super::{ConfigError, LbPolicyConfig, SlowStartConfig};
 
 /// A load-balancing policy the service config chose, with its settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,9 +96,97 @@ pub(super) fn known(list: &[LbPolicyConfig], at: &str) -> Result<Vec<LbPolicy>, 
     Ok(policies)
 }
 
+/// The `slowStartConfig` of the policy `list` chooses (or of outlier
+/// detection's child), if it has one.
+pub(super) fn slow_start(
+    list: &[LbPolicyConfig],
+    at: &str,
+) -> Result<Option<SlowStartConfig>, ConfigError> {
+    for (i, entry) in list.iter().enumerate() {
+        let at = format!("{at}[{i}].{}", entry.name);
+        if parse(&entry.name, &entry.config, &at)?.is_none() {
+            continue;
+        }
+        let fields = object(&entry.config, &at)?;
+        if matches!(
+            entry.name.as_str(),
+            "outlier_detection_experimental" | "outlier_detection"
+        ) {
+            let child_at = format!("{at}.childPolicy");
+            let children = match fields.get("childPolicy") {
+                Some(children) => super::json::policy_list(children, &child_at)?,
+                None => return Ok(None),
+            };
+            return slow_start(&children, &child_at);
+        }
+        return slow_start_of(fields, &at);
+    }
+    Ok(None)
+}
+
+/// An entry's `slowStartConfig`, checked.
+fn slow_start_of(
+    fields: &Map<String, Value>,
+    at: &str,
+) -> Result<Option<SlowStartConfig>, ConfigError> {
+    let Some(value) = fields.get("slowStartConfig") else {
+        return Ok(None);
+    };
+    let at = format!("{at}.slowStartConfig");
+    let config = object(value, &at)?;
+    let window = match config.get("slowStartWindow") {
+        Some(value) => duration(value, &format!("{at}.slowStartWindow"))?,
+        None => {
+            return Err(ConfigError::new(
+                format!("{at}.slowStartWindow"),
+                "is required",
+            ))
+        }
+    };
+    if window.is_zero() {
+        return Err(ConfigError::new(
+            format!("{at}.slowStartWindow"),
+            "must be above 0s",
+        ));
+    }
+    let number = |key: &str, default: f64| -> Result<f64, ConfigError> {
+        match config.get(key) {
+            None => Ok(default),
+            Some(value) => value
+                .as_f64()
+                .ok_or_else(|| ConfigError::new(format!("{at}.{key}"), "must be a number")),
+        }
+    };
+    let aggression = number("aggression", 1.0)?;
+    if !(aggression > 0.0 && aggression.is_finite()) {
+        return Err(ConfigError::new(
+            format!("{at}.aggression"),
+            "must be above 0",
+        ));
+    }
+    let min_weight_percent = number("minWeightPercent", 10.0)?;
+    if !(0.0..=100.0).contains(&min_weight_percent) {
+        return Err(ConfigError::new(
+            format!("{at}.minWeightPercent"),
+            "must be 0 to 100",
+        ));
+    }
+    Ok(Some(SlowStartConfig {
+        window,
+        aggression,
+        min_weight_percent,
+    }))
+}
+
 /// One entry, or `None` if its name is not one this crate knows.
 fn parse(name: &str, config: &Value, at: &str) -> Result<Option<LbPolicy>, ConfigError> {
     let fields = object(config, at)?;
+    if matches!(
+        name,
+        "round_robin" | "weighted_round_robin" | "least_request_experimental" | "least_request"
+    ) {
+        slow_start_of(fields, at)?;
+    }
     Ok(Some(match name {
         "pick_first" => LbPolicy::PickFirst,
         "round_robin" => LbPolicy::RoundRobin,

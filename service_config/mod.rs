@@ -49,8 +49,26 @@ pub struct ServiceConfig {
     /// `circuitBreakers`: a switchboard extension, read through
     /// [`ServiceConfig::circuit_breakers`] so it is always validated.
     circuit_breakers: Option<CircuitBreakers>,
+    /// `slowStartConfig` of the chosen policy (a switchboard extension).
+    slow_start: Option<SlowStartConfig>,
     /// Where each method name points in `methods`.
     index: HashMap<String, usize>,
+}
+
+/// `slowStartConfig`, a switchboard extension inside a `round_robin`,
+/// `weighted_round_robin` or `least_request_experimental` entry (Envoy's
+/// `slow_start_config`): a backend that joins a serving service ramps up
+/// to its full share over `window` instead of taking it at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlowStartConfig {
+    /// `slowStartWindow`: how long the ramp lasts (required, above 0).
+    pub window: Duration,
+    /// `aggression`: the curve's exponent is `1 / aggression`; 1 is
+    /// linear, more ramps faster at first (default 1, above 0).
+    pub aggression: f64,
+    /// `minWeightPercent`: the weight a just-joined backend starts at, as a
+    /// percentage of its full weight (default 10, 0 to 100).
+    pub min_weight_percent: f64,
 }
 
 /// `circuitBreakers`, a switchboard extension to the gRPC service config
@@ -256,6 +274,11 @@ impl ServiceConfig {
         self.circuit_breakers
     }
 
+    /// The chosen policy's slow start, if it has one.
+    pub fn slow_start(&self) -> Option<SlowStartConfig> {
+        self.slow_start
+    }
+
     /// A copy with `circuitBreakers` set; checks it as
     /// [`ServiceConfig::from_json`] does.
     pub fn with_circuit_breakers(
@@ -307,6 +330,7 @@ impl ServiceConfig {
     /// [`MAX_ATTEMPTS`] and builds the lookup.
     fn validated(mut self) -> Result<Self, ConfigError> {
         self.lb_policies = balancing::known(&self.load_balancing, "loadBalancingConfig")?;
+        self.slow_start = balancing::slow_start(&self.load_balancing, "loadBalancingConfig")?;
         self.index.clear();
         for method in &mut self.methods {
             match &mut method.policy {

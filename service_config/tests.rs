@@ -377,3 +377,53 @@ fn circuit_breakers_are_a_checked_extension_that_round_trips() {
     let typed = ServiceConfig::default().with_circuit_breakers(CircuitBreakers { max_requests: 0 });
     assert_eq!(typed.unwrap_err().field, "circuitBreakers.maxRequests");
 }
+
+#[test]
+fn slow_start_is_read_from_the_chosen_policy_and_checked_in_every_entry() {
+    let config = ServiceConfig::from_json(
+        r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+            "childPolicy": [{"round_robin": {"slowStartConfig": {"slowStartWindow": "30s"}}}]}}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.slow_start(),
+        Some(SlowStartConfig {
+            window: Duration::from_secs(30),
+            aggression: 1.0,
+            min_weight_percent: 10.0,
+        })
+    );
+    // It round-trips: the policy's own object is written back as it was.
+    assert_eq!(ServiceConfig::from_json(&config.to_json()).unwrap(), config);
+    assert_eq!(ServiceConfig::default().slow_start(), None);
+    let at = "loadBalancingConfig[0].round_robin.slowStartConfig";
+    for (bad, field) in [
+        (r#"{}"#, format!("{at}.slowStartWindow")),
+        (
+            r#"{"slowStartWindow": "0s"}"#,
+            format!("{at}.slowStartWindow"),
+        ),
+        (
+            r#"{"slowStartWindow": "1s", "aggression": 0}"#,
+            format!("{at}.aggression"),
+        ),
+        (
+            r#"{"slowStartWindow": "1s", "minWeightPercent": 101}"#,
+            format!("{at}.minWeightPercent"),
+        ),
+        (
+            r#"{"slowStartWindow": "1s", "minWeightPercent": "5"}"#,
+            format!("{at}.minWeightPercent"),
+        ),
+        (r#"5"#, at.to_string()),
+    ] {
+        let text = format!(
+            r#"{{"loadBalancingConfig": [{{"round_robin": {{"slowStartConfig": {bad}}}}}]}}"#
+        );
+        assert_eq!(error_of(&text).field, field, "{text}");
+    }
+    // A fallback entry is checked too.
+    let fallback = r#"{"loadBalancingConfig": [{"pick_first": {}},
+        {"least_request_experimental": {"slowStartConfig": {"slowStartWindow": "-1s"}}}]}"#;
+    assert!(error_of(fallback).field.ends_with("slowStartWindow"));
+}

@@ -28,7 +28,7 @@ use crate::client::subchannel::{ConnectConfig, Keepalive};
 use crate::client::target::{Target, TargetError};
 use crate::client::weighted_round_robin::WeightedRoundRobin;
 use crate::registry::auth::Token;
-use crate::service_config::{ConfigError, LbPolicy, ServiceConfig};
+use crate::service_config::{ConfigError, LbPolicy, ServiceConfig, SlowStartConfig};
 use crate::tls::ClientTls;
 
 /// The built-in balancing policies, by the names grpc gives them.
@@ -131,6 +131,7 @@ pub struct Builder {
     policy: Option<PolicyKind>,
     custom_policy: Option<Box<dyn Policy>>,
     outlier_detection: Option<OutlierDetectionConfig>,
+    slow_start: Option<SlowStartConfig>,
     connect: ConnectConfig,
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
@@ -176,6 +177,7 @@ impl Builder {
             policy: None,
             custom_policy: None,
             outlier_detection: None,
+            slow_start: None,
             connect: ConnectConfig::default(),
             wait_for_ready: false,
             default_timeout: None,
@@ -271,6 +273,15 @@ impl Builder {
     /// default, as in gRPC.
     pub fn outlier_detection(mut self, config: OutlierDetectionConfig) -> Self {
         self.outlier_detection = Some(config);
+        self
+    }
+
+    /// Ramps each backend that joins a serving service up to its full
+    /// share over a window (see [`slow_start`](crate::client::slow_start)),
+    /// for round_robin, weighted_round_robin and least_request. Off by
+    /// default; the service config's `slowStartConfig` turns it on too.
+    pub fn slow_start(mut self, config: SlowStartConfig) -> Self {
+        self.slow_start = Some(config);
         self
     }
 
@@ -381,6 +392,7 @@ impl Builder {
             custom: self.custom_policy.is_some(),
             outlier_detection: self.outlier_detection,
             health_check: self.connect.health_check.is_some(),
+            slow_start: self.slow_start,
         };
         let selector =
             ConfigSelector::new(self.service_config, self.service_config_lookup, explicit);

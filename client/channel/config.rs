@@ -24,8 +24,9 @@ use crate::client::health::HealthCheck;
 use crate::client::outlier_detection::{OutlierDetection, OutlierDetectionConfig};
 use crate::client::policy::Policy;
 use crate::client::retry::throttle::Throttle;
+use crate::client::slow_start::SlowStart;
 use crate::client::subchannel::ConnectConfig;
-use crate::service_config::ServiceConfig;
+use crate::service_config::{ServiceConfig, SlowStartConfig};
 
 /// What calls follow: the config in force and its retry token bucket.
 pub(crate) struct CallConfig {
@@ -44,6 +45,9 @@ pub(crate) struct PolicyChoice {
     pub kind: PolicyKind,
     /// Outlier detection around it, if any.
     pub outlier_detection: Option<OutlierDetectionConfig>,
+    /// Slow start of newly joined endpoints, if any (policies that use
+    /// every endpoint only).
+    pub slow_start: Option<SlowStartConfig>,
     /// The health service its subchannels watch, from the config
     /// (`None` too when the builder set one: that one is in the base
     /// connect config).
@@ -53,7 +57,10 @@ pub(crate) struct PolicyChoice {
 impl PolicyChoice {
     /// The policy this choice describes.
     pub fn build(&self) -> Box<dyn Policy> {
-        let policy = self.kind.build();
+        let mut policy = self.kind.build();
+        if let Some(config) = self.slow_start {
+            policy = Box::new(SlowStart::new(policy, config));
+        }
         match self.outlier_detection {
             Some(config) => Box::new(OutlierDetection::new(policy, config)),
             None => policy,
@@ -84,6 +91,8 @@ pub(crate) struct Explicit {
     pub outlier_detection: Option<OutlierDetectionConfig>,
     /// [`Builder::health_check`](super::Builder::health_check).
     pub health_check: bool,
+    /// [`Builder::slow_start`](super::Builder::slow_start).
+    pub slow_start: Option<SlowStartConfig>,
 }
 
 /// Chooses the config in force and publishes it to calls.
@@ -133,12 +142,12 @@ impl ConfigSelector {
         }
         let config = self.in_force();
         let configured = config.lb_policy();
+        let kind = self
+            .explicit
+            .policy
+            .or_else(|| configured.map(PolicyKind::from))
+            .unwrap_or_default();
         Some(PolicyChoice {
-            kind: self
-                .explicit
-                .policy
-                .or_else(|| configured.map(PolicyKind::from))
-                .unwrap_or_default(),
             outlier_detection: self
                 .explicit
                 .outlier_detection
@@ -147,6 +156,12 @@ impl ConfigSelector {
                 .health_check_service
                 .clone()
                 .filter(|_| !self.explicit.health_check),
+            slow_start: self
+                .explicit
+                .slow_start
+                .or_else(|| config.slow_start())
+                .filter(|_| kind != PolicyKind::PickFirst),
+            kind,
         })
     }
 

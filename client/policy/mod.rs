@@ -16,6 +16,7 @@ pub mod outlier_detection;
 pub mod pick_first;
 pub mod ready_set;
 pub mod round_robin;
+pub mod slow_start;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod weighted_round_robin;

@@ -774,3 +774,77 @@ async fn the_policy_demo_pushes_a_config_and_the_failures_stop() {
         "the grpcio client ran or the summary says why not: {lines:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_joining_under_slow_start_gets_a_share_that_rises_over_the_window() {
+    let mut cluster = Cluster::start(3).await;
+    let config = r#"{"loadBalancingConfig": [{"round_robin": {"slowStartConfig":
+        {"slowStartWindow": "6s", "aggression": 1.0, "minWeightPercent": 5}}}]}"#;
+    let file = config_file("slow_start.json", config);
+    cli_set(&cluster.registry, file.to_str().unwrap()).await;
+    let channel = BalancedChannel::builder(&registry_target(&cluster.registry))
+        .unwrap()
+        .build();
+    wait_ready_set(&channel, &cluster.addresses(), STARTUP).await;
+    let load = load_on(&channel);
+    load.wait_more(200, STARTUP).await;
+
+    let joined = cluster.add_backend().await;
+    let all = cluster.addresses();
+    wait_ready_set(&channel, &all, STARTUP).await;
+    // Ready at the latest now: its window began at or before this.
+    let ready = tokio::time::Instant::now();
+    let window = Duration::from_secs(6);
+    wait_for("the window to pass and a second more", STARTUP, || {
+        let shots = load.shots();
+        async move {
+            shots
+                .last()
+                .is_some_and(|s| s.sent >= ready + window + Duration::from_secs(2))
+                .then_some(())
+        }
+    })
+    .await;
+    let shots = assert_no_failed_rpc_shots(load).await;
+    let share_in = |from: Duration, to: Duration| {
+        let window: Vec<Shot> = shots
+            .iter()
+            .filter(|s| s.sent >= ready + from && s.sent < ready + to)
+            .cloned()
+            .collect();
+        assert!(
+            window.len() >= 50,
+            "too few calls in {from:?}..{to:?}: {}",
+            window.len()
+        );
+        share(&window, &joined)
+    };
+    let full = 1.0 / all.len() as f64;
+    let first = share_in(Duration::ZERO, Duration::from_secs(1));
+    let late = share_in(Duration::from_secs(4), Duration::from_secs(6));
+    let after = share_in(
+        window + Duration::from_millis(500),
+        window + Duration::from_secs(2),
+    );
+    eprintln!("share of {joined}: first second {first:.3}, 4-6 s {late:.3}, after {after:.3} (full {full:.3})");
+    assert!(
+        first < full / 2.0,
+        "not a full share in its first second: {first}"
+    );
+    assert!(
+        late > first,
+        "the share rises over the window: {first} then {late}"
+    );
+    assert!(after > full * 0.7, "a full share after the window: {after}");
+}
+
+/// Stops `load`, asserts no RPC failed, and returns every outcome.
+async fn assert_no_failed_rpc_shots(load: Load) -> Vec<Shot> {
+    let shots = load.stop().await;
+    assert!(
+        failures(&shots).is_empty(),
+        "{:?}",
+        failures(&shots).first()
+    );
+    shots
+}
