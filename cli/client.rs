@@ -113,6 +113,11 @@ pub struct Args {
     /// policy when --policy names none. See docs/service-config.md.
     #[arg(long, value_name = "FILE")]
     service_config: Option<std::path::PathBuf>,
+    /// The zone this client runs in: calls prefer backends registered in
+    /// it (`echo --zone`) and spill to others as it loses capacity
+    /// (round_robin, weighted_round_robin, least_request).
+    #[arg(long, value_name = "ZONE")]
+    zone: Option<String>,
     /// Ignore the service config the registry pushes for the service:
     /// keep --service-config (or the defaults) whatever the registry holds.
     #[arg(long)]
@@ -266,6 +271,9 @@ async fn connect(
     }
     if args.disable_service_config_lookup {
         builder = builder.disable_service_config_lookup();
+    }
+    if let Some(zone) = &args.zone {
+        builder = builder.zone(zone.clone());
     }
     let channel = builder
         .backoff(backoff)

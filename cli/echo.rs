@@ -43,6 +43,10 @@ pub struct Args {
     /// A KEY=VALUE label registered with every server (repeatable).
     #[arg(long = "meta", value_name = "KEY=VALUE")]
     meta: Vec<String>,
+    /// The zone every server registers in (the `zone` label): zone-aware
+    /// clients in that zone prefer them.
+    #[arg(long, value_name = "ZONE")]
+    zone: Option<String>,
     /// Lease TTL in milliseconds (1000-300000; 0 for the registry's default).
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     ttl_ms: u64,
@@ -159,8 +163,18 @@ fn plan(args: &Args) -> Result<Plan, String> {
     }
     validate::registry_addresses(&args.registry).map_err(|e| format!("--registry: {e}"))?;
     validate::service_name(&args.service).map_err(|e| format!("--service: {e}"))?;
-    let metadata = parse_meta(&args.meta)?;
-    validate::metadata(&metadata).map_err(|e| format!("--meta: {e}"))?;
+    let mut metadata = parse_meta(&args.meta)?;
+    if let Some(zone) = &args.zone {
+        let key = switchboard::client::zone_aware::ZONE_KEY;
+        if metadata.get(key).is_some_and(|z| z != zone) {
+            return Err(format!(
+                "--zone {zone} and --meta {key}={} disagree: give one",
+                metadata[key]
+            ));
+        }
+        metadata.insert(key.to_owned(), zone.clone());
+    }
+    validate::metadata(&metadata).map_err(|e| format!("--meta/--zone: {e}"))?;
     let ttl = validate::ttl(args.ttl_ms).map_err(|e| format!("--ttl-ms: {e}"))?;
     let faults = Faults {
         fail_rate: args.fail_rate,

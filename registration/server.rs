@@ -182,6 +182,12 @@ impl Builder {
         self
     }
 
+    /// Registers the endpoint in `zone` (the `zone` label): zone-aware
+    /// clients in that zone prefer it.
+    pub fn zone(self, zone: impl Into<String>) -> Self {
+        self.metadata(crate::client::zone_aware::ZONE_KEY, zone)
+    }
+
     /// Lease TTL to ask for [default: the registry's, 5 s]. A crashed
     /// process leaves at once (its keepalive stream breaks); the TTL bounds
     /// how long a hung one stays listed.

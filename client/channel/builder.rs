@@ -132,6 +132,7 @@ pub struct Builder {
     custom_policy: Option<Box<dyn Policy>>,
     outlier_detection: Option<OutlierDetectionConfig>,
     slow_start: Option<SlowStartConfig>,
+    zone: Option<String>,
     connect: ConnectConfig,
     wait_for_ready: bool,
     default_timeout: Option<Duration>,
@@ -178,6 +179,7 @@ impl Builder {
             custom_policy: None,
             outlier_detection: None,
             slow_start: None,
+            zone: None,
             connect: ConnectConfig::default(),
             wait_for_ready: false,
             default_timeout: None,
@@ -282,6 +284,17 @@ impl Builder {
     /// default; the service config's `slowStartConfig` turns it on too.
     pub fn slow_start(mut self, config: SlowStartConfig) -> Self {
         self.slow_start = Some(config);
+        self
+    }
+
+    /// Says the client runs in `zone`: calls go to endpoints whose `zone`
+    /// metadata matches while that zone has enough Ready capacity, and
+    /// spill to other zones as it loses it (see
+    /// [`zone_aware`](crate::client::zone_aware)). For round_robin,
+    /// weighted_round_robin and least_request; without it, zones are
+    /// ignored.
+    pub fn zone(mut self, zone: impl Into<String>) -> Self {
+        self.zone = Some(zone.into());
         self
     }
 
@@ -393,6 +406,7 @@ impl Builder {
             outlier_detection: self.outlier_detection,
             health_check: self.connect.health_check.is_some(),
             slow_start: self.slow_start,
+            zone: self.zone,
         };
         let selector =
             ConfigSelector::new(self.service_config, self.service_config_lookup, explicit);

@@ -26,6 +26,7 @@ use crate::client::policy::Policy;
 use crate::client::retry::throttle::Throttle;
 use crate::client::slow_start::SlowStart;
 use crate::client::subchannel::ConnectConfig;
+use crate::client::zone_aware::ZoneAware;
 use crate::service_config::{ServiceConfig, SlowStartConfig};
 
 /// What calls follow: the config in force and its retry token bucket.
@@ -48,6 +49,9 @@ pub(crate) struct PolicyChoice {
     /// Slow start of newly joined endpoints, if any (policies that use
     /// every endpoint only).
     pub slow_start: Option<SlowStartConfig>,
+    /// The client's zone, to prefer its endpoints (policies that use every
+    /// endpoint only).
+    pub zone: Option<String>,
     /// The health service its subchannels watch, from the config
     /// (`None` too when the builder set one: that one is in the base
     /// connect config).
@@ -60,6 +64,9 @@ impl PolicyChoice {
         let mut policy = self.kind.build();
         if let Some(config) = self.slow_start {
             policy = Box::new(SlowStart::new(policy, config));
+        }
+        if let Some(zone) = &self.zone {
+            policy = Box::new(ZoneAware::new(policy, zone.clone()));
         }
         match self.outlier_detection {
             Some(config) => Box::new(OutlierDetection::new(policy, config)),
@@ -93,6 +100,8 @@ pub(crate) struct Explicit {
     pub health_check: bool,
     /// [`Builder::slow_start`](super::Builder::slow_start).
     pub slow_start: Option<SlowStartConfig>,
+    /// [`Builder::zone`](super::Builder::zone).
+    pub zone: Option<String>,
 }
 
 /// Chooses the config in force and publishes it to calls.
@@ -160,6 +169,11 @@ impl ConfigSelector {
                 .explicit
                 .slow_start
                 .or_else(|| config.slow_start())
+                .filter(|_| kind != PolicyKind::PickFirst),
+            zone: self
+                .explicit
+                .zone
+                .clone()
                 .filter(|_| kind != PolicyKind::PickFirst),
             kind,
         })

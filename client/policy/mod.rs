@@ -20,6 +20,7 @@ pub mod slow_start;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod weighted_round_robin;
+pub mod zone_aware;
 
 use std::collections::HashMap;
 use std::fmt;

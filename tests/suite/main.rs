@@ -32,3 +32,4 @@ mod retry;
 mod stall;
 mod tls;
 mod xds;
+mod zones;

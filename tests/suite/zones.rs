@@ -1,0 +1,121 @@
+//! Zone-aware routing against real processes: two echo backends in zone a,
+//! two in zone b, a client in zone a. Calls stay in a, move to b when both
+//! of a's backends are SIGKILLed (with nothing lost but the calls in
+//! flight, or nothing at all under a retry policy), and come back when a
+//! does.
+
+use std::time::Duration;
+
+use crate::common::*;
+use switchboard::client::{BalancedChannel, PolicyKind};
+
+const RETRY: &str = r#"{"methodConfig": [{"name": [{}], "retryPolicy": {
+  "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+  "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]}"#;
+
+const WORKERS: usize = 4;
+
+/// Starts one echo backend in `zone`; returns its address and process.
+async fn backend(registry: &str, port: u16, zone: &str) -> (String, Proc) {
+    let proc = start_echo(registry, SERVICE, &[port], &["--zone", zone]).await;
+    (local(port), proc)
+}
+
+async fn zones_fail_over_and_back(config: Option<&str>) {
+    let port = free_port().expect("free port");
+    let _registry = start_registry(port).await;
+    let registry = local(port);
+    let ports: Vec<u16> = (0..4).map(|_| free_port().expect("free port")).collect();
+    let mut a = vec![
+        backend(&registry, ports[0], "a").await,
+        backend(&registry, ports[1], "a").await,
+    ];
+    let b = vec![
+        backend(&registry, ports[2], "b").await,
+        backend(&registry, ports[3], "b").await,
+    ];
+    let zone_a: Vec<String> = a.iter().map(|(addr, _)| addr.clone()).collect();
+    let zone_b: Vec<String> = b.iter().map(|(addr, _)| addr.clone()).collect();
+    let mut all: Vec<String> = zone_a.iter().chain(&zone_b).cloned().collect();
+    all.sort();
+    let mut builder = BalancedChannel::builder(&registry_target(&registry))
+        .unwrap()
+        .policy(PolicyKind::RoundRobin)
+        .zone("a");
+    if let Some(config) = config {
+        builder = builder.service_config_json(config).unwrap();
+    }
+    let channel = builder.build();
+    wait_ready_set(&channel, &all, STARTUP).await;
+    let load = Load::start(
+        channel.clone(),
+        WORKERS,
+        Duration::from_millis(5),
+        Duration::from_secs(5),
+    );
+    load.wait_more(200, STARTUP).await;
+    let steady = load.shots();
+    assert!(
+        steady
+            .iter()
+            .all(|s| s.result.as_ref().is_ok_and(|b| zone_a.contains(b))),
+        "every call in zone a while it is healthy"
+    );
+
+    // Zone a dies: its backends are SIGKILLed.
+    let killed = load.count();
+    for (_, proc) in &mut a {
+        proc.kill();
+    }
+    let mut sorted_b = zone_b.clone();
+    sorted_b.sort();
+    wait_ready_set(&channel, &sorted_b, STARTUP).await;
+    let moved = load.count();
+    load.wait_more(200, STARTUP).await;
+    let shots = load.shots();
+    assert!(
+        shots[moved..]
+            .iter()
+            .all(|s| s.result.as_ref().is_ok_and(|b| zone_b.contains(b))),
+        "every call in zone b once a is gone"
+    );
+    let failed = failures(&shots[killed..]).len();
+    match config {
+        // Only what was in flight on the killed backends: at most one call
+        // per worker per kill.
+        None => assert!(failed <= 2 * WORKERS, "{failed} failed"),
+        Some(_) => assert_eq!(failed, 0, "{:?}", failures(&shots[killed..])),
+    }
+
+    // Zone a is back: calls return to it.
+    a = vec![
+        backend(&registry, ports[0], "a").await,
+        backend(&registry, ports[1], "a").await,
+    ];
+    wait_ready_set(&channel, &all, STARTUP).await;
+    let back = load.count();
+    load.wait_more(200, STARTUP).await;
+    let shots = load.stop().await;
+    // The first calls after the ready set changed may have been picked
+    // just before: look past them.
+    let settled = &shots[back + WORKERS..];
+    assert!(
+        settled
+            .iter()
+            .all(|s| s.result.as_ref().is_ok_and(|b| zone_a.contains(b))),
+        "every call back in zone a"
+    );
+    assert!(failures(&shots[moved..]).is_empty());
+    drop(a);
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_stay_in_zone_move_when_it_dies_and_come_back() {
+    zones_fail_over_and_back(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_retry_policy_a_dead_zone_costs_no_call() {
+    zones_fail_over_and_back(Some(RETRY)).await;
+}
