@@ -322,13 +322,21 @@ pub async fn endpoints(args: ServiceArgs) {
                         vec![
                             endpoint.address.clone(),
                             endpoint.state.to_string(),
+                            endpoint
+                                .metadata
+                                .get(switchboard::client::zone_aware::ZONE_KEY)
+                                .cloned()
+                                .unwrap_or_else(|| "-".into()),
                             seconds(*age),
                             seconds(*ttl),
                             metadata_text(endpoint),
                         ]
                     })
                     .collect();
-                print_table(&["ADDRESS", "STATE", "LEASE AGE", "TTL", "METADATA"], rows);
+                print_table(
+                    &["ADDRESS", "STATE", "ZONE", "LEASE AGE", "TTL", "METADATA"],
+                    rows,
+                );
             }
         }
         Ok(())
