@@ -6,7 +6,9 @@
 //! go bad without dying (hung by SIGSTOP, then failing every call) and
 //! compares round_robin with least_request plus outlier detection.
 //! `--scenario policy` makes one backend fail every call, then has the
-//! registry push outlier detection and retries to the running client. `--ha`
+//! registry push outlier detection and retries to the running client.
+//! `--scenario zones` runs backends in two zones and the client in one, and
+//! kills that zone. `--ha`
 //! (a build with `--features etcd`, and `etcd` on PATH) runs three registry
 //! replicas on a throwaway etcd instead of one registry, and kills one
 //! replica, a backend, then every replica. Every process it started is
@@ -34,8 +36,9 @@ use summary::print_summary;
 pub struct Args {
     /// What to show: `failover` (kill, restart, drain), `gray` (a backend
     /// that hangs, then fails every call, without dying), `retries` (the
-    /// failover with and without a retry policy) or `policy` (a failing
-    /// backend, then a config pushed from the registry).
+    /// failover with and without a retry policy), `policy` (a failing
+    /// backend, then a config pushed from the registry) or `zones` (the
+    /// client's zone dies and comes back).
     #[arg(long, value_enum, default_value_t = DemoScenario::Failover)]
     scenario: DemoScenario,
     /// Only this policy (default: round_robin, then pick_first; with
@@ -74,6 +77,9 @@ pub enum DemoScenario {
     /// pushes outlier detection and retries (`config set`): the failures
     /// stop with the client untouched.
     Policy,
+    /// Two zones, the client in zone a: calls stay in a, move to b when a's
+    /// backends are SIGKILLed, and come back when they return.
+    Zones,
 }
 
 /// One client configuration the demo runs the scenario with.
@@ -153,6 +159,9 @@ pub async fn run(args: Args) {
         }
         (None, DemoScenario::Failover) => {
             vec![plain(PolicyKind::RoundRobin), plain(PolicyKind::PickFirst)]
+        }
+        (policy, DemoScenario::Zones) => {
+            vec![plain(policy.unwrap_or(PolicyKind::RoundRobin))]
         }
         (policy, DemoScenario::Policy) => {
             vec![plain(policy.unwrap_or(PolicyKind::RoundRobin))]

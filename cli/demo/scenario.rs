@@ -33,6 +33,21 @@ enum Plan {
     /// A backend failing every call, then a service config pushed from the
     /// registry.
     Policy,
+    /// Backends in zones a and b, the client in a: zone a dies, then
+    /// returns.
+    Zones,
+}
+
+/// The zone `--scenario zones` runs its client in.
+const CLIENT_ZONE: &str = "a";
+
+/// The zone of backend `i` of `n` under `--scenario zones`: the first half
+/// in the client's.
+fn zone_of(i: usize, n: usize) -> &'static str {
+    match i < n / 2 {
+        true => CLIENT_ZONE,
+        false => "b",
+    }
 }
 
 /// The config `--scenario policy` pushes: eject a backend that fails most
@@ -134,6 +149,7 @@ impl<'a> Scenario<'a> {
             (Some(etcd), _) => Plan::Ha { etcd },
             (None, DemoScenario::Gray) => Plan::Gray,
             (None, DemoScenario::Policy) => Plan::Policy,
+            (None, DemoScenario::Zones) => Plan::Zones,
             (None, DemoScenario::Failover | DemoScenario::Retries) => Plan::Failover,
         };
         Self {
@@ -184,12 +200,17 @@ impl<'a> Scenario<'a> {
         println!("\n######## {} ########", self.contender);
         let replicas = match self.plan {
             Plan::Ha { .. } => 3,
-            Plan::Failover | Plan::Gray | Plan::Policy => 1,
+            Plan::Failover | Plan::Gray | Plan::Policy | Plan::Zones => 1,
         };
         let replicas: Vec<String> = (0..replicas)
             .map(|_| free_address())
             .collect::<Result<_, _>>()?;
-        let backends: Vec<String> = (0..self.args.backends)
+        // Two zones need two backends each to show a spill and a move.
+        let count = match self.plan {
+            Plan::Zones => self.args.backends.max(4),
+            _ => self.args.backends,
+        };
+        let backends: Vec<String> = (0..count)
             .map(|_| free_address())
             .collect::<Result<_, _>>()?;
 
@@ -201,8 +222,14 @@ impl<'a> Scenario<'a> {
         let observations = self.children.observations();
         self.watch = Some(RegistryWatch::start(&registry, observations).await?);
 
-        for backend in &backends {
-            self.start_echo(&registry, backend, &[])?;
+        for (i, backend) in backends.iter().enumerate() {
+            match self.plan {
+                Plan::Zones => {
+                    let zone = zone_of(i, backends.len());
+                    self.start_echo(&registry, backend, &["--zone", zone])?
+                }
+                _ => self.start_echo(&registry, backend, &[])?,
+            }
         }
         self.wait("every backend registered", |v| {
             backends.iter().all(|b| v.is_serving(b))
@@ -220,6 +247,7 @@ impl<'a> Scenario<'a> {
             Plan::Gray => self.gray(&registry, &backends[1]).await?,
             Plan::Failover => self.failover(&registry, &backends).await?,
             Plan::Policy => self.policy(&registry, &backends[1]).await?,
+            Plan::Zones => self.zones(&registry, &backends).await?,
         }
         self.stop_client().await
     }
@@ -394,6 +422,71 @@ impl<'a> Scenario<'a> {
         Ok(())
     }
 
+    /// The `--scenario zones` events: every backend of the client's zone is
+    /// SIGKILLed (calls move to the other zone), then started again (calls
+    /// come back).
+    async fn zones(&mut self, registry: &str, backends: &[String]) -> Result<(), String> {
+        let local: Vec<String> = backends
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| zone_of(*i, backends.len()) == CLIENT_ZONE)
+            .map(|(_, b)| b.clone())
+            .collect();
+        self.begin(Event::ZoneDown {
+            zone: CLIENT_ZONE.into(),
+        });
+        let since = Instant::now();
+        for backend in &local {
+            let label = backend_label(backend);
+            let pid = self.children.pid(&label).unwrap_or_default();
+            self.log(
+                "demo",
+                &format!("SIGKILL {backend} (pid {pid}, zone {CLIENT_ZONE})"),
+            );
+            self.children.kill(&label);
+        }
+        self.wait("the client to leave the zone", |v| {
+            let ready = v.client.ready();
+            !ready.is_empty() && !ready.iter().any(|b| local.contains(b))
+        })
+        .await?;
+        let moved = since.elapsed();
+        self.wait("the registry to remove the zone", |v| {
+            local.iter().all(|b| !v.listed.contains_key(b))
+        })
+        .await?;
+        let removed = since.elapsed();
+        self.steady().await;
+        self.measured(
+            RegistrySaw::Removed(removed),
+            ClientSaw::StoppedUsing(moved),
+        );
+
+        self.begin(Event::ZoneBack {
+            zone: CLIENT_ZONE.into(),
+        });
+        let since = Instant::now();
+        for backend in &local {
+            self.start_echo(registry, backend, &["--zone", CLIENT_ZONE])?;
+        }
+        self.wait("the zone to re-register", |v| {
+            local.iter().all(|b| v.is_serving(b))
+        })
+        .await?;
+        let registered = since.elapsed();
+        self.wait("the client to use the zone again", |v| {
+            local.iter().all(|b| v.client.ready().contains(b))
+        })
+        .await?;
+        let back = since.elapsed();
+        self.steady().await;
+        self.measured(
+            RegistrySaw::Registered(registered),
+            ClientSaw::BackInRotation(back),
+        );
+        Ok(())
+    }
+
     /// `victim` is restarted with `--fail-rate 1` and given two phases.
     async fn fail_every_call(&mut self, registry: &str, victim: &str) -> Result<(), String> {
         let label = backend_label(victim);
@@ -540,7 +633,7 @@ impl<'a> Scenario<'a> {
                 args.extend(["--store", "etcd", "--etcd-endpoints", etcd]);
                 args.extend(["--warmup-ms", "0"]);
             }
-            Plan::Failover | Plan::Gray | Plan::Policy => {
+            Plan::Failover | Plan::Gray | Plan::Policy | Plan::Zones => {
                 self.log("demo", &format!("starting the registry on {address}"))
             }
         }
@@ -602,6 +695,7 @@ impl<'a> Scenario<'a> {
         // the config the registry pushes can replace it.
         let policy_flag: &[&str] = match self.plan {
             Plan::Policy => &[],
+            Plan::Zones => &["--policy", &policy, "--zone", CLIENT_ZONE],
             _ => &["--policy", &policy],
         };
         let args: Vec<&str> = ["--target", &target]

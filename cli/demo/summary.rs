@@ -53,6 +53,10 @@ pub enum Event {
     /// The registry was given a service config (outlier detection and
     /// retries) with `config set`.
     ConfigPushed,
+    /// Every backend of the client's zone was SIGKILLed.
+    ZoneDown { zone: String },
+    /// The zone's backends were started again.
+    ZoneBack { zone: String },
     /// The client was stopped; its row is the whole run's.
     ClientStopped,
 }
@@ -71,6 +75,8 @@ impl Event {
             }
             Event::ReplicasRestarted => "SIGKILL + restart all replicas".into(),
             Event::ConfigPushed => "config set: ejection + retries".into(),
+            Event::ZoneDown { zone } => format!("SIGKILL all of zone {zone}"),
+            Event::ZoneBack { zone } => format!("restart zone {zone}"),
             Event::ClientStopped => "whole run (client summary)".into(),
         }
     }
