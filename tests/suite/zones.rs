@@ -99,11 +99,15 @@ async fn zones_fail_over_and_back(config: Option<&str>) {
     // The first calls after the ready set changed may have been picked
     // just before: look past them.
     let settled = &shots[back + WORKERS..];
+    let strays: Vec<(usize, &Result<String, tonic::Status>)> = settled
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.result.as_ref().is_ok_and(|b| zone_a.contains(b)))
+        .map(|(i, s)| (i, &s.result))
+        .collect();
     assert!(
-        settled
-            .iter()
-            .all(|s| s.result.as_ref().is_ok_and(|b| zone_a.contains(b))),
-        "every call back in zone a"
+        strays.is_empty(),
+        "every call back in zone a; off it (index after the settle point): {strays:?}"
     );
     assert!(failures(&shots[moved..]).is_empty());
     drop(a);
