@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::fanout::{connect, register_and_collect, wait_opened, watcher, Seen, SERVICE};
-use crate::procs::Proc;
+use crate::procs::{self_cpu, Proc};
 use crate::stats::{ms, Samples, Table};
 use crate::BoxError;
 
@@ -66,7 +66,10 @@ async fn ads_subscriber(channel: Channel, seen: mpsc::UnboundedSender<Seen>) {
         return;
     };
     let mut stream = response.into_inner();
-    let mut known: HashSet<String> = HashSet::new();
+    // Keyed by IP and port as decoded: like a client, this diffs every
+    // assignment against the last, but formatting every address of every
+    // assignment only spent the shared cores on the bench, not the registry.
+    let mut known: HashSet<(String, u32)> = HashSet::new();
     let mut first = true;
     while let Ok(Some(message)) = stream.message().await {
         let now = Instant::now();
@@ -74,13 +77,17 @@ async fn ads_subscriber(channel: Channel, seen: mpsc::UnboundedSender<Seen>) {
             let Ok(assignment) = ClusterLoadAssignment::decode(&*any.value) else {
                 continue;
             };
-            for lb in assignment.endpoints.iter().flat_map(|l| &l.lb_endpoints) {
-                let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = &lb.host_identifier
+            for lb in assignment
+                .endpoints
+                .into_iter()
+                .flat_map(|l| l.lb_endpoints)
+            {
+                let Some(lb_endpoint::HostIdentifier::Endpoint(endpoint)) = lb.host_identifier
                 else {
                     continue;
                 };
                 let Some(address::Address::SocketAddress(socket)) =
-                    endpoint.address.as_ref().and_then(|a| a.address.as_ref())
+                    endpoint.address.and_then(|a| a.address)
                 else {
                     continue;
                 };
@@ -89,9 +96,12 @@ async fn ads_subscriber(channel: Channel, seen: mpsc::UnboundedSender<Seen>) {
                 else {
                     continue;
                 };
-                let address = format!("{}:{port}", socket.address);
-                if known.insert(address.clone()) && !first {
-                    let _ = seen.send(Seen::Added(address, now));
+                let key = (socket.address, port);
+                if !known.contains(&key) {
+                    if !first {
+                        let _ = seen.send(Seen::Added(format!("{}:{port}", key.0), now));
+                    }
+                    known.insert(key);
                 }
             }
         }
@@ -127,6 +137,10 @@ async fn measure(config: &Config, kind: Kind, n: usize, table: &mut Table) -> Re
 
     let mut latency = Samples::default();
     let mut missed = 0;
+    // CPU per change, beside the latency: on shared cores the latency
+    // swings with the neighbours' load, the work each side does does not.
+    let registry_cpu = registry_proc.cpu();
+    let bench_cpu = self_cpu();
     for change in 0..config.changes {
         let address = format!("10.1.{}.{}:8080", change / 250, change % 250 + 1);
         let arrivals =
@@ -139,6 +153,9 @@ async fn measure(config: &Config, kind: Kind, n: usize, table: &mut Table) -> Re
         // Lets the subscribers' ACKs settle before the next change.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let per_change = |cpu: Duration| cpu / config.changes.max(1) as u32;
+    let registry_cpu = per_change(registry_proc.cpu().saturating_sub(registry_cpu));
+    let bench_cpu = per_change(self_cpu().saturating_sub(bench_cpu));
     subscribers.abort_all();
     let rss = registry_proc.rss_kib();
     table.row(vec![
@@ -153,6 +170,8 @@ async fn measure(config: &Config, kind: Kind, n: usize, table: &mut Table) -> Re
         ms(latency.quantile(0.5)),
         ms(latency.quantile(0.99)),
         ms(latency.max()),
+        ms(registry_cpu),
+        ms(bench_cpu),
         format!("{:.1} MiB", rss as f64 / 1024.0),
     ]);
     Ok(())
@@ -169,6 +188,8 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
         "p50",
         "p99",
         "max",
+        "registry CPU / change",
+        "bench CPU / change",
         "registry RSS",
     ]);
     for &n in &config.subscribers {
@@ -179,7 +200,8 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
     println!(
         "One service, subscribers spread over {} HTTP/2 connections, a fresh registry per row; \
          {} registrations timed per row (latency: from `Register` returning to a subscriber \
-         holding the new endpoint).\n",
+         holding the new endpoint; CPU: user + system time over the registrations and the \
+         pauses after them, in which the ACKs settle, per registration).\n",
         config.connections, config.changes
     );
     table.print();

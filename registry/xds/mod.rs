@@ -10,11 +10,14 @@
 //!   (balancing list, outlier detection, circuit breakers, per-method
 //!   retries and timeouts);
 //! - [`stream`]: one ADS stream: its subscriptions per type, nonces, ACKs
-//!   and NACKs, and the store watches behind them.
+//!   and NACKs, and the store watches behind them;
+//! - [`cache`]: each resource built and encoded once per version and
+//!   shared by every stream that sends it.
 //!
 //! It reads the registry only through the [`Store`] trait, so it serves
 //! whatever store the registry runs on. See `docs/xds.md`.
 
+pub mod cache;
 pub mod policy;
 pub mod resources;
 pub mod stream;
@@ -32,6 +35,7 @@ use futures_util::Stream;
 use std::pin::Pin;
 use tonic::{Request, Response, Status, Streaming};
 
+use self::cache::ResourceCache;
 use super::fleet::Fleet;
 use super::limits::WatchSlots;
 use super::metrics::RegistryMetrics;
@@ -68,6 +72,9 @@ struct Shared {
     fleet: Arc<Fleet>,
     /// Counts NACKs.
     metrics: RegistryMetrics,
+    /// The resources built so far, by service, kind and what they were
+    /// built from: a thousand subscribers of a service get one build.
+    resources: ResourceCache,
 }
 
 impl AdsService {
@@ -85,6 +92,7 @@ impl AdsService {
                 refused: Mutex::new(HashSet::new()),
                 fleet: config.fleet.clone(),
                 metrics: config.metrics.clone(),
+                resources: ResourceCache::new(cache::DEFAULT_BUDGET_BYTES),
             }),
         }
     }

@@ -25,15 +25,19 @@
 //! watches itself, so everything of a stream goes when hyper drops it.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamMap;
 use tonic::{Status, Streaming};
 
+use super::cache::Basis;
 use super::resources::{resource, Kind};
 use super::Shared;
 use crate::discovery::{EndpointSet, Update, Versioned};
@@ -125,6 +129,23 @@ impl ServiceView {
             _ => endpoints.to_string(),
         }
     }
+
+    /// What this service's resource of `kind` is built from, naming it in
+    /// the shared cache: EDS depends on the endpoints alone, the other
+    /// kinds on the service config alone.
+    fn basis(&self, kind: Kind) -> Basis {
+        match kind {
+            Kind::Endpoints => Basis::Endpoints {
+                epoch: self.set.epoch(),
+                version: self.version.unwrap_or(0),
+            },
+            _ => Basis::Config(
+                self.config
+                    .as_ref()
+                    .map(|config| (config.version, config.json.clone())),
+            ),
+        }
+    }
 }
 
 impl AdsStream {
@@ -146,8 +167,11 @@ impl AdsStream {
     }
 
     /// Takes one request: an ACK, a NACK, a first request of a type or a
-    /// change of its names.
-    async fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+    /// change of its names. Says whether a response may now be owed: a
+    /// plain ACK or NACK changes nothing [`respond`](Self::respond) looks
+    /// at, and with a thousand streams ACKing every change, skipping that
+    /// look is worth it.
+    async fn on_request(&mut self, request: DiscoveryRequest) -> Result<bool, Status> {
         if self.node.is_empty() {
             if let Some(node) = &request.node {
                 self.node = node.id.clone();
@@ -160,16 +184,23 @@ impl AdsStream {
             ));
         }
         let kind = Kind::of(&request.type_url);
-        let subscription = self
-            .subscriptions
-            .entry(request.type_url.clone())
-            .or_insert_with(|| Subscription {
-                kind,
-                names: BTreeSet::new(),
-                sent: None,
-                owed: false,
-                nacked: None,
-            });
+        // Looked up before inserting: an ACK, by far the most common
+        // request, then costs no copy of its type URL.
+        if !self.subscriptions.contains_key(&request.type_url) {
+            self.subscriptions.insert(
+                request.type_url.clone(),
+                Subscription {
+                    kind,
+                    names: BTreeSet::new(),
+                    sent: None,
+                    owed: false,
+                    nacked: None,
+                },
+            );
+        }
+        let Some(subscription) = self.subscriptions.get_mut(&request.type_url) else {
+            return Ok(false);
+        };
         if request.response_nonce.is_empty() {
             // The first request of this type on this stream.
             subscription.owed = true;
@@ -180,7 +211,7 @@ impl AdsStream {
                 .filter(|sent| sent.nonce == request.response_nonce)
             else {
                 tracing::debug!(type_url = %request.type_url, nonce = %request.response_nonce, "request answers an older response; ignored");
-                return Ok(());
+                return Ok(false);
             };
             match &request.error_detail {
                 Some(error) => {
@@ -213,7 +244,7 @@ impl AdsStream {
                 self.follow_named_services().await?;
             }
         }
-        Ok(())
+        Ok(subscription_owed(&self.subscriptions, &request.type_url))
     }
 
     /// Opens a store watch for each newly named service and drops those no
@@ -377,10 +408,24 @@ impl AdsStream {
                 .iter()
                 .filter_map(|name| {
                     let view = self.services.get(name)?;
-                    let config = view.config.as_ref().map(|c| &*c.config);
-                    resource(kind, name, &view.set, config, &mut |endpoint| {
-                        shared.refuse(endpoint)
-                    })
+                    // Existence is not part of a basis: decided here, per
+                    // stream, before the cache is asked.
+                    if !kind.is_served() || (kind.omits_absent() && view.set.is_empty()) {
+                        return None;
+                    }
+                    let built =
+                        shared
+                            .resources
+                            .get_or_build(kind, name, view.basis(kind), || {
+                                let config = view.config.as_ref().map(|c| &*c.config);
+                                // Only the stream that builds hears of the
+                                // endpoints left out; the warning is once per
+                                // address anyway.
+                                resource(kind, name, &view.set, config, &mut |endpoint| {
+                                    shared.refuse(endpoint)
+                                })
+                            })?;
+                    Some(Any::clone(&built))
                 })
                 .collect();
             let nonce = self.next_nonce.to_string();
@@ -403,6 +448,11 @@ impl AdsStream {
     }
 }
 
+/// Whether the subscription of `type_url` is owed a response.
+fn subscription_owed(subscriptions: &HashMap<String, Subscription>, type_url: &str) -> bool {
+    subscriptions.get(type_url).is_some_and(|s| s.owed)
+}
+
 /// What one turn of the stream got.
 enum Event {
     /// Boxed: a request is large next to the other events.
@@ -422,14 +472,20 @@ pub(super) fn responses(
     struct State {
         stream: AdsStream,
         inbound: Streaming<DiscoveryRequest>,
-        closing: tokio::sync::watch::Receiver<bool>,
+        /// Ends when `closing` turns true (or its sender goes). Made once:
+        /// a fresh `wait_for` per turn registered and dropped a waiter on
+        /// every request and update of every stream.
+        closing: Pin<Box<dyn Future<Output = ()> + Send>>,
         queued: VecDeque<DiscoveryResponse>,
         ended: bool,
     }
     let state = State {
         stream,
         inbound,
-        closing,
+        closing: Box::pin(async move {
+            let mut closing = closing;
+            let _ = closing.wait_for(|closed| *closed).await;
+        }),
         queued: VecDeque::new(),
         ended: false,
     };
@@ -443,7 +499,7 @@ pub(super) fn responses(
             }
             let event = tokio::select! {
                 biased;
-                _ = state.closing.wait_for(|closed| *closed) => Event::Closing,
+                () = &mut state.closing => Event::Closing,
                 request = state.inbound.next() => Event::Request(Box::new(request)),
                 Some((service, update)) = state.stream.watches.next(),
                     if !state.stream.watches.is_empty() => Event::Update(service, update),
@@ -468,12 +524,14 @@ pub(super) fn responses(
                         state.ended = true;
                         return Some((Err(status), state));
                     }
-                    Some(Ok(request)) => {
-                        if let Err(status) = state.stream.on_request(request).await {
+                    Some(Ok(request)) => match state.stream.on_request(request).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(status) => {
                             state.ended = true;
                             return Some((Err(status), state));
                         }
-                    }
+                    },
                 },
                 Event::Update(service, update) => {
                     state.stream.on_update(&service, &update);
@@ -492,9 +550,101 @@ pub(super) fn responses(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::store::{NewEndpoint, Store};
     use crate::registry::xds::resources::ENDPOINTS;
     use crate::registry::xds::AdsService;
     use crate::registry::{MemoryStore, RegistryConfig};
+
+    /// A stream subscribed to the EDS of `service` on `ads`, holding the
+    /// store's first snapshot and the response it drew.
+    async fn eds_stream(ads: &AdsService, service: &str) -> (AdsStream, DiscoveryResponse) {
+        let slot = ads.shared.slots.acquire(None).unwrap();
+        let mut stream = AdsStream::new(ads.shared.clone(), slot, None);
+        let owed = stream
+            .on_request(DiscoveryRequest {
+                type_url: ENDPOINTS.into(),
+                resource_names: vec![service.into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(owed, "a first request is owed a response");
+        let (name, update) = stream.watches.next().await.unwrap();
+        stream.on_update(&name, &update);
+        let mut out = VecDeque::new();
+        stream.respond(&mut out);
+        let response = out.pop_front().expect("a response");
+        (stream, response)
+    }
+
+    async fn register(store: &MemoryStore, service: &str, address: &str) {
+        store
+            .register(NewEndpoint {
+                service: service.into(),
+                address: address.into(),
+                metadata: Default::default(),
+                ttl: std::time::Duration::from_secs(60),
+            })
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn streams_at_one_version_send_one_shared_build() {
+        let config = RegistryConfig::default();
+        let store = Arc::new(MemoryStore::new(&config));
+        register(&store, "svc", "10.0.0.1:80").await;
+        register(&store, "svc", "backend.internal:80").await;
+        let ads = AdsService::new(store.clone(), &config);
+        let (mut first, one) = eds_stream(&ads, "svc").await;
+        let (_second, two) = eds_stream(&ads, "svc").await;
+        assert_eq!(one.version_info, two.version_info);
+        assert_eq!(one.resources, two.resources, "byte for byte");
+        let version: u64 = one.version_info.parse().unwrap();
+        let basis = Basis::Endpoints {
+            epoch: first.services["svc"].set.epoch(),
+            version,
+        };
+        let cached = ads
+            .shared
+            .resources
+            .get_or_build(Kind::Endpoints, "svc", basis.clone(), || None)
+            .expect("kept");
+        let again = ads
+            .shared
+            .resources
+            .get_or_build(Kind::Endpoints, "svc", basis, || None)
+            .expect("kept");
+        assert!(Arc::ptr_eq(&cached, &again));
+        assert_eq!(*cached, one.resources[0]);
+        // The host name was refused (and so warned about) by the build.
+        assert!(ads
+            .shared
+            .refused
+            .lock()
+            .unwrap()
+            .contains("backend.internal:80"));
+
+        // An ACK draws nothing, and says so.
+        let ack = DiscoveryRequest {
+            type_url: ENDPOINTS.into(),
+            resource_names: vec!["svc".into()],
+            version_info: one.version_info.clone(),
+            response_nonce: one.nonce.clone(),
+            ..Default::default()
+        };
+        assert!(!first.on_request(ack).await.unwrap());
+
+        // A new version is a new build.
+        register(&store, "svc", "10.0.0.2:80").await;
+        let (name, update) = first.watches.next().await.unwrap();
+        first.on_update(&name, &update);
+        let mut out = VecDeque::new();
+        first.respond(&mut out);
+        let three = out.pop_front().expect("a response to the change");
+        assert_ne!(three.version_info, one.version_info);
+        assert_ne!(three.resources, one.resources);
+    }
 
     #[tokio::test]
     async fn naming_too_many_services_is_refused_by_the_ads_cap() {
