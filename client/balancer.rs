@@ -554,7 +554,9 @@ impl Balancer {
         };
         let connectivity = match connectivity {
             // The picker had connections that all closed since.
-            ConnectivityState::Ready | ConnectivityState::Idle => ConnectivityState::Connecting,
+            ConnectivityState::Ready => ConnectivityState::Connecting,
+            // Idle stays Idle: a lazy policy (ring_hash) connects when an
+            // RPC arrives, and says so.
             other => other,
         };
         let error = Error::NoReadyEndpoint { service, last };
