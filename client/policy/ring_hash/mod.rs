@@ -53,6 +53,7 @@ impl RequestHash {
 /// The ring_hash policy.
 #[derive(Debug)]
 pub struct RingHash {
+    /// The ring's sizes and the header keys come from.
     config: RingHashConfig,
     /// The serving endpoints in the ring's index order: by hash key, so
     /// the ring does not depend on the order updates came in.
@@ -76,20 +77,25 @@ pub struct RingHash {
 /// One endpoint on the ring.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RingEndpoint {
+    /// Where its subchannel connects.
     address: Arc<str>,
     /// What its points are hashed from: `hash_key` metadata (A76) or the
     /// address.
     key: String,
+    /// Its `weight` metadata, 1 when absent or invalid.
     weight: u32,
 }
 
 /// A subchannel as the policy's pickers see it.
 #[derive(Debug, Clone)]
 struct View {
+    /// Its subchannel.
     id: SubchannelId,
     /// As A42 sees it.
     state: ConnectivityState,
+    /// The connection, when Ready.
     connection: Option<Arc<ReadyConnection>>,
+    /// Asks it to connect from a pick.
     connector: Connector,
 }
 
@@ -304,8 +310,11 @@ impl Policy for RingHash {
 /// One endpoint as a picker sees it.
 #[derive(Debug)]
 struct Slot {
+    /// As A42 sees it, when the picker was built.
     state: ConnectivityState,
+    /// The connection, when Ready.
     connection: Option<Arc<ReadyConnection>>,
+    /// Asks it to connect; `None` only for an endpoint with no subchannel.
     connector: Option<Connector>,
     /// Whether a pick of this picker already asked it to connect: one
     /// request is enough, the next picker will show it Connecting.
@@ -333,12 +342,15 @@ impl Slot {
 /// state as of when it was built (A42 lets a policy publish a new picker
 /// on each state change instead of sharing live state with it).
 pub struct RingHashPicker {
+    /// The points, shared with the policy and its other pickers.
     ring: Arc<Ring>,
     /// By endpoint index, as the ring's points refer to them.
     slots: Vec<Slot>,
     /// The Ready connections, for observers.
     ready: Vec<Arc<ReadyConnection>>,
+    /// The header a call's key is read from, if the config names one.
     header: Option<HashHeader>,
+    /// For the status of a pick that finds nothing reachable.
     last_error: Option<Arc<ConnectError>>,
 }
 
