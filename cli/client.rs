@@ -1,7 +1,8 @@
 //! `switchboard client`: the classic load-balancing example, and a live mode
 //! that shows traffic moving between backends as they come and go.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::flags::ClientTlsFlags;
@@ -39,11 +40,23 @@ pub struct Args {
     /// The service to watch when --target is not given.
     #[arg(long, default_value = DEFAULT_SERVICE)]
     service: String,
-    /// Balancing policy: pick_first, round_robin, least_request or
-    /// weighted_round_robin. The classic run uses pick_first then
-    /// round_robin unless this is given.
+    /// Balancing policy: pick_first, round_robin, least_request,
+    /// weighted_round_robin or ring_hash (keyed by --hash-header). The
+    /// classic run uses pick_first then round_robin unless this is given.
     #[arg(long)]
     policy: Option<PolicyKind>,
+    /// Keyed traffic: every RPC carries this header with a key from
+    /// --key-from, and --policy ring_hash hashes it (a service config's
+    /// ring_hash_experimental names its own requestHashHeader).
+    #[arg(long, value_name = "NAME")]
+    hash_header: Option<String>,
+    /// With --hash-header: the keys, `seq` (0, 1, 2... wrapping at --keys)
+    /// or `random` (any of the --keys keys).
+    #[arg(long, value_enum, default_value_t = KeyFrom::Seq)]
+    key_from: KeyFrom,
+    /// With --hash-header: how many distinct keys there are.
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
     /// With --policy least_request: weigh each backend's outstanding RPCs
     /// by a peak-EWMA of its latency (linkerd's balancer), so slow backends
     /// are avoided too, not only hung ones.
@@ -124,6 +137,62 @@ pub struct Args {
     disable_service_config_lookup: bool,
 }
 
+/// Where the keys of `--hash-header` come from.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyFrom {
+    /// 0, 1, 2... wrapping at --keys, so every key recurs in turn.
+    Seq,
+    /// A random one of the --keys keys for each RPC.
+    Random,
+}
+
+/// The key each RPC carries in `--hash-header`.
+struct Keys {
+    header: tonic::metadata::AsciiMetadataKey,
+    from: KeyFrom,
+    count: u64,
+    next: AtomicU64,
+}
+
+impl Keys {
+    /// From the flags; `None` without --hash-header. A bad name ends the
+    /// process with a one-line error.
+    fn from_args(args: &Args) -> Option<Self> {
+        let name = args.hash_header.as_deref()?;
+        if args.keys == 0 {
+            process::exit_with("--keys must be at least 1");
+        }
+        let header =
+            tonic::metadata::AsciiMetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+                .unwrap_or_else(|err| {
+                    process::exit_with(&format!("--hash-header {name:?}: {err}"))
+                });
+        Some(Self {
+            header,
+            from: args.key_from,
+            count: args.keys,
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// The next RPC's key.
+    fn next(&self) -> u64 {
+        match self.from {
+            KeyFrom::Seq => self.next.fetch_add(1, Ordering::Relaxed) % self.count,
+            KeyFrom::Random => rand::random_range(0..self.count),
+        }
+    }
+
+    /// Puts the next key on `request`; returns it.
+    fn stamp<T>(&self, request: &mut tonic::Request<T>) -> u64 {
+        let key = self.next();
+        request
+            .metadata_mut()
+            .insert(self.header.clone(), key.into());
+        key
+    }
+}
+
 /// Reads and checks `--service-config`; a bad file ends the process with a
 /// one-line error naming the field.
 fn load_service_config(path: &std::path::Path) -> ServiceConfig {
@@ -157,6 +226,16 @@ pub async fn run(args: Args) {
         (_, true) => process::exit_with("--peak-ewma needs --policy least_request"),
         (policy, false) => policy,
     };
+    // --policy ring_hash hashes the header the traffic carries.
+    let policy = match (policy, &args.hash_header) {
+        (Some(PolicyKind::RingHash(config)), Some(name)) => Some(PolicyKind::RingHash(
+            config.with_hash_header(name).unwrap_or_else(|err| {
+                process::exit_with(&format!("--hash-header {name:?}: {err}"))
+            }),
+        )),
+        (policy, _) => policy,
+    };
+
     if args.rate == Some(0) {
         process::exit_with("--rate must be at least 1");
     }
@@ -285,6 +364,9 @@ async fn connect(
         let current = state.borrow_and_update().clone();
         match current.connectivity {
             ConnectivityState::Ready => return channel,
+            // ring_hash connects only where RPCs land: waiting for Ready
+            // before the first RPC would wait forever.
+            ConnectivityState::Idle if current.policy == "ring_hash" => return channel,
             ConnectivityState::TransientFailure => {
                 let why = current
                     .last_error
@@ -317,11 +399,16 @@ fn backend_of(reply: &str) -> &str {
 
 async fn classic(args: &Args, channel: BalancedChannel) {
     let mut client = EchoClient::new(channel);
+    let keys = Keys::from_args(args);
     for _ in 0..args.count {
         let mut request = tonic::Request::new(EchoRequest {
             message: args.message.clone(),
         });
         request.set_timeout(args.timeout);
+        if let Some(keys) = &keys {
+            let key = keys.stamp(&mut request);
+            print!("key {key}: ");
+        }
         match client.unary_echo(request).await {
             Ok(reply) => println!("{}", reply.into_inner().message),
             Err(status) => println!("error: {:?}: {}", status.code(), status.message()),
@@ -331,7 +418,8 @@ async fn classic(args: &Args, channel: BalancedChannel) {
 
 /// One RPC's outcome in live mode.
 enum Outcome {
-    Served(String),
+    /// Served by this backend; with --hash-header, for this key.
+    Served(String, Option<u64>),
     Failed(String),
 }
 
@@ -360,6 +448,10 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
         (now.ready.clone(), now.policy)
     };
     let client = EchoClient::new(channel);
+    let keys = Keys::from_args(args).map(std::sync::Arc::new);
+    // With --hash-header: the backends each key reached, for the summary's
+    // stickiness line.
+    let mut reached: HashMap<u64, BTreeSet<String>> = HashMap::new();
     let (outcomes, mut results) = mpsc::unbounded_channel();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
@@ -388,7 +480,10 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
     let mut record = |outcome: Outcome,
                       second: &mut BTreeMap<String, u64>,
                       failed_second: &mut u64| match outcome {
-        Outcome::Served(backend) => {
+        Outcome::Served(backend, key) => {
+            if let Some(key) = key {
+                reached.entry(key).or_default().insert(backend.clone());
+            }
             *second.entry(backend.clone()).or_default() += 1;
             *total.entry(backend).or_default() += 1;
         }
@@ -405,10 +500,11 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
                 let outcomes = outcomes.clone();
                 let mut request = tonic::Request::new(EchoRequest { message: args.message.clone() });
                 request.set_timeout(args.timeout);
+                let key = keys.as_ref().map(|keys| keys.stamp(&mut request));
                 in_flight += 1;
                 tokio::spawn(async move {
                     let outcome = match client.unary_echo(request).await {
-                        Ok(reply) => Outcome::Served(backend_of(&reply.into_inner().message).to_owned()),
+                        Ok(reply) => Outcome::Served(backend_of(&reply.into_inner().message).to_owned(), key),
                         Err(status) => Outcome::Failed(format!("{:?}: {}", status.code(), status.message())),
                     };
                     let _ = outcomes.send(outcome);
@@ -471,6 +567,15 @@ async fn live(args: &Args, channel: BalancedChannel, rate: u32) {
         println!("  {backend}: {count}");
     }
     println!("  total ok={served} failed={failed_total}");
+    if keys.is_some() {
+        // How sticky the keys were: a key that reached more than one
+        // backend moved (a backend came or went, or no policy hashes it).
+        let moved = reached.values().filter(|b| b.len() > 1).count();
+        println!(
+            "  keys: {} seen, {moved} reached more than one backend",
+            reached.len()
+        );
+    }
     for (error, count) in &errors {
         println!("  failure x{count}: {error}");
     }

@@ -190,6 +190,20 @@ impl Slot {
             .is_some_and(|c| c.connectivity == ConnectivityState::Ready)
     }
 
+    /// Whether a pending policy should take over now: when Ready, or when
+    /// Idle. A lazy policy (ring_hash) is Idle until picks reach it and
+    /// picks only reach the active one, so waiting for it to be Ready would
+    /// wait forever; grpc-go's graceful switch likewise swaps as soon as
+    /// the new policy is not Connecting.
+    fn can_take_over(&self) -> bool {
+        self.current.as_ref().is_some_and(|c| {
+            matches!(
+                c.connectivity,
+                ConnectivityState::Ready | ConnectivityState::Idle
+            )
+        })
+    }
+
     fn endpoints_changed(&mut self, endpoints: &EndpointSet, changes: &Applied) {
         let Slot {
             policy,
@@ -452,7 +466,7 @@ impl Balancer {
     fn publish(&mut self, outputs: &Outputs, started: std::time::Instant) {
         if let Some(pending) = &mut self.pending {
             pending.take_picker();
-            if pending.is_ready() || !self.active.is_ready() {
+            if pending.can_take_over() || !self.active.is_ready() {
                 let switches = match pending.is_ready() && self.active.is_ready() {
                     true => &outputs.stats.graceful_switches,
                     false => &outputs.stats.immediate_switches,
@@ -540,7 +554,9 @@ impl Balancer {
         };
         let connectivity = match connectivity {
             // The picker had connections that all closed since.
-            ConnectivityState::Ready | ConnectivityState::Idle => ConnectivityState::Connecting,
+            ConnectivityState::Ready => ConnectivityState::Connecting,
+            // Idle stays Idle: a lazy policy (ring_hash) connects when an
+            // RPC arrives, and says so.
             other => other,
         };
         let error = Error::NoReadyEndpoint { service, last };

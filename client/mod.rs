@@ -34,7 +34,7 @@ pub mod transport;
 // The paths these modules had before they moved into their folders.
 pub use crate::net::backoff;
 pub use policy::{
-    least_request, outlier_detection, pick_first, ready_set, round_robin, slow_start,
+    least_request, outlier_detection, pick_first, ready_set, ring_hash, round_robin, slow_start,
     weighted_round_robin, zone_aware,
 };
 pub use resolver::{dns as dns_resolver, registry as registry_resolver};
@@ -55,5 +55,6 @@ pub use registry_resolver::RegistryResolver;
 pub use resolver::{
     Endpoint, EndpointState, ResolveNow, Resolver, ResolverSink, StaticResolver, Update,
 };
+pub use ring_hash::{RequestHash, RingHashConfig};
 pub use subchannel::ConnectionStats;
 pub use target::Target;

@@ -13,6 +13,10 @@ use serde_json::{Map, Value};
 
 use super::json::{duration, object, uint};
 use super::outlier::{FailurePercentageEjection, OutlierDetectionConfig, SuccessRateEjection};
+use super::ring_hash::{
+    HashHeader, RingHashConfig, DEFAULT_MAX_RING_SIZE, DEFAULT_MIN_RING_SIZE, RING_SIZE_CAP,
+    RING_SIZE_UPPER_BOUND,
+};
 use super::{ConfigError, LbPolicyConfig, SlowStartConfig};
 
 /// A load-balancing policy the service config chose, with its settings.
@@ -30,6 +34,9 @@ pub enum LbPolicy {
     },
     /// `weighted_round_robin`: in proportion to each endpoint's `weight`.
     WeightedRoundRobin,
+    /// `ring_hash_experimental` (gRFC A42, A76): consistent hashing of
+    /// each request's key onto a ring of the endpoints.
+    RingHash(RingHashConfig),
     /// `outlier_detection_experimental` (gRFC A50) around a child policy.
     OutlierDetection {
         /// When and how it ejects.
@@ -41,11 +48,12 @@ pub enum LbPolicy {
 
 impl LbPolicy {
     /// The names a config may use, for error messages.
-    pub const NAMES: [&'static str; 5] = [
+    pub const NAMES: [&'static str; 6] = [
         "pick_first",
         "round_robin",
         "least_request_experimental",
         "weighted_round_robin",
+        "ring_hash_experimental",
         "outlier_detection_experimental",
     ];
 
@@ -204,6 +212,7 @@ fn parse(name: &str, config: &Value, at: &str) -> Result<Option<LbPolicy>, Confi
             LbPolicy::LeastRequest { choice_count }
         }
         "weighted_round_robin" => LbPolicy::WeightedRoundRobin,
+        "ring_hash_experimental" | "ring_hash" => LbPolicy::RingHash(ring_hash(fields, at)?),
         "outlier_detection_experimental" | "outlier_detection" => outlier(fields, at)?,
         _ => return Ok(None),
     }))
@@ -276,6 +285,59 @@ fn outlier(fields: &Map<String, Value>, at: &str) -> Result<LbPolicy, ConfigErro
             ..OutlierDetectionConfig::default()
         },
         child: Box::new(child),
+    })
+}
+
+/// A42's config with A76's `requestHashHeader`, checked as grpc-go checks
+/// it: sizes above 8M and a minimum above the maximum are refused, sizes
+/// above [`RING_SIZE_CAP`] are lowered to it.
+fn ring_hash(fields: &Map<String, Value>, at: &str) -> Result<RingHashConfig, ConfigError> {
+    let size = |key: &str, default: u64| -> Result<u64, ConfigError> {
+        let at = format!("{at}.{key}");
+        let size = match fields.get(key) {
+            None => return Ok(default),
+            Some(value) => value.as_u64().ok_or_else(|| {
+                ConfigError::new(&at, format!("must be a non-negative integer, got {value}"))
+            })?,
+        };
+        match size {
+            // A42: 0, like an absent field, means the default.
+            0 => Ok(default),
+            size if size > RING_SIZE_UPPER_BOUND => Err(ConfigError::new(
+                at,
+                format!("must be at most {RING_SIZE_UPPER_BOUND} (8M), got {size}"),
+            )),
+            size => Ok(size),
+        }
+    };
+    let min_ring_size = size("minRingSize", DEFAULT_MIN_RING_SIZE)?;
+    let max_ring_size = size("maxRingSize", DEFAULT_MAX_RING_SIZE)?;
+    if min_ring_size > max_ring_size {
+        return Err(ConfigError::new(
+            format!("{at}.minRingSize"),
+            format!("must not exceed maxRingSize ({max_ring_size}), got {min_ring_size}"),
+        ));
+    }
+    let hash_header = match fields.get("requestHashHeader") {
+        None => None,
+        Some(value) => {
+            let at = format!("{at}.requestHashHeader");
+            let name = value.as_str().ok_or_else(|| {
+                ConfigError::new(&at, format!("must be a header name, got {value}"))
+            })?;
+            // A76: empty is the same as absent.
+            match name {
+                "" => None,
+                name => Some(
+                    HashHeader::new(name).map_err(|err| ConfigError::new(at, err.to_string()))?,
+                ),
+            }
+        }
+    };
+    Ok(RingHashConfig {
+        min_ring_size: min_ring_size.min(RING_SIZE_CAP),
+        max_ring_size: max_ring_size.min(RING_SIZE_CAP),
+        hash_header,
     })
 }
 

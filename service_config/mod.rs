@@ -16,9 +16,11 @@
 mod balancing;
 mod json;
 pub mod outlier;
+pub mod ring_hash;
 
 pub use balancing::LbPolicy;
 pub use json::ConfigError;
+pub use ring_hash::{HashHeader, RingHashConfig};
 
 use std::collections::HashMap;
 use std::fmt;

@@ -427,3 +427,68 @@ fn slow_start_is_read_from_the_chosen_policy_and_checked_in_every_entry() {
         {"least_request_experimental": {"slowStartConfig": {"slowStartWindow": "-1s"}}}]}"#;
     assert!(error_of(fallback).field.ends_with("slowStartWindow"));
 }
+
+#[test]
+fn ring_hash_takes_a42_defaults_caps_its_sizes_and_reads_its_header() {
+    let ring = |config: &str| {
+        let text =
+            format!(r#"{{"loadBalancingConfig": [{{"ring_hash_experimental": {config}}}]}}"#);
+        match ServiceConfig::from_json(&text).unwrap().lb_policy() {
+            Some(LbPolicy::RingHash(config)) => *config,
+            other => panic!("{text}: {other:?}"),
+        }
+    };
+    assert_eq!(ring("{}"), RingHashConfig::default());
+    assert_eq!(
+        (ring("{}").min_ring_size, ring("{}").max_ring_size),
+        (1024, 4096)
+    );
+    // 0 is the default; past the cap is lowered to it, as grpc-go does.
+    let sized = ring(r#"{"minRingSize": 0, "maxRingSize": 8388608}"#);
+    assert_eq!((sized.min_ring_size, sized.max_ring_size), (1024, 4096));
+    let small = ring(r#"{"minRingSize": 4, "maxRingSize": 16}"#);
+    assert_eq!((small.min_ring_size, small.max_ring_size), (4, 16));
+    let keyed = ring(r#"{"requestHashHeader": "X-Session"}"#);
+    assert_eq!(
+        keyed.hash_header.map(|h| h.to_string()).as_deref(),
+        Some("x-session")
+    );
+    assert_eq!(ring(r#"{"requestHashHeader": ""}"#).hash_header, None);
+}
+
+#[test]
+fn each_bad_ring_hash_field_is_refused_by_name() {
+    let at = "loadBalancingConfig[0].ring_hash_experimental";
+    let cases = [
+        (r#"{"minRingSize": 8388609}"#, "minRingSize", "8M"),
+        (r#"{"maxRingSize": 8388609}"#, "maxRingSize", "8M"),
+        (r#"{"maxRingSize": -1}"#, "maxRingSize", "non-negative"),
+        (
+            r#"{"minRingSize": 20, "maxRingSize": 10}"#,
+            "minRingSize",
+            "maxRingSize",
+        ),
+        (
+            r#"{"requestHashHeader": "key-bin"}"#,
+            "requestHashHeader",
+            "binary",
+        ),
+        (
+            r#"{"requestHashHeader": "a b"}"#,
+            "requestHashHeader",
+            "metadata key",
+        ),
+        (
+            r#"{"requestHashHeader": 7}"#,
+            "requestHashHeader",
+            "header name",
+        ),
+    ];
+    for (config, field, reason) in cases {
+        let text =
+            format!(r#"{{"loadBalancingConfig": [{{"ring_hash_experimental": {config}}}]}}"#);
+        let err = error_of(&text);
+        assert_eq!(err.field, format!("{at}.{field}"), "{text}: {err}");
+        assert!(err.reason.contains(reason), "{text}: {err}");
+    }
+}

@@ -80,6 +80,9 @@ pub(super) struct CallContext<'a> {
     pub method: Option<&'a Arc<MethodMetrics>>,
     /// The retry token bucket of the config the call follows.
     pub throttle: Option<&'a Arc<Throttle>>,
+    /// The caller's [`RequestHash`](crate::client::RequestHash), read
+    /// before the first attempt takes the extensions it came in.
+    pub hash: Option<u64>,
 }
 
 impl Shared {
@@ -99,6 +102,7 @@ impl Shared {
             tried,
             method,
             throttle,
+            hash: _,
         } = *call;
         let mut waiter = None;
         let mut repicks = 0;
@@ -106,6 +110,8 @@ impl Shared {
             let published = self.picker.load();
             let pick = published.picker.pick(&PickInfo {
                 method: request.uri().path(),
+                headers: request.headers(),
+                hash: call.hash,
             });
             let (connection, done) = match pick {
                 Pick::Connection { connection, done } => (connection, done),

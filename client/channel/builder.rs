@@ -23,6 +23,7 @@ use crate::client::policy::Policy;
 use crate::client::registry_resolver::RegistryResolver;
 use crate::client::resolver::{Resolver, ResolverSink, StaticResolver};
 use crate::client::retry::replay::ChannelBudget;
+use crate::client::ring_hash::{RingHash, RingHashConfig};
 use crate::client::round_robin::RoundRobin;
 use crate::client::subchannel::{ConnectConfig, Keepalive};
 use crate::client::target::{Target, TargetError};
@@ -45,15 +46,19 @@ pub enum PolicyKind {
     /// Rotate over every Ready address in proportion to its `weight`
     /// metadata, smoothly interleaved.
     WeightedRoundRobin,
+    /// Consistent hashing of each call's key onto a ring of the endpoints,
+    /// connecting lazily (gRFC A42, A76).
+    RingHash(RingHashConfig),
 }
 
 impl PolicyKind {
     /// Every name [`PolicyKind::from_str`] accepts.
-    pub const NAMES: [&'static str; 4] = [
+    pub const NAMES: [&'static str; 5] = [
         "pick_first",
         "round_robin",
         "least_request",
         "weighted_round_robin",
+        "ring_hash",
     ];
 
     pub(crate) fn build(self) -> Box<dyn Policy> {
@@ -62,6 +67,7 @@ impl PolicyKind {
             PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
             PolicyKind::LeastRequest(config) => Box::new(LeastRequest::new(config)),
             PolicyKind::WeightedRoundRobin => Box::new(WeightedRoundRobin::default()),
+            PolicyKind::RingHash(config) => Box::new(RingHash::new(config)),
         }
     }
 
@@ -72,6 +78,7 @@ impl PolicyKind {
             PolicyKind::RoundRobin => "round_robin",
             PolicyKind::LeastRequest(_) => "least_request",
             PolicyKind::WeightedRoundRobin => "weighted_round_robin",
+            PolicyKind::RingHash(_) => "ring_hash",
         }
     }
 }
@@ -88,6 +95,7 @@ impl From<&LbPolicy> for PolicyKind {
                 PolicyKind::LeastRequest(LeastRequestConfig::default())
             }
             LbPolicy::WeightedRoundRobin => PolicyKind::WeightedRoundRobin,
+            LbPolicy::RingHash(config) => PolicyKind::RingHash(*config),
             // `picking` never answers a wrapper.
             LbPolicy::OutlierDetection { child, .. } => PolicyKind::from(&**child),
         }
@@ -104,6 +112,9 @@ impl FromStr for PolicyKind {
             "round_robin" => Ok(PolicyKind::RoundRobin),
             "least_request" => Ok(PolicyKind::LeastRequest(LeastRequestConfig::default())),
             "weighted_round_robin" => Ok(PolicyKind::WeightedRoundRobin),
+            // Keyed by a per-call RequestHash only; a header comes with
+            // `RingHashConfig::with_hash_header`.
+            "ring_hash" => Ok(PolicyKind::RingHash(RingHashConfig::default())),
             other => Err(format!(
                 "unknown policy {other:?}: use one of {}",
                 PolicyKind::NAMES.join(", ")

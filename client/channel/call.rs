@@ -36,6 +36,7 @@ use crate::client::metrics::MethodMetrics;
 use crate::client::retry::replay::{AttemptId, Replay};
 use crate::client::retry::throttle::Throttle;
 use crate::client::retry::{Pushback, Retries, Stop, PREVIOUS_ATTEMPTS};
+use crate::client::ring_hash::RequestHash;
 use crate::service_config::{CallPolicy, HedgingPolicy, RetryPolicy};
 
 /// Marks a request as wait-for-ready: instead of failing fast when no
@@ -60,6 +61,10 @@ struct Call<'a> {
     replay: Replay,
     deadline: Option<Instant>,
     wait_for_ready: bool,
+    /// The caller's ring_hash key, if it gave one: kept here because
+    /// only the first attempt gets the extensions, and every attempt
+    /// picks by it.
+    hash: Option<u64>,
     /// Whether any attempt reached a pick (for the unpicked count).
     picked: AtomicBool,
     /// Attempts sent so far, transparent ones included: each reads the
@@ -122,6 +127,7 @@ impl Shared {
             || method
                 .and_then(|m| m.wait_for_ready)
                 .unwrap_or(self.wait_for_ready);
+        let hash = extensions.get::<RequestHash>().map(|h| h.0);
         let policy = method
             .and_then(|m| m.policy.as_ref())
             .filter(|_| self.retries.enabled);
@@ -137,6 +143,7 @@ impl Shared {
             ),
             deadline: timeout.map(|t| Instant::now() + t),
             wait_for_ready,
+            hash,
             picked: AtomicBool::new(false),
             sent: Default::default(),
             transparent: Default::default(),
@@ -309,6 +316,7 @@ impl Call<'_> {
                     tried: self.tried.as_ref(),
                     method: self.metrics.as_ref(),
                     throttle: self.throttle.as_ref(),
+                    hash: self.hash,
                 },
                 &picked,
             )

@@ -87,6 +87,16 @@ impl PolicyChoice {
     }
 }
 
+/// Whether `kind` spreads calls over every Ready endpoint, which slow
+/// start and zone preference shape; pick_first uses one, ring_hash picks
+/// by key.
+fn uses_every_endpoint(kind: PolicyKind) -> bool {
+    matches!(
+        kind,
+        PolicyKind::RoundRobin | PolicyKind::LeastRequest(_) | PolicyKind::WeightedRoundRobin
+    )
+}
+
 /// What the builder fixed, whatever the config says.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Explicit {
@@ -169,12 +179,12 @@ impl ConfigSelector {
                 .explicit
                 .slow_start
                 .or_else(|| config.slow_start())
-                .filter(|_| kind != PolicyKind::PickFirst),
+                .filter(|_| uses_every_endpoint(kind)),
             zone: self
                 .explicit
                 .zone
                 .clone()
-                .filter(|_| kind != PolicyKind::PickFirst),
+                .filter(|_| uses_every_endpoint(kind)),
             kind,
         })
     }

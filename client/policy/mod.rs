@@ -15,6 +15,7 @@ pub mod least_request;
 pub mod outlier_detection;
 pub mod pick_first;
 pub mod ready_set;
+pub mod ring_hash;
 pub mod round_robin;
 pub mod slow_start;
 #[cfg(test)]
@@ -85,11 +86,18 @@ pub trait Picker: Send + Sync + 'static {
     fn connections(&self) -> &[Arc<ReadyConnection>];
 }
 
-/// What a picker knows of the RPC it picks for.
+/// What a picker knows of the RPC it picks for. Borrowed from the request,
+/// so it costs nothing to a policy that reads none of it.
 #[derive(Debug, Clone, Copy)]
 pub struct PickInfo<'a> {
     /// The gRPC method, `/package.Service/Method`.
     pub method: &'a str,
+    /// The request's headers (its metadata), for policies that route by
+    /// them, as ring_hash does with its `requestHashHeader`.
+    pub headers: &'a http::HeaderMap,
+    /// The call's own hash, from a [`RequestHash`](ring_hash::RequestHash)
+    /// in its extensions, if the caller put one there.
+    pub hash: Option<u64>,
 }
 
 /// A picker's answer.
@@ -325,6 +333,26 @@ pub struct StateCounts {
 }
 
 impl StateCounts {
+    /// How many subchannels are in `state`.
+    pub fn count(&self, state: ConnectivityState) -> usize {
+        match state {
+            ConnectivityState::Ready => self.ready,
+            ConnectivityState::Connecting => self.connecting,
+            ConnectivityState::Idle => self.idle,
+            ConnectivityState::TransientFailure => self.failing,
+        }
+    }
+
+    /// How many subchannels are counted.
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty()
+    }
+
     /// Records that `id` is now in `state` (`None`: gone).
     pub fn set(&mut self, id: SubchannelId, state: Option<ConnectivityState>) {
         let previous = match state {

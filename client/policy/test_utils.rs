@@ -227,8 +227,16 @@ impl<P: Policy> FakeController<P> {
 
     /// One pick from the last picker.
     pub(crate) fn pick(&self) -> Pick {
+        self.pick_with(&http::HeaderMap::new(), None)
+    }
+
+    /// One pick from the last picker for a call with `headers` and, if
+    /// `Some`, its own hash.
+    pub(crate) fn pick_with(&self, headers: &http::HeaderMap, hash: Option<u64>) -> Pick {
         let info = PickInfo {
             method: "/test.Service/Call",
+            headers,
+            hash,
         };
         self.picker().picker.pick(&info)
     }
@@ -265,7 +273,10 @@ impl<P: Policy> FakeController<P> {
     /// What the policy did since the last call, in the order: subchannels
     /// created (in creation order), connect requests, subchannels shut down
     /// (by id).
+    /// Connect requests a picker made (ring_hash connects from the RPC
+    /// path) are read here too, in the order the subchannels were made.
     pub(crate) fn take_actions(&mut self) -> Vec<String> {
+        self.record_requests();
         std::mem::take(&mut self.actions)
     }
 
@@ -286,6 +297,16 @@ impl<P: Policy> FakeController<P> {
             };
             self.live.insert(created.id, live);
         }
+        self.record_requests();
+        if let Some(fresh) = self.policy.take_picker() {
+            self.published = Some(fresh);
+            self.pickers += 1;
+        }
+    }
+
+    /// Notes each connect request and each subchannel shut down since the
+    /// last look.
+    fn record_requests(&mut self) {
         let mut removed = Vec::new();
         for (id, live) in &mut self.live {
             loop {
@@ -302,10 +323,6 @@ impl<P: Policy> FakeController<P> {
         for id in removed {
             let live = self.live.remove(&id).expect("listed");
             self.actions.push(format!("remove {}", live.address));
-        }
-        if let Some(fresh) = self.policy.take_picker() {
-            self.published = Some(fresh);
-            self.pickers += 1;
         }
     }
 }

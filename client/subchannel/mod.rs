@@ -299,6 +299,13 @@ impl Subchannel {
         let _ = self.connect.send(());
     }
 
+    /// A handle that asks this subchannel to connect, for a picker that
+    /// connects lazily from the RPC path (ring_hash) and so cannot reach
+    /// the balancer's subchannels.
+    pub fn connector(&self) -> Connector {
+        Connector(self.connect.downgrade())
+    }
+
     /// The subchannel's id.
     pub fn id(&self) -> u64 {
         self.id
@@ -334,6 +341,23 @@ impl Subchannel {
             SubchannelState::Idle { last_error } => last_error.as_ref(),
             SubchannelState::TransientFailure { error } => Some(error),
             _ => None,
+        }
+    }
+}
+
+/// Asks one subchannel to connect; see [`Subchannel::connector`].
+///
+/// Weak: the subchannel shuts down when the balancer drops its handle, and
+/// a picker still holding a connector must not keep it alive; a request
+/// after that goes nowhere.
+#[derive(Debug, Clone)]
+pub struct Connector(mpsc::WeakUnboundedSender<()>);
+
+impl Connector {
+    /// Asks the subchannel to connect if it is Idle.
+    pub fn connect(&self) {
+        if let Some(sender) = self.0.upgrade() {
+            let _ = sender.send(());
         }
     }
 }

@@ -98,7 +98,10 @@ fn endpoint_picking(policy: &LbPolicy) -> TypedExtensionConfig {
             "client_side_weighted_round_robin",
             pack_any(ClientSideWeightedRoundRobin::default()),
         ),
-        LbPolicy::RoundRobin | LbPolicy::OutlierDetection { .. } => {
+        // ring_hash is offered to switchboard clients through the service
+        // config only: CDS ring_hash (A42's Cluster fields) is a later
+        // step, and xDS clients meanwhile fall back to round_robin.
+        LbPolicy::RoundRobin | LbPolicy::OutlierDetection { .. } | LbPolicy::RingHash(_) => {
             ("round_robin", pack_any(RoundRobin::default()))
         }
     };

@@ -29,6 +29,7 @@ mod properties;
 mod registry;
 mod resume;
 mod retry;
+mod ring_hash;
 mod stall;
 mod tls;
 mod xds;
