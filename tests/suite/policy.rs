@@ -597,12 +597,33 @@ async fn pushed_outlier_detection_ejects_a_failing_backend_from_a_running_client
           "childPolicy": [{"round_robin": {}}]}}]}"#,
     );
     cli_set(&cluster.registry, od.to_str().unwrap()).await;
-    // Ejected: the client no longer lists it as ready, and from then on
-    // no call fails.
+    // Ejected, not merely not connected yet (the new policy has its own
+    // subchannels): the new policy sends the failing backend calls (more
+    // failures than the 4 workers could have had in flight under the old
+    // one), then a run of 100 calls in a row succeeds, which round_robin
+    // would not give a Ready backend; from then on no call fails.
+    let mut state = channel.watch_state();
+    tokio::time::timeout(STARTUP, state.wait_for(|s| s.policy == "outlier_detection"))
+        .await
+        .expect("the channel switches to outlier_detection")
+        .unwrap();
+    let switched = load.count();
     let expected = cluster.addresses();
+    let from = wait_for(
+        "the failing backend tried, then 100 calls in a row OK",
+        STARTUP,
+        || {
+            let shots = load.shots();
+            async move {
+                let tail = shots.len().checked_sub(100)?;
+                let tried = failures(&shots[switched.min(tail)..tail]).len() > 4;
+                (tried && failures(&shots[tail..]).is_empty()).then_some(shots.len())
+            }
+        },
+    )
+    .await;
     wait_ready_set(&channel, &expected, STARTUP).await;
     assert_eq!(channel.policy(), "outlier_detection");
-    let from = load.count();
     load.wait_more(300, STARTUP).await;
     let shots = load.stop().await;
     assert!(

@@ -93,22 +93,29 @@ async fn zones_fail_over_and_back(config: Option<&str>) {
         backend(&registry, ports[1], "a").await,
     ];
     wait_ready_set(&channel, &all, STARTUP).await;
-    let back = load.count();
+    // Back in rotation, the zone takes every call again: wait for a run of
+    // 100 calls all in zone a (picks made before the picker changed may
+    // still go to b), then every call after it stays there.
+    let back = wait_for("100 calls in a row back in zone a", STARTUP, || {
+        let shots = load.shots();
+        let zone_a = zone_a.clone();
+        async move {
+            let tail = shots.len().checked_sub(100)?;
+            shots[tail..]
+                .iter()
+                .all(|s| s.result.as_ref().is_ok_and(|b| zone_a.contains(b)))
+                .then_some(shots.len())
+        }
+    })
+    .await;
     load.wait_more(200, STARTUP).await;
     let shots = load.stop().await;
-    // The first calls after the ready set changed may have been picked
-    // just before: look past them.
-    let settled = &shots[back + WORKERS..];
-    let strays: Vec<(usize, &Result<String, tonic::Status>)> = settled
+    let strays: Vec<&Result<String, tonic::Status>> = shots[back..]
         .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.result.as_ref().is_ok_and(|b| zone_a.contains(b)))
-        .map(|(i, s)| (i, &s.result))
+        .map(|s| &s.result)
+        .filter(|r| !r.as_ref().is_ok_and(|b| zone_a.contains(b)))
         .collect();
-    assert!(
-        strays.is_empty(),
-        "every call back in zone a; off it (index after the settle point): {strays:?}"
-    );
+    assert!(strays.is_empty(), "calls left zone a again: {strays:?}");
     assert!(failures(&shots[moved..]).is_empty());
     drop(a);
     drop(b);
