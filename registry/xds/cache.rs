@@ -44,7 +44,13 @@ const OVERHEAD_BYTES: usize = 128;
 pub enum Basis {
     /// EDS: the endpoints at this version of this epoch (versions repeat
     /// across epochs, so the epoch is part of it).
-    Endpoints { epoch: Option<u64>, version: u64 },
+    /// The subscriber's zone is part of it too: priorities are relative
+    /// to it.
+    Endpoints {
+        epoch: Option<u64>,
+        version: u64,
+        zone: Option<Arc<str>>,
+    },
     /// LDS, RDS, CDS: the service config of this version and text, or
     /// none. The text is kept too: config versions carry no epoch, and two
     /// store histories could number different configs alike.
@@ -230,6 +236,7 @@ mod tests {
         Basis::Endpoints {
             epoch: Some(1),
             version,
+            zone: None,
         }
     }
 
@@ -282,7 +289,9 @@ mod tests {
         let other_epoch = Basis::Endpoints {
             epoch: Some(2),
             version: 3,
+            zone: None,
         };
+
         assert!(get(&cache, Kind::Endpoints, "svc", other_epoch, 3).1);
         // The older version is still there for a stream that lags.
         let (again, built) = get(&cache, Kind::Endpoints, "svc", at(3), 4);
@@ -298,6 +307,19 @@ mod tests {
         // Another kind or service with the same basis is its own resource.
         assert!(get(&cache, Kind::Listener, "svc", configured.clone(), 8).1);
         assert!(get(&cache, Kind::Cluster, "other", configured, 9).1);
+    }
+
+    #[test]
+    fn each_subscriber_zone_has_its_own_build() {
+        let cache = ResourceCache::new(DEFAULT_BUDGET_BYTES);
+        let zone = |zone: Option<&str>| Basis::Endpoints {
+            epoch: Some(1),
+            version: 3,
+            zone: zone.map(Arc::from),
+        };
+        assert!(get(&cache, Kind::Endpoints, "svc", zone(None), 1).1);
+        assert!(get(&cache, Kind::Endpoints, "svc", zone(Some("a")), 1).1);
+        assert!(!get(&cache, Kind::Endpoints, "svc", zone(Some("a")), 1).1);
     }
 
     #[test]

@@ -17,6 +17,8 @@
 
 use std::net::SocketAddr;
 
+use crate::client::zone_aware::ZONE_KEY;
+
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
 };
@@ -117,6 +119,7 @@ pub fn resource(
     name: &str,
     set: &EndpointSet,
     config: Option<&ServiceConfig>,
+    zone: Option<&str>,
     refuse: &mut dyn FnMut(&Endpoint),
 ) -> Option<Any> {
     if kind.omits_absent() && set.is_empty() {
@@ -126,7 +129,7 @@ pub fn resource(
         Kind::Listener => Some(pack_any(listener(name, config))),
         Kind::Route => Some(pack_any(route_configuration(name, config))),
         Kind::Cluster => Some(pack_any(cluster(name, config))),
-        Kind::Endpoints => Some(pack_any(load_assignment(name, set, refuse))),
+        Kind::Endpoints => Some(pack_any(load_assignment(name, set, zone, refuse))),
         Kind::Other => None,
     }
 }
@@ -219,34 +222,51 @@ pub fn cluster(service: &str, config: Option<&ServiceConfig>) -> Cluster {
     }
 }
 
-/// The endpoints of `service` as one locality. gRPC clients ignore a
-/// locality without a weight, so it gets weight 1.
+/// The ClusterLoadAssignment of `service`: one locality per zone (the
+/// endpoints' `zone` metadata), at priority 0 for the subscriber's own
+/// `zone` and 1 for the others, so gRPC clients fail over between zones by
+/// priority (A27). Without zones on the endpoints, or when the subscriber's
+/// zone has none, every locality is at priority 0; with no zone at all it
+/// is today's single default locality, unchanged.
 pub fn load_assignment(
     service: &str,
     set: &EndpointSet,
+    zone: Option<&str>,
     refuse: &mut dyn FnMut(&Endpoint),
 ) -> ClusterLoadAssignment {
-    let lb_endpoints: Vec<LbEndpoint> = set
-        .iter()
-        .filter_map(|endpoint| {
-            let lb_endpoint = lb_endpoint_of(endpoint);
-            if lb_endpoint.is_none() {
-                refuse(endpoint);
-            }
-            lb_endpoint
-        })
-        .collect();
-    let endpoints = if lb_endpoints.is_empty() {
-        Vec::new()
-    } else {
-        vec![LocalityLbEndpoints {
-            locality: Some(Locality::default()),
+    // By zone name ("" for endpoints without one), in name order so every
+    // build of the same set is the same message.
+    let mut zones: std::collections::BTreeMap<&str, Vec<LbEndpoint>> =
+        std::collections::BTreeMap::new();
+    for endpoint in set.iter() {
+        let Some(lb_endpoint) = lb_endpoint_of(endpoint) else {
+            refuse(endpoint);
+            continue;
+        };
+        let of = endpoint.metadata.get(ZONE_KEY).map_or("", String::as_str);
+        zones.entry(of).or_default().push(lb_endpoint);
+    }
+    let zoned = zones.keys().any(|z| !z.is_empty());
+    let local = zone.filter(|z| zones.contains_key(z));
+    let endpoints = zones
+        .into_iter()
+        .map(|(name, lb_endpoints)| LocalityLbEndpoints {
+            locality: Some(match zoned {
+                true => Locality {
+                    zone: name.to_owned(),
+                    ..Default::default()
+                },
+                false => Locality::default(),
+            }),
             lb_endpoints,
             load_balancing_weight: Some(UInt32Value { value: 1 }),
-            priority: 0,
+            priority: match local {
+                Some(local) if local != name => 1,
+                _ => 0,
+            },
             ..Default::default()
-        }]
-    };
+        })
+        .collect();
     ClusterLoadAssignment {
         cluster_name: service.into(),
         endpoints,
@@ -295,6 +315,43 @@ pub fn type_url<T: Name>() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_in_zones_are_localities_with_the_subscribers_zone_first() {
+        let zoned =
+            |address: &str, zone: &str| Endpoint::new(address).with_metadata(ZONE_KEY, zone);
+        let mut set = EndpointSet::new();
+        set.apply(crate::discovery::Update::Reset(vec![
+            zoned("10.0.0.1:1", "a"),
+            zoned("10.0.0.2:1", "b"),
+            zoned("10.0.0.3:1", "a"),
+        ]));
+        let localities = |zone: Option<&str>| -> Vec<(String, u32, usize)> {
+            load_assignment("svc", &set, zone, &mut |_| {})
+                .endpoints
+                .iter()
+                .map(|l| {
+                    let name = l.locality.as_ref().unwrap().zone.clone();
+                    (name, l.priority, l.lb_endpoints.len())
+                })
+                .collect()
+        };
+        assert_eq!(
+            localities(Some("a")),
+            [("a".into(), 0, 2), ("b".into(), 1, 1)]
+        );
+        assert_eq!(
+            localities(Some("b")),
+            [("a".into(), 1, 2), ("b".into(), 0, 1)]
+        );
+        // No zone, or one without endpoints: every locality at priority 0,
+        // never a gap in the priorities (clients NACK that).
+        assert_eq!(localities(None), [("a".into(), 0, 2), ("b".into(), 0, 1)]);
+        assert_eq!(
+            localities(Some("c")),
+            [("a".into(), 0, 2), ("b".into(), 0, 1)]
+        );
+    }
     use crate::discovery::{EndpointState, Update};
     use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
     use envoy_types::pb::envoy::config::core::v3::RoutingPriority;
@@ -325,7 +382,8 @@ mod tests {
             Endpoint::new("backend.internal:3"),
         ]);
         let mut refused = Vec::new();
-        let assignment = load_assignment("svc", &set, &mut |e| refused.push(e.address.clone()));
+        let assignment =
+            load_assignment("svc", &set, None, &mut |e| refused.push(e.address.clone()));
         assert_eq!(refused, ["backend.internal:3"]);
         let locality = &assignment.endpoints[0];
         assert_eq!(
@@ -378,9 +436,9 @@ mod tests {
     fn absent_services_have_no_listener_but_an_empty_assignment() {
         let empty = set(Vec::new());
         let mut refuse = |_: &Endpoint| {};
-        assert!(resource(Kind::Listener, "svc", &empty, None, &mut refuse).is_none());
-        assert!(resource(Kind::Cluster, "svc", &empty, None, &mut refuse).is_none());
-        let any = resource(Kind::Endpoints, "svc", &empty, None, &mut refuse).unwrap();
+        assert!(resource(Kind::Listener, "svc", &empty, None, None, &mut refuse).is_none());
+        assert!(resource(Kind::Cluster, "svc", &empty, None, None, &mut refuse).is_none());
+        let any = resource(Kind::Endpoints, "svc", &empty, None, None, &mut refuse).unwrap();
         let assignment = ClusterLoadAssignment::decode(&*any.value).unwrap();
         assert!(assignment.endpoints.is_empty());
     }

@@ -72,6 +72,8 @@ pub struct AdsStream {
     next_nonce: u64,
     /// This stream in the fleet view: node, services, sent, ACKs, NACKs.
     entry: FleetEntry,
+    /// The node's `locality.zone`: EDS puts its zone's endpoints first.
+    zone: Option<Arc<str>>,
 }
 
 /// What the client asked of one type, and what it was last sent.
@@ -133,11 +135,12 @@ impl ServiceView {
     /// What this service's resource of `kind` is built from, naming it in
     /// the shared cache: EDS depends on the endpoints alone, the other
     /// kinds on the service config alone.
-    fn basis(&self, kind: Kind) -> Basis {
+    fn basis(&self, kind: Kind, zone: &Option<Arc<str>>) -> Basis {
         match kind {
             Kind::Endpoints => Basis::Endpoints {
                 epoch: self.set.epoch(),
                 version: self.version.unwrap_or(0),
+                zone: zone.clone(),
             },
             _ => Basis::Config(
                 self.config
@@ -154,6 +157,7 @@ impl AdsStream {
         let entry = shared.fleet.join(StreamKind::Ads, peer);
         Self {
             entry,
+            zone: None,
             shared,
             _slot: slot,
             peer,
@@ -176,6 +180,12 @@ impl AdsStream {
             if let Some(node) = &request.node {
                 self.node = node.id.clone();
                 self.entry.node(&node.id);
+                self.zone = node
+                    .locality
+                    .as_ref()
+                    .map(|l| l.zone.as_str())
+                    .filter(|z| !z.is_empty())
+                    .map(Arc::from);
             }
         }
         if request.type_url.is_empty() {
@@ -403,6 +413,7 @@ impl AdsStream {
                 versions.join(",")
             };
             let shared = &self.shared;
+            let zone = &self.zone;
             let resources = subscription
                 .names
                 .iter()
@@ -413,18 +424,21 @@ impl AdsStream {
                     if !kind.is_served() || (kind.omits_absent() && view.set.is_empty()) {
                         return None;
                     }
-                    let built =
-                        shared
-                            .resources
-                            .get_or_build(kind, name, view.basis(kind), || {
-                                let config = view.config.as_ref().map(|c| &*c.config);
-                                // Only the stream that builds hears of the
-                                // endpoints left out; the warning is once per
-                                // address anyway.
-                                resource(kind, name, &view.set, config, &mut |endpoint| {
-                                    shared.refuse(endpoint)
-                                })
-                            })?;
+                    let built = shared.resources.get_or_build(
+                        kind,
+                        name,
+                        view.basis(kind, zone),
+                        || {
+                            let config = view.config.as_ref().map(|c| &*c.config);
+                            // Only the stream that builds hears of the
+                            // endpoints left out; the warning is once per
+                            // address anyway.
+                            let zone = zone.as_deref();
+                            resource(kind, name, &view.set, config, zone, &mut |endpoint| {
+                                shared.refuse(endpoint)
+                            })
+                        },
+                    )?;
                     Some(Any::clone(&built))
                 })
                 .collect();
@@ -604,6 +618,7 @@ mod tests {
         let basis = Basis::Endpoints {
             epoch: first.services["svc"].set.epoch(),
             version,
+            zone: None,
         };
         let cached = ads
             .shared

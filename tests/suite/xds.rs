@@ -727,11 +727,28 @@ impl XdsClient {
 
     /// As [`XdsClient::start`], with `workers` RPCs in flight at a time.
     async fn start_with_workers(python_path: &Path, registry: &str, workers: usize) -> Self {
+        Self::start_in(python_path, registry, workers, None).await
+    }
+
+    /// As [`XdsClient::start_with_workers`], the bootstrap's node in `zone`.
+    async fn start_in(
+        python_path: &Path,
+        registry: &str,
+        workers: usize,
+        zone: Option<&str>,
+    ) -> Self {
         let bootstrap = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "xds-bootstrap-{}.json",
             registry.replace([':', '.'], "-")
         ));
-        std::fs::write(&bootstrap, bootstrap_json(registry)).expect("write bootstrap");
+        let mut json = bootstrap_json(registry);
+        if let Some(zone) = zone {
+            json = json.replace(
+                r#""locality": {}"#,
+                &format!(r#""locality": {{"zone": "{zone}"}}"#),
+            );
+        }
+        std::fs::write(&bootstrap, json).expect("write bootstrap");
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xds/xds_client.py");
         let target = format!("xds:///{SERVICE}");
         let workers = workers.to_string();
@@ -1285,4 +1302,70 @@ async fn ads_stream(registry: &str) -> Option<serde_json::Value> {
         .iter()
         .find(|c| c["kind"] == "ads")
         .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_in_zone_a_stays_in_a_fails_over_to_b_by_priority_and_comes_back() {
+    let Some(python_path) = crate::common::python::python_with_grpcio() else {
+        eprintln!("python3 not found: skipping");
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let port = free_port().expect("free port");
+    let _registry = start_registry(port).await;
+    let registry = local(port);
+    let ports: Vec<u16> = (0..4).map(|_| free_port().expect("free port")).collect();
+    let zone = |i: usize| if i < 2 { "a" } else { "b" };
+    let mut backends = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        backends.push(start_echo(&registry, SERVICE, &[*port], &["--zone", zone(i)]).await);
+    }
+    let zone_a: Vec<String> = ports[..2].iter().map(|p| local(*p)).collect();
+    let zone_b: Vec<String> = ports[2..].iter().map(|p| local(*p)).collect();
+    wait_registered(
+        &registry,
+        SERVICE,
+        &{
+            let mut all: Vec<String> = zone_a.iter().chain(&zone_b).cloned().collect();
+            all.sort();
+            all
+        },
+        STARTUP,
+    )
+    .await;
+    let client = XdsClient::start_in(&python_path, &registry, WORKERS, Some("a")).await;
+    let in_zone = |shots: &[PyShot], zone: &[String]| {
+        shots
+            .iter()
+            .all(|s| s.result.as_ref().is_ok_and(|b| zone.contains(b)))
+    };
+    client
+        .wait_until("200 calls", STARTUP, |shots| shots.len() >= 200)
+        .await;
+    assert!(
+        in_zone(&client.shots(), &zone_a),
+        "priority 0 is the node's zone: every call in a"
+    );
+
+    // Zone a dies: by priority, the client moves to b.
+    for proc in &mut backends[..2] {
+        proc.kill();
+    }
+    let zone_b_moved = zone_b.clone();
+    client
+        .wait_until("100 calls in a row in zone b", STARTUP, move |shots| {
+            shots.len() >= 100 && in_zone(&shots[shots.len() - 100..], &zone_b_moved)
+        })
+        .await;
+    // Back: the client returns to priority 0.
+    for i in 0..2 {
+        backends[i] = start_echo(&registry, SERVICE, &[ports[i]], &["--zone", "a"]).await;
+    }
+    let zone_a_back = zone_a.clone();
+    client
+        .wait_until("100 calls in a row back in zone a", STARTUP, move |shots| {
+            shots.len() >= 100 && in_zone(&shots[shots.len() - 100..], &zone_a_back)
+        })
+        .await;
+    client.stop().await;
 }
