@@ -35,7 +35,7 @@ pub mod transport;
 pub use crate::net::backoff;
 pub use policy::{
     least_request, outlier_detection, pick_first, ready_set, ring_hash, round_robin, slow_start,
-    weighted_round_robin, zone_aware,
+    weighted_round_robin, wrapped, zone_aware,
 };
 pub use resolver::{dns as dns_resolver, registry as registry_resolver};
 pub use subchannel::health;

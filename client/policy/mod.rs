@@ -21,6 +21,7 @@ pub mod slow_start;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod weighted_round_robin;
+pub mod wrapped;
 pub mod zone_aware;
 
 use std::collections::HashMap;

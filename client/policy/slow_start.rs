@@ -28,6 +28,7 @@ use crate::client::policy::{
     Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
 };
 use crate::client::subchannel::{ReadyConnection, SubchannelState};
+use crate::client::wrapped::{with_state_of, Wrapped};
 use crate::discovery::{Applied, EndpointSet};
 
 pub use crate::service_config::SlowStartConfig;
@@ -37,7 +38,7 @@ pub const REPICKS: usize = 3;
 
 /// Wraps a policy in slow start.
 pub struct SlowStart {
-    child: Box<dyn Policy>,
+    child: Wrapped,
     config: SlowStartConfig,
     /// Whether the first endpoint update has been seen.
     started: bool,
@@ -45,8 +46,6 @@ pub struct SlowStart {
     joining: HashSet<Arc<str>>,
     /// Warming endpoints and when they became Ready.
     warming: HashMap<Arc<str>, Instant>,
-    child_timer: Option<Instant>,
-    child_picker: Option<PolicyPicker>,
     dirty: bool,
 }
 
@@ -54,27 +53,13 @@ impl SlowStart {
     /// `child` with its newly joined endpoints ramped as `config` says.
     pub fn new(child: Box<dyn Policy>, config: SlowStartConfig) -> Self {
         Self {
-            child,
+            child: Wrapped::new(child),
             config,
             started: false,
             joining: HashSet::new(),
             warming: HashMap::new(),
-            child_timer: None,
-            child_picker: None,
             dirty: false,
         }
-    }
-
-    fn with_child<R>(
-        &mut self,
-        cx: &mut PolicyContext<'_>,
-        f: impl FnOnce(&mut dyn Policy, &mut PolicyContext<'_>) -> R,
-    ) -> R {
-        let result = f(&mut *self.child, &mut cx.for_child(&mut self.child_timer));
-        if let Some(at) = self.child_timer {
-            cx.schedule_at(at);
-        }
-        result
     }
 
     /// Ends the warm-up of endpoints whose window passed, and asks for a
@@ -118,7 +103,7 @@ impl Policy for SlowStart {
             }
         }
         self.started |= endpoints.is_known();
-        self.with_child(cx, |child, cx| {
+        self.child.with(cx, |child, cx| {
             child.endpoints_changed(endpoints, changes, cx)
         });
     }
@@ -134,43 +119,30 @@ impl Policy for SlowStart {
                 self.sweep(cx);
             }
         }
-        self.with_child(cx, |child, cx| child.subchannel_changed(id, cx));
+        self.child
+            .with(cx, |child, cx| child.subchannel_changed(id, cx));
     }
 
     fn timer_fired(&mut self, cx: &mut PolicyContext<'_>) {
-        let now = cx.now();
-        if self.child_timer.is_some_and(|at| at <= now) {
-            self.child_timer = None;
-            self.with_child(cx, |child, cx| child.timer_fired(cx));
-        }
+        self.child.fire_if_due(cx);
         self.sweep(cx);
     }
 
     fn take_picker(&mut self) -> Option<PolicyPicker> {
-        if let Some(fresh) = self.child.take_picker() {
-            self.child_picker = Some(fresh);
-            self.dirty = true;
-        }
+        self.dirty |= self.child.refresh_picker();
         if !std::mem::take(&mut self.dirty) {
             return None;
         }
-        let child = self.child_picker.as_ref()?;
+        let child = self.child.picker()?;
         if self.warming.is_empty() {
-            return Some(PolicyPicker {
-                picker: child.picker.clone(),
-                connectivity: child.connectivity,
-                last_error: child.last_error.clone(),
-            });
+            return Some(with_state_of(child, child.picker.clone()));
         }
-        Some(PolicyPicker {
-            picker: Arc::new(SlowStartPicker {
-                child: child.picker.clone(),
-                warming: self.warming.clone(),
-                config: self.config,
-            }),
-            connectivity: child.connectivity,
-            last_error: child.last_error.clone(),
-        })
+        let picker = Arc::new(SlowStartPicker {
+            child: child.picker.clone(),
+            warming: self.warming.clone(),
+            config: self.config,
+        });
+        Some(with_state_of(child, picker))
     }
 }
 

@@ -25,6 +25,7 @@ use crate::client::policy::{
     Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
 };
 use crate::client::subchannel::{ReadyConnection, SubchannelState};
+use crate::client::wrapped::{with_state_of, Wrapped};
 use crate::discovery::{Applied, EndpointSet};
 
 /// The endpoint metadata key that names an endpoint's zone.
@@ -36,7 +37,7 @@ pub const DEFAULT_OVERPROVISIONING: f64 = 1.4;
 
 /// Wraps a policy in zone preference.
 pub struct ZoneAware {
-    child: Box<dyn Policy>,
+    child: Wrapped,
     zone: String,
     factor: f64,
     /// Serving endpoints of the local zone.
@@ -45,8 +46,6 @@ pub struct ZoneAware {
     ready: HashSet<Arc<str>>,
     /// Serving endpoints of other zones.
     remote: HashSet<Arc<str>>,
-    child_timer: Option<tokio::time::Instant>,
-    child_picker: Option<PolicyPicker>,
     dirty: bool,
 }
 
@@ -54,28 +53,14 @@ impl ZoneAware {
     /// `child`, preferring endpoints whose `zone` is `zone`.
     pub fn new(child: Box<dyn Policy>, zone: impl Into<String>) -> Self {
         Self {
-            child,
+            child: Wrapped::new(child),
             zone: zone.into(),
             factor: DEFAULT_OVERPROVISIONING,
             local: HashSet::new(),
             ready: HashSet::new(),
             remote: HashSet::new(),
-            child_timer: None,
-            child_picker: None,
             dirty: false,
         }
-    }
-
-    fn with_child<R>(
-        &mut self,
-        cx: &mut PolicyContext<'_>,
-        f: impl FnOnce(&mut dyn Policy, &mut PolicyContext<'_>) -> R,
-    ) -> R {
-        let result = f(&mut *self.child, &mut cx.for_child(&mut self.child_timer));
-        if let Some(at) = self.child_timer {
-            cx.schedule_at(at);
-        }
-        result
     }
 
     /// The share of calls the local zone takes now.
@@ -130,7 +115,7 @@ impl Policy for ZoneAware {
             };
         }
         self.dirty = true;
-        self.with_child(cx, |child, cx| {
+        self.child.with(cx, |child, cx| {
             child.endpoints_changed(endpoints, changes, cx)
         });
     }
@@ -146,41 +131,31 @@ impl Policy for ZoneAware {
                 self.dirty |= changed;
             }
         }
-        self.with_child(cx, |child, cx| child.subchannel_changed(id, cx));
+        self.child
+            .with(cx, |child, cx| child.subchannel_changed(id, cx));
     }
 
     fn timer_fired(&mut self, cx: &mut PolicyContext<'_>) {
-        self.child_timer = None;
-        self.with_child(cx, |child, cx| child.timer_fired(cx));
+        self.child.fire_if_due(cx);
     }
 
     fn take_picker(&mut self) -> Option<PolicyPicker> {
-        if let Some(fresh) = self.child.take_picker() {
-            self.child_picker = Some(fresh);
-            self.dirty = true;
-        }
+        self.dirty |= self.child.refresh_picker();
         if !std::mem::take(&mut self.dirty) {
             return None;
         }
-        let child = self.child_picker.as_ref()?;
+        let child = self.child.picker()?;
         // No local endpoint: no preference to apply.
         if self.local.is_empty() {
-            return Some(PolicyPicker {
-                picker: child.picker.clone(),
-                connectivity: child.connectivity,
-                last_error: child.last_error.clone(),
-            });
+            return Some(with_state_of(child, child.picker.clone()));
         }
         let local: HashMap<Arc<str>, ()> = self.local.iter().map(|a| (a.clone(), ())).collect();
-        Some(PolicyPicker {
-            picker: Arc::new(ZonePicker {
-                child: child.picker.clone(),
-                local,
-                local_share: self.local_share(),
-            }),
-            connectivity: child.connectivity,
-            last_error: child.last_error.clone(),
-        })
+        let picker = Arc::new(ZonePicker {
+            child: child.picker.clone(),
+            local,
+            local_share: self.local_share(),
+        });
+        Some(with_state_of(child, picker))
     }
 }
 

@@ -43,6 +43,7 @@ use crate::client::policy::{
     CallOutcome, OnDone, Pick, PickInfo, Picker, Policy, PolicyContext, PolicyPicker, SubchannelId,
 };
 use crate::client::subchannel::{ReadyConnection, SubchannelState};
+use crate::client::wrapped::{with_state_of, Wrapped};
 use crate::discovery::{Applied, EndpointSet};
 
 #[cfg(test)]
@@ -55,18 +56,14 @@ pub use crate::service_config::outlier::{
 
 /// The outlier_detection wrapper around a child policy.
 pub struct OutlierDetection {
-    child: Box<dyn Policy>,
+    child: Wrapped,
     config: OutlierDetectionConfig,
     /// Every serving address, as A50's map: counts and ejection state.
     addresses: HashMap<Arc<str>, AddressEntry>,
     /// The real state of each subchannel the child is shown as failing.
     hidden: HashMap<SubchannelId, SubchannelState>,
-    /// The timer the child asked for, kept apart from the sweep's.
-    child_timer: Option<Instant>,
     /// When the next sweep is due; `None` when no check is enabled.
     next_sweep: Option<Instant>,
-    /// The child's last picker, and what it said with it.
-    child_picker: Option<PolicyPicker>,
     /// Whether a new picker is due (the child's, or the counters changed).
     dirty: bool,
 }
@@ -137,13 +134,11 @@ impl OutlierDetection {
             check.enforcement_percentage = check.enforcement_percentage.min(100);
         }
         Self {
-            child,
+            child: Wrapped::new(child),
             config,
             addresses: HashMap::new(),
             hidden: HashMap::new(),
-            child_timer: None,
             next_sweep: None,
-            child_picker: None,
             dirty: false,
         }
     }
@@ -161,20 +156,6 @@ impl OutlierDetection {
         self.addresses
             .get(address)
             .is_some_and(|entry| entry.ejected_at.is_some())
-    }
-
-    /// Runs `f` on the child with a context of its own, so the child's
-    /// timer and the sweep's do not overwrite each other.
-    fn with_child<R>(
-        &mut self,
-        cx: &mut PolicyContext<'_>,
-        f: impl FnOnce(&mut dyn Policy, &mut PolicyContext<'_>) -> R,
-    ) -> R {
-        let result = f(&mut *self.child, &mut cx.for_child(&mut self.child_timer));
-        if let Some(at) = self.child_timer {
-            cx.schedule_at(at);
-        }
-        result
     }
 
     /// Shows subchannel `id` to the child as failing, keeping its real
@@ -197,7 +178,8 @@ impl OutlierDetection {
         });
         // The child already sees it failing: only the real state moved.
         if self.hidden.insert(id, real).is_none() {
-            self.with_child(cx, |child, cx| child.subchannel_changed(id, cx));
+            self.child
+                .with(cx, |child, cx| child.subchannel_changed(id, cx));
         }
     }
 
@@ -210,7 +192,8 @@ impl OutlierDetection {
             return;
         };
         subchannel.set_state(real);
-        self.with_child(cx, |child, cx| child.subchannel_changed(id, cx));
+        self.child
+            .with(cx, |child, cx| child.subchannel_changed(id, cx));
     }
 
     fn sweep(&mut self, now: Instant, cx: &mut PolicyContext<'_>) {
@@ -363,7 +346,7 @@ impl OutlierDetection {
 
     /// Arms the balancer's timer for whichever of ours is due first.
     fn arm(&self, cx: &mut PolicyContext<'_>) {
-        for at in [self.next_sweep, self.child_timer].into_iter().flatten() {
+        for at in [self.next_sweep, self.child.timer()].into_iter().flatten() {
             cx.schedule_at(at);
         }
     }
@@ -397,7 +380,7 @@ impl Policy for OutlierDetection {
                 self.dirty = true;
             }
         }
-        self.with_child(cx, |child, cx| {
+        self.child.with(cx, |child, cx| {
             child.endpoints_changed(endpoints, changes, cx)
         });
         // Subchannels the child removed no longer need hiding.
@@ -418,16 +401,14 @@ impl Policy for OutlierDetection {
             // for the return and show the child a failure again.
             self.hide(id, cx);
         } else {
-            self.with_child(cx, |child, cx| child.subchannel_changed(id, cx));
+            self.child
+                .with(cx, |child, cx| child.subchannel_changed(id, cx));
         }
     }
 
     fn timer_fired(&mut self, cx: &mut PolicyContext<'_>) {
         let now = cx.now();
-        if self.child_timer.is_some_and(|at| at <= now) {
-            self.child_timer = None;
-            self.with_child(cx, |child, cx| child.timer_fired(cx));
-        }
+        self.child.fire_if_due(cx);
         if self.next_sweep.is_some_and(|at| at <= now) {
             self.sweep(now, cx);
             self.next_sweep = Some(now + self.config.interval);
@@ -436,14 +417,11 @@ impl Policy for OutlierDetection {
     }
 
     fn take_picker(&mut self) -> Option<PolicyPicker> {
-        if let Some(fresh) = self.child.take_picker() {
-            self.child_picker = Some(fresh);
-            self.dirty = true;
-        }
+        self.dirty |= self.child.refresh_picker();
         if !std::mem::take(&mut self.dirty) {
             return None;
         }
-        let child = self.child_picker.as_ref()?;
+        let child = self.child.picker()?;
         let counters = if self.counting() {
             self.addresses
                 .iter()
@@ -452,16 +430,12 @@ impl Policy for OutlierDetection {
         } else {
             HashMap::new()
         };
-        let last_error = child.last_error.clone();
-        Some(PolicyPicker {
-            picker: Arc::new(OutlierDetectionPicker {
-                child: child.picker.clone(),
-                counters,
-                is_failure: self.config.is_failure,
-            }),
-            connectivity: child.connectivity,
-            last_error,
-        })
+        let picker = Arc::new(OutlierDetectionPicker {
+            child: child.picker.clone(),
+            counters,
+            is_failure: self.config.is_failure,
+        });
+        Some(with_state_of(child, picker))
     }
 }
 
