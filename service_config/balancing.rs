@@ -14,8 +14,8 @@ use serde_json::{Map, Value};
 use super::json::{duration, object, uint};
 use super::outlier::{FailurePercentageEjection, OutlierDetectionConfig, SuccessRateEjection};
 use super::ring_hash::{
-    HashHeader, RingHashConfig, DEFAULT_MAX_RING_SIZE, DEFAULT_MIN_RING_SIZE, RING_SIZE_CAP,
-    RING_SIZE_UPPER_BOUND,
+    HashHeader, RingHashConfig, DEFAULT_MAX_RING_SIZE, DEFAULT_MIN_RING_SIZE,
+    MAX_POINTS_PER_ENDPOINT, RING_SIZE_CAP, RING_SIZE_UPPER_BOUND,
 };
 use super::{ConfigError, LbPolicyConfig, SlowStartConfig};
 
@@ -318,6 +318,24 @@ fn ring_hash(fields: &Map<String, Value>, at: &str) -> Result<RingHashConfig, Co
             format!("must not exceed maxRingSize ({max_ring_size}), got {min_ring_size}"),
         ));
     }
+    let points_per_endpoint =
+        match fields.get("pointsPerEndpoint") {
+            None => None,
+            Some(value) => {
+                let at = format!("{at}.pointsPerEndpoint");
+                match value.as_u64() {
+                    Some(points @ 1..) if points <= u64::from(MAX_POINTS_PER_ENDPOINT) => {
+                        Some(points as u32)
+                    }
+                    _ => return Err(ConfigError::new(
+                        at,
+                        format!(
+                            "must be an integer from 1 to {MAX_POINTS_PER_ENDPOINT}, got {value}"
+                        ),
+                    )),
+                }
+            }
+        };
     let hash_header = match fields.get("requestHashHeader") {
         None => None,
         Some(value) => {
@@ -337,6 +355,7 @@ fn ring_hash(fields: &Map<String, Value>, at: &str) -> Result<RingHashConfig, Co
     Ok(RingHashConfig {
         min_ring_size: min_ring_size.min(RING_SIZE_CAP),
         max_ring_size: max_ring_size.min(RING_SIZE_CAP),
+        points_per_endpoint,
         hash_header,
     })
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::{
     CallPolicy, CircuitBreakers, CodeSet, HedgingPolicy, LbPolicyConfig, MethodConfig, MethodName,
-    RetryPolicy, RetryThrottling, ServiceConfig,
+    RetryPolicy, RetryThrottling, ServiceConfig, ZonePreference,
 };
 
 /// Why a service config was refused: the field, as a JSON path like
@@ -92,6 +92,9 @@ pub(super) fn parse(text: &str) -> Result<ServiceConfig, ConfigError> {
             })?;
         config.circuit_breakers = Some(CircuitBreakers { max_requests });
     }
+    if let Some(preference) = root.get("zonePreference") {
+        config.zone_preference = Some(zone_preference(preference)?);
+    }
     if let Some(health) = root.get("healthCheckConfig") {
         let fields = object(health, "healthCheckConfig")?;
         if let Some(name) = fields.get("serviceName") {
@@ -100,6 +103,34 @@ pub(super) fn parse(text: &str) -> Result<ServiceConfig, ConfigError> {
         }
     }
     config.validated()
+}
+
+/// `zonePreference`: `enabled` and `overprovisioningFactor`, each optional.
+fn zone_preference(value: &Value) -> Result<ZonePreference, ConfigError> {
+    let at = "zonePreference";
+    let fields = object(value, at)?;
+    let mut preference = ZonePreference::default();
+    if let Some(enabled) = fields.get("enabled") {
+        preference.enabled = enabled.as_bool().ok_or_else(|| {
+            ConfigError::new(
+                "zonePreference.enabled",
+                format!("must be true or false, got {enabled}"),
+            )
+        })?;
+    }
+    if let Some(factor) = fields.get("overprovisioningFactor") {
+        preference.overprovisioning_percent = factor
+            .as_f64()
+            .filter(|f| (1.0..=100.0).contains(f))
+            .map(|f| (f * 100.0).round() as u32)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "zonePreference.overprovisioningFactor",
+                    format!("must be a number from 1 to 100, got {factor}"),
+                )
+            })?;
+    }
+    Ok(preference)
 }
 
 /// A `loadBalancingConfig`-shaped list: objects of one policy each.
@@ -374,6 +405,16 @@ pub(super) fn write(config: &ServiceConfig) -> String {
         root.insert(
             "circuitBreakers".into(),
             serde_json::json!({ "maxRequests": breakers.max_requests }),
+        );
+    }
+    if let Some(preference) = &config.zone_preference {
+        root.insert(
+            "zonePreference".into(),
+            serde_json::json!({
+                "enabled": preference.enabled,
+                "overprovisioningFactor":
+                    f64::from(preference.overprovisioning_percent) / 100.0,
+            }),
         );
     }
     if let Some(name) = &config.health_check_service {

@@ -53,6 +53,8 @@ pub struct ServiceConfig {
     circuit_breakers: Option<CircuitBreakers>,
     /// `slowStartConfig` of the chosen policy (a switchboard extension).
     slow_start: Option<SlowStartConfig>,
+    /// `zonePreference`: a switchboard extension, see [`ZonePreference`].
+    pub zone_preference: Option<ZonePreference>,
     /// Where each method name points in `methods`.
     index: HashMap<String, usize>,
 }
@@ -71,6 +73,38 @@ pub struct SlowStartConfig {
     /// `minWeightPercent`: the weight a just-joined backend starts at, as a
     /// percentage of its full weight (default 10, 0 to 100).
     pub min_weight_percent: f64,
+}
+
+/// `zonePreference`, a switchboard extension: whether clients that know
+/// their zone keep calls in it, and how much capacity loss it takes to
+/// spill. The client's zone itself is the client's to say
+/// ([`Builder::zone`](crate::client::Builder::zone), an xDS node's
+/// `locality.zone`); a service config cannot know where its callers run.
+/// Without one, a client with a zone prefers it with the defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZonePreference {
+    /// `enabled` (default true): false spreads calls over every zone
+    /// alike, for services whose cross-zone calls cost nothing.
+    pub enabled: bool,
+    /// `overprovisioningFactor` as a percentage (Envoy's EDS
+    /// `overprovisioning_factor`, default 140): the local zone keeps every
+    /// call while `factor × ready / serving ≥ 1`, and that share of calls
+    /// below it. 100 to 10,000.
+    pub overprovisioning_percent: u32,
+}
+
+impl ZonePreference {
+    /// Envoy's default factor, 1.4.
+    pub const DEFAULT_OVERPROVISIONING_PERCENT: u32 = 140;
+}
+
+impl Default for ZonePreference {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            overprovisioning_percent: Self::DEFAULT_OVERPROVISIONING_PERCENT,
+        }
+    }
 }
 
 /// `circuitBreakers`, a switchboard extension to the gRPC service config
@@ -279,6 +313,11 @@ impl ServiceConfig {
     /// The chosen policy's slow start, if it has one.
     pub fn slow_start(&self) -> Option<SlowStartConfig> {
         self.slow_start
+    }
+
+    /// The zone preference in force: the config's, or the default one.
+    pub fn zone_preference(&self) -> ZonePreference {
+        self.zone_preference.unwrap_or_default()
     }
 
     /// A copy with `circuitBreakers` set; checks it as

@@ -13,6 +13,12 @@ pub const DEFAULT_MIN_RING_SIZE: u64 = 1024;
 pub const DEFAULT_MAX_RING_SIZE: u64 = 4096;
 /// The most a config may ask for: larger values are refused (A42).
 pub const RING_SIZE_UPPER_BOUND: u64 = 8 * 1024 * 1024;
+/// The most points a stable ring ([`RingHashConfig::points_per_endpoint`])
+/// may ask of one endpoint of weight 1.
+pub const MAX_POINTS_PER_ENDPOINT: u32 = 4096;
+/// The most points a stable ring holds in all (4 MiB of points, rebuilt
+/// in milliseconds): past it, every endpoint's count is scaled down alike.
+pub const STABLE_RING_CAP: u64 = 1 << 18;
 /// The ring this client builds at most, whatever the config asks: grpc-go
 /// caps both bounds at the same 4096 by default, so a config written for
 /// it builds the same ring here.
@@ -28,6 +34,14 @@ pub struct RingHashConfig {
     /// `maxRingSize`: the ring has at most this many entries, which bounds
     /// the cost of a rebuild. At least `min_ring_size`.
     pub max_ring_size: u64,
+    /// `pointsPerEndpoint` (a switchboard extension): each endpoint gets
+    /// this many points per unit of `weight`, whatever the others, instead
+    /// of A42's share of a ring of `min_ring_size`..`max_ring_size`. When
+    /// one of N endpoints leaves, only its keys move (A42's sizing also
+    /// moves about half as many again between the survivors, because
+    /// their counts grow); the price is that the ring no longer matches
+    /// grpc-go's point for point. `None`: A42's sizing.
+    pub points_per_endpoint: Option<u32>,
     /// `requestHashHeader` (A76): the header whose value is each request's
     /// hash key; `None`: only a per-call
     /// [`RequestHash`](crate::client::RequestHash) gives one.
@@ -39,6 +53,7 @@ impl Default for RingHashConfig {
         Self {
             min_ring_size: DEFAULT_MIN_RING_SIZE,
             max_ring_size: DEFAULT_MAX_RING_SIZE,
+            points_per_endpoint: None,
             hash_header: None,
         }
     }

@@ -379,6 +379,51 @@ fn circuit_breakers_are_a_checked_extension_that_round_trips() {
 }
 
 #[test]
+fn zone_preference_is_a_checked_extension_that_round_trips() {
+    let config = ServiceConfig::from_json(
+        r#"{"zonePreference": {"enabled": false, "overprovisioningFactor": 2}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.zone_preference(),
+        ZonePreference {
+            enabled: false,
+            overprovisioning_percent: 200
+        }
+    );
+    assert_eq!(ServiceConfig::from_json(&config.to_json()).unwrap(), config);
+    // Absent, or with fields left out: the defaults (on, Envoy's 1.4).
+    assert_eq!(
+        ServiceConfig::default().zone_preference(),
+        ZonePreference::default()
+    );
+    let partial = ServiceConfig::from_json(r#"{"zonePreference": {}}"#).unwrap();
+    assert_eq!(partial.zone_preference().overprovisioning_percent, 140);
+    for (bad, field, reason) in [
+        (r#"{"zonePreference": true}"#, "zonePreference", "object"),
+        (
+            r#"{"zonePreference": {"enabled": "yes"}}"#,
+            "zonePreference.enabled",
+            "true or false",
+        ),
+        (
+            r#"{"zonePreference": {"overprovisioningFactor": 0.5}}"#,
+            "zonePreference.overprovisioningFactor",
+            "from 1 to 100",
+        ),
+        (
+            r#"{"zonePreference": {"overprovisioningFactor": "1.4"}}"#,
+            "zonePreference.overprovisioningFactor",
+            "from 1 to 100",
+        ),
+    ] {
+        let err = error_of(bad);
+        assert_eq!(err.field, field, "{bad}");
+        assert!(err.reason.contains(reason), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn slow_start_is_read_from_the_chosen_policy_and_checked_in_every_entry() {
     let config = ServiceConfig::from_json(
         r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
@@ -454,6 +499,11 @@ fn ring_hash_takes_a42_defaults_caps_its_sizes_and_reads_its_header() {
         Some("x-session")
     );
     assert_eq!(ring(r#"{"requestHashHeader": ""}"#).hash_header, None);
+    assert_eq!(ring("{}").points_per_endpoint, None);
+    assert_eq!(
+        ring(r#"{"pointsPerEndpoint": 160}"#).points_per_endpoint,
+        Some(160)
+    );
 }
 
 #[test]
@@ -482,6 +532,21 @@ fn each_bad_ring_hash_field_is_refused_by_name() {
             r#"{"requestHashHeader": 7}"#,
             "requestHashHeader",
             "header name",
+        ),
+        (
+            r#"{"pointsPerEndpoint": 0}"#,
+            "pointsPerEndpoint",
+            "1 to 4096",
+        ),
+        (
+            r#"{"pointsPerEndpoint": 4097}"#,
+            "pointsPerEndpoint",
+            "1 to 4096",
+        ),
+        (
+            r#"{"pointsPerEndpoint": "many"}"#,
+            "pointsPerEndpoint",
+            "integer",
         ),
     ];
     for (config, field, reason) in cases {

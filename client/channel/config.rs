@@ -50,8 +50,10 @@ pub(crate) struct PolicyChoice {
     /// every endpoint only).
     pub slow_start: Option<SlowStartConfig>,
     /// The client's zone, to prefer its endpoints (policies that use every
-    /// endpoint only).
+    /// endpoint only, and unless the config's `zonePreference` is off).
     pub zone: Option<String>,
+    /// The config's overprovisioning factor, as a percentage.
+    pub zone_overprovisioning: u32,
     /// The health service its subchannels watch, from the config
     /// (`None` too when the builder set one: that one is in the base
     /// connect config).
@@ -66,7 +68,8 @@ impl PolicyChoice {
             policy = Box::new(SlowStart::new(policy, config));
         }
         if let Some(zone) = &self.zone {
-            policy = Box::new(ZoneAware::new(policy, zone.clone()));
+            let factor = f64::from(self.zone_overprovisioning) / 100.0;
+            policy = Box::new(ZoneAware::new(policy, zone.clone()).with_factor(factor));
         }
         match self.outlier_detection {
             Some(config) => Box::new(OutlierDetection::new(policy, config)),
@@ -166,6 +169,7 @@ impl ConfigSelector {
             .policy
             .or_else(|| configured.map(PolicyKind::from))
             .unwrap_or_default();
+        let zone_preference = config.zone_preference();
         Some(PolicyChoice {
             outlier_detection: self
                 .explicit
@@ -180,11 +184,14 @@ impl ConfigSelector {
                 .slow_start
                 .or_else(|| config.slow_start())
                 .filter(|_| uses_every_endpoint(kind)),
+            // Where the client runs is the builder's to say; whether that
+            // matters for this service, the config's.
             zone: self
                 .explicit
                 .zone
                 .clone()
-                .filter(|_| uses_every_endpoint(kind)),
+                .filter(|_| uses_every_endpoint(kind) && zone_preference.enabled),
+            zone_overprovisioning: zone_preference.overprovisioning_percent,
             kind,
         })
     }
@@ -284,5 +291,28 @@ mod tests {
         assert!(Arc::ptr_eq(&bucket, &kept));
         selector.set_source(None);
         assert!(selector.calls().load().throttle.is_none());
+    }
+
+    #[test]
+    fn the_builders_zone_is_preferred_as_the_config_says() {
+        let explicit = Explicit {
+            zone: Some("a".into()),
+            ..Explicit::default()
+        };
+        let mut selector = ConfigSelector::new(ServiceConfig::default(), true, explicit);
+        selector.set_source(Some(config(ROUND_ROBIN)));
+        let choice = selector.choice().unwrap();
+        assert_eq!(
+            (choice.zone.as_deref(), choice.zone_overprovisioning),
+            (Some("a"), 140)
+        );
+        selector.set_source(Some(config(
+            r#"{"loadBalancingConfig":[{"round_robin":{}}],"zonePreference":{"overprovisioningFactor":2}}"#,
+        )));
+        assert_eq!(selector.choice().unwrap().zone_overprovisioning, 200);
+        selector.set_source(Some(config(
+            r#"{"loadBalancingConfig":[{"round_robin":{}}],"zonePreference":{"enabled":false}}"#,
+        )));
+        assert_eq!(selector.choice().unwrap().zone, None);
     }
 }

@@ -63,6 +63,13 @@ impl ZoneAware {
         }
     }
 
+    /// The same, with overprovisioning factor `factor` (at least 1)
+    /// instead of [`DEFAULT_OVERPROVISIONING`].
+    pub fn with_factor(mut self, factor: f64) -> Self {
+        self.factor = factor.max(1.0);
+        self
+    }
+
     /// The share of calls the local zone takes now.
     pub fn local_share(&self) -> f64 {
         local_share(self.factor, self.ready.len(), self.local.len())

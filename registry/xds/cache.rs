@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use envoy_types::pb::google::protobuf::Any;
 
 use super::resources::Kind;
+use crate::service_config::ZonePreference;
 
 /// Builds kept per service and kind. Two would cover a change fanning out
 /// while the next one lands; a third absorbs a burst.
@@ -50,6 +51,9 @@ pub enum Basis {
         epoch: Option<u64>,
         version: u64,
         zone: Option<Arc<str>>,
+        /// The service config's zone preference, which sets the
+        /// priorities and the overprovisioning factor.
+        preference: Option<ZonePreference>,
     },
     /// LDS, RDS, CDS: the service config of this version and text, or
     /// none. The text is kept too: config versions carry no epoch, and two
@@ -237,6 +241,7 @@ mod tests {
             epoch: Some(1),
             version,
             zone: None,
+            preference: None,
         }
     }
 
@@ -290,6 +295,7 @@ mod tests {
             epoch: Some(2),
             version: 3,
             zone: None,
+            preference: None,
         };
 
         assert!(get(&cache, Kind::Endpoints, "svc", other_epoch, 3).1);
@@ -316,6 +322,7 @@ mod tests {
             epoch: Some(1),
             version: 3,
             zone: zone.map(Arc::from),
+            preference: None,
         };
         assert!(get(&cache, Kind::Endpoints, "svc", zone(None), 1).1);
         assert!(get(&cache, Kind::Endpoints, "svc", zone(Some("a")), 1).1);

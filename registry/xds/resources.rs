@@ -28,6 +28,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     address, socket_address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
     Locality, SocketAddress,
 };
+use envoy_types::pb::envoy::config::endpoint::v3::cluster_load_assignment::Policy;
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints,
 };
@@ -45,7 +46,7 @@ use prost::Name;
 
 use super::policy;
 use crate::discovery::{Endpoint, EndpointSet};
-use crate::service_config::ServiceConfig;
+use crate::service_config::{ServiceConfig, ZonePreference};
 
 /// The type URL of Listener resources (LDS).
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -129,7 +130,12 @@ pub fn resource(
         Kind::Listener => Some(pack_any(listener(name, config))),
         Kind::Route => Some(pack_any(route_configuration(name, config))),
         Kind::Cluster => Some(pack_any(cluster(name, config))),
-        Kind::Endpoints => Some(pack_any(load_assignment(name, set, zone, refuse))),
+        Kind::Endpoints => {
+            let preference = config.and_then(|c| c.zone_preference);
+            Some(pack_any(load_assignment(
+                name, set, zone, preference, refuse,
+            )))
+        }
         Kind::Other => None,
     }
 }
@@ -232,8 +238,12 @@ pub fn load_assignment(
     service: &str,
     set: &EndpointSet,
     zone: Option<&str>,
+    preference: Option<ZonePreference>,
     refuse: &mut dyn FnMut(&Endpoint),
 ) -> ClusterLoadAssignment {
+    // A service whose config turns zone preference off has one priority,
+    // whatever the subscriber's zone.
+    let zone = zone.filter(|_| preference.is_none_or(|p| p.enabled));
     // By zone name ("" for endpoints without one), in name order so every
     // build of the same set is the same message.
     let mut zones: std::collections::BTreeMap<&str, Vec<LbEndpoint>> =
@@ -270,6 +280,14 @@ pub fn load_assignment(
     ClusterLoadAssignment {
         cluster_name: service.into(),
         endpoints,
+        // Envoy spills between priorities by it; gRPC fails over only
+        // when a whole priority is down (A27) and ignores it.
+        policy: preference.map(|p| Policy {
+            overprovisioning_factor: Some(UInt32Value {
+                value: p.overprovisioning_percent,
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -327,7 +345,7 @@ mod tests {
             zoned("10.0.0.3:1", "a"),
         ]));
         let localities = |zone: Option<&str>| -> Vec<(String, u32, usize)> {
-            load_assignment("svc", &set, zone, &mut |_| {})
+            load_assignment("svc", &set, zone, None, &mut |_| {})
                 .endpoints
                 .iter()
                 .map(|l| {
@@ -350,6 +368,31 @@ mod tests {
         assert_eq!(
             localities(Some("c")),
             [("a".into(), 0, 2), ("b".into(), 0, 1)]
+        );
+
+        // The config's zone preference: off is one priority for everyone;
+        // on carries its overprovisioning factor to Envoy.
+        let with = |preference: ZonePreference| {
+            load_assignment("svc", &set, Some("a"), Some(preference), &mut |_| {})
+        };
+        let off = with(ZonePreference {
+            enabled: false,
+            ..ZonePreference::default()
+        });
+        assert!(off.endpoints.iter().all(|l| l.priority == 0));
+        let factor = with(ZonePreference {
+            enabled: true,
+            overprovisioning_percent: 200,
+        });
+        assert_eq!(factor.endpoints[1].priority, 1);
+        assert_eq!(
+            factor.policy.and_then(|p| p.overprovisioning_factor),
+            Some(UInt32Value { value: 200 })
+        );
+        // Without a config nothing is added to what clients always got.
+        assert_eq!(
+            load_assignment("svc", &set, Some("a"), None, &mut |_| {}).policy,
+            None
         );
     }
     use crate::discovery::{EndpointState, Update};
@@ -382,8 +425,9 @@ mod tests {
             Endpoint::new("backend.internal:3"),
         ]);
         let mut refused = Vec::new();
-        let assignment =
-            load_assignment("svc", &set, None, &mut |e| refused.push(e.address.clone()));
+        let assignment = load_assignment("svc", &set, None, None, &mut |e| {
+            refused.push(e.address.clone())
+        });
         assert_eq!(refused, ["backend.internal:3"]);
         let locality = &assignment.endpoints[0];
         assert_eq!(

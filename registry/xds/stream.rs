@@ -46,6 +46,7 @@ use crate::registry::fleet::{FleetEntry, StreamKind};
 use crate::registry::limits::WatchSlot;
 use crate::registry::store::{StoredConfig, UpdateStream};
 use crate::registry::validate;
+use crate::service_config::ZonePreference;
 
 /// Most distinct service names one stream may subscribe to, over all types:
 /// each is a store watch.
@@ -106,8 +107,9 @@ enum Fact {
     /// service config it was built from (its content depends on nothing
     /// else, so endpoint changes do not resend it).
     Exists { exists: bool, config: Option<u64> },
-    /// EDS: the version of the endpoints sent.
-    Version(u64),
+    /// EDS: the version of the endpoints sent, and the config's zone
+    /// preference they were grouped by.
+    Endpoints(u64, Option<ZonePreference>),
 }
 
 /// One service as this stream follows it.
@@ -128,8 +130,22 @@ impl ServiceView {
             (Some(config), Kind::Listener | Kind::Route | Kind::Cluster) => {
                 format!("{endpoints}.c{}", config.version)
             }
+            // Named by what it changes, not the config's version, so that
+            // a config change elsewhere leaves EDS's version alone.
+            (_, Kind::Endpoints) => match self.zone_preference() {
+                Some(preference) if !preference.enabled => format!("{endpoints}.zoff"),
+                Some(preference) => {
+                    format!("{endpoints}.z{}", preference.overprovisioning_percent)
+                }
+                None => endpoints.to_string(),
+            },
             _ => endpoints.to_string(),
         }
+    }
+
+    /// The config's `zonePreference`, which EDS is grouped by.
+    fn zone_preference(&self) -> Option<ZonePreference> {
+        self.config.as_ref()?.config.zone_preference
     }
 
     /// What this service's resource of `kind` is built from, naming it in
@@ -141,6 +157,7 @@ impl ServiceView {
                 epoch: self.set.epoch(),
                 version: self.version.unwrap_or(0),
                 zone: zone.clone(),
+                preference: self.zone_preference(),
             },
             _ => Basis::Config(
                 self.config
@@ -374,7 +391,7 @@ impl AdsStream {
                         break;
                     };
                     match kind {
-                        Kind::Endpoints => Fact::Version(version),
+                        Kind::Endpoints => Fact::Endpoints(version, view.zone_preference()),
                         _ => Fact::Exists {
                             exists: !view.set.is_empty(),
                             config: view.config.as_ref().map(|c| c.version),
@@ -619,6 +636,7 @@ mod tests {
             epoch: first.services["svc"].set.epoch(),
             version,
             zone: None,
+            preference: None,
         };
         let cached = ads
             .shared

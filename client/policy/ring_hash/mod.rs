@@ -33,7 +33,7 @@ use crate::client::policy::{
 use crate::client::subchannel::{ConnectivityState, Connector, ReadyConnection, SubchannelState};
 use crate::discovery::{Applied, EndpointSet};
 pub use crate::service_config::ring_hash::{HashHeader, HashHeaderError, RingHashConfig};
-use ring::Ring;
+use ring::{Ring, Sizing};
 
 /// A call's ring_hash key, already hashed: put it in a `tonic::Request`'s
 /// extensions to send the call where that hash lands, whatever header it
@@ -233,11 +233,7 @@ impl Policy for RingHash {
         if serving != self.endpoints {
             let points: Vec<(&str, u32)> =
                 serving.iter().map(|e| (e.key.as_str(), e.weight)).collect();
-            self.ring = Arc::new(Ring::new(
-                &points,
-                self.config.min_ring_size,
-                self.config.max_ring_size,
-            ));
+            self.ring = Arc::new(Ring::new(&points, Sizing::of(&self.config)));
             self.endpoints = serving;
         }
         self.dirty = true;
@@ -521,7 +517,7 @@ mod tests {
         let mut fake = FakeController::new(RingHash::new(RingHashConfig {
             min_ring_size: 100,
             max_ring_size: 1000,
-            hash_header: None,
+            ..RingHashConfig::default()
         }));
         fake.update(Update::Reset(vec![
             Endpoint::new("a:1").with_metadata("weight", "1"),
@@ -541,7 +537,7 @@ mod tests {
             RingHashConfig {
                 min_ring_size: 8,
                 max_ring_size: 8,
-                hash_header: None,
+                ..RingHashConfig::default()
             },
             &FIVE,
         );
