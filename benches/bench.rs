@@ -25,10 +25,16 @@
 //! 9. [`retries`]: what do retries, hedging and transparent retry save
 //!    when a backend is killed, failing or slow, and what do they cost
 //!    when nothing fails?
+//! 10. [`affinity`]: where does traffic go under ring_hash, zones and slow
+//!     start: which keys move when a backend leaves and what a hashed pick
+//!     costs, how much stays in the client's zone and how fast it leaves a
+//!     dead zone and returns, and how a joining backend's share ramps up?
+//!     Its parts are `ring-hash`, `zones` and `slow-start`.
 //!
 //! `-- --smoke` runs every section with tiny sizes in seconds (CI: it must
 //! just finish). Name sections (`-- fanout churn`) to run only those.
 
+mod affinity;
 mod balancer;
 mod churn;
 mod datapath;
@@ -51,7 +57,7 @@ use std::time::Duration;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The sections, in order, by the name that selects them.
-const SECTIONS: [&str; 12] = [
+const SECTIONS: [&str; 15] = [
     "datapath",
     "failover",
     "fanout",
@@ -64,9 +70,14 @@ const SECTIONS: [&str; 12] = [
     "ha-leases",
     "ha-replicas",
     "retries",
+    "ring-hash",
+    "zones",
+    "slow-start",
 ];
 /// Section 8's parts, which need etcd.
 const HA_SECTIONS: [&str; 4] = ["ha-fanout", "ha-removal", "ha-leases", "ha-replicas"];
+/// Section 10's parts.
+const AFFINITY_SECTIONS: [&str; 3] = ["ring-hash", "zones", "slow-start"];
 
 fn main() {
     // `cargo bench` adds `--bench`; it means nothing here.
@@ -146,6 +157,10 @@ fn main() {
         }
         if runs("retries") {
             retries::run(&retries_config(smoke)).await?;
+        }
+        let affinity: Vec<&str> = AFFINITY_SECTIONS.into_iter().filter(|s| runs(s)).collect();
+        if !affinity.is_empty() {
+            affinity::run(&affinity, &affinity_config(smoke)).await?;
         }
         Ok(())
     });
@@ -287,5 +302,22 @@ fn retries_config(smoke: bool) -> retries::Config {
         concurrency: 64,
         rounds: if smoke { 1 } else { 5 },
         round: Duration::from_millis(if smoke { 200 } else { 2000 }),
+    }
+}
+
+fn affinity_config(smoke: bool) -> affinity::Config {
+    affinity::Config {
+        ring_backends: if smoke { 4 } else { 10 },
+        keys: if smoke { 200 } else { 10_000 },
+        concurrency: 64,
+        rounds: if smoke { 1 } else { 5 },
+        round: Duration::from_millis(if smoke { 200 } else { 2000 }),
+        warmup: Duration::from_millis(if smoke { 100 } else { 1000 }),
+        zone_rate: if smoke { 200.0 } else { 500.0 },
+        slow_start_rate: if smoke { 200.0 } else { 2000.0 },
+        before: Duration::from_millis(if smoke { 300 } else { 2000 }),
+        after: Duration::from_millis(if smoke { 500 } else { 2000 }),
+        window: Duration::from_millis(if smoke { 500 } else { 3000 }),
+        bucket: Duration::from_millis(100),
     }
 }

@@ -47,7 +47,17 @@ pub struct Config {
 pub(crate) enum Client {
     Tonic(EchoClient<Channel>),
     Switchboard(EchoClient<BalancedChannel>),
+    /// A switchboard client whose every call carries a key in the
+    /// [`KEY_HEADER`] header, one of [`KEYS`] at random: what ring_hash
+    /// hashes (section 10), sent by its round_robin baseline too so both
+    /// pay for the header.
+    Keyed(EchoClient<BalancedChannel>),
 }
+
+/// The header a [`Client::Keyed`] call carries its key in.
+pub(crate) const KEY_HEADER: &str = "x-key";
+/// How many keys a [`Client::Keyed`] draws from.
+const KEYS: u32 = 1024;
 
 impl Client {
     async fn echo(&mut self) -> Result<(), tonic::Status> {
@@ -57,6 +67,14 @@ impl Client {
         match self {
             Client::Tonic(c) => c.unary_echo(request).await.map(drop),
             Client::Switchboard(c) => c.unary_echo(request).await.map(drop),
+            Client::Keyed(c) => {
+                let mut request = tonic::Request::new(request);
+                let key = format!("user-{}", rand::random_range(0..KEYS));
+                request
+                    .metadata_mut()
+                    .insert(KEY_HEADER, key.parse().expect("an ASCII key"));
+                c.unary_echo(request).await.map(drop)
+            }
         }
     }
 }
@@ -82,6 +100,20 @@ impl Totals {
     pub(crate) fn cpu_per_rpc(cpu: Duration, rpcs: u64) -> f64 {
         cpu.as_secs_f64() * 1e6 / rpcs.max(1) as f64
     }
+}
+
+/// The `x/y per round (min-max)` cell: the range of x's RPC/s over y's in
+/// the same round index.
+pub(crate) fn per_round(x: &Totals, y: &Totals) -> String {
+    let r: Vec<f64> = x
+        .per_round
+        .iter()
+        .zip(&y.per_round)
+        .map(|(x, y)| x / y)
+        .collect();
+    let min = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = r.iter().copied().fold(0.0, f64::max);
+    format!("{min:.2}-{max:.2}")
 }
 
 /// Runs `concurrency` closed-loop workers on `client` for `duration`.
@@ -261,17 +293,6 @@ pub async fn run(config: &Config) -> Result<(), BoxError> {
         }
         let (ta, tb, tc, td) = (&totals[0], &totals[1], &totals[2], &totals[3]);
         let (te, tf) = (&totals[4], &totals[5]);
-        let per_round = |x: &Totals, y: &Totals| {
-            let r: Vec<f64> = x
-                .per_round
-                .iter()
-                .zip(&y.per_round)
-                .map(|(x, y)| x / y)
-                .collect();
-            let min = r.iter().copied().fold(f64::INFINITY, f64::min);
-            let max = r.iter().copied().fold(0.0, f64::max);
-            format!("{min:.2}-{max:.2}")
-        };
         let (ca, cb) = (tc.rate() / ta.rate(), tc.rate() / tb.rate());
         let verdict = if concurrency == 64 {
             format!(

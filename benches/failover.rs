@@ -61,9 +61,9 @@ pub(crate) fn rate(shots: &[Shot]) -> String {
 
 /// The `failed RPCs` cell: `0`, or how many of `shots` failed and their
 /// distinct codes, e.g. `3 (Unavailable)`.
-pub(crate) fn failures(shots: &[Shot]) -> String {
+pub(crate) fn failures<'a>(shots: impl IntoIterator<Item = &'a Shot>) -> String {
     let mut codes: Vec<String> = shots
-        .iter()
+        .into_iter()
         .filter_map(|s| s.result.as_ref().err())
         .map(|e| format!("{:?}", e.code()))
         .collect();
@@ -166,7 +166,7 @@ impl Load {
 }
 
 /// The backend named at the end of an echo reply, `"... (from <addr>)"`.
-fn backend_of(reply: &str) -> String {
+pub(crate) fn backend_of(reply: &str) -> String {
     reply
         .rsplit_once("(from ")
         .map(|(_, rest)| rest.trim_end_matches(')').to_owned())

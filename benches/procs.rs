@@ -62,9 +62,15 @@ impl Proc {
     /// Starts one echo server on a free port, registered as `service` at
     /// `registry`, and waits until it serves; returns it and its address.
     pub fn echo(registry: &str, service: &str, extra: &[&str]) -> (Self, String) {
+        Self::echo_on("127.0.0.1:0", registry, service, extra)
+    }
+
+    /// [`Proc::echo`] on `listen`: a backend started again on the address
+    /// it had (the port free once the old process is reaped).
+    pub fn echo_on(listen: &str, registry: &str, service: &str, extra: &[&str]) -> (Self, String) {
         let mut args = vec![
             "--listen".to_owned(),
-            "127.0.0.1:0".to_owned(),
+            listen.to_owned(),
             "--registry".to_owned(),
             registry.to_owned(),
             "--service".to_owned(),
@@ -101,8 +107,8 @@ impl Proc {
         !self.child.is_running()
     }
 
-    /// SIGKILLs and reaps the child (the HA section's replicas and backends).
-    #[cfg(feature = "etcd")]
+    /// SIGKILLs and reaps the child (the HA section's replicas and
+    /// backends, section 10's victims before they start again).
     pub fn kill(&mut self) {
         self.child.kill()
     }
