@@ -63,8 +63,8 @@ pub struct Config {
 const RING_CONFIGS: &[&str] = &[
     // A42's defaults: minRingSize 1024, maxRingSize 4096.
     r#"{"ring_hash_experimental": {}}"#,
-    // Stable ring sizing, once it lands:
-    // r#"{"ring_hash_experimental": {"pointsPerEndpoint": 100}}"#,
+    // The stable ring: a fixed number of points per endpoint.
+    r#"{"ring_hash_experimental": {"pointsPerEndpoint": 160}}"#,
 ];
 
 /// ring_hash keyed by the header the pick-cost clients send.
