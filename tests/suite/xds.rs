@@ -1455,14 +1455,38 @@ struct RingClient {
     proc: Proc,
     /// Its output, followed line by line.
     lines: switchboard::process::Lines,
-    /// Every round read so far.
+    /// Every round read so far by the running process.
     rounds: Vec<Round>,
+    /// Where grpcio is installed and the registry it follows, to start it
+    /// again after a crash.
+    python_path: std::path::PathBuf,
+    registry: String,
+    /// Crashes of grpcio's core so far.
+    crashes: usize,
 }
+
+/// Crashes of grpcio's core a test survives: grpcio 1.85.3 has been seen
+/// to segfault (in an event_engine thread, a null read) once in some 40
+/// runs, just after a backend under 200 calls in flight was killed. That
+/// is grpcio's bug, not a misplaced key; more than this is reported.
+const GRPCIO_CRASHES_TOLERATED: usize = 2;
 
 impl RingClient {
     /// Starts the client on `xds:///SERVICE` with a bootstrap naming
     /// `registry`.
     async fn start(python_path: &Path, registry: &str) -> Self {
+        let (proc, lines) = Self::spawn(python_path, registry).await;
+        Self {
+            proc,
+            lines,
+            rounds: Vec::new(),
+            python_path: python_path.to_owned(),
+            registry: registry.to_owned(),
+            crashes: 0,
+        }
+    }
+
+    async fn spawn(python_path: &Path, registry: &str) -> (Proc, switchboard::process::Lines) {
         let bootstrap = write_bootstrap(registry, None);
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/xds/ring_client.py");
         let target = format!("xds:///{SERVICE}");
@@ -1477,11 +1501,40 @@ impl RingClient {
         );
         proc.wait_line("started", STARTUP).await;
         let lines = proc.lines();
-        Self {
-            proc,
-            lines,
-            rounds: Vec::new(),
+        (proc, lines)
+    }
+
+    /// After the client's output ended unasked: starts a new one if grpcio
+    /// crashed (a SIGSEGV, which `faulthandler` names), at most
+    /// [`GRPCIO_CRASHES_TOLERATED`] times; fails the test otherwise. The
+    /// new client builds its ring from the registry as the old one did, so
+    /// the rounds that follow are judged the same.
+    async fn restart_after_crash(&mut self, what: &str) {
+        let code = self.proc.wait_exit(STARTUP).await;
+        let crashed = code.is_none() && self.proc.has_line("Segmentation fault");
+        if !crashed || self.crashes >= GRPCIO_CRASHES_TOLERATED {
+            panic!(
+                "the ring client exited (code {code:?}, {} crashes before) while waiting for {what}",
+                self.crashes
+            );
         }
+        self.crashes += 1;
+        let report: Vec<String> = self
+            .proc
+            .output()
+            .into_iter()
+            .filter(|line| !line.starts_with("round "))
+            .collect();
+        eprintln!(
+            "grpcio {} crashed in its core (SIGSEGV) while waiting for {what}; starting a new \
+             client. Its output:\n{}",
+            crate::common::python::GRPCIO,
+            report.join("\n")
+        );
+        let (proc, lines) = Self::spawn(&self.python_path, &self.registry).await;
+        self.proc = proc;
+        self.lines = lines;
+        self.rounds.clear();
     }
 
     /// Reads rounds as they come until `done` holds for those read so far,
@@ -1497,9 +1550,12 @@ impl RingClient {
         let outcome = tokio::time::timeout(timeout, async {
             loop {
                 if let Some(value) = done(&self.rounds) {
-                    return Some(value);
+                    return value;
                 }
-                let line = self.lines.next_line().await?;
+                let Some(line) = self.lines.next_line().await else {
+                    self.restart_after_crash(what).await;
+                    continue;
+                };
                 if let Some(round) = Round::parse(&line) {
                     self.rounds.push(round);
                 }
@@ -1507,15 +1563,29 @@ impl RingClient {
         })
         .await;
         match outcome {
-            Ok(Some(value)) => value,
-            Ok(None) => {
-                let status = self.proc.wait_exit(STARTUP).await;
-                panic!("the ring client exited ({status:?}) while waiting for {what}")
-            }
+            Ok(value) => value,
             Err(_) => panic!(
                 "timed out after {timeout:?} waiting for {what}: {}",
                 describe(&self.rounds)
             ),
+        }
+    }
+
+    /// Waits until the client's ADS stream has ACKed EDS version
+    /// `version`: from then on it balances over that assignment. A client
+    /// that crashed meanwhile is started again (its first EDS is that one).
+    async fn wait_eds_acked(&mut self, version: &str) {
+        let what = format!("grpcio to ACK EDS version {version}");
+        let deadline = tokio::time::Instant::now() + STARTUP;
+        while !eds_acked(&self.registry, GRPCIO_NODE, version).await {
+            if !self.proc.is_running() {
+                self.restart_after_crash(&what).await;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {STARTUP:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -1565,12 +1635,24 @@ impl RingClient {
         .await
     }
 
-    /// Stops it (SIGTERM) once its round is done.
+    /// Stops it (SIGTERM) once its round is done. A crash of grpcio's core
+    /// on the way out is counted as any other, not judged: every check is
+    /// done by then.
     async fn stop(mut self) {
         self.proc.signal(libc::SIGTERM);
-        self.proc.wait_line("stopped", RING_SETTLE).await;
-        let code = self.proc.wait_exit(STARTUP).await;
-        assert_eq!(code, Some(0), "{}", self.proc.dump());
+        let code = self.proc.wait_exit(RING_SETTLE).await;
+        if code.is_none() && self.proc.has_line("Segmentation fault") {
+            self.crashes += 1;
+            eprintln!("grpcio crashed in its core (SIGSEGV) while stopping");
+        } else {
+            assert_eq!(code, Some(0), "{}", self.proc.dump());
+            assert!(self.proc.has_line("stopped"), "{}", self.proc.dump());
+        }
+        assert!(
+            self.crashes <= GRPCIO_CRASHES_TOLERATED,
+            "grpcio crashed {} times",
+            self.crashes
+        );
     }
 }
 
@@ -1598,25 +1680,19 @@ fn shares(placement: &[String]) -> BTreeMap<String, usize> {
     shares
 }
 
-/// Waits until the registry's ADS stream of node `node` has ACKed EDS
-/// version `version`: from then on the client balances over that
-/// assignment.
-async fn wait_eds_acked(registry: &str, node: &str, version: &str) {
-    wait_for(
-        &format!("{node} to ACK EDS version {version}"),
-        STARTUP,
-        || async move {
-            let lines = run_ok(&["clients", "--registry", registry, "-o", "json"]).await;
-            let reply: serde_json::Value = serde_json::from_str(&lines.join("\n")).ok()?;
-            let acked = reply["clients"]
-                .as_array()?
-                .iter()
-                .filter(|c| c["kind"] == "ads" && c["node"] == node)
-                .any(|c| c["types"]["eds"]["acked"].as_str() == Some(version));
-            acked.then_some(())
-        },
-    )
-    .await
+/// Whether an ADS stream of node `node` at `registry` has ACKed EDS
+/// version `version`.
+async fn eds_acked(registry: &str, node: &str, version: &str) -> bool {
+    let lines = run_ok(&["clients", "--registry", registry, "-o", "json"]).await;
+    let Ok(reply) = serde_json::from_str::<serde_json::Value>(&lines.join("\n")) else {
+        return false;
+    };
+    reply["clients"].as_array().is_some_and(|clients| {
+        clients
+            .iter()
+            .filter(|c| c["kind"] == "ads" && c["node"] == node)
+            .any(|c| c["types"]["eds"]["acked"].as_str() == Some(version))
+    })
 }
 
 /// Where a switchboard client's ring puts each key: one call per key,
@@ -1709,7 +1785,7 @@ async fn grpcio_xds_client_keeps_each_key_on_switchboards_backend_through_a_kill
     // ACKed that assignment, its ring is rebuilt without the victim.
     wait_registered(&cluster.registry, SERVICE, &survivors, STARTUP).await;
     let without = version_of(&mut registry, SERVICE).await;
-    wait_eds_acked(&cluster.registry, GRPCIO_NODE, &without).await;
+    client.wait_eds_acked(&without).await;
     let during = client
         .settled("grpcio to settle on the survivors' ring", now_ms())
         .await;
@@ -1744,7 +1820,7 @@ async fn grpcio_xds_client_keeps_each_key_on_switchboards_backend_through_a_kill
     cluster.backends.push((victim.clone(), restarted));
     wait_registered(&cluster.registry, SERVICE, &addresses, STARTUP).await;
     let with = version_of(&mut registry, SERVICE).await;
-    wait_eds_acked(&cluster.registry, GRPCIO_NODE, &with).await;
+    client.wait_eds_acked(&with).await;
     client
         .reaches("every key back on its backend", now_ms(), &before)
         .await;
