@@ -4,13 +4,17 @@
 //!
 //! - `loadBalancingConfig` → the Cluster's `load_balancing_policy`, an
 //!   ordered list (gRFC A52) ending in `round_robin`, so that every client
-//!   finds an entry it supports and none NACKs;
+//!   finds an entry it supports and none NACKs; `ring_hash_experimental`
+//!   becomes the `ring_hash` extension (A42) with the config's ring sizes;
 //! - outlier detection → the Cluster's `outlier_detection` (A50), every
 //!   field written, because xDS's defaults are not A50's JSON defaults;
 //! - `circuitBreakers` (a switchboard extension) → the Cluster's
 //!   `circuit_breakers` (A32);
 //! - `methodConfig` → one route per method name, with `retry_policy` (A44)
-//!   and `max_stream_duration` (A31).
+//!   and `max_stream_duration` (A31);
+//! - ring_hash's `requestHashHeader` → a `hash_policy` on every route
+//!   (A42), since xDS clients take a request's hash from the route, not
+//!   from the policy's config.
 //!
 //! What xDS cannot say (hedging, wait-for-ready, retry throttling, health
 //! checking, a backoff multiplier other than 2) is left out; docs/xds.md
@@ -26,16 +30,21 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 use envoy_types::pb::envoy::config::core::v3::{RoutingPriority, TypedExtensionConfig};
 use envoy_types::pb::envoy::config::route::v3::retry_policy::RetryBackOff;
 use envoy_types::pb::envoy::config::route::v3::route_action::MaxStreamDuration;
+use envoy_types::pb::envoy::config::route::v3::route_action::{hash_policy, HashPolicy};
 use envoy_types::pb::envoy::config::route::v3::{route_match, RetryPolicy as XdsRetryPolicy};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::client_side_weighted_round_robin::v3::ClientSideWeightedRoundRobin;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::pick_first::v3::PickFirst;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::ring_hash::HashFunction;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::RingHash;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
-use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Duration as ProtoDuration, UInt32Value, UInt64Value};
 use envoy_types::util::pack_any;
 
 use crate::service_config::outlier::OutlierDetectionConfig;
-use crate::service_config::{CallPolicy, LbPolicy, MethodConfig, RetryPolicy, ServiceConfig};
+use crate::service_config::{
+    CallPolicy, LbPolicy, MethodConfig, RetryPolicy, RingHashConfig, ServiceConfig,
+};
 
 /// The longest duration protobuf allows (10,000 years); clients NACK
 /// anything longer, so longer values in a config are sent as this.
@@ -98,10 +107,8 @@ fn endpoint_picking(policy: &LbPolicy) -> TypedExtensionConfig {
             "client_side_weighted_round_robin",
             pack_any(ClientSideWeightedRoundRobin::default()),
         ),
-        // ring_hash is offered to switchboard clients through the service
-        // config only: CDS ring_hash (A42's Cluster fields) is a later
-        // step, and xDS clients meanwhile fall back to round_robin.
-        LbPolicy::RoundRobin | LbPolicy::OutlierDetection { .. } | LbPolicy::RingHash(_) => {
+        LbPolicy::RingHash(config) => ("ring_hash", pack_any(ring_hash(config))),
+        LbPolicy::RoundRobin | LbPolicy::OutlierDetection { .. } => {
             ("round_robin", pack_any(RoundRobin::default()))
         }
     };
@@ -109,6 +116,50 @@ fn endpoint_picking(policy: &LbPolicy) -> TypedExtensionConfig {
         name: format!("envoy.load_balancing_policies.{name}"),
         typed_config: Some(typed_config),
     }
+}
+
+/// A42's `ring_hash` for `config`. Both sizes are written: xDS's default
+/// maximum is 8M where the service config's is 4096, and clients read an
+/// absent field as xDS's default. `XX_HASH` is named rather than left at
+/// `DEFAULT_HASH` (also xxHash), which grpc-go NACKs.
+fn ring_hash(config: &RingHashConfig) -> RingHash {
+    RingHash {
+        hash_function: HashFunction::XxHash as i32,
+        minimum_ring_size: Some(UInt64Value {
+            value: config.min_ring_size,
+        }),
+        maximum_ring_size: Some(UInt64Value {
+            value: config.max_ring_size,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Every route's `hash_policy`: the header of the ring_hash config the
+/// Cluster offers (the list's first ring_hash), or none. gRPC's xDS
+/// clients never read `requestHashHeader` (A76 is for service configs);
+/// they hash what the route's policy names (A42), and without one pick a
+/// random hash per call, as the service config does without a header.
+/// Clients that pick another policy of the list ignore it.
+pub fn hash_policy(config: &ServiceConfig) -> Vec<HashPolicy> {
+    let header = config
+        .lb_policies()
+        .iter()
+        .find_map(|policy| match policy.picking() {
+            LbPolicy::RingHash(ring) => Some(ring.hash_header),
+            _ => None,
+        })
+        .flatten();
+    header
+        .map(|header| HashPolicy {
+            policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
+                header_name: header.as_str().to_owned(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect()
 }
 
 /// The Cluster's `outlier_detection` for `config` (A50's mapping).

@@ -12,7 +12,7 @@
 //! A service with a service config gets its traffic policy too (see
 //! [`super::policy`]): the Cluster's load-balancing policy list, outlier
 //! detection and circuit breakers, and a route per configured method with
-//! its retry policy and timeout. Without one, every resource is exactly
+//! its retry policy and timeout, every route with ring_hash's hash policy. Without one, every resource is exactly
 //! what it was before configs existed, so existing clients see no change.
 
 use std::net::SocketAddr;
@@ -167,8 +167,11 @@ pub fn listener(service: &str, config: Option<&ServiceConfig>) -> Listener {
 
 /// Every request for any authority, to the service's cluster: a route per
 /// method name `config` configures, most specific first, with that
-/// method's retry policy and timeout, then the catch-all.
+/// method's retry policy and timeout, then the catch-all. Every route
+/// hashes calls as the config's ring_hash does, whichever route a call
+/// takes, so a key lands on the same endpoint for every method.
 pub fn route_configuration(service: &str, config: Option<&ServiceConfig>) -> RouteConfiguration {
+    let hash_policy = config.map(policy::hash_policy).unwrap_or_default();
     let routes = policy::method_routes(config)
         .into_iter()
         .map(|(path, method)| Route {
@@ -180,6 +183,7 @@ pub fn route_configuration(service: &str, config: Option<&ServiceConfig>) -> Rou
                 cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(service.into())),
                 retry_policy: method.and_then(policy::retry_policy),
                 max_stream_duration: method.and_then(policy::max_stream_duration),
+                hash_policy: hash_policy.clone(),
                 ..Default::default()
             })),
             ..Default::default()
@@ -398,9 +402,13 @@ mod tests {
     use crate::discovery::{EndpointState, Update};
     use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
     use envoy_types::pb::envoy::config::core::v3::RoutingPriority;
+    use envoy_types::pb::envoy::config::route::v3::route_action::{hash_policy, HashPolicy};
     use envoy_types::pb::envoy::config::route::v3::route_match;
     use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+    use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::ring_hash::HashFunction;
+    use envoy_types::pb::envoy::extensions::load_balancing_policies::ring_hash::v3::RingHash;
     use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
+    use envoy_types::pb::google::protobuf::UInt64Value;
     use prost::Message;
 
     fn set(endpoints: Vec<Endpoint>) -> EndpointSet {
@@ -649,6 +657,153 @@ mod tests {
         assert_eq!(least.choice_count, n(4));
         // The legacy enum stays ROUND_ROBIN, which is also its default.
         assert_eq!(cluster.lb_policy, LbPolicy::RoundRobin as i32);
+    }
+
+    /// The cluster's ring_hash entry, decoded, and its extension name.
+    fn ring_hash_of(cluster: &Cluster) -> (String, RingHash) {
+        let list = cluster
+            .load_balancing_policy
+            .as_ref()
+            .expect("a policy list");
+        let typed = list
+            .policies
+            .iter()
+            .filter_map(|p| p.typed_extension_config.as_ref())
+            .find(|t| t.name.ends_with(".ring_hash"))
+            .expect("a ring_hash entry");
+        let any = typed.typed_config.as_ref().unwrap();
+        assert_eq!(any.type_url, type_url::<RingHash>());
+        (typed.name.clone(), RingHash::decode(&*any.value).unwrap())
+    }
+
+    #[test]
+    fn ring_hash_is_offered_where_the_config_has_it_with_its_sizes_and_xx_hash() {
+        let types = |json: &str| policy_types(&cluster("svc", Some(&config(json))));
+        let rh = "ring_hash.v3.RingHash";
+        let rr = "round_robin.v3.RoundRobin";
+        let wrr = "client_side_weighted_round_robin.v3.ClientSideWeightedRoundRobin";
+        assert_eq!(
+            types(r#"{"loadBalancingConfig": [{"ring_hash_experimental": {}}]}"#),
+            [rh, rr]
+        );
+        assert_eq!(
+            types(
+                r#"{"loadBalancingConfig": [{"weighted_round_robin": {}},
+                    {"ring_hash_experimental": {}}, {"round_robin": {}}]}"#
+            ),
+            [wrr, rh, rr]
+        );
+        // Under outlier detection, ring_hash picks and the ejection goes
+        // to the Cluster's field.
+        let ejecting = cluster(
+            "svc",
+            Some(&config(
+                r#"{"loadBalancingConfig": [{"outlier_detection_experimental": {
+                    "childPolicy": [{"ring_hash_experimental": {}}]}}]}"#,
+            )),
+        );
+        assert_eq!(policy_types(&ejecting), [rh, rr]);
+        assert!(ejecting.outlier_detection.is_some());
+
+        let sized = cluster(
+            "svc",
+            Some(&config(
+                r#"{"loadBalancingConfig": [{"ring_hash_experimental": {
+                    "minRingSize": 10, "maxRingSize": 100}}]}"#,
+            )),
+        );
+        let (name, ring) = ring_hash_of(&sized);
+        assert_eq!(name, "envoy.load_balancing_policies.ring_hash");
+        // Named: grpc-go NACKs DEFAULT_HASH.
+        assert_eq!(ring.hash_function, HashFunction::XxHash as i32);
+        assert_eq!(ring.minimum_ring_size, Some(UInt64Value { value: 10 }));
+        assert_eq!(ring.maximum_ring_size, Some(UInt64Value { value: 100 }));
+        // Unset sizes are the service config's defaults, written out, not
+        // xDS's (an 8M maximum).
+        let (_, defaults) = ring_hash_of(&cluster(
+            "svc",
+            Some(&config(
+                r#"{"loadBalancingConfig": [{"ring_hash_experimental": {}}]}"#,
+            )),
+        ));
+        assert_eq!(
+            defaults.minimum_ring_size,
+            Some(UInt64Value { value: 1024 })
+        );
+        assert_eq!(
+            defaults.maximum_ring_size,
+            Some(UInt64Value { value: 4096 })
+        );
+        // The 4096 cap gRPC's clients apply too.
+        let (_, capped) = ring_hash_of(&cluster(
+            "svc",
+            Some(&config(
+                r#"{"loadBalancingConfig": [{"ring_hash_experimental": {
+                    "minRingSize": 8000, "maxRingSize": 8388608}}]}"#,
+            )),
+        ));
+        assert_eq!(capped.minimum_ring_size, Some(UInt64Value { value: 4096 }));
+        assert_eq!(capped.maximum_ring_size, Some(UInt64Value { value: 4096 }));
+    }
+
+    #[test]
+    fn a_hash_header_puts_its_hash_policy_on_every_route_and_no_header_none() {
+        let header = |name: &str| HashPolicy {
+            policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
+                header_name: name.into(),
+                regex_rewrite: None,
+            })),
+            terminal: false,
+        };
+        let methods = r#""methodConfig": [
+            {"name": [{"service": "pkg.Echo", "method": "Slow"}], "timeout": "1s"},
+            {"name": [{"service": "pkg.Echo"}], "timeout": "2s"}]"#;
+        let keyed = config(&format!(
+            r#"{{"loadBalancingConfig": [{{"ring_hash_experimental": {{
+                "requestHashHeader": "X-Key"}}}}], {methods}}}"#
+        ));
+        let keyed_routes = routes(Some(&keyed));
+        assert_eq!(keyed_routes.len(), 3, "two methods and the catch-all");
+        for route in &keyed_routes {
+            // Lowercased, as the header is on the wire.
+            assert_eq!(action(route).hash_policy, [header("x-key")], "{route:?}");
+        }
+        // Through the listener's inline routes too.
+        let manager = listener("svc", Some(&keyed))
+            .api_listener
+            .unwrap()
+            .api_listener;
+        let manager = HttpConnectionManager::decode(&*manager.unwrap().value).unwrap();
+        let Some(RouteSpecifier::RouteConfig(inline)) = manager.route_specifier else {
+            panic!("inline routes");
+        };
+        assert_eq!(
+            inline,
+            route_configuration("svc", Some(&keyed)),
+            "the listener carries the same routes"
+        );
+        // A later entry of the list still gives its header: a client
+        // that picks the first entry ignores the hash policy.
+        let later = config(
+            r#"{"loadBalancingConfig": [{"round_robin": {}},
+                {"ring_hash_experimental": {"requestHashHeader": "x-user"}}]}"#,
+        );
+        assert_eq!(
+            action(&routes(Some(&later))[0]).hash_policy,
+            [header("x-user")]
+        );
+        // No header (or an empty one, A76's "absent"), or no ring_hash:
+        // no hash policy, so xDS clients hash each call at random.
+        for json in [
+            r#"{"loadBalancingConfig": [{"ring_hash_experimental": {}}]}"#,
+            r#"{"loadBalancingConfig": [{"ring_hash_experimental": {"requestHashHeader": ""}}]}"#,
+            r#"{"loadBalancingConfig": [{"round_robin": {}}]}"#,
+        ] {
+            let config = config(&format!(r#"{{{}, {methods}}}"#, &json[1..json.len() - 1]));
+            for route in routes(Some(&config)) {
+                assert!(action(&route).hash_policy.is_empty(), "{json}: {route:?}");
+            }
+        }
     }
 
     #[test]

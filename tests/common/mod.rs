@@ -170,6 +170,12 @@ impl Proc {
         self.child.output()
     }
 
+    /// The output lines from the first on, each as it arrives: for a test
+    /// that follows a long-running child without re-reading all of it.
+    pub fn lines(&self) -> switchboard::process::Lines {
+        self.child.lines()
+    }
+
     /// All output so far, for failure messages.
     pub fn dump(&self) -> String {
         self.child.dump()
