@@ -318,24 +318,25 @@ fn ring_hash(fields: &Map<String, Value>, at: &str) -> Result<RingHashConfig, Co
             format!("must not exceed maxRingSize ({max_ring_size}), got {min_ring_size}"),
         ));
     }
-    let points_per_endpoint =
-        match fields.get("pointsPerEndpoint") {
-            None => None,
-            Some(value) => {
-                let at = format!("{at}.pointsPerEndpoint");
-                match value.as_u64() {
-                    Some(points @ 1..) if points <= u64::from(MAX_POINTS_PER_ENDPOINT) => {
-                        Some(points as u32)
-                    }
-                    _ => return Err(ConfigError::new(
+    let points_per_endpoint = match fields.get("pointsPerEndpoint") {
+        None => None,
+        Some(value) => {
+            let at = format!("{at}.pointsPerEndpoint");
+            match value.as_u64() {
+                Some(points @ 1..) if points <= u64::from(MAX_POINTS_PER_ENDPOINT) => {
+                    Some(points as u32)
+                }
+                _ => {
+                    return Err(ConfigError::new(
                         at,
                         format!(
                             "must be an integer from 1 to {MAX_POINTS_PER_ENDPOINT}, got {value}"
                         ),
-                    )),
+                    ))
                 }
             }
-        };
+        }
+    };
     let hash_header = match fields.get("requestHashHeader") {
         None => None,
         Some(value) => {
